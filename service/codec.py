@@ -1,0 +1,66 @@
+"""Tensor messages <-> numpy arrays, without per-element Python work.
+
+The wire format is row-major little-endian raw bytes. Decoding reads them with `np.frombuffer`, which
+shares the message's memory instead of copying it; the arrays it returns are therefore read-only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import InvalidInput
+from vae.v1 import vae_pb2
+
+FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
+UINT8 = vae_pb2.DATA_TYPE_UINT8
+
+_NUMPY_DTYPES: dict[int, np.dtype[np.generic]] = {
+    FLOAT32: np.dtype("<f4"),
+    UINT8: np.dtype("u1"),
+}
+
+
+def to_tensor(array: npt.NDArray[np.generic]) -> vae_pb2.Tensor:
+    """An array of float32 or uint8 as a Tensor message."""
+    for dtype_enum, dtype in _NUMPY_DTYPES.items():
+        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
+            data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+            return vae_pb2.Tensor(shape=array.shape, dtype=dtype_enum, data=data)  # type: ignore[arg-type]
+    raise TypeError(f"cannot send a {array.dtype} array: only float32 and uint8 are on the wire")
+
+
+def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
+    """A Tensor message as a read-only array; `name` says which field is wrong in an error."""
+    dtype = _NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidInput(
+            f"{name}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+        )
+    shape = tuple(tensor.shape)
+    if any(size < 0 for size in shape):
+        raise InvalidInput(f"{name}: shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    expected = count * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidInput(
+            f"{name}: shape {list(shape)} of {_dtype_name(tensor.dtype)} needs {expected} bytes, "
+            f"got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def _dtype_name(dtype: int) -> str:
+    return vae_pb2.DataType.Name(dtype)  # type: ignore[arg-type]
+
+
+def images_as(images: npt.NDArray[np.float32], output_dtype: int) -> npt.NDArray[np.generic]:
+    """Images in [0,1] as the dtype a request asked for: FLOAT32 as they are, UINT8 as round(255 p)."""
+    if output_dtype in (vae_pb2.DATA_TYPE_UNSPECIFIED, FLOAT32):
+        return images
+    if output_dtype == UINT8:
+        scaled = np.multiply(images, 255.0, dtype=np.float32)
+        return np.rint(scaled, out=scaled).astype(np.uint8)
+    raise InvalidInput(
+        f"output_dtype: unknown value {output_dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+    )
