@@ -1,0 +1,36 @@
+#!/bin/sh
+# The trainer image's entry point (docker compose's `trainer` service): train a model, export it, and
+# publish the bundle into $BUNDLE_DIR in one rename, so that the server never sees half a bundle.
+# Settings come from the environment; arguments are passed on to vae-train.
+set -eu
+
+MODEL="${VAE_TRAIN_MODEL:-vae}"
+DATASET="${VAE_TRAIN_DATASET:-mnist-5k}"
+LATENT_DIM="${VAE_TRAIN_LATENT_DIM:-16}"
+EPOCHS="${VAE_TRAIN_EPOCHS:-30}"
+DEVICE="${VAE_TRAIN_DEVICE:-auto}"
+RUN_DIR="${VAE_TRAIN_RUN_DIR:-/work/run}"
+BUNDLE_DIR="${BUNDLE_DIR:-/models/vae}"
+# The name vae-serve reports (GetModelInfo, vae_model_info); the version is a hash of the graphs.
+NAME="${VAE_MODEL_NAME:-$MODEL-$DATASET}"
+# A bundle already there is kept unless asked otherwise: `docker compose up` then restarts in seconds.
+RETRAIN="${VAE_RETRAIN:-0}"
+
+if [ -f "$BUNDLE_DIR/model.json" ] && [ "$RETRAIN" != "1" ]; then
+    echo "train-and-export: $BUNDLE_DIR/model.json exists; keeping it (set VAE_RETRAIN=1 to train again)"
+    exit 0
+fi
+
+rm -rf "$RUN_DIR"
+vae-train --model "$MODEL" --dataset "$DATASET" --latent-dim "$LATENT_DIM" --epochs "$EPOCHS" \
+    --device "$DEVICE" --no-progress --out "$RUN_DIR" "$@"
+
+staging="$BUNDLE_DIR.staging"
+rm -rf "$staging"
+vae-export "$RUN_DIR" --out "$staging" --name "$NAME"
+rm -rf "$BUNDLE_DIR.previous"
+if [ -d "$BUNDLE_DIR" ]; then
+    mv "$BUNDLE_DIR" "$BUNDLE_DIR.previous"
+fi
+mv "$staging" "$BUNDLE_DIR"
+echo "train-and-export: bundle ready in $BUNDLE_DIR"

@@ -1,0 +1,344 @@
+"""A real Prometheus scrapes a real vae-serve with the project's scrape config, rules and dashboard.
+
+The server is the tiny trained bundle served by `start_server` (what vae-serve runs) on 127.0.0.1;
+Prometheus is Debian's binary (`make deploy-check` unpacks it into .cache/prometheus) on 127.0.0.1
+port 0, with deploy/prometheus/prometheus.yml where only what Docker provides is rewritten: the `vae`
+job's DNS discovery becomes the test server's metrics address. The counters the test drives come
+back through Prometheus' HTTP API, the recording rules evaluate, and every Grafana panel query runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from service.codec import to_tensor
+from service.metrics import ServiceMetrics
+from tests.conftest import ServerThread
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[3]
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
+RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vae-serving.json"
+# Where deploy/check.sh unpacks Debian's prometheus package.
+UNPACKED_PROMETHEUS = REPO / ".cache" / "prometheus" / "usr" / "bin" / "prometheus"
+
+# Generous: Prometheus scrapes every second here, but the machine is shared by parallel jobs.
+WAIT_S = 60.0
+# The server refuses Sample requests above this many images (INVALID_ARGUMENT).
+MAX_SAMPLES = 16
+
+T = TypeVar("T")
+Labels = tuple[tuple[str, str], ...]
+
+
+def find_prometheus() -> Path | None:
+    """$PROMETHEUS_BIN, the unpacked Debian package, or `prometheus` on PATH."""
+    if os.environ.get("PROMETHEUS_BIN"):
+        chosen = Path(os.environ["PROMETHEUS_BIN"])
+        if not chosen.is_file():
+            pytest.fail(f"PROMETHEUS_BIN={chosen}: no such file; expected the prometheus server binary")
+        return chosen
+    if UNPACKED_PROMETHEUS.is_file():
+        return UNPACKED_PROMETHEUS
+    found = shutil.which("prometheus")
+    return Path(found) if found else None
+
+
+def wait_for(probe: Callable[[], T | None], what: str, alive: Callable[[], str | None]) -> T:
+    """Poll `probe` until it returns a value; fail naming `what` at the deadline or if `alive` says why
+    the process it depends on is gone. (Prometheus has no event to wait on: it scrapes on a clock.)"""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        died = alive()
+        if died is not None:
+            pytest.fail(f"waiting for {what}: {died}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"waiting for {what}: nothing after {WAIT_S:g} s")
+        time.sleep(0.1)
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on, read from /proc (port 0 was asked: the kernel chose)."""
+    try:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    return int(local.rsplit(":", 1)[1], 16)
+    except OSError:
+        pass  # a descriptor closed while we read, or the process is gone (the caller checks that)
+    return None
+
+
+@dataclass
+class Prometheus:
+    """A running Prometheus and a client for its HTTP API."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int = 0
+
+    def why_dead(self) -> str | None:
+        if self.process.poll() is None:
+            return None
+        return f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}"
+
+    def api(self, path: str, **parameters: str) -> Any:
+        """GET /api/v1/PATH: the `data` of a successful answer; fails the test on an error."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(parameters)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"Prometheus refused {path} {parameters}: {error.read().decode()}")
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """An instant query's result vector."""
+        result: list[dict[str, Any]] = self.api("query", query=promql)["result"]
+        return result
+
+    def values(self, promql: str) -> dict[Labels, float]:
+        """The result of `promql` as {sorted labels without __name__: value}."""
+        return {
+            tuple(sorted((k, v) for k, v in sample["metric"].items() if k != "__name__")): float(
+                sample["value"][1]
+            )
+            for sample in self.query(promql)
+        }
+
+
+def scrape_config(metrics_port: int) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml with Docker's parts pointed at this test's processes."""
+    config: dict[str, Any] = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(RULES_DIR / Path(pattern).name) for pattern in config["rule_files"]]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    vae_job = jobs["vae"]
+    # Docker's resolver answers for the `vae-metrics` alias in compose; here the one server is static.
+    assert [sd["port"] for sd in vae_job.pop("dns_sd_configs")] == [9090]
+    vae_job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    # Prometheus scraping itself needs its own port, which is not known before it starts.
+    config["scrape_configs"] = [vae_job]
+    return config
+
+
+INSTALL_HINT = "`make deploy-check` unpacks Debian's prometheus package into .cache/prometheus"
+
+# Decided before any fixture trains a model: a developer without Prometheus skips at once; CI never skips.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        find_prometheus() is None and not os.environ.get("CI"),
+        reason=f"no prometheus binary: {INSTALL_HINT}, or `apt-get install prometheus`",
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> Path:
+    found = find_prometheus()
+    if found is None:
+        pytest.fail(f"no prometheus binary, and CI must run this test: {INSTALL_HINT}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(vae_bundle: Path) -> Iterator[ServerThread]:
+    """The tiny VAE with a fresh registry (exact counts) that has the process metrics, as in production."""
+    started = ServerThread(vae_bundle, ServiceMetrics.create(process=True), max_samples=MAX_SAMPLES)
+    yield started
+    started.stop(grace_s=0)
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    prometheus_binary: Path, server: ServerThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config(server.server.metrics_port)))
+    log = workdir / "prometheus.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                str(prometheus_binary),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                "--web.listen-address=127.0.0.1:0",
+                "--log.level=warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    running = Prometheus(process, log)
+    try:
+        running.port = wait_for(lambda: listening_port(process.pid), "Prometheus to listen", running.why_dead)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def drive(target: str, rounds: int) -> None:
+    """Per round: one Sample of 4, one Encode of 3 images, one Sample over the limit, one GetModelInfo."""
+    images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        for _ in range(rounds):
+            stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=7), timeout=30)
+            stub.Encode(vae_pb2.EncodeRequest(images=to_tensor(images)), timeout=30)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Sample(vae_pb2.SampleRequest(num_samples=MAX_SAMPLES + 1), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            stub.GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30)
+
+
+def expected_requests(rounds: int, instance: str) -> dict[Labels, float]:
+    """vae_requests_total after `rounds` rounds of `drive`, as Prometheus labels it."""
+
+    def key(rpc: str, code: str) -> Labels:
+        return tuple(sorted({"code": code, "rpc": rpc, "job": "vae", "instance": instance}.items()))
+
+    return {
+        key("Sample", "OK"): rounds,
+        key("Sample", "INVALID_ARGUMENT"): rounds,
+        key("Encode", "OK"): rounds,
+        key("GetModelInfo", "OK"): rounds,
+    }
+
+
+def requests_seen(prometheus: Prometheus, expected: dict[Labels, float]) -> bool | None:
+    return prometheus.values('vae_requests_total{job="vae"}') == expected or None
+
+
+@dataclass
+class Scraped:
+    """Prometheus after the test's traffic, and the `instance` label it gives the server."""
+
+    prometheus: Prometheus
+    instance: str
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus: Prometheus, server: ServerThread) -> Scraped:
+    """Traffic in two parts, each seen by a scrape, so that rates over both are above zero."""
+    instance = f"127.0.0.1:{server.server.metrics_port}"
+    wait_for(lambda: prometheus.values('up{job="vae"}') or None, "the first scrape", prometheus.why_dead)
+    rounds = 0
+    for more in (1, 2):
+        drive(server.target, more)
+        rounds += more
+        expected = expected_requests(rounds, instance)
+        wait_for(
+            partial(requests_seen, prometheus, expected),
+            f"Prometheus to see vae_requests_total after {rounds} round(s)",
+            prometheus.why_dead,
+        )
+    return Scraped(prometheus, instance)
+
+
+def test_prometheus_scrapes_the_server_as_the_vae_job(scraped: Scraped) -> None:
+    up = scraped.prometheus.values('up{job="vae"}')
+    assert up == {(("instance", scraped.instance), ("job", "vae")): 1.0}
+
+
+def test_request_counter_reads_back_through_the_http_api(scraped: Scraped) -> None:
+    requests = scraped.prometheus.values('vae_requests_total{job="vae"}')
+    assert requests == expected_requests(3, scraped.instance)
+    items = scraped.prometheus.values('vae_items_total{job="vae"}')
+    by_rpc = {dict(labels)["rpc"]: value for labels, value in items.items()}
+    assert by_rpc == {"Sample": 3 * 4, "Encode": 3 * 3}
+
+
+def test_model_info_names_the_bundle_and_the_cpu_provider(scraped: Scraped) -> None:
+    (labels,) = scraped.prometheus.values('vae_model_info{job="vae"}')
+    info = dict(labels)
+    assert info["name"] == "tiny-vae"
+    assert info["kind"] == "vae"
+    assert info["execution_provider"] == "CPUExecutionProvider"
+
+
+def test_recording_rules_evaluate_on_real_series(scraped: Scraped) -> None:
+    prometheus = scraped.prometheus
+
+    def recorded(promql: str) -> dict[Labels, float]:
+        return wait_for(lambda: prometheus.values(promql) or None, f"the rule {promql}", prometheus.why_dead)
+
+    (sample_rate,) = recorded('rpc_code:vae_requests:rate1m{rpc="Sample", code="OK"}').values()
+    assert sample_rate > 0
+    errors = recorded("rpc:vae_request_errors:ratio_rate5m")
+    # Every request either succeeded or was the caller's fault (INVALID_ARGUMENT): no server error.
+    assert {dict(labels)["rpc"]: ratio for labels, ratio in errors.items()} == {
+        "Sample": 0.0,
+        "Encode": 0.0,
+        "GetModelInfo": 0.0,
+    }
+    batch = recorded("graph:vae_batch_size:mean_rate5m")
+    assert {dict(labels)["graph"] for labels in batch} == {"encoder", "decoder"}
+
+
+def test_every_rule_loads_evaluates_and_no_alert_fires(scraped: Scraped) -> None:
+    groups = scraped.prometheus.api("rules")["groups"]
+    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    declared = yaml.safe_load((RULES_DIR / "vae.yml").read_text())["groups"]
+    names = {rule.get("record") or rule["alert"] for group in declared for rule in group["rules"]}
+    assert set(rules) == names
+    assert {name: rule["health"] for name, rule in rules.items() if rule["health"] != "ok"} == {}
+    firing = [
+        rule["name"] for rule in rules.values() if rule["type"] == "alerting" and rule["state"] == "firing"
+    ]
+    assert firing == []
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets") or []:
+            queries.append((panel["title"], target["expr"]))
+    return queries
+
+
+@pytest.mark.parametrize(
+    ("panel", "expr"), dashboard_queries(), ids=[title for title, _ in dashboard_queries()]
+)
+def test_every_dashboard_query_returns_series(scraped: Scraped, panel: str, expr: str) -> None:
+    # Grafana's variables, as it fills them for "All replicas" and a 1 s scrape interval.
+    promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+    result = scraped.prometheus.query(promql)
+    assert result, f"panel {panel!r}: {promql} returned no series"
