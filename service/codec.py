@@ -54,6 +54,14 @@ def _dtype_name(dtype: int) -> str:
     return vae_pb2.DataType.Name(dtype)  # type: ignore[arg-type]
 
 
+def check_output_dtype(output_dtype: int) -> None:
+    """Refuse an unknown output_dtype before any work is done for the request."""
+    if output_dtype not in (vae_pb2.DATA_TYPE_UNSPECIFIED, FLOAT32, UINT8):
+        raise InvalidInput(
+            f"output_dtype: unknown value {output_dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+        )
+
+
 def images_as(images: npt.NDArray[np.float32], output_dtype: int) -> npt.NDArray[np.generic]:
     """Images in [0,1] as the dtype a request asked for: FLOAT32 as they are, UINT8 as round(255 p)."""
     if output_dtype in (vae_pb2.DATA_TYPE_UNSPECIFIED, FLOAT32):

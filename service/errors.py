@@ -19,3 +19,11 @@ class ModelNotReady(ServiceError):
 
 class BundleError(Exception):
     """A model bundle is missing a file or does not match its model.json; raised at start."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its rows ran (DEADLINE_EXCEEDED)."""
+
+
+class DeviceError(Exception):
+    """The execution device asked for (`--device cuda`) is not really in use; raised at start."""

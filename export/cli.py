@@ -1,0 +1,48 @@
+"""`vae-export RUN_DIR --out BUNDLE_DIR [--name NAME] [--version VERSION]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
+from service.errors import BundleError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vae-export",
+        description=(
+            "Export a training run to a model bundle (encoder.onnx, decoder.onnx, model.json), "
+            f"opset {OPSET}, checked against PyTorch (max abs diff < {PARITY_TOLERANCE:g})."
+        ),
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory written by vae-train")
+    parser.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
+    parser.add_argument("--name", help="the model's name (default: the run directory's name)")
+    parser.add_argument("--version", help="the model's version (default: a hash of the two graphs)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = export_run(args.run_dir, args.out, name=args.name, version=args.version)
+    except (ExportError, BundleError) as error:
+        print(f"vae-export: {error}", file=sys.stderr)
+        return 1
+    summary = {
+        "bundle": str(args.out),
+        "name": spec.name,
+        "version": spec.version,
+        "kind": spec.kind,
+        "latent_dim": spec.latent_dim,
+        "opset": OPSET,
+        "parity_max_abs_diff": spec.export["parity_max_abs_diff"],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""A training run directory -> a model bundle: encoder.onnx, decoder.onnx and model.json.
+
+The graphs are deterministic: sampling (mean + sigma * eps for the posterior, z ~ N(0, I) for the prior)
+stays out of them, and the service draws it from a seeded generator. Before `export_run` returns,
+both graphs run in onnxruntime on batch sizes other than the traced one and are compared with
+PyTorch; a difference above PARITY_TOLERANCE fails the export with the figure (the habit of
+huggingface/optimum's validation after export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from service.bundle import (
+    BATCH_AXIS,
+    DECODER_FILE,
+    ENCODER_FILE,
+    IMAGE_SHAPE,
+    MODEL_JSON,
+    BundleSpec,
+    GraphName,
+    GraphSpec,
+    ModelBundle,
+    Shape,
+    check_graph_signature,
+    expected_signatures,
+    sha256_of,
+)
+from training.models import VAE, AutoEncoder
+from training.run import load_metrics, load_run
+
+# Pinned so that a bundle's graphs do not change with the torch version; recorded in model.json.
+OPSET = 18
+TRACE_BATCH_SIZE = 2
+PARITY_BATCH_SIZES = (1, 7, 256)
+PARITY_TOLERANCE = 1e-4
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(Exception):
+    """The export failed: the run is unusable, a graph is invalid, or parity missed the tolerance."""
+
+
+class _EncoderGraph(nn.Module):
+    """images -> (mean, log_var) for a VAE, images -> mean for an AE."""
+
+    def __init__(self, model: AutoEncoder | VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self.model.encode(images)
+
+
+class _DecoderGraph(nn.Module):
+    """z -> images in [0,1] (the decoder's mean)."""
+
+    def __init__(self, model: AutoEncoder | VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model.decode(z)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    name: GraphName
+    file: str
+    module: nn.Module
+    inputs: dict[str, Shape]
+    outputs: dict[str, Shape]
+
+
+def export_run(
+    run_dir: Path, bundle_dir: Path, *, name: str | None = None, version: str | None = None
+) -> BundleSpec:
+    """Export the run's model to `bundle_dir` and prove parity; returns what model.json says."""
+    try:
+        config, model = load_run(run_dir)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
+    if not isinstance(model, AutoEncoder | VAE):
+        raise ExportError(f"{run_dir}: expected an AutoEncoder or a VAE, got {type(model).__name__}")
+    kind = config.model.kind
+    latent_dim = config.model.latent_dim
+    signatures = expected_signatures(kind, latent_dim)
+    graphs = [
+        _Graph("encoder", ENCODER_FILE, _EncoderGraph(model).eval(), *signatures["encoder"]),
+        _Graph("decoder", DECODER_FILE, _DecoderGraph(model).eval(), *signatures["decoder"]),
+    ]
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    # A stale model.json must not describe half-written graphs if the export fails midway.
+    (bundle_dir / MODEL_JSON).unlink(missing_ok=True)
+
+    specs: dict[str, GraphSpec] = {}
+    parity: dict[str, float] = {}
+    for graph in graphs:
+        path = bundle_dir / graph.file
+        _export_graph(graph, path, latent_dim)
+        spec = GraphSpec(graph.file, sha256_of(path), OPSET, graph.inputs, graph.outputs)
+        parity[graph.name] = _check_parity(graph, path, spec, latent_dim)
+        specs[graph.name] = spec
+
+    if version is None:
+        # Content-addressed: the same weights exported twice give the same version.
+        joined = (specs["encoder"].sha256 + specs["decoder"].sha256).encode()
+        version = hashlib.sha256(joined).hexdigest()[:12]
+    bundle = BundleSpec(
+        name=name or run_dir.resolve().name,
+        version=version,
+        kind=kind,
+        latent_dim=latent_dim,
+        encoder=specs["encoder"],
+        decoder=specs["decoder"],
+        image_shape=IMAGE_SHAPE,
+        training=config.to_dict(),
+        metrics=_final_metrics(load_metrics(run_dir)),
+        export={
+            "parity_max_abs_diff": parity,
+            "parity_batch_sizes": list(PARITY_BATCH_SIZES),
+            "parity_tolerance": PARITY_TOLERANCE,
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": ort.__version__,
+        },
+    )
+    tmp = bundle_dir / (MODEL_JSON + ".tmp")
+    tmp.write_text(json.dumps(bundle.to_dict(), indent=2) + "\n")
+    tmp.replace(bundle_dir / MODEL_JSON)
+    # The consumer's own loader is the final word on whether the bundle is valid.
+    ModelBundle.load(bundle_dir)
+    return bundle
+
+
+def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The final evaluation when the run has one, else the last epoch's figures, else nothing."""
+    for key in ("final", "evaluation", "test"):
+        value = metrics.get(key)
+        if isinstance(value, dict):
+            return value
+    epochs = metrics.get("epochs")
+    if isinstance(epochs, list) and epochs and isinstance(epochs[-1], dict):
+        return {"last_epoch": epochs[-1]}
+    return {}
+
+
+def _export_graph(graph: _Graph, path: Path, latent_dim: int) -> None:
+    input_name = next(iter(graph.inputs))
+    example = _example_input(graph.name, TRACE_BATCH_SIZE, latent_dim, seed=0)
+    batch = torch.export.Dim(BATCH_AXIS, min=1)
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                graph.module,
+                (torch.from_numpy(example),),
+                str(path),
+                input_names=[input_name],
+                output_names=list(graph.outputs),
+                # Keyed by forward()'s parameter name, which is the graph's input name.
+                dynamic_shapes={input_name: {0: batch}},
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as error:  # the exporter raises many types; all mean the same to the caller
+        raise ExportError(f"{path}: export of the {graph.name} failed ({error})") from error
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter warns about torchvision ops and deprecations that do not concern these graphs."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
+def _example_input(graph: GraphName, batch_size: int, latent_dim: int, seed: int) -> npt.NDArray[np.float32]:
+    rng = np.random.default_rng(seed)
+    if graph == "encoder":
+        return rng.random((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    return rng.standard_normal((batch_size, latent_dim), dtype=np.float32)
+
+
+def _check_parity(graph: _Graph, path: Path, spec: GraphSpec, latent_dim: int) -> float:
+    """The largest |onnxruntime - PyTorch| over the parity batch sizes; raises past the tolerance."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        check_graph_signature(
+            path,
+            spec,
+            [(arg.name, arg.shape) for arg in session.get_inputs()],
+            [(arg.name, arg.shape) for arg in session.get_outputs()],
+        )
+    except Exception as error:
+        raise ExportError(str(error)) from error
+    input_name = next(iter(graph.inputs))
+    worst = 0.0
+    for batch_size in PARITY_BATCH_SIZES:
+        example = _example_input(graph.name, batch_size, latent_dim, seed=batch_size)
+        with torch.no_grad():
+            expected = graph.module(torch.from_numpy(example))
+        expected_arrays = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        actual_arrays = session.run(None, {input_name: example})
+        for output, want, got in zip(graph.outputs, expected_arrays, actual_arrays, strict=True):
+            if got.shape != want.shape:
+                raise ExportError(
+                    f"{path}: output {output!r} has shape {list(got.shape)} on batch size {batch_size}, "
+                    f"PyTorch gives {list(want.shape)}"
+                )
+            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            worst = max(worst, diff)
+            if not diff < PARITY_TOLERANCE:
+                raise ExportError(
+                    f"{path}: output {output!r} differs from PyTorch by {diff:.3g} on batch size "
+                    f"{batch_size}; the tolerance is {PARITY_TOLERANCE:g}"
+                )
+    log.info("%s: parity with PyTorch, max abs diff %.3g", path, worst)
+    return worst

@@ -1,0 +1,45 @@
+"""`vae-serve`: settings from flags and VAE_SERVE_* variables, the server, and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from service.errors import BundleError, DeviceError
+from service.server import start_server
+from service.settings import Settings
+
+log = logging.getLogger("vae-serve")
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        server = await start_server(settings)
+    except (BundleError, DeviceError, OSError) as error:
+        log.error("cannot serve: %s", error)
+        return 1
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", settings.grace_period_s)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_args(argv, os.environ)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

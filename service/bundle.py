@@ -1,0 +1,236 @@
+"""The model bundle: two ONNX graphs and the model.json that describes them.
+
+BUNDLE_DIR/encoder.onnx  images [N,1,28,28] -> mean [N,D] (and log_var [N,D] for a VAE)
+BUNDLE_DIR/decoder.onnx  z [N,D] -> images [N,1,28,28]
+BUNDLE_DIR/model.json    name, version, kind, latent_dim, image_shape, each graph's file, sha256, opset,
+                         inputs and outputs, the training config and metrics, how it was exported
+
+The service owns this schema (the exporter writes it with `BundleSpec.to_dict`). `ModelBundle.load`
+fails fast: a missing file, a wrong hash or a signature that is not the contract's raises BundleError
+with a message naming the file and the mismatch, before the server reports SERVING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from service.errors import BundleError
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+IMAGE_SHAPE = (1, 28, 28)
+# The name of the dynamic batch axis in shapes: a string where the size is a number.
+BATCH_AXIS = "N"
+
+GraphName = Literal["encoder", "decoder"]
+Kind = Literal["vae", "ae"]
+Shape = tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of a bundle: its file, hash, opset, and the signature the service relies on."""
+
+    file: str
+    sha256: str
+    opset: int
+    inputs: dict[str, Shape]
+    outputs: dict[str, Shape]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "opset": self.opset,
+            "inputs": {name: {"dtype": "float32", "shape": list(s)} for name, s in self.inputs.items()},
+            "outputs": {name: {"dtype": "float32", "shape": list(s)} for name, s in self.outputs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> GraphSpec:
+        try:
+            return cls(
+                file=str(data["file"]),
+                sha256=str(data["sha256"]),
+                opset=int(data["opset"]),
+                inputs=_signature(data["inputs"], f"{where}.inputs"),
+                outputs=_signature(data["outputs"], f"{where}.outputs"),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"{where}: malformed graph entry ({error!r})") from error
+
+
+def _signature(data: Mapping[str, Any], where: str) -> dict[str, Shape]:
+    signature: dict[str, Shape] = {}
+    for name, tensor in data.items():
+        if tensor.get("dtype") != "float32":
+            raise BundleError(f"{where}.{name}: dtype {tensor.get('dtype')!r}, expected 'float32'")
+        signature[name] = tuple(d if isinstance(d, str) else int(d) for d in tensor["shape"])
+    return signature
+
+
+def expected_signatures(
+    kind: Kind, latent_dim: int
+) -> dict[GraphName, tuple[dict[str, Shape], dict[str, Shape]]]:
+    """The contract's (inputs, outputs) of each graph; an AE encoder has `mean` alone."""
+    images: Shape = (BATCH_AXIS, *IMAGE_SHAPE)
+    codes: Shape = (BATCH_AXIS, latent_dim)
+    encoder_outputs = {"mean": codes, "log_var": codes} if kind == "vae" else {"mean": codes}
+    return {
+        "encoder": ({"images": images}, encoder_outputs),
+        "decoder": ({"z": codes}, {"images": images}),
+    }
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The contents of model.json."""
+
+    name: str
+    version: str
+    kind: Kind
+    latent_dim: int
+    encoder: GraphSpec
+    decoder: GraphSpec
+    image_shape: tuple[int, ...] = IMAGE_SHAPE
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def graph(self, name: GraphName) -> GraphSpec:
+        return self.encoder if name == "encoder" else self.decoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "latent_dim": self.latent_dim,
+            "image_shape": list(self.image_shape),
+            "graphs": {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict()},
+            "training": self.training,
+            "metrics": self.metrics,
+            "export": self.export,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = MODEL_JSON) -> BundleSpec:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{where}: format_version {version!r}, expected {FORMAT_VERSION}")
+        kind = data.get("kind")
+        if kind not in ("vae", "ae"):
+            raise BundleError(f"{where}: kind {kind!r}, expected 'vae' or 'ae'")
+        try:
+            graphs = data["graphs"]
+            spec = cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                kind=kind,
+                latent_dim=int(data["latent_dim"]),
+                image_shape=tuple(int(d) for d in data["image_shape"]),
+                encoder=GraphSpec.from_dict(graphs["encoder"], f"{where}: graphs.encoder"),
+                decoder=GraphSpec.from_dict(graphs["decoder"], f"{where}: graphs.decoder"),
+                training=dict(data.get("training", {})),
+                metrics=dict(data.get("metrics", {})),
+                export=dict(data.get("export", {})),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"{where}: missing or malformed field {error!s}") from error
+        spec.check_contract(where)
+        return spec
+
+    def check_contract(self, where: str = MODEL_JSON) -> None:
+        """The signatures model.json declares must be the contract's for this kind and latent_dim."""
+        if self.latent_dim < 1:
+            raise BundleError(f"{where}: latent_dim {self.latent_dim}, expected at least 1")
+        if self.image_shape != IMAGE_SHAPE:
+            raise BundleError(f"{where}: image_shape {list(self.image_shape)}, expected {list(IMAGE_SHAPE)}")
+        for graph, (inputs, outputs) in expected_signatures(self.kind, self.latent_dim).items():
+            spec = self.graph(graph)
+            _compare(f"{where}: graphs.{graph}.inputs", spec.inputs, inputs)
+            _compare(f"{where}: graphs.{graph}.outputs", spec.outputs, outputs)
+
+
+def _compare(where: str, actual: Mapping[str, Shape], expected: Mapping[str, Shape]) -> None:
+    if list(actual) != list(expected):
+        raise BundleError(f"{where}: names {list(actual)}, expected {list(expected)}")
+    for name, shape in expected.items():
+        if tuple(actual[name]) != tuple(shape):
+            raise BundleError(f"{where}.{name}: shape {list(actual[name])}, expected {list(shape)}")
+
+
+def check_graph_signature(
+    file: Path,
+    spec: GraphSpec,
+    inputs: Sequence[tuple[str, Sequence[Any]]],
+    outputs: Sequence[tuple[str, Sequence[Any]]],
+) -> None:
+    """The (name, shape) pairs a loaded graph really has must be what model.json says.
+
+    onnxruntime reports a dynamic axis as a string (or None); any such axis matches `N`.
+    """
+    for kind, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        names = [name for name, _ in actual]
+        if names != list(declared):
+            raise BundleError(f"{file}: {kind} {names}, but model.json declares {list(declared)}")
+        for name, shape in actual:
+            seen = tuple(BATCH_AXIS if not isinstance(d, int) else d for d in shape)
+            if seen != tuple(declared[name]):
+                raise BundleError(
+                    f"{file}: {kind[:-1]} {name!r} has shape {list(seen)}, "
+                    f"but model.json declares {list(declared[name])}"
+                )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A bundle on disk whose model.json parsed and whose graph files match their hashes."""
+
+    path: Path
+    spec: BundleSpec
+
+    def graph_path(self, name: GraphName) -> Path:
+        return self.path / self.spec.graph(name).file
+
+    @classmethod
+    def load(cls, path: Path) -> ModelBundle:
+        """Read model.json and verify both graph files against it; raises BundleError."""
+        if not path.is_dir():
+            raise BundleError(f"{path}: not a directory; expected a model bundle written by vae-export")
+        model_json = path / MODEL_JSON
+        if not model_json.is_file():
+            raise BundleError(f"{model_json}: not found; expected a model bundle written by vae-export")
+        try:
+            data = json.loads(model_json.read_text())
+        except (OSError, ValueError) as error:
+            raise BundleError(f"{model_json}: not readable JSON ({error})") from error
+        if not isinstance(data, dict):
+            raise BundleError(f"{model_json}: expected a JSON object")
+        spec = BundleSpec.from_dict(data, str(model_json))
+        for graph in ("encoder", "decoder"):
+            graph_spec = spec.graph(graph)
+            file = path / graph_spec.file
+            if not file.is_file():
+                raise BundleError(f"{file}: not found; model.json names it as the {graph} graph")
+            actual = sha256_of(file)
+            if actual != graph_spec.sha256:
+                raise BundleError(f"{file}: sha256 {actual} does not match model.json's {graph_spec.sha256}")
+        return cls(path=path, spec=spec)

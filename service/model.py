@@ -1,0 +1,185 @@
+"""The served model: validation, seeded sampling, and the two batchers in front of onnxruntime.
+
+This is the layer below the transport: it takes and returns numpy arrays and raises domain errors,
+and knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from service.batcher import Batcher
+from service.bundle import IMAGE_SHAPE, ModelBundle
+from service.errors import InvalidInput
+from service.metrics import ServiceMetrics
+from service.runtime import Device, Runtime, ThreadSettings
+
+Float32Array = npt.NDArray[np.float32]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch_size: int = 256
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 4096
+    max_samples: int = 1024
+
+
+@dataclass(frozen=True)
+class Encoding:
+    mean: Float32Array
+    log_var: Float32Array | None  # None for an AE bundle
+
+
+@dataclass(frozen=True)
+class Samples:
+    images: Float32Array
+    latents: Float32Array
+    seed: int
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """A time.monotonic() deadline `seconds` from now, or None."""
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def images_to_float(images: npt.NDArray[np.generic], name: str = "images") -> Float32Array:
+    """Images [N,1,28,28] or [N,28,28], FLOAT32 in [0,1] or UINT8, as float32 [N,1,28,28]."""
+    shape = images.shape
+    if not (
+        (len(shape) == 4 and shape[1:] == IMAGE_SHAPE) or (len(shape) == 3 and shape[1:] == IMAGE_SHAPE[1:])
+    ):
+        raise InvalidInput(
+            f"{name}: shape {list(shape)}; expected [N, {', '.join(map(str, IMAGE_SHAPE))}] "
+            f"or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
+        )
+    if shape[0] == 0:
+        raise InvalidInput(f"{name}: empty batch; expected at least one image")
+    if images.dtype == np.uint8:
+        scaled: Float32Array = np.multiply(images, np.float32(1 / 255), dtype=np.float32)
+        return scaled.reshape(-1, *IMAGE_SHAPE)
+    floats = images.astype(np.float32, copy=False)
+    low, high = float(floats.min()), float(floats.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InvalidInput(f"{name}: contains NaN or Inf; expected pixel values in [0, 1]")
+    if low < 0.0 or high > 1.0:
+        raise InvalidInput(f"{name}: values span [{low:g}, {high:g}]; expected pixel values in [0, 1]")
+    return floats.reshape(-1, *IMAGE_SHAPE)
+
+
+def latents_to_float(
+    latents: npt.NDArray[np.generic], latent_dim: int, name: str = "latents"
+) -> Float32Array:
+    """Latent codes [N,D], FLOAT32 and finite."""
+    if latents.dtype != np.float32:
+        raise InvalidInput(f"{name}: dtype {latents.dtype}; expected DATA_TYPE_FLOAT32")
+    if latents.ndim != 2 or latents.shape[1] != latent_dim:
+        raise InvalidInput(f"{name}: shape {list(latents.shape)}; expected [N, {latent_dim}]")
+    if latents.shape[0] == 0:
+        raise InvalidInput(f"{name}: empty batch; expected at least one latent code")
+    if not np.isfinite(latents).all():
+        raise InvalidInput(f"{name}: contains NaN or Inf; expected finite values")
+    return latents.astype(np.float32, copy=False)
+
+
+def draw_latents(num_samples: int, latent_dim: int, seed: int, temperature: float) -> Float32Array:
+    """z ~ N(0, temperature^2 I) from numpy's PCG64: the same seed gives the same bytes anywhere."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    z = rng.standard_normal((num_samples, latent_dim), dtype=np.float32)
+    if temperature != 1.0:
+        z *= np.float32(temperature)
+    return z
+
+
+class VaeModel:
+    """A loaded bundle behind one dynamic batcher per graph."""
+
+    def __init__(self, runtime: Runtime, batching: BatchingSettings, metrics: ServiceMetrics) -> None:
+        self.runtime = runtime
+        self.spec = runtime.bundle.spec
+        self.batching = batching
+        # One worker per graph: each batcher runs one onnxruntime call at a time.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")
+        common = {
+            "max_batch_size": batching.max_batch_size,
+            "max_queue_delay_s": batching.max_queue_delay_s,
+            "max_queue_size": batching.max_queue_size,
+            "executor": self._executor,
+            "metrics": metrics,
+        }
+        self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
+        self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+        metrics.model_info.labels(
+            self.spec.name, self.spec.version, self.spec.kind, self.execution_provider
+        ).set(1)
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: Path,
+        *,
+        device: Device,
+        threads: ThreadSettings,
+        batching: BatchingSettings,
+        metrics: ServiceMetrics,
+    ) -> VaeModel:
+        """Verify and load a bundle, warm both graphs up; raises BundleError or DeviceError."""
+        bundle = ModelBundle.load(bundle_dir)
+        runtime = Runtime(bundle, device, threads)
+        runtime.warm_up()
+        if bundle.spec.kind == "ae":
+            log.warning(
+                "serving an AE bundle: Encode returns codes as `mean` without `log_var`, and Sample "
+                "decodes z ~ N(0, I), a prior the AE was never trained on (expect poor images)"
+            )
+        return cls(runtime, batching, metrics)
+
+    @property
+    def execution_provider(self) -> str:
+        return self.runtime.execution_provider
+
+    def start(self) -> None:
+        self.encoder.start()
+        self.decoder.start()
+
+    async def stop(self) -> None:
+        await self.encoder.stop()
+        await self.decoder.stop()
+        self._executor.shutdown(wait=True)
+
+    async def encode(self, images: Float32Array, deadline: float | None = None) -> Encoding:
+        outputs = await self.encoder.submit(images, deadline)
+        return Encoding(outputs[0], outputs[1] if len(outputs) > 1 else None)
+
+    async def decode(self, latents: Float32Array, deadline: float | None = None) -> Float32Array:
+        (images,) = await self.decoder.submit(latents, deadline)
+        return images
+
+    def sample_latents(
+        self, num_samples: int, seed: int | None, temperature: float
+    ) -> tuple[Float32Array, int]:
+        """Checked arguments -> (z, the seed used); a missing or zero seed is picked here."""
+        limit = self.batching.max_samples
+        if not 1 <= num_samples <= limit:
+            raise InvalidInput(f"num_samples: {num_samples}; expected 1 to {limit}")
+        if not np.isfinite(temperature) or temperature < 0:
+            raise InvalidInput(f"temperature: {temperature}; expected a finite value >= 0 (0 means 1)")
+        if not seed:
+            seed = secrets.randbits(64) or 1
+        return draw_latents(num_samples, self.spec.latent_dim, seed, temperature or 1.0), seed
+
+    async def sample(
+        self, num_samples: int, seed: int | None, temperature: float, deadline: float | None = None
+    ) -> Samples:
+        latents, seed = self.sample_latents(num_samples, seed, temperature)
+        return Samples(await self.decode(latents, deadline), latents, seed)

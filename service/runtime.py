@@ -1,0 +1,117 @@
+"""onnxruntime sessions for a bundle's two graphs, on the execution provider `--device` chose.
+
+onnxruntime silently falls back to the CPU when a provider cannot be used, so the provider really in
+use is read back from `session.get_providers()`: `--device cuda` without it fails at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from service.bundle import GraphName, ModelBundle, check_graph_signature
+from service.errors import DeviceError
+
+Device = Literal["auto", "cpu", "cuda"]
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """onnxruntime's thread pools; 0 lets onnxruntime pick (one thread per physical core)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+
+
+def providers_for(device: Device) -> list[str]:
+    """The providers to ask onnxruntime for, in order of preference."""
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+class GraphSession:
+    """One graph: a session whose input and outputs were checked against model.json."""
+
+    def __init__(
+        self, bundle: ModelBundle, graph: GraphName, device: Device, threads: ThreadSettings
+    ) -> None:
+        path = bundle.graph_path(graph)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads.intra_op_threads
+        options.inter_op_num_threads = threads.inter_op_threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning workers would take the cores the event loop needs between calls (2-core boxes).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        try:
+            # onnxruntime warns when a provider asked for is missing; the check below says it better.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise DeviceError(f"{path}: onnxruntime cannot load the graph ({error})") from error
+        self.provider: str = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise DeviceError(
+                f"--device cuda: onnxruntime runs {path.name} on {self.provider}, not {CUDA} "
+                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu with a matching "
+                "CUDA, or use --device auto or cpu"
+            )
+        spec = bundle.spec.graph(graph)
+        check_graph_signature(
+            path,
+            spec,
+            [(arg.name, arg.shape) for arg in self.session.get_inputs()],
+            [(arg.name, arg.shape) for arg in self.session.get_outputs()],
+        )
+        self.input_name = next(iter(spec.inputs))
+        self.output_names = list(spec.outputs)
+
+    def run(self, inputs: npt.NDArray[np.float32]) -> Sequence[npt.NDArray[np.float32]]:
+        """The graph's outputs for a batch; safe to call from a worker thread."""
+        outputs: Sequence[npt.NDArray[np.float32]] = self.session.run(
+            self.output_names, {self.input_name: inputs}
+        )
+        return outputs
+
+
+class Runtime:
+    """The encoder and decoder sessions of one bundle."""
+
+    def __init__(
+        self, bundle: ModelBundle, device: Device = "auto", threads: ThreadSettings | None = None
+    ) -> None:
+        threads = threads or ThreadSettings()
+        self.bundle = bundle
+        self.encoder = GraphSession(bundle, "encoder", device, threads)
+        self.decoder = GraphSession(bundle, "decoder", device, threads)
+        self.execution_provider = self.decoder.provider
+        log.info(
+            "loaded %s version %s (%s) from %s on %s",
+            bundle.spec.name,
+            bundle.spec.version,
+            bundle.spec.kind,
+            bundle.path,
+            self.execution_provider,
+        )
+
+    def warm_up(self) -> None:
+        """One call per graph, so the first request does not pay for onnxruntime's lazy set-up."""
+        latent_dim = self.bundle.spec.latent_dim
+        self.decoder.run(np.zeros((1, latent_dim), dtype=np.float32))
+        self.encoder.run(np.zeros((1, *self.bundle.spec.image_shape), dtype=np.float32))

@@ -1,0 +1,155 @@
+"""The gRPC server: VaeService, grpc.health.v1 and reflection on one port, /metrics on another.
+
+Life cycle: `start` binds the ports and answers health checks with NOT_SERVING; `load_model` verifies
+the bundle, opens the onnxruntime sessions, warms them up and only then turns health SERVING; `stop`
+drains: health turns NOT_SERVING, new requests are refused, in-flight ones get the grace period.
+`start_server` does the first two and is what both `vae-serve` and the tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.metrics import MetricsHttpServer, ServiceMetrics
+from service.model import BatchingSettings, VaeModel
+from service.runtime import ThreadSettings
+from service.servicer import VaeServicer
+from service.settings import Settings
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
+# The overall health of the server is the empty service name (grpc.health.v1).
+OVERALL = ""
+# Room for ~10,000 UINT8 or ~2,600 FLOAT32 images in one Encode request.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+
+class VaeServer:
+    """One server process' worth of gRPC, health, model and metrics."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else ServiceMetrics.create()
+        self.servicer = VaeServicer(self.metrics, settings.max_batch_size, settings.max_samples)
+        self.health = health.aio.HealthServicer()
+        self.model: VaeModel | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and start serving health (NOT_SERVING), reflection and /metrics; the model comes later."""
+        settings = self.settings
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", -1),
+            # Without this two servers could bind the same port on Linux and split its traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+        if settings.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+            options.append(("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)))
+        server = grpc.aio.server(options=options)
+        vae_pb2_grpc.add_VaeServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for service in (OVERALL, SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{settings.host}:{settings.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot bind the gRPC port {address}: {error}") from error
+        await server.start()
+        self._grpc = server
+        try:
+            self._metrics_http = MetricsHttpServer(
+                self.metrics, settings.metrics_host or settings.host, settings.metrics_port
+            )
+        except OSError as error:
+            await self.stop(0)
+            raise OSError(f"cannot bind the metrics port {settings.metrics_port}: {error}") from error
+        self.metrics_port = self._metrics_http.port
+        log.info("gRPC on %s:%d, metrics on :%d/metrics", settings.host, self.port, self.metrics_port)
+
+    async def load_model(self) -> None:
+        """Load and warm the bundle off the event loop, then turn SERVING; raises BundleError, DeviceError."""
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(
+            None,
+            lambda: VaeModel.load(
+                settings.model_dir,
+                device=settings.device,
+                threads=ThreadSettings(settings.intra_op_threads, settings.inter_op_threads),
+                batching=BatchingSettings(
+                    max_batch_size=settings.max_batch_size,
+                    max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+                    max_queue_size=settings.max_queue_size,
+                    max_samples=settings.max_samples,
+                ),
+                metrics=self.metrics,
+            ),
+        )
+        model.start()
+        self.model = model
+        self.servicer.attach(model)
+        for service in (OVERALL, SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING %s version %s on %s", model.spec.name, model.spec.version, model.execution_provider)
+
+    async def begin_drain(self) -> None:
+        """Health turns NOT_SERVING for good and new requests get UNAVAILABLE; in-flight ones go on."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain, give in-flight requests `grace_s` (default: the settings'), then stop everything."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        await self.begin_drain()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self.model is not None:
+            await self.model.stop()
+            self.model = None
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def start_server(settings: Settings, metrics: ServiceMetrics | None = None) -> VaeServer:
+    """Start a server and load its model; returns once health says SERVING. Fails at start, stopped,
+    when the bundle or the device is unusable."""
+    started = time.perf_counter()
+    server = VaeServer(settings, metrics)
+    await server.start()
+    try:
+        await server.load_model()
+    except BaseException:
+        await server.stop(0)
+        raise
+    log.info("start-up took %.2f s", time.perf_counter() - started)
+    return server

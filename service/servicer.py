@@ -1,0 +1,322 @@
+"""vae.v1.VaeService on grpc.aio: requests -> arrays -> the model -> responses.
+
+Each method is thin: it decodes tensors with the codec, awaits one call of the model, and builds the
+response. Domain errors become status codes in one table, `STATUS_CODES`, applied by one decorator
+that also records the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from service import codec
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ServiceError
+from service.metrics import ServiceMetrics
+from service.model import VaeModel, deadline_after, images_to_float, latents_to_float
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# The one place where domain errors meet gRPC.
+STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# EncodeStream: how many requests of one stream may be in the batcher at once, so that a fast
+# client cannot queue without bound, while a few in flight still fill batches.
+ENCODE_STREAM_LOOKAHEAD = 4
+# SampleStream: chunks being decoded ahead of the one being sent.
+SAMPLE_STREAM_LOOKAHEAD = 2
+
+Response = TypeVar("Response")
+
+
+def status_code_of(error: ServiceError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        code = STATUS_CODES.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
+    """The six RPCs of the contract; refuses requests (UNAVAILABLE) until a model is attached, and
+    again once draining starts."""
+
+    def __init__(self, metrics: ServiceMetrics, max_batch_size: int, max_samples: int) -> None:
+        self.model: VaeModel | None = None
+        self.draining = False
+        self.metrics = metrics
+        self._max_batch_size = max_batch_size
+        self._max_samples = max_samples
+
+    def attach(self, model: VaeModel) -> None:
+        self.model = model
+
+    def _ready_model(self) -> VaeModel:
+        if self.draining:
+            raise ModelNotReady("the server is shutting down; retry on another replica")
+        if self.model is None:
+            raise ModelNotReady("the model is still loading; retry shortly")
+        return self.model
+
+    def _count_items(self, rpc: str, count: int) -> None:
+        self.metrics.items.labels(rpc).inc(count)
+
+    # --- unary -----------------------------------------------------------------------------------
+
+    async def Encode(  # noqa: N802 (gRPC's method names)
+        self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.EncodeResponse:
+        return await _observe(self, "Encode", context, self._encode(request, context))
+
+    async def _encode(
+        self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.EncodeResponse:
+        model = self._ready_model()
+        images = _images_of(request)
+        encoding = await model.encode(images, deadline_after(context.time_remaining()))
+        self._count_items("Encode", len(images))
+        return _encode_response(encoding.mean, encoding.log_var)
+
+    async def Decode(  # noqa: N802
+        self, request: vae_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.DecodeResponse:
+        return await _observe(self, "Decode", context, self._decode(request, context))
+
+    async def _decode(
+        self, request: vae_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.DecodeResponse:
+        model = self._ready_model()
+        codec.check_output_dtype(request.output_dtype)
+        if not request.HasField("latents"):
+            raise InvalidInput(f"latents: missing; expected a FLOAT32 Tensor [N, {model.spec.latent_dim}]")
+        latents = latents_to_float(codec.from_tensor(request.latents, "latents"), model.spec.latent_dim)
+        images = await model.decode(latents, deadline_after(context.time_remaining()))
+        self._count_items("Decode", len(latents))
+        return vae_pb2.DecodeResponse(images=codec.to_tensor(codec.images_as(images, request.output_dtype)))
+
+    async def Sample(  # noqa: N802
+        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.SampleResponse:
+        return await _observe(self, "Sample", context, self._sample(request, context))
+
+    async def _sample(
+        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.SampleResponse:
+        model = self._ready_model()
+        codec.check_output_dtype(request.output_dtype)
+        seed = request.seed if request.HasField("seed") else None
+        samples = await model.sample(
+            request.num_samples, seed, request.temperature, deadline_after(context.time_remaining())
+        )
+        self._count_items("Sample", len(samples.images))
+        return vae_pb2.SampleResponse(
+            images=codec.to_tensor(codec.images_as(samples.images, request.output_dtype)),
+            latents=codec.to_tensor(samples.latents),
+            seed=samples.seed,
+        )
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: vae_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> vae_pb2.ModelInfo:
+        return await _observe(self, "GetModelInfo", context, self._model_info())
+
+    async def _model_info(self) -> vae_pb2.ModelInfo:
+        model = self._ready_model()
+        spec = model.spec
+        return vae_pb2.ModelInfo(
+            name=spec.name,
+            version=spec.version,
+            kind=spec.kind,
+            latent_dim=spec.latent_dim,
+            image_shape=spec.image_shape,
+            execution_provider=model.execution_provider,
+            max_batch_size=self._max_batch_size,
+            max_samples=self._max_samples,
+            encoder_sha256=spec.encoder.sha256,
+            decoder_sha256=spec.decoder.sha256,
+        )
+
+    # --- streams ---------------------------------------------------------------------------------
+
+    async def EncodeStream(  # noqa: N802
+        self, request_iterator: AsyncIterable[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vae_pb2.EncodeResponse]:
+        async for response in _observe_stream(
+            self, "EncodeStream", context, self._encode_stream(request_iterator, context)
+        ):
+            yield response
+
+    async def _encode_stream(
+        self, request_iterator: AsyncIterable[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vae_pb2.EncodeResponse]:
+        model = self._ready_model()
+
+        async def encode(request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
+            images = _images_of(request)
+            encoding = await model.encode(images, deadline_after(context.time_remaining()))
+            self._count_items("EncodeStream", len(images))
+            return _encode_response(encoding.mean, encoding.log_var)
+
+        async for response in _in_order(
+            (encode(request) async for request in request_iterator), ENCODE_STREAM_LOOKAHEAD
+        ):
+            yield response
+
+    async def SampleStream(  # noqa: N802
+        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vae_pb2.SampleResponse]:
+        async for response in _observe_stream(
+            self, "SampleStream", context, self._sample_stream(request, context)
+        ):
+            yield response
+
+    async def _sample_stream(
+        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vae_pb2.SampleResponse]:
+        model = self._ready_model()
+        codec.check_output_dtype(request.output_dtype)
+        seed = request.seed if request.HasField("seed") else None
+        # Drawn whole and then cut, so the chunks concatenate to exactly the unary Sample's answer.
+        latents, used_seed = model.sample_latents(request.num_samples, seed, request.temperature)
+        chunk = request.chunk_size or self._max_batch_size
+        deadline = deadline_after(context.time_remaining())
+
+        async def decode(offset: int) -> vae_pb2.SampleResponse:
+            z = latents[offset : offset + chunk]
+            images = await model.decode(z, deadline)
+            self._count_items("SampleStream", len(z))
+            return vae_pb2.SampleResponse(
+                images=codec.to_tensor(codec.images_as(images, request.output_dtype)),
+                latents=codec.to_tensor(z),
+                seed=used_seed,
+                offset=offset,
+            )
+
+        async def chunks() -> AsyncIterator[Awaitable[vae_pb2.SampleResponse]]:
+            for offset in range(0, len(latents), chunk):
+                yield decode(offset)
+
+        async for response in _in_order(chunks(), SAMPLE_STREAM_LOOKAHEAD):
+            yield response
+
+
+def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:
+    if not request.HasField("images"):
+        raise InvalidInput("images: missing; expected a Tensor [N,1,28,28] of FLOAT32 in [0,1] or UINT8")
+    return images_to_float(codec.from_tensor(request.images, "images"))
+
+
+def _encode_response(
+    mean: np.ndarray[Any, Any], log_var: np.ndarray[Any, Any] | None
+) -> vae_pb2.EncodeResponse:
+    if log_var is None:
+        return vae_pb2.EncodeResponse(mean=codec.to_tensor(mean))
+    return vae_pb2.EncodeResponse(mean=codec.to_tensor(mean), log_var=codec.to_tensor(log_var))
+
+
+async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -> AsyncIterator[Response]:
+    """Yield the calls' results in the order the calls came, as soon as each is ready.
+
+    A reader task takes calls from `calls` and starts them, at most `lookahead` ahead of the one
+    being answered; reading and answering run concurrently, so a client that waits for each answer
+    before sending its next request (ping-pong) is served as well as one that streams ahead.
+    """
+    loop = asyncio.get_running_loop()
+    started: asyncio.Queue[asyncio.Future[Response] | None] = asyncio.Queue(maxsize=lookahead)
+
+    async def read() -> None:
+        try:
+            async for call in calls:
+                await started.put(asyncio.ensure_future(call))
+        except Exception as error:  # the request stream broke: the answerer raises it in its turn
+            failed: asyncio.Future[Response] = loop.create_future()
+            failed.set_exception(error)
+            await started.put(failed)
+            return
+        await started.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (future := await started.get()) is not None:
+            yield await future
+    finally:
+        reader.cancel()
+        while not started.empty():
+            pending = started.get_nowait()
+            if pending is not None:
+                pending.cancel()
+
+
+def _code_of_cancellation(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+async def _observe(
+    servicer: VaeServicer, rpc: str, context: grpc.aio.ServicerContext, call: Awaitable[Response]
+) -> Response:
+    """Await a unary call: map domain errors to status codes and record the request metrics."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        return await call
+    except ServiceError as error:
+        code = status_code_of(error)
+        await context.abort(code, str(error))
+        raise  # unreachable: abort raises
+    except asyncio.CancelledError:
+        code = _code_of_cancellation(context)
+        raise
+    except Exception as error:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", rpc)
+        await context.abort(code, f"internal error: {type(error).__name__}")
+        raise
+    finally:
+        _record(servicer, rpc, code, started)
+
+
+async def _observe_stream(
+    servicer: VaeServicer, rpc: str, context: grpc.aio.ServicerContext, responses: AsyncIterator[Response]
+) -> AsyncIterator[Response]:
+    """`_observe` for a streaming call."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        async for response in responses:
+            yield response
+    except ServiceError as error:
+        code = status_code_of(error)
+        await context.abort(code, str(error))
+    except asyncio.CancelledError:
+        code = _code_of_cancellation(context)
+        raise
+    except Exception as error:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", rpc)
+        await context.abort(code, f"internal error: {type(error).__name__}")
+    finally:
+        _record(servicer, rpc, code, started)
+
+
+def _record(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:
+    metrics = servicer.metrics
+    metrics.requests.labels(rpc, code.name).inc()
+    metrics.request_duration.labels(rpc).observe(time.perf_counter() - started)
+
+
+__all__ = ["STATUS_CODES", "VaeServicer", "status_code_of"]

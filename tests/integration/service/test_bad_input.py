@@ -1,0 +1,115 @@
+"""Every bad input of the contract gets INVALID_ARGUMENT saying what was expected; the server goes on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from service import codec
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+Call = Callable[[vae_pb2_grpc.VaeServiceStub], Any]
+
+
+def tensor(
+    shape: list[int], dtype: int = codec.FLOAT32, data: bytes | None = None, fill: float = 0.5
+) -> vae_pb2.Tensor:
+    if data is None:
+        numpy_dtype = np.float32 if dtype == codec.FLOAT32 else np.uint8
+        data = np.full(shape, fill, dtype=numpy_dtype).tobytes()
+    return vae_pb2.Tensor(shape=shape, dtype=dtype, data=data)  # type: ignore[arg-type]
+
+
+def encode(images: vae_pb2.Tensor) -> Call:
+    return lambda stub: stub.Encode(vae_pb2.EncodeRequest(images=images))
+
+
+def encode_stream(images: vae_pb2.Tensor) -> Call:
+    good = vae_pb2.EncodeRequest(images=tensor([1, 1, 28, 28]))
+    return lambda stub: list(stub.EncodeStream(iter([good, vae_pb2.EncodeRequest(images=images)])))
+
+
+def decode(latents: vae_pb2.Tensor | None, output_dtype: int = 0) -> Call:
+    request = vae_pb2.DecodeRequest(output_dtype=output_dtype)  # type: ignore[arg-type]
+    if latents is not None:
+        request.latents.CopyFrom(latents)
+    return lambda stub: stub.Decode(request)
+
+
+def sample(**fields: Any) -> Call:
+    return lambda stub: stub.Sample(vae_pb2.SampleRequest(**fields))
+
+
+def sample_stream(**fields: Any) -> Call:
+    return lambda stub: list(stub.SampleStream(vae_pb2.SampleRequest(**fields)))
+
+
+BAD_REQUESTS: dict[str, tuple[Call, str]] = {
+    "images missing": (encode(None), "images: missing; expected a Tensor [N,1,28,28]"),  # type: ignore[arg-type]
+    "images of the wrong shape": (encode(tensor([2, 1, 28, 27])), "expected [N, 1, 28, 28] or [N, 28, 28]"),
+    "images of a flat shape": (encode(tensor([784])), "expected [N, 1, 28, 28]"),
+    "images with too few bytes": (
+        encode(tensor([1, 1, 28, 28], data=b"\0" * 100)),
+        "needs 3136 bytes, got 100",
+    ),
+    "images with NaN": (encode(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
+    "images with Inf": (encode(tensor([1, 1, 28, 28], fill=math.inf)), "NaN or Inf"),
+    "images out of range": (encode(tensor([1, 1, 28, 28], fill=3.0)), "expected pixel values in [0, 1]"),
+    "an empty batch of images": (encode(tensor([0, 1, 28, 28])), "empty batch"),
+    "images of unknown dtype": (encode(tensor([1, 1, 28, 28], dtype=7, data=b"")), "unknown dtype 7"),
+    "unspecified images dtype": (encode(tensor([1, 1, 28, 28], dtype=0, data=b"")), "unknown dtype 0"),
+    "a bad image in a stream": (encode_stream(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
+    "latents missing": (decode(None), "latents: missing; expected a FLOAT32 Tensor [N, 2]"),
+    "latents of the wrong width": (decode(tensor([3, 5])), "latents: shape [3, 5]; expected [N, 2]"),
+    "latents as uint8": (decode(tensor([3, 2], dtype=codec.UINT8)), "expected DATA_TYPE_FLOAT32"),
+    "latents with NaN": (decode(tensor([1, 2], fill=math.nan)), "NaN or Inf"),
+    "latents with Inf": (decode(tensor([1, 2], fill=-math.inf)), "NaN or Inf"),
+    "an empty batch of latents": (decode(tensor([0, 2])), "empty batch"),
+    "latents with too many bytes": (decode(tensor([1, 2], data=b"\0" * 12)), "needs 8 bytes, got 12"),
+    "an unknown output dtype for decode": (
+        decode(tensor([1, 2]), output_dtype=9),
+        "output_dtype: unknown value 9",
+    ),
+    "no samples asked for": (sample(num_samples=0), "num_samples: 0; expected 1 to 1024"),
+    "too many samples": (sample(num_samples=1025), "num_samples: 1025; expected 1 to 1024"),
+    "too many streamed samples": (sample_stream(num_samples=5000), "expected 1 to 1024"),
+    "a negative temperature": (
+        sample(num_samples=1, temperature=-1.0),
+        "temperature: -1.0; expected a finite",
+    ),
+    "a NaN temperature": (sample(num_samples=1, temperature=math.nan), "temperature: nan"),
+    "an infinite temperature": (sample(num_samples=1, temperature=math.inf), "temperature: inf"),
+    "an unknown output dtype for sample": (
+        sample(num_samples=1, output_dtype=5),
+        "output_dtype: unknown value 5",
+    ),
+    "an unknown output dtype for a stream": (
+        sample_stream(num_samples=1, output_dtype=5),
+        "output_dtype: unknown value 5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_with_what_was_expected(
+    stub: vae_pb2_grpc.VaeServiceStub, case: str
+) -> None:
+    call, expected = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        call(stub)
+    error: grpc.Call = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in (error.details() or "")
+
+
+def test_the_server_still_answers_after_every_bad_input(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    for call, _ in BAD_REQUESTS.values():
+        with pytest.raises(grpc.RpcError):
+            call(stub)
+    response = stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
+    assert list(response.images.shape) == [2, 1, 28, 28]

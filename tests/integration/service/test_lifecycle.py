@@ -1,0 +1,129 @@
+"""Health transitions, reflection, deadlines, cancellation and overload, on servers of their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from service.server import SERVICE_NAME
+from tests.conftest import ServerThread
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+StartServer = Callable[..., ServerThread]
+
+
+def health_of(channel: grpc.Channel, service: str) -> int:
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return int(response.status)
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    code: grpc.StatusCode = raised.value.code()
+    return code
+
+
+def decoder_rows_run(server: ServerThread) -> float:
+    return server.metrics.registry.get_sample_value("vae_batch_size_sum", {"graph": "decoder"}) or 0.0
+
+
+def wait_for_queue_depth(server: ServerThread, rows: int) -> None:
+    """Poll the server's own gauge until `rows` rows wait in the decoder's queue."""
+    registry = server.metrics.registry
+    while registry.get_sample_value("vae_queue_depth", {"graph": "decoder"}) != rows:
+        server.call(_yield_once())
+
+
+async def _yield_once() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.005)
+
+
+def test_health_is_not_serving_until_loaded_and_after_drain_begins(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_server_thread(vae_bundle, load=False)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        assert health_of(channel, "") == NOT_SERVING
+        assert health_of(channel, SERVICE_NAME) == NOT_SERVING
+        assert (
+            code_of(lambda: stub.GetModelInfo(vae_pb2.GetModelInfoRequest())) == grpc.StatusCode.UNAVAILABLE
+        )
+
+        server.call(server.server.load_model())
+        assert health_of(channel, "") == SERVING
+        assert health_of(channel, SERVICE_NAME) == SERVING
+        assert stub.GetModelInfo(vae_pb2.GetModelInfoRequest()).kind == "vae"
+
+        server.call(server.server.begin_drain())
+        assert health_of(channel, "") == NOT_SERVING
+        assert health_of(channel, SERVICE_NAME) == NOT_SERVING
+        assert (
+            code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=1))) == grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_an_unknown_service_name_is_not_found(vae_server: ServerThread) -> None:
+    with grpc.insecure_channel(vae_server.target) as channel:
+        assert code_of(lambda: health_of(channel, "vae.v1.Nope")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(vae_server: ServerThread) -> None:
+    with grpc.insecure_channel(vae_server.target) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
+
+
+def test_an_expired_deadline_is_dropped_before_it_runs(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_server_thread(vae_bundle, max_queue_delay_ms=2000)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3, seed=1), timeout=0.5)
+        wait_for_queue_depth(server, 3)  # queued: the batcher waits 2 s for a fuller batch
+        assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for_queue_depth(server, 0)  # the batcher has looked at the queue and dropped the rows
+        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
+    assert decoder_rows_run(server) == 2
+    registry = server.metrics.registry
+    assert (
+        registry.get_sample_value("vae_requests_total", {"rpc": "Sample", "code": "DEADLINE_EXCEEDED"}) == 1
+    )
+
+
+def test_a_cancelled_request_is_dropped_before_it_runs(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_server_thread(vae_bundle, max_queue_delay_ms=500)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=5, seed=1))
+        wait_for_queue_depth(server, 5)
+        assert pending.cancel()
+        wait_for_queue_depth(server, 0)
+        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
+    assert decoder_rows_run(server) == 2
+
+
+def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeeds(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_server_thread(vae_bundle, max_queue_delay_ms=500, max_batch_size=256, max_queue_size=256)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        queued = stub.Sample.future(vae_pb2.SampleRequest(num_samples=200, seed=1))
+        wait_for_queue_depth(server, 200)
+        code = code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=100, seed=2)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert list(queued.result(timeout=30).images.shape) == [200, 1, 28, 28]

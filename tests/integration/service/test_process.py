@@ -1,0 +1,100 @@
+"""vae-serve as a process: it fails fast on a bad bundle, and SIGTERM drains it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+GRACE_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def serve_command(bundle: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "service", "--model-dir", str(bundle), "--host", "127.0.0.1", *flags]
+
+
+@pytest.fixture
+def process() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes started by a test; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        serve_command(tmp_path, "--port", "0", "--metrics-port", "0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"{tmp_path / 'model.json'}: not found" in result.stderr
+
+
+def queue_depth(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('vae_queue_depth{graph="decoder"}'):
+                return float(line.split()[-1])
+    return -1.0
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
+    vae_bundle: Path, process: list[subprocess.Popen[str]]
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    flags = ["--port", str(port), "--metrics-port", str(metrics_port), "--grace-period-s", str(GRACE_S)]
+    # A long queue delay keeps a one-image request in flight while the signal arrives.
+    flags += ["--max-queue-delay-ms", "1500"]
+    env = {**os.environ, "VAE_SERVE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(serve_command(vae_bundle, *flags), env=env, stderr=subprocess.PIPE, text=True)
+    process.append(proc)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="vae.v1.VaeService")
+        while (
+            health.Check(request, wait_for_ready=True, timeout=60).status
+            != health_pb2.HealthCheckResponse.SERVING
+        ):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=60)
+        while queue_depth(metrics_port) != 1:
+            assert not in_flight.done()
+
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        refused: grpc.StatusCode | None = None
+        while refused is None:
+            try:
+                if health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
+            except grpc.RpcError as error:
+                refused = error.code()
+        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert list(in_flight.result(timeout=GRACE_S).images.shape) == [1, 1, 28, 28]
+    assert proc.wait(timeout=GRACE_S + 10) == 0
+    assert time.monotonic() - signalled < GRACE_S

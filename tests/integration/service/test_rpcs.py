@@ -1,0 +1,179 @@
+"""Every RPC of vae.v1.VaeService, through the generated stubs, against the real server."""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service import codec
+from tests.conftest import ServerThread
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+
+def array(tensor: vae_pb2.Tensor) -> np.ndarray:
+    return codec.from_tensor(tensor, "response")
+
+
+def digits(stub: vae_pb2_grpc.VaeServiceStub, count: int) -> np.ndarray:
+    """Some images the model can encode: its own samples."""
+    return array(stub.Sample(vae_pb2.SampleRequest(num_samples=count, seed=99)).images)
+
+
+def test_model_info_describes_the_bundle(stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path) -> None:
+    spec = json.loads((vae_bundle / "model.json").read_text())
+    info = stub.GetModelInfo(vae_pb2.GetModelInfoRequest())
+    assert (info.name, info.version, info.kind, info.latent_dim) == ("tiny-vae", spec["version"], "vae", 2)
+    assert list(info.image_shape) == [1, 28, 28]
+    assert info.execution_provider == "CPUExecutionProvider"
+    assert (info.max_batch_size, info.max_samples) == (256, 1024)
+    assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
+    assert info.decoder_sha256 == spec["graphs"]["decoder"]["sha256"]
+
+
+def test_sample_is_the_decoder_applied_to_seeded_pcg64_normals(
+    stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path
+) -> None:
+    response = stub.Sample(vae_pb2.SampleRequest(num_samples=5, seed=42, temperature=0.5))
+    latents = array(response.latents)
+    expected_z = np.random.Generator(np.random.PCG64(42)).standard_normal((5, 2), dtype=np.float32)
+    np.testing.assert_array_equal(latents, expected_z * np.float32(0.5))
+    session = ort.InferenceSession(str(vae_bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    (expected_images,) = session.run(None, {"z": latents})
+    images = array(response.images)
+    assert images.shape == (5, 1, 28, 28) and images.dtype == np.float32
+    np.testing.assert_allclose(images, expected_images, atol=1e-6)
+    assert response.seed == 42
+
+
+def test_the_same_seed_gives_byte_identical_images_even_amid_other_traffic(
+    stub: vae_pb2_grpc.VaeServiceStub,
+) -> None:
+    request = vae_pb2.SampleRequest(num_samples=37, seed=1234)
+    alone = stub.Sample(request).images.data
+    # Concurrent requests land in shared batches at other offsets; the bytes must not change.
+    with ThreadPoolExecutor(8) as pool:
+        others = [
+            pool.submit(stub.Sample, vae_pb2.SampleRequest(num_samples=n, seed=n)) for n in (3, 100, 250, 7)
+        ]
+        again = [pool.submit(stub.Sample, request) for _ in range(4)]
+        assert all(f.result().images.data == alone for f in again)
+        assert all(f.result().seed for f in others)
+    assert stub.Sample(vae_pb2.SampleRequest(num_samples=37, seed=1235)).images.data != alone
+
+
+def test_without_a_seed_the_server_picks_one_that_repeats_the_call(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    first = stub.Sample(vae_pb2.SampleRequest(num_samples=4))
+    assert first.seed != 0
+    assert stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=0)).seed != 0  # 0 means "pick one"
+    repeated = stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=first.seed))
+    assert repeated.images.data == first.images.data
+
+
+def test_uint8_output_is_the_rounded_float_output(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    floats = array(stub.Sample(vae_pb2.SampleRequest(num_samples=6, seed=5)).images)
+    as_bytes = stub.Sample(vae_pb2.SampleRequest(num_samples=6, seed=5, output_dtype=codec.UINT8)).images
+    assert as_bytes.dtype == codec.UINT8
+    assert len(as_bytes.data) == 6 * 28 * 28
+    np.testing.assert_array_equal(array(as_bytes), np.rint(floats * 255).astype(np.uint8))
+
+
+def test_a_sample_larger_than_the_batch_is_served_whole(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    response = stub.Sample(vae_pb2.SampleRequest(num_samples=600, seed=3, output_dtype=codec.UINT8))
+    assert list(response.images.shape) == [600, 1, 28, 28]
+    again = stub.Sample(vae_pb2.SampleRequest(num_samples=600, seed=3, output_dtype=codec.UINT8))
+    assert again.images.data == response.images.data
+
+
+def test_sample_stream_chunks_concatenate_to_the_unary_answer(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    request = vae_pb2.SampleRequest(num_samples=250, seed=8, chunk_size=64, output_dtype=codec.UINT8)
+    unary = stub.Sample(request)
+    chunks = list(stub.SampleStream(request))
+    assert [c.offset for c in chunks] == [0, 64, 128, 192]
+    assert [c.images.shape[0] for c in chunks] == [64, 64, 64, 58]
+    assert all(c.seed == 8 for c in chunks)
+    assert b"".join(c.images.data for c in chunks) == unary.images.data
+    assert b"".join(c.latents.data for c in chunks) == unary.latents.data
+
+
+def test_sample_stream_picks_a_seed_and_defaults_to_batch_sized_chunks(
+    stub: vae_pb2_grpc.VaeServiceStub,
+) -> None:
+    chunks = list(stub.SampleStream(vae_pb2.SampleRequest(num_samples=300)))
+    assert [c.images.shape[0] for c in chunks] == [256, 44]
+    assert chunks[0].seed != 0 and chunks[0].seed == chunks[1].seed
+
+
+def test_encode_gives_the_posterior_of_each_image(
+    stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path
+) -> None:
+    images = digits(stub, 9)
+    response = stub.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images)))
+    session = ort.InferenceSession(str(vae_bundle / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    mean, log_var = session.run(None, {"images": images})
+    np.testing.assert_allclose(array(response.mean), mean, atol=1e-6)
+    np.testing.assert_allclose(array(response.log_var), log_var, atol=1e-6)
+
+
+def test_encode_takes_uint8_and_unbatched_channel_layouts(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    images = np.rint(digits(stub, 4) * 255).astype(np.uint8)
+    from_bytes = stub.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images.reshape(4, 28, 28))))
+    from_floats = stub.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images.astype(np.float32) / 255)))
+    assert list(from_bytes.mean.shape) == [4, 2]
+    np.testing.assert_allclose(array(from_bytes.mean), array(from_floats.mean), atol=1e-5)
+
+
+def test_decode_returns_one_image_per_code_in_either_dtype(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    sample = stub.Sample(vae_pb2.SampleRequest(num_samples=3, seed=11))
+    decoded = stub.Decode(vae_pb2.DecodeRequest(latents=sample.latents))
+    assert decoded.images.data == sample.images.data
+    as_bytes = stub.Decode(vae_pb2.DecodeRequest(latents=sample.latents, output_dtype=codec.UINT8))
+    assert list(as_bytes.images.shape) == [3, 1, 28, 28] and as_bytes.images.dtype == codec.UINT8
+
+
+def test_encode_stream_answers_every_request_in_order(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    batches = [
+        digits(stub, 20)[i : i + size] for i, size in ((0, 1), (1, 5), (6, 2), (8, 12), (3, 3), (0, 20))
+    ]
+    expected = [stub.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(b))).mean.data for b in batches]
+    requests = (vae_pb2.EncodeRequest(images=codec.to_tensor(b)) for b in batches)
+    answers = list(stub.EncodeStream(requests))
+    assert [a.mean.data for a in answers] == expected
+
+
+def test_an_ae_bundle_encodes_to_mean_alone(
+    ae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    import grpc
+
+    server = start_server_thread(ae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        ae = vae_pb2_grpc.VaeServiceStub(channel)
+        assert ae.GetModelInfo(vae_pb2.GetModelInfoRequest()).kind == "ae"
+        images = array(ae.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1)).images)
+        response = ae.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images)))
+        assert list(response.mean.shape) == [2, 2]
+        assert not response.HasField("log_var")
+
+
+def test_encode_stream_answers_a_client_that_waits_for_each_answer(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    """Ping-pong: the next request is sent only after the previous answer arrived."""
+    images = digits(stub, 3)
+    answered: queue.Queue[vae_pb2.EncodeResponse] = queue.Queue()
+
+    def requests() -> Iterator[vae_pb2.EncodeRequest]:
+        for i in range(3):
+            if i:
+                answered.get(timeout=30)
+            yield vae_pb2.EncodeRequest(images=codec.to_tensor(images[i : i + 1]))
+
+    count = 0
+    for response in stub.EncodeStream(requests(), timeout=30):
+        answered.put(response)
+        count += 1
+    assert count == 3

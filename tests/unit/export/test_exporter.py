@@ -1,0 +1,88 @@
+"""vae-export: two graphs with a dynamic batch axis, model.json, and parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export import exporter
+from export.cli import main as export_main
+from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
+from service.bundle import ModelBundle, sha256_of
+
+
+def test_a_vae_bundle_describes_itself(vae_bundle: Path, vae_run_dir: Path) -> None:
+    spec = json.loads((vae_bundle / "model.json").read_text())
+    assert spec["format_version"] == 1
+    assert (spec["name"], spec["kind"], spec["latent_dim"]) == ("tiny-vae", "vae", 2)
+    assert spec["image_shape"] == [1, 28, 28]
+    assert spec["training"] == json.loads((vae_run_dir / "config.json").read_text())
+    encoder, decoder = spec["graphs"]["encoder"], spec["graphs"]["decoder"]
+    assert encoder["inputs"] == {"images": {"dtype": "float32", "shape": ["N", 1, 28, 28]}}
+    assert list(encoder["outputs"]) == ["mean", "log_var"]
+    assert decoder["inputs"] == {"z": {"dtype": "float32", "shape": ["N", 2]}}
+    assert decoder["outputs"] == {"images": {"dtype": "float32", "shape": ["N", 1, 28, 28]}}
+    for graph in (encoder, decoder):
+        assert graph["opset"] == OPSET
+        assert graph["sha256"] == sha256_of(vae_bundle / graph["file"])
+    for diff in spec["export"]["parity_max_abs_diff"].values():
+        assert 0 <= diff < PARITY_TOLERANCE
+    assert {"torch_version", "onnx_version"} <= set(spec["export"])
+
+
+def test_the_graphs_are_valid_onnx_at_the_pinned_opset(vae_bundle: Path) -> None:
+    for file in ("encoder.onnx", "decoder.onnx"):
+        model = onnx.load(str(vae_bundle / file))
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+
+
+def test_the_batch_axis_is_dynamic(vae_bundle: Path) -> None:
+    session = ort.InferenceSession(str(vae_bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    for batch_size in (1, 3, 300):
+        (images,) = session.run(None, {"z": np.zeros((batch_size, 2), np.float32)})
+        assert images.shape == (batch_size, 1, 28, 28)
+        assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_an_ae_exports_its_code_as_mean_alone(ae_bundle: Path) -> None:
+    bundle = ModelBundle.load(ae_bundle)
+    assert bundle.spec.kind == "ae"
+    assert list(bundle.spec.encoder.outputs) == ["mean"]
+    session = ort.InferenceSession(str(ae_bundle / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["mean"]
+
+
+def test_the_default_version_is_a_hash_of_the_graphs(
+    vae_run_dir: Path, vae_bundle: Path, tmp_path: Path
+) -> None:
+    again = export_run(vae_run_dir, tmp_path / "again")
+    assert again.version == ModelBundle.load(vae_bundle).spec.version
+    assert len(again.version) == 12
+    assert again.name == vae_run_dir.name
+    named = export_run(vae_run_dir, tmp_path / "named", name="digits", version="2.0")
+    assert (named.name, named.version) == ("digits", "2.0")
+
+
+def test_a_parity_miss_fails_the_export_with_the_figure(
+    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
+    with pytest.raises(ExportError, match=r"differs from PyTorch by .* on batch size 1; the tolerance is 0"):
+        export_run(vae_run_dir, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "model.json").exists()
+
+
+def test_the_cli_prints_a_summary_and_fails_clearly(
+    vae_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert export_main([str(vae_run_dir), "--out", str(tmp_path / "bundle"), "--version", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["version"] == "1" and summary["opset"] == OPSET
+    assert export_main([str(tmp_path / "no-such-run"), "--out", str(tmp_path / "other")]) == 1
+    assert "config.json: not found" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""The dynamic batcher: merging, splitting, bounds, cancellation, deadlines and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from service.batcher import Array, Batcher
+from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.metrics import ServiceMetrics
+
+
+class Doubler:
+    """A real inference function (x -> (2x, row sums)) that records the size of every call."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.calls: list[int] = []
+        self.gate = gate
+
+    def __call__(self, rows: Array) -> Sequence[Array]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.calls.append(len(rows))
+        return [rows * 2, rows.sum(axis=1)]
+
+
+def make_batcher(infer: Doubler, **options: float) -> Batcher:
+    settings: dict[str, float] = {"max_batch_size": 8, "max_queue_delay_s": 0.05, "max_queue_size": 64}
+    settings.update(options)
+    return Batcher(
+        "decoder",
+        infer,
+        max_batch_size=int(settings["max_batch_size"]),
+        max_queue_delay_s=settings["max_queue_delay_s"],
+        max_queue_size=int(settings["max_queue_size"]),
+        executor=None,
+        metrics=ServiceMetrics.create(process=False),
+    )
+
+
+def rows(count: int, start: int = 0) -> Array:
+    return np.arange(start, start + 2 * count, dtype=np.float32).reshape(count, 2)
+
+
+def test_concurrent_requests_share_one_call_and_get_their_own_rows_back() -> None:
+    infer = Doubler()
+
+    async def scenario() -> list[list[Array]]:
+        batcher = make_batcher(infer)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(2, 10 * i)) for i in range(3)))
+        await batcher.stop()
+        return list(results)
+
+    results = asyncio.run(scenario())
+    assert infer.calls == [6]
+    for i, (doubled, sums) in enumerate(results):
+        np.testing.assert_array_equal(doubled, rows(2, 10 * i) * 2)
+        np.testing.assert_array_equal(sums, rows(2, 10 * i).sum(axis=1))
+
+
+def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
+    infer = Doubler()
+
+    async def scenario() -> float:
+        batcher = make_batcher(infer, max_queue_delay_s=30)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(rows(8))
+        elapsed = time.perf_counter() - started
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 5
+    assert infer.calls == [8]
+
+
+def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order() -> None:
+    infer = Doubler()
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(infer, max_queue_delay_s=0)
+        batcher.start()
+        result = await batcher.submit(rows(20))
+        await batcher.stop()
+        return result
+
+    doubled, _ = asyncio.run(scenario())
+    assert max(infer.calls) <= 8
+    assert sum(infer.calls) == 20
+    np.testing.assert_array_equal(doubled, rows(20) * 2)
+
+
+def test_a_full_queue_refuses_with_overloaded() -> None:
+    gate = threading.Event()
+    infer = Doubler(gate)
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(8)))
+        await asyncio.sleep(0)
+        while batcher.queue_depth:  # until the worker has taken those rows and blocks on the gate
+            await asyncio.sleep(0.001)
+        queued = asyncio.ensure_future(batcher.submit(rows(16)))
+        await asyncio.sleep(0)
+        try:
+            with pytest.raises(Overloaded, match="queue is full"):
+                await batcher.submit(rows(1))
+        finally:
+            gate.set()
+        await asyncio.gather(running, queued)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_larger_than_the_queue_is_invalid() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(Doubler(), max_queue_size=16)
+        batcher.start()
+        with pytest.raises(InvalidInput, match="more than one request may send"):
+            await batcher.submit(rows(17))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_requests_are_dropped_before_they_run() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer, max_queue_delay_s=0.2)
+        batcher.start()
+        cancelled = asyncio.ensure_future(batcher.submit(rows(3)))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await batcher.submit(rows(2))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == [2]
+
+
+def test_expired_deadlines_are_dropped_before_they_run() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer, max_queue_delay_s=0.1)
+        batcher.start()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(3), deadline=time.monotonic() + 0.01)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == []
+
+
+def test_a_failed_call_fails_every_waiter_of_its_batch() -> None:
+    def broken(batch: Array) -> Sequence[Array]:
+        raise RuntimeError("onnxruntime exploded")
+
+    async def scenario() -> list[BaseException | list[Array]]:
+        batcher = make_batcher(Doubler())
+        batcher._infer = broken
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(1)) for _ in range(3)), return_exceptions=True)
+        await batcher.stop()
+        return list(results)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
+
+
+def test_batch_metrics_are_recorded_per_graph() -> None:
+    metrics = ServiceMetrics.create(process=False)
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            "encoder",
+            Doubler(),
+            max_batch_size=4,
+            max_queue_delay_s=0,
+            max_queue_size=8,
+            executor=None,
+            metrics=metrics,
+        )
+        batcher.start()
+        await batcher.submit(rows(4))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    registry = metrics.registry
+    assert registry.get_sample_value("vae_batch_size_count", {"graph": "encoder"}) == 1
+    assert registry.get_sample_value("vae_batch_size_sum", {"graph": "encoder"}) == 4
+    assert registry.get_sample_value("vae_inference_duration_seconds_count", {"graph": "encoder"}) == 1
+    assert registry.get_sample_value("vae_queue_wait_seconds_count", {"graph": "encoder"}) == 1
+    assert registry.get_sample_value("vae_queue_depth", {"graph": "encoder"}) == 0

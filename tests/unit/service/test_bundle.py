@@ -1,0 +1,104 @@
+"""The bundle loader fails fast, naming the file and the mismatch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.bundle import ModelBundle, sha256_of
+from service.errors import BundleError
+from service.runtime import Runtime
+
+
+@pytest.fixture
+def bundle_copy(vae_bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(vae_bundle, copy)
+    return copy
+
+
+def edit_model_json(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = bundle / "model.json"
+    spec = json.loads(path.read_text())
+    edit(spec)
+    path.write_text(json.dumps(spec))
+
+
+def test_a_good_bundle_loads(vae_bundle: Path) -> None:
+    bundle = ModelBundle.load(vae_bundle)
+    assert bundle.spec.kind == "vae"
+    assert bundle.graph_path("decoder") == vae_bundle / "decoder.onnx"
+
+
+def test_a_changed_graph_file_is_refused_by_its_hash(bundle_copy: Path) -> None:
+    with (bundle_copy / "decoder.onnx").open("ab") as file:
+        file.write(b"\0")
+    with pytest.raises(BundleError, match=r"decoder\.onnx: sha256 [0-9a-f]+ does not match model\.json's"):
+        ModelBundle.load(bundle_copy)
+
+
+def test_a_missing_graph_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "encoder.onnx").unlink()
+    with pytest.raises(BundleError, match=r"encoder\.onnx: not found"):
+        ModelBundle.load(bundle_copy)
+
+
+def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"model\.json: not found"):
+        ModelBundle.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(format_version=2), "format_version 2, expected 1"),
+        (lambda s: s.update(kind="gan"), "kind 'gan', expected 'vae' or 'ae'"),
+        (lambda s: s.pop("latent_dim"), "latent_dim"),
+        (
+            lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(shape=["N", 3]),
+            "graphs.decoder.inputs.z: shape ['N', 3], expected ['N', 2]",
+        ),
+        (
+            lambda s: s["graphs"]["encoder"]["outputs"].pop("log_var"),
+            "graphs.encoder.outputs: names ['mean'], expected ['mean', 'log_var']",
+        ),
+    ],
+)
+def test_a_model_json_off_the_contract_is_refused(
+    bundle_copy: Path, edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    edit_model_json(bundle_copy, edit)
+    with pytest.raises(BundleError) as error:
+        ModelBundle.load(bundle_copy)
+    assert "model.json" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_a_graph_that_is_not_what_model_json_says_fails_when_loaded(
+    bundle_copy: Path, ae_bundle: Path
+) -> None:
+    # An AE's encoder (mean only) under a VAE's model.json, with a hash that matches.
+    shutil.copy(ae_bundle / "encoder.onnx", bundle_copy / "encoder.onnx")
+    digest = sha256_of(bundle_copy / "encoder.onnx")
+    edit_model_json(bundle_copy, lambda s: s["graphs"]["encoder"].update(sha256=digest))
+    bundle = ModelBundle.load(bundle_copy)
+    with pytest.raises(BundleError, match=r"encoder\.onnx: outputs \['mean'\], but model\.json declares"):
+        Runtime(bundle, "cpu")
+
+
+def test_cuda_is_refused_when_onnxruntime_would_fall_back_to_the_cpu(vae_bundle: Path) -> None:
+    import onnxruntime as ort
+
+    from service.errors import DeviceError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the refusal needs a machine without it")
+    with pytest.raises(
+        DeviceError, match=r"--device cuda: onnxruntime runs encoder\.onnx on CPUExecutionProvider"
+    ):
+        Runtime(ModelBundle.load(vae_bundle), "cuda")
