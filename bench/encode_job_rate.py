@@ -1,0 +1,171 @@
+"""Encode rows/s of `vae-encode-job` over the service against onnxruntime in-process (the ceiling).
+
+    nice -n 10 .venv/bin/python -m bench.encode_job_rate --bundle runs/bench/bundle --rows 10000
+
+Both sides encode the same images: `--rows` seeded random uint8 images (the encoder's cost does not
+depend on the pixels). The service runs as its own process (`python -m service`, default settings,
+127.0.0.1 on a free port); the job runs in this process exactly as `vae-encode-job` does (read the
+input, stream it, write shards and manifest). The ceiling calls encoder.onnx in this process with
+the service's session options (and, for reference, onnxruntime's defaults), in batches of the
+service's max batch size, converting uint8 to float as the service does. After one warm-up pass
+each, the sides run `--repeats` times in turn and the medians are reported, with every run.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from client.encode_job import EncodeJob, JobSettings
+from client.healthcheck import wait_for_serving
+from service.bundle import ModelBundle
+from service.runtime import GraphSession, ThreadSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def images(rows: int, seed: int = 0) -> npt.NDArray[np.uint8]:
+    return np.random.default_rng(seed).integers(0, 256, size=(rows, 1, 28, 28), dtype=np.uint8)
+
+
+class Ceiling:
+    """encoder.onnx called in-process, batch by batch, uint8 -> float32 included, as the service does.
+
+    `service_options` builds the session exactly as the service does (service.runtime.GraphSession:
+    no spinning, the same thread counts); otherwise onnxruntime's defaults.
+    """
+
+    def __init__(
+        self, bundle: Path, batch: npt.NDArray[np.uint8], batch_size: int, *, service_options: bool
+    ) -> None:
+        if service_options:
+            graph = GraphSession(ModelBundle.load(bundle), "encoder", "cpu", ThreadSettings())
+            self.session = graph.session
+        else:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(
+                str(bundle / "encoder.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+        self.batch, self.batch_size = batch, batch_size
+
+    def rows_per_s(self) -> float:
+        started = time.perf_counter()
+        for start in range(0, len(self.batch), self.batch_size):
+            chunk = self.batch[start : start + self.batch_size].astype(np.float32) / np.float32(255)
+            self.session.run(None, {"images": chunk})
+        return len(self.batch) / (time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_service(bundle: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "service", "--model-dir", str(bundle), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--metrics-port", "0", "--log-level", "warning"]
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def job_summary(target: str, data: Path, output: Path, batch_size: int) -> dict[str, Any]:
+    settings = JobSettings(
+        target=target, input=data, output=output, batch_size=batch_size, progress_bar=False
+    )
+    summary = EncodeJob(settings, log=io.StringIO()).run()
+    return {
+        "rows": summary.rows,
+        "seconds": summary.seconds,
+        "rows_per_s": summary.rows_per_s,
+        "retries": summary.retries,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=ROOT / "runs" / "bench" / "bundle")
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per request and per ceiling call")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each side; the median is reported"
+    )
+    args = parser.parse_args(argv)
+
+    batch = images(args.rows)
+    ceiling = Ceiling(args.bundle, batch, args.batch_size, service_options=True)
+    default = Ceiling(args.bundle, batch, args.batch_size, service_options=False)
+    ceiling.rows_per_s()  # warm-up
+    default.rows_per_s()
+    jobs: list[dict[str, Any]] = []
+    ceilings: list[float] = []
+    defaults: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        data = scratch / "images.npy"
+        np.save(data, batch)
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        server = start_service(args.bundle, port, scratch / "service.log")
+        try:
+            channel = grpc.insecure_channel(target)
+            started = time.perf_counter()
+            wait_for_serving(channel, "", 120)
+            channel.close()
+            cold_start_s = time.perf_counter() - started
+            job_summary(target, data, scratch / "warm-up", args.batch_size)
+            # Interleaved, so that a burst of load from elsewhere on the machine hits both sides alike.
+            for repeat in range(args.repeats):
+                jobs.append(job_summary(target, data, scratch / f"run-{repeat}", args.batch_size))
+                ceilings.append(ceiling.rows_per_s())
+                defaults.append(default.rows_per_s())
+        finally:
+            server.terminate()
+            server.wait(30)
+    job_rate = float(np.median([job["rows_per_s"] for job in jobs]))
+    ceiling_rate = float(np.median(ceilings))
+    result = {
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "job_over_service_rows_per_s": job_rate,
+        "onnxruntime_in_process_rows_per_s": ceiling_rate,
+        "job_share_of_ceiling": job_rate / ceiling_rate,
+        "onnxruntime_default_options_rows_per_s": float(np.median(defaults)),
+        "repeats": {
+            "job": jobs,
+            "onnxruntime_rows_per_s": ceilings,
+            "onnxruntime_default_options_rows_per_s": defaults,
+        },
+        "service_start_to_serving_s": cold_start_s,
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "load_average_1m": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

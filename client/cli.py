@@ -1,0 +1,184 @@
+"""`vae-client`: call the service from a shell.
+
+    vae-client sample --target localhost:50051 -n 64 --seed 1 --out grid.png
+    vae-client encode --target localhost:50051 --input digit.png --out mean.npy
+    vae-client decode --target localhost:50051 --input mean.npy --out decoded.png
+    vae-client info --target localhost:50051
+
+Exit status: 0 on success, 1 when the call failed (the server's message is printed), 2 for bad
+arguments or input files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client.client import RetryPolicy, TlsOptions, VaeClient, VaeClientError
+from client.images import InputError, read_images, save_images
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, default_timeout_s: float = 30.0) -> None:
+    """The flags that say where the server is and how to reach it, shared by every client command."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"HOST:PORT, or dns:///HOST:PORT to balance over every address (default {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=default_timeout_s,
+        metavar="SECONDS",
+        help=f"deadline of each call (default {default_timeout_s:g})",
+    )
+    group.add_argument("--tls", action="store_true", help="use TLS (system root certificates by default)")
+    group.add_argument(
+        "--ca-cert", type=Path, help="PEM file of the CA that signed the server (implies --tls)"
+    )
+    group.add_argument("--client-cert", type=Path, help="PEM certificate for mutual TLS (implies --tls)")
+    group.add_argument("--client-key", type=Path, help="PEM private key for mutual TLS")
+    group.add_argument("--server-name", help="the name on the server's certificate, if not the target's host")
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsOptions | None:
+    if not (args.tls or args.ca_cert or args.client_cert or args.client_key):
+        return None
+    return TlsOptions(
+        root_certificates=args.ca_cert,
+        certificate_chain=args.client_cert,
+        private_key=args.client_key,
+        server_name_override=args.server_name,
+    )
+
+
+def open_channel(args: argparse.Namespace) -> Any:
+    """A plain grpc.Channel to `--target` with the TLS flags applied (for services other than vae.v1)."""
+    tls = tls_from_args(args)
+    if tls is None:
+        return grpc.insecure_channel(args.target)
+    options = (
+        [("grpc.ssl_target_name_override", tls.server_name_override)] if tls.server_name_override else []
+    )
+    return grpc.secure_channel(args.target, tls.credentials(), options=options)
+
+
+def _client(args: argparse.Namespace) -> VaeClient:
+    return VaeClient(
+        args.target,
+        tls=tls_from_args(args),
+        timeout_s=args.timeout,
+        retry=RetryPolicy(max_attempts=args.attempts),
+    )
+
+
+def _sample(client: VaeClient, args: argparse.Namespace) -> None:
+    result = client.sample(
+        args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype=args.dtype
+    )
+    save_images(result.images, args.out, args.columns)
+    print(f"wrote {args.out}: {len(result.images)} images, seed {result.seed}")
+
+
+def _encode(client: VaeClient, args: argparse.Namespace) -> None:
+    batches = [read_images(path).images for path in args.input]
+    images = np.concatenate(batches) if len(batches) > 1 else batches[0]
+    # One stream of bounded requests, so that a large array stays under the message size limit.
+    chunks = (images[start : start + args.batch_size] for start in range(0, len(images), args.batch_size))
+    results = list(client.encode_stream(chunks))
+    mean = np.concatenate([result.mean for result in results])
+    np.save(args.out, mean)
+    print(f"wrote {args.out}: mean {list(mean.shape)}")
+    if args.log_var_out is not None:
+        log_vars = [result.log_var for result in results]
+        if any(log_var is None for log_var in log_vars):
+            raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
+        log_var = np.concatenate([lv for lv in log_vars if lv is not None])
+        np.save(args.log_var_out, log_var)
+        print(f"wrote {args.log_var_out}: log_var {list(log_var.shape)}")
+
+
+def _decode(client: VaeClient, args: argparse.Namespace) -> None:
+    try:
+        latents = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{args.input}: not a readable .npy array of latent codes ({error})") from error
+    if not isinstance(latents, np.ndarray) or latents.ndim != 2:
+        raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
+    images = client.decode(latents, output_dtype=args.dtype)
+    save_images(images, args.out, args.columns)
+    print(f"wrote {args.out}: {len(images)} images")
+
+
+def _info(client: VaeClient, args: argparse.Namespace) -> None:
+    print(json.dumps(client.model_info().to_dict(), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae-client", description="Call the vae-serving gRPC service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_connection_arguments(sub)
+        sub.add_argument(
+            "--attempts", type=int, default=5, help="tries per call on transient errors (default 5)"
+        )
+        return sub
+
+    sample = command("sample", "draw images from the prior and write them as a PNG grid or .npy")
+    sample.add_argument("-n", "--num-samples", type=int, default=64, help="how many images (default 64)")
+    sample.add_argument("--seed", type=int, help="the seed (default: the server picks one and says which)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="the prior's std (default 1)")
+    sample.add_argument("--dtype", choices=["float32", "uint8"], default="uint8", help="images on the wire")
+    sample.add_argument("--columns", type=int, help="images per row of the grid")
+    sample.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
+    sample.set_defaults(run=_sample)
+
+    encode = command("encode", "encode images to their posterior mean (and log-variance), written as .npy")
+    encode.add_argument(
+        "--input", type=Path, nargs="+", required=True, help="image files, .npy arrays, IDX files or folders"
+    )
+    encode.add_argument("--out", type=Path, required=True, help="the means [N,D] as .npy")
+    encode.add_argument("--log-var-out", type=Path, help="also write the log-variances [N,D] here")
+    encode.add_argument("--batch-size", type=int, default=256, help="images per request (default 256)")
+    encode.set_defaults(run=_encode)
+
+    decode = command("decode", "decode latent codes [N,D] from a .npy file to images")
+    decode.add_argument("--input", type=Path, required=True, help="latents.npy, float [N,D]")
+    decode.add_argument("--dtype", choices=["float32", "uint8"], default="float32", help="images on the wire")
+    decode.add_argument("--columns", type=int, help="images per row of the grid")
+    decode.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
+    decode.set_defaults(run=_decode)
+
+    info = command("info", "print the served model's ModelInfo as JSON")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with _client(args) as client:
+            args.run(client, args)
+    except VaeClientError as error:
+        print(f"vae-client: {error}", file=sys.stderr)
+        return 1
+    except (InputError, ValueError, TypeError, OSError) as error:
+        print(f"vae-client: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,726 @@
+"""Typed clients of `vae.v1.VaeService`: numpy arrays in and out, deadlines, retries, TLS.
+
+`VaeClient` is synchronous, `AsyncVaeClient` runs on asyncio; both have the same methods. Transient
+failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) are retried with exponential backoff and
+jitter up to `RetryPolicy.max_attempts`; anything else, INVALID_ARGUMENT first of all, fails at once
+with a `VaeClientError` that carries the server's message.
+
+Targets are gRPC target strings: `localhost:50051`, or `dns:///vae.default.svc:50051` to resolve every
+address behind a name. The channel always balances round-robin over the addresses it resolves, so a
+headless Kubernetes Service spreads the calls over every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import queue
+import random
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import grpc.aio
+import numpy as np
+import numpy.typing as npt
+
+from service import codec
+from service.errors import InvalidInput
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+ImageDtype = Literal["float32", "uint8"]
+Metadata = tuple[tuple[str, str], ...]
+
+RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+_OUTPUT_DTYPES: dict[str, int] = {"float32": codec.FLOAT32, "uint8": codec.UINT8}
+_DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried: exponential backoff with jitter.
+
+    The pause before retry k is drawn uniformly from [c/2, c] with c = min(max_backoff_s,
+    initial_backoff_s * multiplier**(k-1)) ("equal jitter", AWS Architecture Blog, "Exponential
+    Backoff and Jitter", 2015): replicas that failed together do not come back together, and no pause
+    is so short that a restarting server is hammered.
+
+    >>> RetryPolicy(max_attempts=1)  # never retry
+    RetryPolicy(max_attempts=1, initial_backoff_s=0.1, max_backoff_s=5.0, multiplier=2.0)
+    """
+
+    max_attempts: int = 5
+    """Attempts per call, the first included; a stream counts failures in a row without progress."""
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError(
+                "backoffs must satisfy 0 < initial_backoff_s <= max_backoff_s, got "
+                f"{self.initial_backoff_s} and {self.max_backoff_s}"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be at least 1, got {self.multiplier}")
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """The pause in seconds before retry number `retry` (1 for the first retry)."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel, from PEM files. With no files, the system's root certificates are trusted.
+
+    >>> TlsOptions(root_certificates=Path("ca.pem"))  # a private CA  # doctest: +ELLIPSIS
+    TlsOptions(root_certificates=PosixPath('ca.pem'), ...)
+    """
+
+    root_certificates: Path | None = None
+    """The CA bundle that signed the server's certificate."""
+    certificate_chain: Path | None = None
+    """The client's own certificate, for mutual TLS (needs `private_key`)."""
+    private_key: Path | None = None
+    server_name_override: str | None = None
+    """The name to check the server's certificate against, when it differs from the target's host."""
+
+    def credentials(self) -> Any:
+        """The grpc.ChannelCredentials these options describe."""
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("mutual TLS needs both certificate_chain and private_key")
+
+        def read(path: Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_certificates),
+            private_key=read(self.private_key),
+            certificate_chain=read(self.certificate_chain),
+        )
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """The posterior of each image, row for row: mean and log-variance [N,D]; an AE has no log_var."""
+
+    mean: npt.NDArray[np.float32]
+    log_var: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """Sampled images [N,1,28,28], the codes [N,D] they came from, and the seed that drew them."""
+
+    images: npt.NDArray[np.generic]
+    latents: npt.NDArray[np.float32]
+    seed: int
+    offset: int = 0
+    """For a SampleStream chunk, the index of its first image within the whole sample."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelInfo says about the served bundle."""
+
+    name: str
+    version: str
+    kind: str
+    latent_dim: int
+    image_shape: tuple[int, ...]
+    execution_provider: str
+    max_batch_size: int
+    max_samples: int
+    encoder_sha256: str
+    decoder_sha256: str
+
+    @classmethod
+    def from_message(cls, message: vae_pb2.ModelInfo) -> ModelInfo:
+        return cls(
+            name=message.name,
+            version=message.version,
+            kind=message.kind,
+            latent_dim=message.latent_dim,
+            image_shape=tuple(message.image_shape),
+            execution_provider=message.execution_provider,
+            max_batch_size=message.max_batch_size,
+            max_samples=message.max_samples,
+            encoder_sha256=message.encoder_sha256,
+            decoder_sha256=message.decoder_sha256,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "image_shape": list(self.image_shape)}
+
+
+class VaeClientError(Exception):
+    """A call that failed for good: a status that is not retried, or retries exhausted.
+
+    `code` is the last gRPC status (None when the server's answer itself was malformed) and `details`
+    the server's message, which says what was expected.
+    """
+
+    def __init__(self, rpc: str, code: Any, details: str, attempts: int = 1) -> None:
+        self.rpc = rpc
+        self.code = code
+        self.details = details
+        self.attempts = attempts
+        status = code.name if code is not None else "a malformed response"
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(f"{rpc} failed with {status}{tries}: {details}")
+
+
+@dataclass
+class _Retrier:
+    """Counts failures in a row and decides whether, and after how long, to try again."""
+
+    rpc: str
+    policy: RetryPolicy
+    rng: random.Random
+    failures: int = 0
+
+    def pause_or_raise(self, error: Any) -> float:
+        """The pause before the next attempt after `error` (a grpc.RpcError), or raise for good."""
+        self.failures += 1
+        code = error.code()
+        if code not in RETRYABLE_CODES or self.failures >= self.policy.max_attempts:
+            raise VaeClientError(self.rpc, code, error.details() or "", self.failures) from error
+        return self.policy.backoff_s(self.failures, self.rng)
+
+
+@dataclass
+class _Channel:
+    """What both clients share: the channel's settings and the retry counter."""
+
+    target: str
+    tls: TlsOptions | None
+    timeout_s: float | None
+    retry: RetryPolicy
+    metadata: Metadata
+    max_message_bytes: int
+    rng: random.Random = field(default_factory=random.Random)
+    retries: int = 0
+
+    def options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            # round_robin connects to every resolved address (pick_first would pin one replica).
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Our own retries count and back off with jitter; grpc's transparent ones would hide them.
+            ("grpc.enable_retries", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if self.tls is not None and self.tls.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
+        return options
+
+    def timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+
+class VaeClient:
+    """A synchronous client of VaeService.
+
+    >>> with VaeClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     grid = client.sample(16, seed=1).images  # [16,1,28,28] float32 in [0,1]
+
+    Every call takes `timeout_s` (the deadline of each attempt; None means the client's default) and
+    is retried as `retry` says. `retries` counts the retries made so far, for reports.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsOptions | None = None,
+        timeout_s: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        metadata: Metadata = (),
+        max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._settings = _Channel(target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes)
+        options = self._settings.options()
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
+
+    @property
+    def retries(self) -> int:
+        return self._settings.retries
+
+    @property
+    def channel(self) -> Any:
+        """The underlying grpc.Channel, e.g. for the health service."""
+        return self._channel
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VaeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
+        method = getattr(self._stub, rpc)
+        retrier = _Retrier(rpc, self._settings.retry, self._settings.rng)
+        while True:
+            try:
+                return method(
+                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                )
+            except grpc.RpcError as error:
+                pause = retrier.pause_or_raise(error)
+            self._settings.retries += 1
+            time.sleep(pause)
+
+    def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
+        """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
+
+        >>> result = client.encode(np.zeros((2, 28, 28), np.uint8))  # doctest: +SKIP
+        >>> result.mean.shape  # (2, latent_dim)  # doctest: +SKIP
+        """
+        response = self._unary("Encode", encode_request(images), timeout_s)
+        return encode_result(response)
+
+    def decode(
+        self,
+        latents: npt.NDArray[Any],
+        *,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> npt.NDArray[np.generic]:
+        """Decode latent codes [N,D] to images [N,1,28,28] (float32 in [0,1], or uint8 0-255).
+
+        >>> images = client.decode(np.zeros((1, 2), np.float32))  # doctest: +SKIP
+        """
+        response = self._unary("Decode", decode_request(latents, output_dtype), timeout_s)
+        return _array(response.images, "Decode", "images")
+
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> SampleResult:
+        """Draw `num_samples` images from the prior; the same seed gives the same images everywhere.
+
+        >>> client.sample(64, seed=1, output_dtype="uint8").images.shape  # doctest: +SKIP
+        (64, 1, 28, 28)
+        """
+        request = sample_request(num_samples, seed, temperature, output_dtype)
+        return sample_result(self._unary("Sample", request, timeout_s), "Sample")
+
+    def sample_stream(
+        self,
+        num_samples: int,
+        *,
+        chunk_size: int = 0,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> Generator[SampleResult, None, None]:
+        """Draw `num_samples` images in chunks of `chunk_size` (0: the server's max batch size).
+
+        A stream broken by a transient failure is asked again with the seed of its first chunk, and
+        the chunks already yielded are skipped, so the caller sees each image once.
+
+        >>> for chunk in client.sample_stream(1000, chunk_size=250, seed=7):  # doctest: +SKIP
+        ...     print(chunk.offset, chunk.images.shape)
+        """
+        request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
+        retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
+        delivered = 0
+        while True:
+            call = self._stub.SampleStream(
+                request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+            )
+            try:
+                for response in call:
+                    # The first answer fixes the seed, so a retry redraws the same images.
+                    request.seed = response.seed
+                    if response.offset < delivered:
+                        continue
+                    result = sample_result(response, "SampleStream")
+                    delivered = result.offset + len(result.images)
+                    retrier.failures = 0
+                    yield result
+                return
+            except grpc.RpcError as error:
+                pause = retrier.pause_or_raise(error)
+            finally:
+                call.cancel()
+            self._settings.retries += 1
+            time.sleep(pause)
+
+    def encode_stream(
+        self,
+        chunks: Iterable[npt.NDArray[Any]],
+        *,
+        max_in_flight: int = 4,
+        timeout_s: float | None = None,
+    ) -> Generator[EncodeResult, None, None]:
+        """Encode a stream of image batches over one EncodeStream call; one result per batch, in order.
+
+        At most `max_in_flight` batches are sent and not yet answered, so memory stays bounded
+        whatever the input's length. When the stream breaks on a transient failure (a server restart,
+        say), a new stream is opened and the unanswered batches are sent again: nothing is lost and
+        nothing is answered twice. `timeout_s` bounds each stream attempt; None means no deadline.
+
+        >>> batches = (images[i : i + 256] for i in range(0, len(images), 256))  # doctest: +SKIP
+        >>> means = np.concatenate([r.mean for r in client.encode_stream(batches)])  # doctest: +SKIP
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        source = iter(chunks)
+        pending: collections.deque[Any] = collections.deque()
+        exhausted = False
+        retrier = _Retrier("EncodeStream", self._settings.retry, self._settings.rng)
+
+        def refill(requests: queue.SimpleQueue[Any]) -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < max_in_flight:
+                chunk = next(source, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                request = encode_request(chunk)
+                pending.append(request)
+                requests.put(request)
+            if exhausted:
+                # End the request side now: the server may hold answers back until it knows no more come.
+                requests.put(None)
+
+        while pending or not exhausted:
+            # grpc reads the request iterator on its own thread; a queue hands the requests over.
+            requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            for request in pending:
+                requests.put(request)
+            call = self._stub.EncodeStream(
+                iter(requests.get, None), timeout=timeout_s, metadata=self._settings.metadata
+            )
+            try:
+                refill(requests)
+                for response in call:
+                    if not pending:
+                        raise VaeClientError("EncodeStream", None, "more answers than requests")
+                    pending.popleft()
+                    retrier.failures = 0
+                    yield encode_result(response)
+                    refill(requests)
+                if pending:
+                    raise VaeClientError(
+                        "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
+                    )
+            except grpc.RpcError as error:
+                pause = retrier.pause_or_raise(error)
+            else:
+                continue
+            finally:
+                requests.put(None)  # lets grpc's request thread finish
+                call.cancel()
+            self._settings.retries += 1
+            time.sleep(pause)
+
+    def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+        """Describe the served bundle.
+
+        >>> client.model_info().version  # doctest: +SKIP
+        '20260101-abcdef'
+        """
+        return ModelInfo.from_message(self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s))
+
+
+class AsyncVaeClient:
+    """An asyncio client of VaeService, with the methods of VaeClient as coroutines.
+
+    >>> async with AsyncVaeClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     result = await client.encode(images)
+
+    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsOptions | None = None,
+        timeout_s: float | None = 30.0,
+        retry: RetryPolicy | None = None,
+        metadata: Metadata = (),
+        max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._settings = _Channel(target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes)
+        options = self._settings.options()
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
+        self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
+
+    @property
+    def retries(self) -> int:
+        return self._settings.retries
+
+    @property
+    def channel(self) -> Any:
+        """The underlying grpc.aio.Channel."""
+        return self._channel
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncVaeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
+        method = getattr(self._stub, rpc)
+        retrier = _Retrier(rpc, self._settings.retry, self._settings.rng)
+        while True:
+            try:
+                return await method(
+                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                )
+            except grpc.aio.AioRpcError as error:
+                pause = retrier.pause_or_raise(error)
+            self._settings.retries += 1
+            await asyncio.sleep(pause)
+
+    async def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
+        """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
+
+        >>> (await client.encode(np.zeros((2, 28, 28), np.uint8))).mean.shape  # doctest: +SKIP
+        """
+        return encode_result(await self._unary("Encode", encode_request(images), timeout_s))
+
+    async def decode(
+        self,
+        latents: npt.NDArray[Any],
+        *,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> npt.NDArray[np.generic]:
+        """Decode latent codes [N,D] to images [N,1,28,28].
+
+        >>> images = await client.decode(np.zeros((1, 2), np.float32), output_dtype="uint8")  # doctest: +SKIP
+        """
+        response = await self._unary("Decode", decode_request(latents, output_dtype), timeout_s)
+        return _array(response.images, "Decode", "images")
+
+    async def sample(
+        self,
+        num_samples: int,
+        *,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> SampleResult:
+        """Draw `num_samples` images from the prior.
+
+        >>> (await client.sample(8, seed=3)).seed  # doctest: +SKIP
+        3
+        """
+        request = sample_request(num_samples, seed, temperature, output_dtype)
+        return sample_result(await self._unary("Sample", request, timeout_s), "Sample")
+
+    async def sample_stream(
+        self,
+        num_samples: int,
+        *,
+        chunk_size: int = 0,
+        seed: int | None = None,
+        temperature: float = 1.0,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[SampleResult]:
+        """Draw `num_samples` images in chunks; a broken stream resumes as in VaeClient.sample_stream.
+
+        >>> async for chunk in client.sample_stream(1000, chunk_size=250):  # doctest: +SKIP
+        ...     print(chunk.offset)
+        """
+        request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
+        retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
+        delivered = 0
+        while True:
+            call = self._stub.SampleStream(
+                request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+            )
+            try:
+                async for response in call:
+                    request.seed = response.seed
+                    if response.offset < delivered:
+                        continue
+                    result = sample_result(response, "SampleStream")
+                    delivered = result.offset + len(result.images)
+                    retrier.failures = 0
+                    yield result
+                return
+            except grpc.aio.AioRpcError as error:
+                pause = retrier.pause_or_raise(error)
+            finally:
+                call.cancel()
+            self._settings.retries += 1
+            await asyncio.sleep(pause)
+
+    async def encode_stream(
+        self,
+        chunks: Iterable[npt.NDArray[Any]] | AsyncIterable[npt.NDArray[Any]],
+        *,
+        max_in_flight: int = 4,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[EncodeResult]:
+        """Encode a stream of image batches, at most `max_in_flight` unanswered; see VaeClient.encode_stream.
+
+        >>> async for result in client.encode_stream(batches):  # doctest: +SKIP
+        ...     store(result.mean)
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        source = _aiter(chunks)
+        pending: collections.deque[Any] = collections.deque()
+        exhausted = False
+        retrier = _Retrier("EncodeStream", self._settings.retry, self._settings.rng)
+        while pending or not exhausted:
+            call = self._stub.EncodeStream(timeout=timeout_s, metadata=self._settings.metadata)
+            writing = True
+            try:
+                for request in pending:
+                    await call.write(request)
+                while pending or not exhausted:
+                    while not exhausted and len(pending) < max_in_flight:
+                        chunk = await anext(source, None)
+                        if chunk is None:
+                            exhausted = True
+                        else:
+                            pending.append(encode_request(chunk))
+                            await call.write(pending[-1])
+                    if exhausted and writing:
+                        await call.done_writing()
+                        writing = False
+                    if not pending:
+                        break
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        raise VaeClientError(
+                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
+                        )
+                    pending.popleft()
+                    retrier.failures = 0
+                    yield encode_result(response)
+            except grpc.aio.AioRpcError as error:
+                pause = retrier.pause_or_raise(error)
+            else:
+                continue
+            finally:
+                call.cancel()
+            self._settings.retries += 1
+            await asyncio.sleep(pause)
+
+    async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
+        """Describe the served bundle.
+
+        >>> (await client.model_info()).latent_dim  # doctest: +SKIP
+        2
+        """
+        message = await self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
+        return ModelInfo.from_message(message)
+
+
+async def _aiter(chunks: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
+
+
+def as_wire_images(images: npt.NDArray[Any]) -> npt.NDArray[np.generic]:
+    """Images as they travel: uint8 stays uint8 (4x fewer bytes), floats become float32.
+
+    Raises TypeError for any other dtype, naming what is accepted.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.floating):
+        return images.astype(np.float32, copy=False)
+    raise TypeError(f"images must be uint8 (0-255) or floating point (0-1), got {images.dtype}")
+
+
+def encode_request(images: npt.NDArray[Any]) -> vae_pb2.EncodeRequest:
+    return vae_pb2.EncodeRequest(images=codec.to_tensor(as_wire_images(images)))
+
+
+def decode_request(latents: npt.NDArray[Any], output_dtype: ImageDtype) -> vae_pb2.DecodeRequest:
+    tensor = codec.to_tensor(np.asarray(latents, dtype=np.float32))
+    return vae_pb2.DecodeRequest(latents=tensor, output_dtype=_output_dtype(output_dtype))  # type: ignore[arg-type]
+
+
+def sample_request(
+    num_samples: int,
+    seed: int | None,
+    temperature: float,
+    output_dtype: ImageDtype,
+    chunk_size: int = 0,
+) -> vae_pb2.SampleRequest:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    request = vae_pb2.SampleRequest(
+        num_samples=num_samples,
+        temperature=temperature,
+        output_dtype=_output_dtype(output_dtype),  # type: ignore[arg-type]
+        chunk_size=chunk_size,
+    )
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _output_dtype(name: str) -> int:
+    if name not in _OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype must be one of {sorted(_OUTPUT_DTYPES)}, got {name!r}")
+    return _OUTPUT_DTYPES[name]
+
+
+def _array(tensor: vae_pb2.Tensor, rpc: str, name: str) -> npt.NDArray[Any]:
+    try:
+        return codec.from_tensor(tensor, name)
+    except InvalidInput as error:
+        raise VaeClientError(rpc, None, str(error)) from error
+
+
+def encode_result(response: vae_pb2.EncodeResponse) -> EncodeResult:
+    mean = _array(response.mean, "Encode", "mean")
+    log_var = _array(response.log_var, "Encode", "log_var") if response.HasField("log_var") else None
+    return EncodeResult(mean=mean, log_var=log_var)
+
+
+def sample_result(response: vae_pb2.SampleResponse, rpc: str) -> SampleResult:
+    return SampleResult(
+        images=_array(response.images, rpc, "images"),
+        latents=_array(response.latents, rpc, "latents"),
+        seed=response.seed,
+        offset=response.offset,
+    )

@@ -1,0 +1,519 @@
+"""`vae-encode-job`: encode a whole data set through the service, resumable and shardable.
+
+    vae-encode-job --target HOST:PORT --input train-images-idx3-ubyte.gz --output encodings/
+    vae-encode-job --target HOST:PORT --input digits.npy --output encodings/ --resume
+    vae-encode-job --target HOST:PORT --input pngs/ --output out/ --shard-index 3 --num-shards 8
+    vae-encode-job merge --output out/
+
+The input is an IDX file (gzipped or raw), a .npy array ([N,28,28] or [N,1,28,28], uint8 0-255 or
+float 0-1) or a folder of 28x28 grey PNGs read in name order. The rows stream over one EncodeStream
+call with at most `--max-in-flight` requests unanswered; the answers are written as numbered shards
+and committed one by one in the manifest (see client/encodings.py), so that a job killed at any
+moment and run again with `--resume` ends with every row exactly once, the same bytes as a run that
+was never interrupted. A resume refuses an output written from other input or by another model.
+
+`--shard-index I --num-shards N` (I defaults to $JOB_COMPLETION_INDEX, as a Kubernetes Indexed Job
+sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-I-of-N/; `client.read_encodings`
+joins the parts, and `vae-encode-job merge --output OUTPUT` writes one manifest that lists them.
+
+Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
+stops the job with the server's message. Exit status: 0 done, 1 the service failed the job, 2 bad
+arguments, input or output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+
+from client.cli import add_connection_arguments, tls_from_args
+from client.client import ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
+from client.encodings import (
+    FORMAT_VERSION,
+    INPUTS_LIST,
+    MANIFEST,
+    REJECTED_LIST,
+    EncodingsError,
+    RowRange,
+    manifest_bytes,
+    merged_manifest,
+    part_directory_name,
+    read_manifest,
+    sha256_bytes,
+    shard_bytes,
+    shard_file_name,
+    split_rows,
+    verify_shards,
+    write_atomic,
+    write_manifest,
+)
+from client.images import ImageInput, InputError, read_images
+
+# Where a test may stop the job (see JobSettings.pause_at): inside a shard, once a shard's temporary
+# file is durable, once it is renamed, and once the manifest lists it.
+PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
+PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
+
+
+class JobError(Exception):
+    """The job refuses to run as asked (a resume that would mix outputs, a non-empty directory...)."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything one run of the job needs, filled from the command line."""
+
+    target: str
+    input: Path
+    output: Path
+    resume: bool = False
+    skip_bad: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    batch_size: int = 256
+    """Rows per EncodeStream request."""
+    rows_per_shard: int = 8192
+    """Rows per output shard: the unit of progress that survives a crash."""
+    max_in_flight: int = 4
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=10, max_backoff_s=10.0))
+    timeout_s: float = 30.0
+    tls: TlsOptions | None = None
+    progress_bar: bool | None = None
+    """A progress bar (True), periodic log lines (False), or a bar only on a terminal (None)."""
+    log_every_s: float = 10.0
+    pause_at: frozenset[tuple[str, int]] = frozenset()
+    """(point, shard number) pairs where the job stops and waits for a line on stdin: a test hook."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "rows_per_shard", "max_in_flight", "num_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        split_rows(0, self.num_shards, self.shard_index)  # checks the index
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What one run did: rows encoded now, rows found done from an earlier run, time and retries."""
+
+    output: Path
+    rows: int
+    rows_resumed: int
+    seconds: float
+    retries: int
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        resumed = f" ({self.rows_resumed} done before)" if self.rows_resumed else ""
+        return (
+            f"encoded {self.rows} rows{resumed} in {self.seconds:.2f} s: {self.rows_per_s:.0f} rows/s, "
+            f"{self.retries} retries; output in {self.output}"
+        )
+
+
+def fingerprint(images: npt.NDArray[Any]) -> str:
+    """The sha256 of an image batch as it is sent (dtype, shape and bytes)."""
+    digest = hashlib.sha256(f"{images.dtype.str}{list(images.shape)}".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    return digest.hexdigest()
+
+
+def model_record(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "kind": info.kind,
+        "latent_dim": info.latent_dim,
+        "encoder_sha256": info.encoder_sha256,
+    }
+
+
+def _list_bytes(lines: Sequence[str]) -> bytes:
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def new_manifest(
+    settings: JobSettings, source: ImageInput, rows: RowRange, model: dict[str, Any]
+) -> dict[str, Any]:
+    input_record: dict[str, Any] = {
+        "path": str(settings.input.resolve()),
+        "format": source.format,
+        "rows": len(source.images),
+        "dtype": str(source.images.dtype),
+        "sha256": fingerprint(source.images),
+        "rejected": len(source.rejected),
+    }
+    if source.format == "png" and len(source.names) > 1:
+        input_record["names_sha256"] = sha256_bytes(_list_bytes(source.names))
+    return {
+        "format_version": FORMAT_VERSION,
+        "input": input_record,
+        "model": model,
+        "range": rows.to_dict(),
+        "rows": rows.rows,
+        "rows_per_shard": settings.rows_per_shard,
+        "shards": [],
+        "complete": rows.rows == 0,
+    }
+
+
+def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], target: str) -> None:
+    """Refuse, with what differs, to continue an output from other input, model or split."""
+    was, now = old["input"], new["input"]
+    # The path may differ (a moved file is the same input); the content, row names and rejects may not.
+    if any(was.get(key) != now.get(key) for key in ("sha256", "rows", "dtype", "names_sha256", "rejected")):
+        raise JobError(
+            f"refusing to resume {directory}: it holds encodings of {was['path']} ({was['rows']} rows, "
+            f"sha256 {was['sha256'][:12]}), but this run reads {now['path']} ({now['rows']} rows, "
+            f"sha256 {now['sha256'][:12]}); use a new --output for different input"
+        )
+    was, now = old["model"], new["model"]
+    if was != now:
+        raise JobError(
+            f"refusing to resume {directory}: it was encoded by model {was['name']} version "
+            f"{was['version']} (encoder sha256 {was['encoder_sha256'][:12]}), but {target} serves "
+            f"{now['name']} version {now['version']} (encoder sha256 {now['encoder_sha256'][:12]}); "
+            "mixing them would give rows from two latent spaces: use a new --output, or serve the old model"
+        )
+    for key, flag in (("range", "--shard-index/--num-shards"), ("rows_per_shard", "--rows-per-shard")):
+        if old[key] != new[key]:
+            raise JobError(
+                f"refusing to resume {directory}: it was started with other {flag} ({old[key]} there, "
+                f"{new[key]} now); resume with the same options"
+            )
+
+
+def prepare_output(
+    directory: Path, settings: JobSettings, source: ImageInput, manifest: dict[str, Any], target: str
+) -> dict[str, Any]:
+    """The manifest to continue from: the one found (on --resume, checked), or `manifest` written new."""
+    if (directory / MANIFEST).is_file():
+        if not settings.resume:
+            raise JobError(
+                f"{directory} already holds an encoding job's output; pass --resume to continue it, "
+                "or choose another --output"
+            )
+        found = read_manifest(directory)
+        check_resumable(directory, found, manifest, target)
+        verify_shards(directory, found)
+        manifest = found
+    elif directory.is_dir() and any(directory.iterdir()) and not settings.resume:
+        raise JobError(f"{directory} is not empty and holds no manifest; choose an empty or new --output")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Files of a run killed before it committed them; the manifest does not list them.
+    listed = {entry["file"] for entry in manifest["shards"]}
+    for stale in directory.iterdir():
+        if stale.name.endswith(".tmp") or (stale.name.startswith("shard-") and stale.name not in listed):
+            stale.unlink()
+    if source.format == "png" and len(source.names) > 1:
+        write_atomic(directory / INPUTS_LIST, _list_bytes(source.names))
+    if source.rejected:
+        write_atomic(
+            directory / REJECTED_LIST, _list_bytes([f"{name}\t{why}" for name, why in source.rejected])
+        )
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file() or manifest_path.read_bytes() != manifest_bytes(manifest):
+        write_manifest(directory, manifest)
+    return manifest
+
+
+class Progress:
+    """Rows done, rows/s and ETA: a bar redrawn in place on a terminal, else a log line now and then."""
+
+    def __init__(self, total: int, done: int, stream: TextIO, bar: bool, log_every_s: float) -> None:
+        self.total, self.done, self.stream, self.bar, self.log_every_s = total, done, stream, bar, log_every_s
+        self.start_done = done
+        self.started = self.last_log = time.monotonic()
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if self.bar:
+            self._draw(now)
+        elif now - self.last_log >= self.log_every_s:
+            self.last_log = now
+            print(f"vae-encode-job: {self._status(now)}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self._draw(time.monotonic())
+            print(file=self.stream, flush=True)
+
+    def _status(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        rate = (self.done - self.start_done) / elapsed
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+        return f"{self.done}/{self.total} rows, {rate:.0f} rows/s, ETA {eta}"
+
+    def _draw(self, now: float) -> None:
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        print(f"\r[{bar}] {self._status(now)}", end="", file=self.stream, flush=True)
+
+
+class EncodeJob:
+    """One run of the job over one row range; `run` returns its summary."""
+
+    def __init__(self, settings: JobSettings, log: TextIO | None = None) -> None:
+        self.settings = settings
+        self.log = log if log is not None else sys.stderr
+
+    def pause(self, point: str, shard: int) -> None:
+        """Stop at a named point when a test asked for it, until a line arrives on stdin."""
+        if (point, shard) in self.settings.pause_at:
+            print(f"vae-encode-job: paused at {point} {shard}", file=self.log, flush=True)
+            sys.stdin.readline()
+
+    def run(self) -> JobSummary:
+        settings = self.settings
+        started = time.monotonic()
+        source = read_images(settings.input, skip_bad=settings.skip_bad)
+        images = source.images
+        rows = split_rows(len(images), settings.num_shards, settings.shard_index)
+        directory = settings.output
+        if settings.num_shards > 1:
+            directory = directory / part_directory_name(settings.shard_index, settings.num_shards)
+        for name, reason in source.rejected:
+            print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
+
+        with VaeClient(
+            settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
+        ) as client:
+            model = model_record(client.model_info())
+            manifest = new_manifest(settings, source, rows, model)
+            manifest = prepare_output(directory, settings, source, manifest, settings.target)
+            resumed = sum(entry["stop"] - entry["start"] for entry in manifest["shards"])
+            if resumed:
+                print(f"vae-encode-job: resuming {directory} at row {rows.start + resumed}", file=self.log)
+            bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
+            progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
+            if not manifest["complete"]:
+                self._encode(client, images, rows, directory, manifest, model, progress)
+            progress.close()
+            return JobSummary(
+                directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
+            )
+
+    def _plan(self, rows: RowRange, first_shard: int) -> list[tuple[int, int, int]]:
+        """(shard number, start, stop) of each request still to send; requests never cross shards."""
+        plan = []
+        per_shard, batch = self.settings.rows_per_shard, self.settings.batch_size
+        for shard_start in range(rows.start + first_shard * per_shard, rows.stop, per_shard):
+            shard_stop = min(shard_start + per_shard, rows.stop)
+            shard = (shard_start - rows.start) // per_shard
+            plan += [(shard, a, min(a + batch, shard_stop)) for a in range(shard_start, shard_stop, batch)]
+        return plan
+
+    def _encode(
+        self,
+        client: VaeClient,
+        images: npt.NDArray[Any],
+        rows: RowRange,
+        directory: Path,
+        manifest: dict[str, Any],
+        model: dict[str, Any],
+        progress: Progress,
+    ) -> None:
+        settings = self.settings
+        plan = self._plan(rows, len(manifest["shards"]))
+        requests = (images[start:stop] for _, start, stop in plan)
+        means: list[npt.NDArray[np.float32]] = []
+        log_vars: list[npt.NDArray[np.float32] | None] = []
+        retries_checked = client.retries
+        stream = client.encode_stream(requests, max_in_flight=settings.max_in_flight)
+        with contextlib.closing(stream):
+            for (shard, start, stop), result in zip(plan, stream, strict=True):
+                means.append(result.mean)
+                log_vars.append(result.log_var)
+                if len(means) == 1:
+                    self.pause("mid-shard", shard)
+                shard_start = rows.start + shard * settings.rows_per_shard
+                if stop < min(shard_start + settings.rows_per_shard, rows.stop):
+                    progress.update(stop - start)
+                    continue
+                if client.retries != retries_checked:
+                    # A reconnect may have reached a server with another model: never mix two in one output.
+                    retries_checked = client.retries
+                    self._check_model(client, model, shard_start)
+                self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
+                means, log_vars = [], []
+                progress.update(stop - start)
+
+    def _check_model(self, client: VaeClient, model: dict[str, Any], next_row: int) -> None:
+        now = model_record(client.model_info())
+        if now != model:
+            raise JobError(
+                f"the model behind {self.settings.target} changed during the job, from {model['name']} "
+                f"{model['version']} to {now['name']} {now['version']}; the rows before {next_row} are "
+                "committed; start a new --output for the new model"
+            )
+
+    def _commit(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        shard: int,
+        start: int,
+        stop: int,
+        means: list[npt.NDArray[np.float32]],
+        log_vars: list[npt.NDArray[np.float32] | None],
+        rows: RowRange,
+    ) -> None:
+        """Write one shard durably, then list it in the manifest: the step that makes it count."""
+        log_var = (
+            None
+            if any(lv is None for lv in log_vars)
+            else np.concatenate([lv for lv in log_vars if lv is not None])
+        )
+        data = shard_bytes(np.arange(start, stop, dtype=np.int64), np.concatenate(means), log_var)
+        name = shard_file_name(shard)
+        write_atomic(directory / name, data, before_rename=lambda: self.pause("before-rename", shard))
+        self.pause("before-manifest", shard)
+        manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": sha256_bytes(data)})
+        manifest["complete"] = stop == rows.stop
+        write_manifest(directory, manifest)
+        self.pause("after-manifest", shard)
+
+
+def parse_pause_at(text: str) -> frozenset[tuple[str, int]]:
+    """`after-manifest:1,before-rename:0` as a set of (point, shard) pairs."""
+    pairs = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        point, _, shard = item.partition(":")
+        if point not in PAUSE_POINTS or not shard.isdigit():
+            raise ValueError(
+                f"{PAUSE_ENV}: {item!r}: expected POINT:SHARD with POINT one of {', '.join(PAUSE_POINTS)}"
+            )
+        pairs.add((point, int(shard)))
+    return frozenset(pairs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vae-encode-job",
+        description="Encode a data set through the service into resumable shards. "
+        "`vae-encode-job merge --output DIR` joins the parts of a split job.",
+    )
+    add_connection_arguments(parser)
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="an IDX file (.gz or raw), a .npy array, or a folder of PNGs",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="the output directory")
+    parser.add_argument("--resume", action="store_true", help="continue the job whose output is in --output")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out bad PNGs (listed in rejected.txt) instead of stopping",
+    )
+    index_default = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    parser.add_argument(
+        "--shard-index",
+        type=int,
+        default=int(index_default) if index_default.isdigit() else 0,
+        help="which of --num-shards row ranges to encode (default $JOB_COMPLETION_INDEX or 0)",
+    )
+    parser.add_argument(
+        "--num-shards", type=int, default=1, help="split the input in this many ranges (default 1)"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per request (default 256)")
+    parser.add_argument(
+        "--rows-per-shard", type=int, default=8192, help="rows per output shard (default 8192)"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=4, help="requests sent and not yet answered (default 4)"
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=10, help="tries per call on transient errors (default 10)"
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress_bar",
+        action="store_true",
+        default=None,
+        help="always draw a progress bar",
+    )
+    progress.add_argument(
+        "--no-progress", dest="progress_bar", action="store_false", help="log lines instead of a bar"
+    )
+    parser.add_argument(
+        "--log-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between log lines (default 10)",
+    )
+    return parser
+
+
+def merge_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vae-encode-job merge", description="Join the parts of a split job."
+    )
+    parser.add_argument("--output", type=Path, required=True, help="the --output of the split job")
+    args = parser.parse_args(argv)
+    try:
+        manifest = merged_manifest(args.output)
+    except EncodingsError as error:
+        print(f"vae-encode-job merge: {error}", file=sys.stderr)
+        return 2
+    write_manifest(args.output, manifest)
+    parts = len(manifest["merged_from"])
+    print(f"vae-encode-job merge: {args.output}/{MANIFEST} lists {manifest['rows']} rows from {parts} parts")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        settings = JobSettings(
+            target=args.target,
+            input=args.input,
+            output=args.output,
+            resume=args.resume,
+            skip_bad=args.skip_bad,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+            batch_size=args.batch_size,
+            rows_per_shard=args.rows_per_shard,
+            max_in_flight=args.max_in_flight,
+            retry=RetryPolicy(max_attempts=args.attempts, max_backoff_s=10.0),
+            timeout_s=args.timeout,
+            tls=tls_from_args(args),
+            progress_bar=args.progress_bar,
+            log_every_s=args.log_every,
+            pause_at=parse_pause_at(os.environ.get(PAUSE_ENV, "")),
+        )
+        summary = EncodeJob(settings).run()
+    except (JobError, InputError, EncodingsError, ValueError) as error:
+        print(f"vae-encode-job: {error}", file=sys.stderr)
+        return 2
+    except VaeClientError as error:
+        print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
+        return 1
+    print(f"vae-encode-job: {summary.line()}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`vae-healthcheck`: exit 0 when the server's grpc.health.v1 service says SERVING, 1 otherwise.
+
+Used by the Docker HEALTHCHECK (one quick Check) and by `make demo` (`--wait 60`: block until the
+freshly started server turns SERVING). `--wait` watches the status with the health service's Watch
+stream and `wait_for_ready`, so it needs no polling loop: the call waits for the server to accept
+connections and then for the status to change.
+
+    vae-healthcheck --target localhost:50051 --wait 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.cli import add_connection_arguments, open_channel
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def status_name(status: int) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+def check(channel: Any, service: str, timeout_s: float) -> int:
+    """The status the server reports now for `service` ("" is the server as a whole)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    return int(response.status)
+
+
+def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
+    """Watch `service` until it reports SERVING or `wait_s` runs out; the last status seen.
+
+    Raises grpc.RpcError when the server never answered (the deadline passes as DEADLINE_EXCEEDED).
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + wait_s
+    last: int | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        call = stub.Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=remaining, wait_for_ready=True
+        )
+        try:
+            for response in call:
+                last = int(response.status)
+                if last == SERVING:
+                    return last
+        except grpc.RpcError as error:
+            # A server that stops (or restarts) while we watch ends the stream: watch again.
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                break
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise
+        finally:
+            call.cancel()
+    if last is None:
+        raise TimeoutError(f"no answer within {wait_s:g} s")
+    return last
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vae-healthcheck", description="Exit 0 when the gRPC health service reports SERVING."
+    )
+    add_connection_arguments(parser, default_timeout_s=5.0)
+    parser.add_argument(
+        "--service", default="", help="the service name to check (default: the server as a whole)"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the server to start and turn SERVING (default: check once)",
+    )
+    args = parser.parse_args(argv)
+    what = f"{args.target}" + (f" service {args.service!r}" if args.service else "")
+    channel = open_channel(args)
+    try:
+        if args.wait > 0:
+            status = wait_for_serving(channel, args.service, args.wait)
+        else:
+            status = check(channel, args.service, args.timeout)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            print(f"vae-healthcheck: {what}: the server knows no such service", file=sys.stderr)
+        else:
+            print(f"vae-healthcheck: {what}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except TimeoutError as error:
+        print(f"vae-healthcheck: {what}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    if status != SERVING:
+        print(f"vae-healthcheck: {what} is {status_name(status)}", file=sys.stderr)
+        return 1
+    print(f"{what}: SERVING")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Images in and out of the client: IDX files, .npy arrays, PNG files and folders, PNG grids.
+
+Every reader returns a batch [N,1,28,28] that can go on the wire as it is: uint8 0-255 stays uint8
+(4x fewer bytes than float32), floats in [0,1] become float32. Anything else is refused with an
+`InputError` that names the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
+
+from training.idx import IdxFormatError, read_idx
+
+IMAGE_SIDE = 28
+InputFormat = Literal["idx", "npy", "png"]
+
+
+class InputError(ValueError):
+    """Input that is not a batch of 28x28 grey images; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """A batch read from a file or folder, ready to encode."""
+
+    images: npt.NDArray[Any]
+    """[N,1,28,28], uint8 0-255 or float32 in [0,1]."""
+    format: InputFormat
+    names: tuple[str, ...] = ()
+    """For a PNG folder, the file name of each row, in row order."""
+    rejected: tuple[tuple[str, str], ...] = field(default=())
+    """For a PNG folder read with skip_bad, (file name, reason) of each file left out."""
+
+
+def as_image_batch(array: npt.NDArray[Any], source: str) -> npt.NDArray[Any]:
+    """`array` ([N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1) as a wire-ready [N,1,28,28] batch."""
+    expected = "expected images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1"
+    shape = array.shape
+    if len(shape) == 3 and shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+        array = array.reshape(shape[0], 1, IMAGE_SIDE, IMAGE_SIDE)
+    elif not (len(shape) == 4 and shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE)):
+        raise InputError(f"{source}: shape {list(shape)}: {expected}")
+    if array.shape[0] == 0:
+        raise InputError(f"{source}: holds no images")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{source}: dtype {array.dtype}: {expected}")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise InputError(f"{source}: holds NaN or Inf: {expected}")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise InputError(f"{source}: values from {low:g} to {high:g}: float images must lie in [0, 1]")
+    return array
+
+
+def read_npy_images(path: Path) -> npt.NDArray[Any]:
+    """A .npy array of images, checked by `as_image_batch`."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable .npy array ({error})") from error
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{path}: holds several arrays; expected one .npy array of images")
+    return as_image_batch(array, str(path))
+
+
+def read_idx_images(path: Path) -> npt.NDArray[Any]:
+    """An IDX image file (gzipped or raw) such as train-images-idx3-ubyte.gz."""
+    try:
+        array = read_idx(path)
+    except IdxFormatError as error:
+        raise InputError(str(error)) from error
+    return as_image_batch(array, str(path))
+
+
+def read_image_file(path: Path) -> npt.NDArray[np.uint8]:
+    """One 28x28 8-bit grey image file (PNG or any format Pillow reads) as [28,28] uint8."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode, size = image.mode, image.size
+            pixels = np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise InputError(f"{path}: not a readable image ({error})") from error
+    if mode != "L" or size != (IMAGE_SIDE, IMAGE_SIDE):
+        raise InputError(
+            f"{path}: a {size[0]}x{size[1]} image of mode {mode}; expected a 28x28 8-bit grey image (mode L)"
+        )
+    return pixels.astype(np.uint8, copy=False)
+
+
+def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
+    """Every PNG of `folder` (not its subfolders), in the order of their names.
+
+    A file that is not a 28x28 grey PNG fails the whole read, every bad file named, unless `skip_bad`:
+    then it is left out and listed in `rejected`. Hidden files are ignored.
+    """
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images: list[npt.NDArray[np.uint8]] = []
+    names: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            if path.suffix.lower() != ".png":
+                raise InputError(f"{path}: not a .png file")
+            images.append(read_image_file(path))
+            names.append(path.name)
+        except InputError as error:
+            rejected.append((path.name, str(error)))
+    if rejected and not skip_bad:
+        listing = "\n  ".join(reason for _, reason in rejected)
+        raise InputError(
+            f"{folder}: {len(rejected)} of {len(paths)} files are not 28x28 grey PNG images "
+            f"(pass --skip-bad to leave them out):\n  {listing}"
+        )
+    if not images:
+        raise InputError(f"{folder}: no 28x28 grey PNG images in this folder")
+    return ImageInput(np.stack(images)[:, None], "png", tuple(names), tuple(rejected))
+
+
+def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:
+    """Images from a folder of PNGs, a .npy array, a single image file, or an IDX file (.gz or raw)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_png_folder(path, skip_bad=skip_bad)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder")
+    if path.suffix.lower() == ".npy":
+        return ImageInput(read_npy_images(path), "npy")
+    if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}:
+        return ImageInput(read_image_file(path)[None, None], "png", (path.name,))
+    return ImageInput(read_idx_images(path), "idx")
+
+
+def as_uint8_images(images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """Images in [0,1] (or already uint8) as [N,28,28] uint8 0-255."""
+    images = np.asarray(images).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    if images.dtype == np.uint8:
+        return images
+    scaled: npt.NDArray[np.uint8] = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return scaled
+
+
+def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: int = 2) -> Image.Image:
+    """A grey grid of images, `columns` wide (default: as square as possible), black padding between."""
+    tiles = as_uint8_images(images)
+    count = len(tiles)
+    if count == 0:
+        raise ValueError("no images to draw")
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    step = IMAGE_SIDE + padding
+    canvas = np.zeros((rows * step + padding, columns * step + padding), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        top, left = padding + (i // columns) * step, padding + (i % columns) * step
+        canvas[top : top + IMAGE_SIDE, left : left + IMAGE_SIDE] = tile
+    return Image.fromarray(canvas)  # 2-D uint8: mode L
+
+
+def save_images(images: npt.NDArray[Any], path: Path, columns: int | None = None) -> None:
+    """Write images as a PNG grid (`.png`) or as the array itself (`.npy`)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        np.save(path, images)
+    elif path.suffix.lower() == ".png":
+        image_grid(images, columns).save(path)
+    else:
+        raise ValueError(f"{path}: expected a .png (an image grid) or .npy (the array) output file")

@@ -1,0 +1,144 @@
+"""`vae-client` and `vae-healthcheck` against the real server, called through their main functions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import cli, healthcheck
+from tests.conftest import ServerThread
+from tests.integration.client.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_sample_writes_a_png_grid_and_says_which_seed(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "grid.png"
+    assert (
+        cli.main(["sample", "--target", vae_server.target, "-n", "64", "--seed", "1", "--out", str(out)]) == 0
+    )
+    assert "64 images, seed 1" in capsys.readouterr().out
+    grid = Image.open(out)
+    assert grid.mode == "L" and grid.size == (8 * 30 + 2, 8 * 30 + 2)
+    again = tmp_path / "again.png"
+    cli.main(["sample", "--target", vae_server.target, "-n", "64", "--seed", "1", "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_info_prints_model_info_as_json(vae_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", "--target", vae_server.target]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "tiny-vae" and info["latent_dim"] == 2 and info["image_shape"] == [1, 28, 28]
+
+
+def test_encode_then_decode_round_trips_through_files(
+    vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
+) -> None:
+    Image.fromarray(digits[0, 0]).save(tmp_path / "digit.png")
+    np.save(tmp_path / "many.npy", digits[:300])
+    target = ["--target", vae_server.target]
+    code = cli.main(
+        [
+            "encode",
+            *target,
+            "--input",
+            str(tmp_path / "digit.png"),
+            str(tmp_path / "many.npy"),
+            "--out",
+            str(tmp_path / "mean.npy"),
+            "--log-var-out",
+            str(tmp_path / "log_var.npy"),
+            "--batch-size",
+            "128",
+        ]
+    )
+    assert code == 0
+    mean = np.load(tmp_path / "mean.npy")
+    assert mean.shape == (301, 2) and np.load(tmp_path / "log_var.npy").shape == (301, 2)
+    np.testing.assert_array_equal(mean[0], mean[1])  # the PNG is the first row of the array
+    assert (
+        cli.main(["decode", *target, "--input", str(tmp_path / "mean.npy"), "--out", str(tmp_path / "d.npy")])
+        == 0
+    )
+    assert np.load(tmp_path / "d.npy").shape == (301, 1, 28, 28)
+    assert (
+        cli.main(["decode", *target, "--input", str(tmp_path / "mean.npy"), "--out", str(tmp_path / "d.png")])
+        == 0
+    )
+    assert Image.open(tmp_path / "d.png").size[0] == 18 * 30 + 2  # ceil(sqrt(301)) images wide
+
+
+def test_a_refused_call_exits_1_with_the_servers_message(
+    vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = cli.main(
+        ["sample", "--target", vae_server.target, "-n", "100000", "--out", str(tmp_path / "g.png")]
+    )
+    assert code == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_a_bad_input_file_exits_2_naming_it(
+    vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    Image.new("RGB", (28, 28)).save(tmp_path / "colour.png")
+    code = cli.main(
+        [
+            "encode",
+            "--target",
+            vae_server.target,
+            "--input",
+            str(tmp_path / "colour.png"),
+            "--out",
+            str(tmp_path / "m.npy"),
+        ]
+    )
+    assert code == 2
+    assert "colour.png" in capsys.readouterr().err
+
+
+def test_healthcheck_exits_0_for_a_serving_server(vae_server: ServerThread) -> None:
+    assert healthcheck.main(["--target", vae_server.target]) == 0
+    assert healthcheck.main(["--target", vae_server.target, "--service", "vae.v1.VaeService"]) == 0
+
+
+def test_healthcheck_exits_1_with_a_message_when_nobody_or_nothing_serves(
+    vae_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert healthcheck.main(["--target", f"127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert healthcheck.main(["--target", vae_server.target, "--service", "no.such.Service"]) == 1
+    assert "no such service" in capsys.readouterr().err
+    assert healthcheck.main(["--target", f"127.0.0.1:{free_port()}", "--wait", "0.5"]) == 1
+    assert "no answer within 0.5 s" in capsys.readouterr().err
+
+
+def test_healthcheck_reports_a_draining_server_as_not_serving(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server_thread(vae_bundle)
+    server.call(server.server.begin_drain())
+    assert healthcheck.main(["--target", server.target]) == 1
+    assert "NOT_SERVING" in capsys.readouterr().err
+
+
+def test_healthcheck_wait_returns_once_a_server_starting_later_is_serving(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    port = free_port()
+    codes: list[int] = []
+    waiter = threading.Thread(
+        target=lambda: codes.append(healthcheck.main(["--target", f"127.0.0.1:{port}", "--wait", "60"]))
+    )
+    waiter.start()
+    start_server_thread(vae_bundle, port=port)
+    waiter.join(timeout=60)
+    assert codes == [0]

@@ -1,0 +1,172 @@
+"""VaeClient and AsyncVaeClient against the real server: every call, errors, streams, balancing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from client import AsyncVaeClient, RetryPolicy, TlsOptions, VaeClient, VaeClientError
+from tests.conftest import ServerThread
+
+pytestmark = pytest.mark.slow
+
+
+def test_encode_returns_what_the_encoder_graph_computes(
+    vae_server: ServerThread, digits: np.ndarray, reference_encoder: ort.InferenceSession
+) -> None:
+    mean, log_var = reference_encoder.run(None, {"images": digits[:50].astype(np.float32) / 255})
+    with VaeClient(vae_server.target) as client:
+        result = client.encode(digits[:50])
+    np.testing.assert_allclose(result.mean, mean, atol=1e-5)
+    assert result.log_var is not None
+    np.testing.assert_allclose(result.log_var, log_var, atol=1e-5)
+
+
+def test_an_encode_stream_answers_each_batch_in_order_as_unary_calls_do(
+    vae_server: ServerThread, digits: np.ndarray
+) -> None:
+    batches = [digits[i : i + 37] for i in range(0, len(digits), 37)]
+    with VaeClient(vae_server.target) as client:
+        streamed = list(client.encode_stream(iter(batches), max_in_flight=6))
+        unary = [client.encode(batch) for batch in batches]
+    assert [len(r.mean) for r in streamed] == [len(b) for b in batches]
+    for s, u in zip(streamed, unary, strict=True):
+        np.testing.assert_array_equal(s.mean, u.mean)
+
+
+def test_a_stream_answers_each_request_without_waiting_for_the_next_one(
+    vae_server: ServerThread, digits: np.ndarray
+) -> None:
+    """A client that sends one request and waits for its answer (ping-pong) must not hang."""
+    with VaeClient(vae_server.target, retry=RetryPolicy(max_attempts=1)) as client:
+        results = client.encode_stream(
+            (digits[i : i + 10] for i in range(0, 30, 10)), max_in_flight=1, timeout_s=10
+        )
+        assert [len(r.mean) for r in results] == [10, 10, 10]
+
+
+def test_sample_is_seeded_and_the_stream_equals_the_unary_call(vae_server: ServerThread) -> None:
+    with VaeClient(vae_server.target) as client:
+        first = client.sample(40, seed=11, output_dtype="uint8")
+        again = client.sample(40, seed=11, output_dtype="uint8")
+        chunks = list(client.sample_stream(40, chunk_size=16, seed=11, output_dtype="uint8"))
+        picked = client.sample(3)
+    assert first.images.dtype == np.uint8 and first.images.shape == (40, 1, 28, 28)
+    assert first.images.tobytes() == again.images.tobytes()
+    assert [c.offset for c in chunks] == [0, 16, 32]
+    assert np.concatenate([c.images for c in chunks]).tobytes() == first.images.tobytes()
+    assert picked.seed != 0  # the server picked one and said which
+
+
+def test_decode_gives_one_image_per_code(vae_server: ServerThread) -> None:
+    with VaeClient(vae_server.target) as client:
+        images = client.decode(np.zeros((5, 2), np.float32))
+        as_bytes = client.decode(np.zeros((5, 2), np.float32), output_dtype="uint8")
+    assert images.shape == (5, 1, 28, 28) and images.dtype == np.float32
+    assert as_bytes.dtype == np.uint8
+    assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_model_info_describes_the_bundle(vae_server: ServerThread, vae_bundle: Path) -> None:
+    import json
+
+    spec = json.loads((vae_bundle / "model.json").read_text())
+    with VaeClient(vae_server.target) as client:
+        info = client.model_info()
+    assert (info.name, info.version, info.kind, info.latent_dim) == (
+        spec["name"],
+        spec["version"],
+        "vae",
+        spec["latent_dim"],
+    )
+    assert info.image_shape == (1, 28, 28)
+    assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
+
+
+def test_invalid_argument_fails_at_once_with_the_servers_message(vae_server: ServerThread) -> None:
+    with VaeClient(vae_server.target) as client:
+        with pytest.raises(VaeClientError) as error:
+            client.encode(np.zeros((2, 27, 28), np.uint8))
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "28" in error.value.details
+        with pytest.raises(VaeClientError, match="INVALID_ARGUMENT"):
+            list(client.encode_stream([np.zeros((1, 28, 28), np.uint8), np.zeros((2, 5), np.float32)]))
+        assert client.retries == 0
+        assert client.encode(np.zeros((1, 28, 28), np.uint8)).mean.shape == (1, 2)
+
+
+def test_an_expired_deadline_is_retried_then_reported(vae_server: ServerThread) -> None:
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    with VaeClient(vae_server.target, retry=policy) as client, pytest.raises(VaeClientError) as error:
+        client.sample(1024, seed=1, timeout_s=1e-6)
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.value.attempts == 2
+
+
+def test_the_async_client_makes_the_same_calls(vae_server: ServerThread, digits: np.ndarray) -> None:
+    async def calls() -> tuple[Any, ...]:
+        async with AsyncVaeClient(vae_server.target) as client:
+            info = await client.model_info()
+            encoded = await client.encode(digits[:20])
+            streamed = [r async for r in client.encode_stream([digits[:7], digits[7:20]], max_in_flight=1)]
+            sample = await client.sample(8, seed=3, output_dtype="uint8")
+            chunks = [c async for c in client.sample_stream(8, chunk_size=3, seed=3, output_dtype="uint8")]
+            decoded = await client.decode(encoded.mean)
+            return info, encoded, streamed, sample, chunks, decoded
+
+    info, encoded, streamed, sample, chunks, decoded = asyncio.run(calls())
+    assert info.latent_dim == 2
+    np.testing.assert_array_equal(np.concatenate([r.mean for r in streamed]), encoded.mean)
+    assert np.concatenate([c.images for c in chunks]).tobytes() == sample.images.tobytes()
+    assert decoded.shape == (20, 1, 28, 28)
+    with VaeClient(vae_server.target) as client:
+        np.testing.assert_array_equal(client.encode(digits[:20]).mean, encoded.mean)
+
+
+def requests_served(server: ServerThread) -> float:
+    value = server.server.metrics.registry.get_sample_value(
+        "vae_requests_total", {"rpc": "GetModelInfo", "code": "OK"}
+    )
+    return value or 0.0
+
+
+def test_calls_are_balanced_round_robin_over_every_resolved_address(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    servers = [start_server_thread(vae_bundle) for _ in range(2)]
+    addresses = ",".join(f"127.0.0.1:{s.server.port}" for s in servers)
+    with VaeClient(f"ipv4:{addresses}") as client:
+        # Each address connects on its own; round_robin uses an address once it is ready.
+        for _ in range(200):
+            client.model_info(timeout_s=10)
+            if all(requests_served(s) > 0 for s in servers):
+                break
+        before = [requests_served(s) for s in servers]
+        for _ in range(20):
+            client.model_info(timeout_s=10)
+    # Then strict alternation; pick_first would have sent every call to one server.
+    assert [requests_served(s) - b for s, b in zip(servers, before, strict=True)] == [10, 10]
+
+
+def test_a_dns_target_resolves_and_connects(vae_server: ServerThread) -> None:
+    with VaeClient(f"dns:///127.0.0.1:{vae_server.server.port}") as client:
+        assert client.model_info().latent_dim == 2
+
+
+def test_a_tls_client_does_not_fall_back_to_plaintext(vae_server: ServerThread) -> None:
+    """The service here speaks plaintext: a TLS channel must fail the handshake, not talk in clear."""
+    with (
+        VaeClient(
+            vae_server.target, tls=TlsOptions(), retry=RetryPolicy(max_attempts=1), timeout_s=5
+        ) as client,
+        pytest.raises(VaeClientError) as error,
+    ):
+        client.model_info()
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,401 @@
+"""vae-encode-job against the real server: input formats, kill -9 and resume, a server restart,
+a model change, split jobs, bad input.
+
+The job stops at an exact point when VAE_ENCODE_JOB_PAUSE_AT names it and says so on stderr; the
+tests kill it there with SIGKILL, so no test guesses timing. 600 rows in shards of 128 (five
+shards) and requests of 32 rows: every shard takes several requests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import read_encodings
+from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
+from client.encodings import EncodingsError, read_manifest
+from tests.conftest import ServerThread
+from tests.integration.client.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[3]
+JOB_OPTIONS = {"rows_per_shard": 128, "batch_size": 32, "max_in_flight": 4}
+CLI_OPTIONS = ["--rows-per-shard", "128", "--batch-size", "32", "--max-in-flight", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, digits: np.ndarray) -> dict[str, Path]:
+    """The same 600 images in every input format the job reads."""
+    folder = tmp_path_factory.mktemp("inputs")
+    flat = digits[:, 0]
+    header = bytes([0, 0, 0x08, 3]) + np.array(flat.shape, dtype=">u4").tobytes()
+    (folder / "images-idx3-ubyte").write_bytes(header + flat.tobytes())
+    (folder / "images-idx3-ubyte.gz").write_bytes(gzip.compress(header + flat.tobytes()))
+    np.save(folder / "uint8-n-28-28.npy", flat)
+    np.save(folder / "uint8-n-1-28-28.npy", digits)
+    np.save(folder / "float-0-1.npy", digits.astype(np.float32) / 255)
+    pngs = folder / "pngs"
+    pngs.mkdir()
+    for i, digit in enumerate(flat):
+        Image.fromarray(digit).save(pngs / f"{i:04d}.png")
+    return {
+        "idx": folder / "images-idx3-ubyte",
+        "idx.gz": folder / "images-idx3-ubyte.gz",
+        "npy": folder / "uint8-n-28-28.npy",
+        "npy-4d": folder / "uint8-n-1-28-28.npy",
+        "npy-float": folder / "float-0-1.npy",
+        "pngs": pngs,
+    }
+
+
+def run_job(target: str, input_: Path, output: Path, **changes: Any) -> JobSummary:
+    """The job in this process, as `vae-encode-job` runs it, with the test's small shards."""
+    settings = JobSettings(target=target, input=input_, output=output, **{**JOB_OPTIONS, **changes})
+    return EncodeJob(settings, log=io.StringIO()).run()
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The output of one run that nothing interrupted: what every other run must reproduce."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "out"
+    summary = run_job(vae_server.target, inputs["npy"], output)
+    assert (summary.rows, summary.retries) == (600, 0)
+    return output
+
+
+class PausedJob:
+    """The job in a subprocess that stops where VAE_ENCODE_JOB_PAUSE_AT says; stopped when the test ends."""
+
+    def __init__(self, target: str, input_: Path, output: Path, pause_at: str, *extra: str) -> None:
+        command = [sys.executable, "-m", "client.encode_job", "--target", target, "--input", str(input_)]
+        command += ["--output", str(output), *CLI_OPTIONS, *extra]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, PAUSE_ENV: pause_at},
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+
+    def wait_for_pause(self) -> str:
+        """Block until the job says it paused; its line, e.g. 'paused at before-rename 2'."""
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            if "paused at" in line:
+                return line.strip()
+        raise AssertionError(
+            f"the job ended (code {self.process.wait()}) without pausing:\n{''.join(self.log)}"
+        )
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+
+    def carry_on(self) -> tuple[int, str]:
+        """Let the paused job continue; its exit code and the rest of its log."""
+        assert self.process.stdin is not None and self.process.stderr is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        rest = self.process.stderr.read()
+        return self.process.wait(timeout=120), "".join(self.log) + rest
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def paused_job() -> Iterator[Callable[..., PausedJob]]:
+    started: list[PausedJob] = []
+
+    def start(*args: str | Path) -> PausedJob:
+        job = PausedJob(*(str(a) for a in args))  # type: ignore[arg-type]
+        started.append(job)
+        return job
+
+    yield start
+    for job in started:
+        job.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("idx", "idx"), ("idx.gz", "idx"), ("npy", "npy"), ("npy-4d", "npy"), ("pngs", "png")]
+)
+def test_each_input_format_gives_the_same_encodings(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    name: str,
+    kind: str,
+) -> None:
+    summary = run_job(vae_server.target, inputs[name], tmp_path / "out")
+    assert summary.rows == 600
+    got, expected = read_encodings(tmp_path / "out"), read_encodings(uninterrupted)
+    np.testing.assert_array_equal(got.input_rows, np.arange(600))
+    np.testing.assert_array_equal(got.mean, expected.mean)
+    assert got.log_var is not None and expected.log_var is not None
+    np.testing.assert_array_equal(got.log_var, expected.log_var)
+    assert read_manifest(tmp_path / "out")["input"]["format"] == kind
+
+
+def test_float_images_in_0_1_encode_like_their_uint8_originals(
+    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    run_job(vae_server.target, inputs["npy-float"], tmp_path / "out")
+    np.testing.assert_allclose(
+        read_encodings(tmp_path / "out").mean, read_encodings(uninterrupted).mean, atol=1e-5
+    )
+
+
+def test_the_output_is_shards_and_a_manifest_and_a_rerun_is_refused(
+    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path
+) -> None:
+    assert sorted(files(uninterrupted)) == ["manifest.json"] + [f"shard-0000{i}.npz" for i in range(5)]
+    manifest = json.loads((uninterrupted / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 600
+    assert manifest["model"]["name"] == "tiny-vae"
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [
+        (0, 128),
+        (128, 256),
+        (256, 384),
+        (384, 512),
+        (512, 600),
+    ]
+    with pytest.raises(JobError, match="pass --resume"):
+        run_job(vae_server.target, inputs["npy"], uninterrupted)
+    done = run_job(vae_server.target, inputs["npy"], uninterrupted, resume=True)
+    assert (done.rows, done.rows_resumed) == (0, 600)
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "mid-shard:0",
+        "mid-shard:2",
+        "before-rename:1",
+        "before-manifest:3",
+        "after-manifest:2",
+        "after-manifest:4",
+    ],
+)
+def test_a_job_killed_at_any_point_resumes_to_the_bytes_of_an_uninterrupted_run(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+    point: str,
+) -> None:
+    output = tmp_path / "out"
+    job = paused_job(vae_server.target, inputs["npy"], output, point)
+    assert job.wait_for_pause() == f"vae-encode-job: paused at {point.replace(':', ' ')}"
+    job.kill()
+    if point != "after-manifest:4":
+        with pytest.raises(EncodingsError, match="unfinished job"):
+            read_encodings(output)
+    summary = run_job(vae_server.target, inputs["npy"], output, resume=True)
+    assert summary.rows + summary.rows_resumed == 600
+    assert files(output) == files(uninterrupted)
+
+
+def test_a_job_killed_twice_still_ends_with_every_row_once(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    output = tmp_path / "out"
+    first = paused_job(vae_server.target, inputs["pngs"], output, "after-manifest:0")
+    first.wait_for_pause()
+    first.kill()
+    second = paused_job(vae_server.target, inputs["pngs"], output, "before-rename:3", "--resume")
+    second.wait_for_pause()
+    second.kill()
+    assert run_job(vae_server.target, inputs["pngs"], output, resume=True).rows_resumed == 384
+    got = read_encodings(output)
+    np.testing.assert_array_equal(got.input_rows, np.arange(600))
+    np.testing.assert_array_equal(got.mean, read_encodings(uninterrupted).mean)
+
+
+def test_a_server_restarted_mid_job_is_reconnected_to(
+    vae_bundle: Path,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    port = free_port()
+    server = ServerThread(vae_bundle, port=port)
+    try:
+        job = paused_job(f"127.0.0.1:{port}", inputs["npy"], tmp_path / "out", "after-manifest:1")
+        job.wait_for_pause()
+        server.stop(grace_s=0)
+        # The job goes on against a dead port (its stream is broken), then the server comes back.
+        job.process.stdin.write("\n")  # type: ignore[union-attr]
+        job.process.stdin.flush()  # type: ignore[union-attr]
+        server = ServerThread(vae_bundle, port=port)
+        code, log = job.carry_on()
+    finally:
+        server.stop(grace_s=0)
+    assert code == 0, log
+    summary = log.strip().splitlines()[-1]
+    assert "encoded 600 rows" in summary and " 0 retries" not in summary
+    assert files(tmp_path / "out") == files(uninterrupted)
+
+
+def test_a_resume_against_another_model_version_is_refused(
+    vae_server: ServerThread,
+    vae_bundle: Path,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+    start_server_thread: Callable[..., ServerThread],
+) -> None:
+    output = tmp_path / "out"
+    job = paused_job(vae_server.target, inputs["npy"], output, "after-manifest:1")
+    job.wait_for_pause()
+    job.kill()
+    before = files(output)
+    other = tmp_path / "bundle-v2"
+    shutil.copytree(vae_bundle, other)
+    spec = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**spec, "version": "v2-retrained"}))
+    server = start_server_thread(other)
+    with pytest.raises(JobError) as error:
+        run_job(server.target, inputs["npy"], output, resume=True)
+    assert f"version {spec['version']}" in str(error.value) and "version v2-retrained" in str(error.value)
+    assert files(output) == before
+
+
+def test_a_resume_with_different_input_is_refused(
+    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(uninterrupted, output)
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(inputs["npy"])[::-1])
+    with pytest.raises(JobError, match="use a new --output for different input"):
+        run_job(vae_server.target, other, output, resume=True)
+
+
+def test_split_runs_merged_equal_one_run(
+    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    for index in (2, 0, 1):  # in any order, as Kubernetes may run them
+        run_job(vae_server.target, inputs["npy"], output, shard_index=index, num_shards=3)
+    assert sorted(p.name for p in output.iterdir()) == [f"part-0000{i}-of-00003" for i in range(3)]
+    assert read_manifest(output / "part-00001-of-00003")["range"] == {
+        "part": 1,
+        "parts": 3,
+        "start": 200,
+        "stop": 400,
+    }
+    expected = read_encodings(uninterrupted)
+    for _ in range(2):  # joined by the reader, then through the manifest `merge` writes
+        got = read_encodings(output)
+        np.testing.assert_array_equal(got.input_rows, expected.input_rows)
+        np.testing.assert_array_equal(got.mean, expected.mean)
+        np.testing.assert_array_equal(got.log_var, expected.log_var)
+        assert main(["merge", "--output", str(output)]) == 0
+
+
+def encoded_rows(server: ServerThread) -> float:
+    value = server.server.metrics.registry.get_sample_value("vae_items_total", {"rpc": "EncodeStream"})
+    return value or 0.0
+
+
+def test_a_bad_png_stops_the_job_before_anything_is_sent_unless_skipped(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pngs = tmp_path / "pngs"
+    shutil.copytree(inputs["pngs"], pngs)
+    Image.new("L", (32, 32)).save(pngs / "0100-big.png")
+    (pngs / "0200-empty.png").write_bytes(b"")
+    sent = encoded_rows(vae_server)
+    command = ["--target", vae_server.target, "--input", str(pngs), *CLI_OPTIONS]
+    assert main([*command, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "0100-big.png" in err and "0200-empty.png" in err and "--skip-bad" in err
+    assert not (tmp_path / "out").exists()
+    assert encoded_rows(vae_server) == sent
+
+    assert main([*command, "--output", str(tmp_path / "out"), "--skip-bad"]) == 0
+    rejected = (tmp_path / "out" / "rejected.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in rejected] == ["0100-big.png", "0200-empty.png"]
+    np.testing.assert_array_equal(read_encodings(tmp_path / "out").mean, read_encodings(uninterrupted).mean)
+    assert (tmp_path / "out" / "inputs.txt").read_text().splitlines()[:2] == ["0000.png", "0001.png"]
+
+
+def test_a_corrupt_idx_file_is_refused_by_name(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken-idx3-ubyte"
+    broken.write_bytes(inputs["idx"].read_bytes()[:-100])
+    assert (
+        main(["--target", vae_server.target, "--input", str(broken), "--output", str(tmp_path / "out")]) == 2
+    )
+    assert f"{broken}: truncated" in capsys.readouterr().err
+
+
+def test_progress_is_logged_and_a_summary_printed(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = [
+        "--target",
+        vae_server.target,
+        "--input",
+        str(inputs["idx.gz"]),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main([*command, *CLI_OPTIONS, "--log-every", "0"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any("/600 rows" in line and "rows/s" in line and "ETA" in line for line in lines[:-1])
+    summary = lines[-1]
+    assert summary.startswith("vae-encode-job: encoded 600 rows in ") and "rows/s, 0 retries" in summary
+
+
+def test_an_ae_model_gives_codes_without_log_var(
+    ae_bundle: Path, inputs: dict[str, Path], tmp_path: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    server = start_server_thread(ae_bundle)
+    run_job(server.target, inputs["npy"], tmp_path / "out")
+    rows, mean, log_var = read_encodings(tmp_path / "out")
+    assert len(rows) == 600 and mean.shape == (600, 2) and log_var is None
+    assert read_manifest(tmp_path / "out")["model"]["kind"] == "ae"

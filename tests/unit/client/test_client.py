@@ -1,0 +1,98 @@
+"""The typed client without a model: backoff, retries against a closed port, request building."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.client import (
+    AsyncVaeClient,
+    RetryPolicy,
+    TlsOptions,
+    VaeClient,
+    VaeClientError,
+    as_wire_images,
+    sample_request,
+)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    rng = random.Random(0)
+    for retry, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:
+        pauses = [policy.backoff_s(retry, rng) for _ in range(200)]
+        assert ceiling / 2 <= min(pauses) and max(pauses) <= ceiling
+        assert max(pauses) - min(pauses) > ceiling / 4  # jittered, not fixed
+
+
+def test_a_policy_that_cannot_work_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="initial_backoff_s <= max_backoff_s"):
+        RetryPolicy(initial_backoff_s=2, max_backoff_s=1)
+
+
+def test_an_unreachable_server_is_retried_up_to_the_limit_then_reported() -> None:
+    with VaeClient(f"127.0.0.1:{closed_port()}", retry=FAST, timeout_s=2) as client:
+        with pytest.raises(VaeClientError) as error:
+            client.model_info()
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert error.value.attempts == 3
+        assert "GetModelInfo failed with UNAVAILABLE after 3 attempts" in str(error.value)
+        assert client.retries == 2
+
+
+def test_an_encode_stream_to_an_unreachable_server_gives_up_after_the_limit() -> None:
+    target = f"127.0.0.1:{closed_port()}"
+    failure = "EncodeStream failed with UNAVAILABLE after 3 attempts"
+    with VaeClient(target, retry=FAST, timeout_s=2) as client, pytest.raises(VaeClientError, match=failure):
+        list(client.encode_stream([np.zeros((1, 28, 28), np.uint8)]))
+
+
+def test_the_async_client_retries_the_same_way() -> None:
+    async def call() -> int:
+        async with AsyncVaeClient(f"127.0.0.1:{closed_port()}", retry=FAST, timeout_s=2) as client:
+            with pytest.raises(VaeClientError, match="after 3 attempts"):
+                await client.sample(4, seed=1)
+            return client.retries
+
+    assert asyncio.run(call()) == 2
+
+
+def test_images_go_on_the_wire_as_uint8_or_float32() -> None:
+    assert as_wire_images(np.zeros((1, 28, 28), np.uint8)).dtype == np.uint8
+    assert as_wire_images(np.zeros((1, 28, 28), np.float64)).dtype == np.float32
+    with pytest.raises(TypeError, match=r"uint8 .* or floating point"):
+        as_wire_images(np.zeros((1, 28, 28), np.int64))
+
+
+def test_a_sample_request_keeps_an_explicit_seed_and_leaves_an_absent_one_unset() -> None:
+    assert sample_request(4, 0, 1.0, "uint8").HasField("seed")
+    assert not sample_request(4, None, 1.0, "uint8").HasField("seed")
+    with pytest.raises(ValueError, match="output_dtype"):
+        sample_request(4, None, 1.0, "int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_request(0, None, 1.0, "uint8")
+
+
+def test_mutual_tls_needs_both_the_certificate_and_the_key(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not checked before the handshake")
+    with pytest.raises(ValueError, match="both certificate_chain and private_key"):
+        TlsOptions(certificate_chain=tmp_path / "cert.pem").credentials()

@@ -1,0 +1,171 @@
+"""The encode job's bookkeeping without a server: request plans, resume checks, output preparation."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from client.encode_job import (
+    EncodeJob,
+    JobError,
+    JobSettings,
+    Progress,
+    build_parser,
+    new_manifest,
+    parse_pause_at,
+    prepare_output,
+)
+from client.encodings import MANIFEST, read_manifest, sha256_bytes, shard_bytes, split_rows, write_manifest
+from client.images import ImageInput
+
+MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
+
+
+def settings(tmp_path: Path, **changes: Any) -> JobSettings:
+    return JobSettings(target="127.0.0.1:1", input=tmp_path / "x.npy", output=tmp_path / "out", **changes)
+
+
+def source(seed: int = 0, rows: int = 10) -> ImageInput:
+    images = np.random.default_rng(seed).integers(0, 256, size=(rows, 1, 28, 28), dtype=np.uint8)
+    return ImageInput(images, "npy")
+
+
+def manifest_for(job: JobSettings, input_: ImageInput, model: dict[str, Any] = MODEL) -> dict[str, Any]:
+    rows = split_rows(len(input_.images), job.num_shards, job.shard_index)
+    return new_manifest(job, input_, rows, model)
+
+
+def finished_output(job: JobSettings, input_: ImageInput) -> dict[str, Any]:
+    """An output whose first shard (rows 0-4) is committed, as a killed job leaves it."""
+    manifest = manifest_for(job, input_)
+    prepare_output(job.output, job, input_, manifest, job.target)
+    data = shard_bytes(np.arange(5), np.zeros((5, 2), np.float32), np.zeros((5, 2), np.float32))
+    (job.output / "shard-00000.npz").write_bytes(data)
+    manifest["shards"].append(
+        {"file": "shard-00000.npz", "start": 0, "stop": 5, "sha256": sha256_bytes(data)}
+    )
+    write_manifest(job.output, manifest)
+    return manifest
+
+
+def test_requests_never_cross_a_shard_and_a_resume_skips_committed_shards(tmp_path: Path) -> None:
+    job = EncodeJob(settings(tmp_path, batch_size=3, rows_per_shard=5))
+    rows = split_rows(23, 2, 1)  # rows 11-22
+    plan = job._plan(rows, first_shard=0)
+    assert plan == [(0, 11, 14), (0, 14, 16), (1, 16, 19), (1, 19, 21), (2, 21, 23)]
+    assert job._plan(rows, first_shard=2) == [(2, 21, 23)]
+
+
+def test_a_new_job_writes_an_empty_manifest_first(tmp_path: Path) -> None:
+    job = settings(tmp_path)
+    prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    manifest = read_manifest(job.output)
+    assert manifest["shards"] == [] and manifest["complete"] is False
+    assert manifest["model"] == MODEL and manifest["rows"] == 10
+
+
+def test_an_existing_output_is_not_touched_without_resume(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5)
+    finished_output(job, source())
+    with pytest.raises(JobError, match="already holds an encoding job's output; pass --resume"):
+        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+
+
+def test_a_non_empty_directory_without_manifest_is_refused(tmp_path: Path) -> None:
+    job = settings(tmp_path)
+    job.output.mkdir()
+    (job.output / "precious.txt").write_text("mine")
+    with pytest.raises(JobError, match="not empty"):
+        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+
+
+def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_files(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    committed = finished_output(job, source())
+    (job.output / "shard-00001.npz").write_bytes(b"renamed but never listed")
+    (job.output / "shard-00002.npz.tmp").write_bytes(b"half written")
+    manifest = prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    assert manifest == committed
+    assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST, "shard-00000.npz"]
+
+
+def test_a_resume_with_another_model_version_is_refused(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    finished_output(job, source())
+    newer = manifest_for(job, source(), {**MODEL, "version": "2", "encoder_sha256": "ef" * 32})
+    with pytest.raises(JobError) as error:
+        prepare_output(job.output, job, source(), newer, job.target)
+    assert "encoded by model vae version 1" in str(error.value)
+    assert "serves vae version 2" in str(error.value)
+
+
+def test_a_resume_with_other_input_is_refused(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    finished_output(job, source(seed=0))
+    with pytest.raises(JobError, match=r"holds encodings of .* but this run reads"):
+        prepare_output(job.output, job, source(seed=1), manifest_for(job, source(seed=1)), job.target)
+
+
+def test_a_resume_with_another_split_is_refused(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    finished_output(job, source())
+    other = settings(tmp_path, rows_per_shard=4, resume=True)
+    with pytest.raises(JobError, match="--rows-per-shard"):
+        prepare_output(other.output, other, source(), manifest_for(other, source()), other.target)
+
+
+def test_a_resume_refuses_a_committed_shard_that_is_corrupt(tmp_path: Path) -> None:
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    finished_output(job, source())
+    (job.output / "shard-00000.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"shard-00000.npz: sha256 differs"):
+        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+
+
+def test_the_manifest_records_input_model_and_range(tmp_path: Path) -> None:
+    job = settings(tmp_path, num_shards=3, shard_index=2)
+    manifest = manifest_for(job, source(rows=10))
+    assert manifest["range"] == {"part": 2, "parts": 3, "start": 6, "stop": 10}
+    assert manifest["input"]["rows"] == 10 and len(manifest["input"]["sha256"]) == 64
+    assert json.loads(json.dumps(manifest)) == manifest
+
+
+def test_pause_points_parse_and_unknown_ones_are_refused() -> None:
+    assert parse_pause_at("after-manifest:1, before-rename:0") == {
+        ("after-manifest", 1),
+        ("before-rename", 0),
+    }
+    with pytest.raises(ValueError, match="expected POINT:SHARD"):
+        parse_pause_at("after-lunch:1")
+
+
+def test_settings_refuse_a_shard_index_out_of_range(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="shard index"):
+        settings(tmp_path, num_shards=2, shard_index=2)
+
+
+def test_the_shard_index_defaults_to_the_kubernetes_completion_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    args = build_parser().parse_args(["--input", "x.npy", "--output", "out", "--num-shards", "4"])
+    assert args.shard_index == 3
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    assert build_parser().parse_args(["--input", "x.npy", "--output", "out"]).shard_index == 0
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_logs_lines_otherwise() -> None:
+    bar = io.StringIO()
+    progress = Progress(total=100, done=20, stream=bar, bar=True, log_every_s=10)
+    progress.update(30)
+    progress.close()
+    assert bar.getvalue().startswith("\r[###############---------------] 50/100 rows, ")
+    assert "ETA" in bar.getvalue() and bar.getvalue().endswith("\n")
+    lines = io.StringIO()
+    progress = Progress(total=100, done=0, stream=lines, bar=False, log_every_s=0)
+    progress.update(40)
+    progress.close()
+    assert lines.getvalue().startswith("vae-encode-job: 40/100 rows, ") and "\r" not in lines.getvalue()

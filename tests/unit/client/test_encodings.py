@@ -1,0 +1,174 @@
+"""The on-disk output of the encode job: deterministic shards, atomic writes, checked reads, joined parts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from client.encodings import (
+    MANIFEST,
+    EncodingsError,
+    merged_manifest,
+    part_directory_name,
+    read_encodings,
+    sha256_bytes,
+    shard_bytes,
+    split_rows,
+    write_atomic,
+    write_manifest,
+)
+
+MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
+
+
+def rows(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index = np.arange(start, stop, dtype=np.int64)
+    mean = np.stack([index, -index], axis=1).astype(np.float32)
+    return index, mean, mean / 10
+
+
+def write_output(
+    directory: Path,
+    start: int,
+    stop: int,
+    per_shard: int,
+    total: int,
+    *,
+    complete: bool = True,
+    part: int = 0,
+    parts: int = 1,
+) -> dict[str, Any]:
+    """An output directory as the job writes it, for rows [start, stop) of `total`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for number, a in enumerate(range(start, stop, per_shard)):
+        data = shard_bytes(*rows(a, min(a + per_shard, stop)))
+        name = f"shard-{number:05d}.npz"
+        (directory / name).write_bytes(data)
+        shards.append(
+            {"file": name, "start": a, "stop": min(a + per_shard, stop), "sha256": sha256_bytes(data)}
+        )
+    manifest = {
+        "format_version": 1,
+        "input": {"path": "/data/x.npy", "format": "npy", "rows": total, "sha256": "cd" * 32},
+        "model": MODEL,
+        "range": {"part": part, "parts": parts, "start": start, "stop": stop},
+        "rows": stop - start,
+        "rows_per_shard": per_shard,
+        "shards": shards,
+        "complete": complete,
+    }
+    write_manifest(directory, manifest)
+    return manifest
+
+
+@pytest.mark.parametrize(("total", "parts"), [(10, 3), (10_000, 7), (2, 5), (0, 1)])
+def test_split_rows_covers_every_row_once_in_near_equal_contiguous_ranges(total: int, parts: int) -> None:
+    ranges = [split_rows(total, parts, part) for part in range(parts)]
+    assert ranges[0].start == 0 and ranges[-1].stop == total
+    assert all(a.stop == b.start for a, b in itertools.pairwise(ranges))
+    sizes = [r.rows for r in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_split_rows_refuses_an_index_outside_the_shards() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        split_rows(10, 4, 4)
+
+
+def test_shard_bytes_are_the_same_for_the_same_rows_and_load_with_numpy(tmp_path: Path) -> None:
+    first = shard_bytes(*rows(0, 5))
+    assert shard_bytes(*rows(0, 5)) == first
+    (tmp_path / "s.npz").write_bytes(first)
+    with np.load(tmp_path / "s.npz") as loaded:
+        np.testing.assert_array_equal(loaded["index"], np.arange(5))
+        np.testing.assert_array_equal(loaded["mean"], rows(0, 5)[1])
+
+
+def test_a_crash_before_the_rename_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.json"
+    write_atomic(path, b"old")
+
+    def crash() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, b"new", before_rename=crash)
+    assert path.read_bytes() == b"old"
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_read_encodings_returns_every_row_in_order(tmp_path: Path) -> None:
+    write_output(tmp_path, 0, 10, 4, 10)
+    index, mean, log_var = read_encodings(tmp_path)
+    expected = rows(0, 10)
+    np.testing.assert_array_equal(index, expected[0])
+    np.testing.assert_array_equal(mean, expected[1])
+    assert log_var is not None
+    np.testing.assert_array_equal(log_var, expected[2])
+
+
+def test_read_encodings_refuses_an_unfinished_output(tmp_path: Path) -> None:
+    write_output(tmp_path, 0, 8, 4, 10, complete=False)
+    with pytest.raises(EncodingsError, match=r"8 of 8 rows.*--resume"):
+        read_encodings(tmp_path)
+
+
+def test_read_encodings_detects_a_corrupt_shard(tmp_path: Path) -> None:
+    write_output(tmp_path, 0, 10, 4, 10)
+    shard = tmp_path / "shard-00001.npz"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(EncodingsError, match=r"shard-00001.npz: sha256 differs"):
+        read_encodings(tmp_path)
+
+
+def test_read_encodings_refuses_a_directory_that_is_no_output(tmp_path: Path) -> None:
+    with pytest.raises(EncodingsError, match=r"no manifest.json"):
+        read_encodings(tmp_path)
+
+
+def write_parts(directory: Path, total: int, parts: int) -> None:
+    for part in range(parts):
+        r = split_rows(total, parts, part)
+        write_output(
+            directory / part_directory_name(part, parts), r.start, r.stop, 3, total, part=part, parts=parts
+        )
+
+
+def test_the_parts_of_a_split_job_read_as_one_output(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 3)
+    index, mean, _ = read_encodings(tmp_path)
+    np.testing.assert_array_equal(index, np.arange(10))
+    np.testing.assert_array_equal(mean, rows(0, 10)[1])
+    # The merged manifest lists the parts' shards, so readers that only know manifests see one output.
+    write_manifest(tmp_path, merged_manifest(tmp_path))
+    assert json.loads((tmp_path / MANIFEST).read_text())["merged_from"][0] == "part-00000-of-00003"
+    np.testing.assert_array_equal(read_encodings(tmp_path).input_rows, np.arange(10))
+
+
+def test_a_missing_part_is_named(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 3)
+    for file in (tmp_path / "part-00001-of-00003").iterdir():
+        file.unlink()
+    (tmp_path / "part-00001-of-00003").rmdir()
+    with pytest.raises(EncodingsError, match="parts missing: part-00001-of-00003"):
+        read_encodings(tmp_path)
+
+
+def test_parts_from_different_models_are_not_joined(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 2)
+    part = tmp_path / "part-00001-of-00002"
+    manifest = json.loads((part / MANIFEST).read_text())
+    manifest["model"] = {**MODEL, "version": "2"}
+    write_manifest(part, manifest)
+    with pytest.raises(EncodingsError, match="part-00001-of-00002: its model differs"):
+        read_encodings(tmp_path)

@@ -1,0 +1,142 @@
+"""The job's and the CLI's input readers: every format, and every bad input refused by name."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.images import InputError, image_grid, read_images, read_png_folder, save_images
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def digits() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+
+
+def write_pngs(folder: Path, digits: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    for i, digit in enumerate(digits):
+        Image.fromarray(digit).save(folder / f"digit-{i:02d}.png")
+
+
+@pytest.mark.parametrize("name", ["images-idx3-ubyte", "images-idx3-ubyte.gz"])
+def test_an_idx_file_raw_or_gzipped_reads_as_a_uint8_batch(
+    tmp_path: Path, digits: np.ndarray, name: str
+) -> None:
+    data = idx_bytes(digits)
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    source = read_images(tmp_path / name)
+    assert source.format == "idx"
+    assert source.images.dtype == np.uint8
+    np.testing.assert_array_equal(source.images, digits[:, None])
+
+
+@pytest.mark.parametrize("shape", [(6, 28, 28), (6, 1, 28, 28)])
+def test_a_npy_array_of_either_shape_reads_as_n_1_28_28(
+    tmp_path: Path, digits: np.ndarray, shape: tuple[int, ...]
+) -> None:
+    np.save(tmp_path / "x.npy", digits.reshape(shape))
+    images = read_images(tmp_path / "x.npy").images
+    assert images.shape == (6, 1, 28, 28)
+    np.testing.assert_array_equal(images, digits[:, None])
+
+
+def test_a_float64_npy_in_0_1_is_sent_as_float32(tmp_path: Path, digits: np.ndarray) -> None:
+    np.save(tmp_path / "x.npy", digits / 255.0)
+    images = read_images(tmp_path / "x.npy").images
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(images[:, 0], digits / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.zeros((3, 32, 32), np.uint8), "shape [3, 32, 32]"),
+        (np.zeros((3, 3, 28, 28), np.uint8), "shape [3, 3, 28, 28]"),
+        (np.zeros((0, 28, 28), np.uint8), "holds no images"),
+        (np.zeros((2, 28, 28), np.int32), "dtype int32"),
+        (np.full((2, 28, 28), 255.0), "must lie in [0, 1]"),
+        (np.full((2, 28, 28), np.nan), "NaN or Inf"),
+    ],
+)
+def test_a_npy_that_is_not_images_is_refused_with_what_was_expected(
+    tmp_path: Path, array: np.ndarray, expected: str
+) -> None:
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(InputError) as error:
+        read_images(path)
+    assert str(path) in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_a_file_that_is_not_idx_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(InputError, match=r"notes.txt"):
+        read_images(path)
+
+
+def test_a_png_folder_reads_in_name_order(tmp_path: Path, digits: np.ndarray) -> None:
+    write_pngs(tmp_path / "pngs", digits)
+    source = read_images(tmp_path / "pngs")
+    assert source.format == "png"
+    assert source.names == tuple(f"digit-{i:02d}.png" for i in range(6))
+    np.testing.assert_array_equal(source.images, digits[:, None])
+
+
+def write_bad_files(folder: Path) -> None:
+    Image.new("RGB", (28, 28)).save(folder / "digit-02a-colour.png")
+    Image.new("L", (32, 32)).save(folder / "digit-03a-big.png")
+    (folder / "digit-04a-broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "README.md").write_text("not an image")
+
+
+def test_bad_files_in_a_png_folder_stop_the_read_and_are_all_named(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    write_pngs(tmp_path, digits)
+    write_bad_files(tmp_path)
+    with pytest.raises(InputError) as error:
+        read_png_folder(tmp_path)
+    message = str(error.value)
+    for name in ("digit-02a-colour.png", "digit-03a-big.png", "digit-04a-broken.png", "README.md"):
+        assert name in message
+    assert "--skip-bad" in message
+
+
+def test_skip_bad_leaves_bad_files_out_and_lists_them(tmp_path: Path, digits: np.ndarray) -> None:
+    write_pngs(tmp_path, digits)
+    write_bad_files(tmp_path)
+    source = read_png_folder(tmp_path, skip_bad=True)
+    np.testing.assert_array_equal(source.images, digits[:, None])
+    rejected = dict(source.rejected)
+    assert sorted(rejected) == [
+        "README.md",
+        "digit-02a-colour.png",
+        "digit-03a-big.png",
+        "digit-04a-broken.png",
+    ]
+    assert "mode RGB" in rejected["digit-02a-colour.png"]
+    assert "32x32" in rejected["digit-03a-big.png"]
+
+
+def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
+    images = np.ones((10, 1, 28, 28), np.float32)
+    grid = image_grid(images, columns=4, padding=2)
+    assert grid.size == (4 * 30 + 2, 3 * 30 + 2)
+    pixels = np.asarray(grid)
+    assert pixels[2, 2] == 255 and pixels[0, 0] == 0
+    save_images(images, tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (4 * 30 + 2, 3 * 30 + 2)  # ceil(sqrt(10)) wide
+    with pytest.raises(ValueError, match=r"\.png"):
+        save_images(images, tmp_path / "grid.jpg")
