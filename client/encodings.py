@@ -168,16 +168,22 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_shard(directory: Path, entry: dict[str, Any]) -> Encodings:
-    """One shard listed in a manifest, its checksum and row numbers verified."""
-    path = directory / entry["file"]
+def _shard_data(directory: Path, entry: dict[str, Any]) -> bytes:
+    """The bytes of a shard the manifest lists, checked against its sha256."""
+    path = directory / str(entry["file"])
     try:
         data = path.read_bytes()
     except OSError as error:
         raise EncodingsError(f"{path}: listed in the manifest but unreadable ({error})") from error
     if sha256_bytes(data) != entry["sha256"]:
         raise EncodingsError(f"{path}: sha256 differs from the manifest's: the file is corrupt")
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+    return data
+
+
+def read_shard(directory: Path, entry: dict[str, Any]) -> Encodings:
+    """One shard listed in a manifest, its checksum and row numbers verified."""
+    path = directory / entry["file"]
+    with np.load(io.BytesIO(_shard_data(directory, entry)), allow_pickle=False) as arrays:
         index = arrays["index"]
         mean = arrays["mean"]
         log_var = arrays["log_var"] if "log_var" in arrays.files else None
@@ -190,13 +196,7 @@ def read_shard(directory: Path, entry: dict[str, Any]) -> Encodings:
 def verify_shards(directory: Path, manifest: dict[str, Any]) -> None:
     """Check that every shard the manifest lists is present with its checksum (used before a resume)."""
     for entry in manifest["shards"]:
-        path = directory / entry["file"]
-        try:
-            digest = sha256_bytes(path.read_bytes())
-        except OSError as error:
-            raise EncodingsError(f"{path}: listed in the manifest but unreadable ({error})") from error
-        if digest != entry["sha256"]:
-            raise EncodingsError(f"{path}: sha256 differs from the manifest's: the file is corrupt")
+        _shard_data(directory, entry)
 
 
 def _concatenate(directory: Path, manifest: dict[str, Any]) -> Encodings:

@@ -41,6 +41,7 @@ from service.bundle import (
     expected_signatures,
     sha256_of,
 )
+from service.errors import BundleError
 from training.models import VAE, AutoEncoder
 from training.run import load_metrics, load_run
 
@@ -219,7 +220,7 @@ def _check_parity(graph: _Graph, path: Path, spec: GraphSpec, latent_dim: int) -
             [(arg.name, arg.shape) for arg in session.get_inputs()],
             [(arg.name, arg.shape) for arg in session.get_outputs()],
         )
-    except Exception as error:
+    except BundleError as error:
         raise ExportError(str(error)) from error
     input_name = next(iter(graph.inputs))
     worst = 0.0

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -77,16 +77,14 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
-        """Stop collecting; rows still waiting get ModelNotReady. Call after in-flight requests finished."""
+        """Stop collecting; rows still waiting or in the call being run get ModelNotReady."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._pending:
-            item = self._pending.popleft()
-            if not item.future.done():
-                item.future.set_exception(ModelNotReady(f"the {self.name} batcher stopped"))
+        _fail(self._pending, ModelNotReady(f"the {self.name} batcher stopped"))
+        self._pending.clear()
         self._pending_rows = 0
         self._queue_depth.set(0)
 
@@ -160,19 +158,22 @@ class Batcher:
         batch: list[_Item] = []
         rows = 0
         now = time.monotonic()
-        while self._pending and rows + len(self._pending[0].rows) <= self.max_batch_size:
-            item = self._pending.popleft()
-            self._pending_rows -= len(item.rows)
-            if item.future.done():  # cancelled by its caller
-                continue
-            if item.deadline is not None and now >= item.deadline:
+        while self._pending:
+            item = self._pending[0]
+            alive = not item.future.done()  # done here means cancelled by its caller
+            if alive and item.deadline is not None and now >= item.deadline:
                 item.future.set_exception(
                     DeadlineExceeded("the deadline passed while the request was queued")
                 )
-                continue
-            self._queue_wait.observe(now - item.enqueued_at)
-            batch.append(item)
-            rows += len(item.rows)
+                alive = False
+            if alive and rows + len(item.rows) > self.max_batch_size:
+                break
+            self._pending.popleft()
+            self._pending_rows -= len(item.rows)
+            if alive:
+                self._queue_wait.observe(now - item.enqueued_at)
+                batch.append(item)
+                rows += len(item.rows)
         self._queue_depth.set(self._pending_rows)
         return batch
 
@@ -183,10 +184,11 @@ class Batcher:
         try:
             outputs = await loop.run_in_executor(self._executor, self._infer, inputs)
         except Exception as error:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(batch, error)
             return
+        except asyncio.CancelledError:  # stop() during the call: no waiter of this batch may hang
+            _fail(batch, ModelNotReady(f"the {self.name} batcher stopped"))
+            raise
         finally:
             self._inference.observe(time.perf_counter() - started)
         offset = 0
@@ -196,3 +198,9 @@ class Batcher:
                 # Slices are views of the batch's outputs: no copy until the response is built.
                 item.future.set_result([output[offset:end] for output in outputs])
             offset = end
+
+
+def _fail(items: Iterable[_Item], error: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)

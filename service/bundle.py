@@ -63,7 +63,7 @@ class GraphSpec:
                 inputs=_signature(data["inputs"], f"{where}.inputs"),
                 outputs=_signature(data["outputs"], f"{where}.outputs"),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # e.g. a list for a dict
             raise BundleError(f"{where}: malformed graph entry ({error!r})") from error
 
 
@@ -144,7 +144,7 @@ class BundleSpec:
                 metrics=dict(data.get("metrics", {})),
                 export=dict(data.get("export", {})),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise BundleError(f"{where}: missing or malformed field {error!s}") from error
         spec.check_contract(where)
         return spec

@@ -6,6 +6,8 @@ shares the message's memory instead of copying it; the arrays it returns are the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -40,7 +42,8 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
     shape = tuple(tensor.shape)
     if any(size < 0 for size in shape):
         raise InvalidInput(f"{name}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python ints: a product of int64 sizes could wrap around and match a short `data`.
+    count = math.prod(shape)
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidInput(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service.batcher import Batcher
+from service.batcher import Batcher, InferFn
 from service.bundle import IMAGE_SHAPE, ModelBundle
 from service.errors import InvalidInput
 from service.metrics import ServiceMetrics
@@ -110,15 +110,20 @@ class VaeModel:
         self.batching = batching
         # One worker per graph: each batcher runs one onnxruntime call at a time.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")
-        common = {
-            "max_batch_size": batching.max_batch_size,
-            "max_queue_delay_s": batching.max_queue_delay_s,
-            "max_queue_size": batching.max_queue_size,
-            "executor": self._executor,
-            "metrics": metrics,
-        }
-        self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
-        self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+
+        def batcher(name: str, infer: InferFn) -> Batcher:
+            return Batcher(
+                name,
+                infer,
+                max_batch_size=batching.max_batch_size,
+                max_queue_delay_s=batching.max_queue_delay_s,
+                max_queue_size=batching.max_queue_size,
+                executor=self._executor,
+                metrics=metrics,
+            )
+
+        self.encoder = batcher("encoder", runtime.encoder.run)
+        self.decoder = batcher("decoder", runtime.decoder.run)
         metrics.model_info.labels(
             self.spec.name, self.spec.version, self.spec.kind, self.execution_provider
         ).set(1)

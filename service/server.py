@@ -46,7 +46,6 @@ class VaeServer:
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
-        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Bind and start serving health (NOT_SERVING), reflection and /metrics; the model comes later."""
@@ -134,10 +133,6 @@ class VaeServer:
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
 
 async def start_server(settings: Settings, metrics: ServiceMetrics | None = None) -> VaeServer:

@@ -104,7 +104,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         latents = latents_to_float(codec.from_tensor(request.latents, "latents"), model.spec.latent_dim)
         images = await model.decode(latents, deadline_after(context.time_remaining()))
         self._count_items("Decode", len(latents))
-        return vae_pb2.DecodeResponse(images=codec.to_tensor(codec.images_as(images, request.output_dtype)))
+        return vae_pb2.DecodeResponse(images=_images_tensor(images, request.output_dtype))
 
     async def Sample(  # noqa: N802
         self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
@@ -116,13 +116,15 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     ) -> vae_pb2.SampleResponse:
         model = self._ready_model()
         codec.check_output_dtype(request.output_dtype)
-        seed = request.seed if request.HasField("seed") else None
         samples = await model.sample(
-            request.num_samples, seed, request.temperature, deadline_after(context.time_remaining())
+            request.num_samples,
+            _seed_of(request),
+            request.temperature,
+            deadline_after(context.time_remaining()),
         )
         self._count_items("Sample", len(samples.images))
         return vae_pb2.SampleResponse(
-            images=codec.to_tensor(codec.images_as(samples.images, request.output_dtype)),
+            images=_images_tensor(samples.images, request.output_dtype),
             latents=codec.to_tensor(samples.latents),
             seed=samples.seed,
         )
@@ -187,9 +189,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     ) -> AsyncIterator[vae_pb2.SampleResponse]:
         model = self._ready_model()
         codec.check_output_dtype(request.output_dtype)
-        seed = request.seed if request.HasField("seed") else None
         # Drawn whole and then cut, so the chunks concatenate to exactly the unary Sample's answer.
-        latents, used_seed = model.sample_latents(request.num_samples, seed, request.temperature)
+        latents, used_seed = model.sample_latents(request.num_samples, _seed_of(request), request.temperature)
         chunk = request.chunk_size or self._max_batch_size
         deadline = deadline_after(context.time_remaining())
 
@@ -198,7 +199,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             images = await model.decode(z, deadline)
             self._count_items("SampleStream", len(z))
             return vae_pb2.SampleResponse(
-                images=codec.to_tensor(codec.images_as(images, request.output_dtype)),
+                images=_images_tensor(images, request.output_dtype),
                 latents=codec.to_tensor(z),
                 seed=used_seed,
                 offset=offset,
@@ -218,6 +219,14 @@ def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.fl
     return images_to_float(codec.from_tensor(request.images, "images"))
 
 
+def _seed_of(request: vae_pb2.SampleRequest) -> int | None:
+    return request.seed if request.HasField("seed") else None
+
+
+def _images_tensor(images: np.ndarray[Any, np.dtype[np.float32]], output_dtype: int) -> vae_pb2.Tensor:
+    return codec.to_tensor(codec.images_as(images, output_dtype))
+
+
 def _encode_response(
     mean: np.ndarray[Any, Any], log_var: np.ndarray[Any, Any] | None
 ) -> vae_pb2.EncodeResponse:
@@ -229,28 +238,37 @@ def _encode_response(
 async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -> AsyncIterator[Response]:
     """Yield the calls' results in the order the calls came, as soon as each is ready.
 
-    A reader task takes calls from `calls` and starts them, at most `lookahead` ahead of the one
-    being answered; reading and answering run concurrently, so a client that waits for each answer
-    before sending its next request (ping-pong) is served as well as one that streams ahead.
+    A reader task takes calls from `calls` and starts them while fewer than `lookahead` are started
+    and not yet answered; reading and answering run concurrently, so a client that waits for each
+    answer before sending its next request (ping-pong) is served as well as one that streams ahead.
     """
     loop = asyncio.get_running_loop()
-    started: asyncio.Queue[asyncio.Future[Response] | None] = asyncio.Queue(maxsize=lookahead)
+    slots = asyncio.Semaphore(lookahead)
+    # Unbounded, but never holds more than `lookahead` calls: the semaphore bounds it.
+    started: asyncio.Queue[asyncio.Future[Response] | None] = asyncio.Queue()
 
     async def read() -> None:
+        iterator = aiter(calls)
         try:
-            async for call in calls:
-                await started.put(asyncio.ensure_future(call))
+            while True:
+                await slots.acquire()  # before reading: nothing is read or started beyond the bound
+                call = await anext(iterator, None)
+                if call is None:
+                    break
+                started.put_nowait(asyncio.ensure_future(call))
         except Exception as error:  # the request stream broke: the answerer raises it in its turn
             failed: asyncio.Future[Response] = loop.create_future()
             failed.set_exception(error)
-            await started.put(failed)
+            started.put_nowait(failed)
             return
-        await started.put(None)
+        started.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
     try:
         while (future := await started.get()) is not None:
-            yield await future
+            result = await future
+            slots.release()
+            yield result
     finally:
         reader.cancel()
         while not started.empty():

@@ -8,7 +8,9 @@ the fixtures that need it, so that collecting the service tests does not load it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -67,6 +69,14 @@ def ae_bundle(ae_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return bundle
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (to start a server on later, or to find nobody)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
 class ServerThread:
     """A VaeServer on its own event loop in a background thread, started with `start_server` like
     vae-serve does, so that synchronous tests can call it through the generated stubs.
@@ -111,6 +121,9 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Drain and stop the server and its loop; a second call does nothing."""
+        if self._loop.is_closed():
+            return
         try:
             self.call(self.server.stop(grace_s))
         finally:
@@ -141,13 +154,11 @@ def vae_server(vae_bundle: Path) -> Iterator[ServerThread]:
 def start_server_thread() -> Iterator[Callable[..., ServerThread]]:
     """A factory for servers with other settings (`start_server_thread(bundle, max_queue_size=...)`);
     each one is stopped when the test ends."""
-    started: list[ServerThread] = []
+    with contextlib.ExitStack() as started:  # stops every server even when one stop fails
 
-    def start(model_dir: Path, **overrides: Any) -> ServerThread:
-        server = ServerThread(model_dir, **overrides)
-        started.append(server)
-        return server
+        def start(model_dir: Path, **overrides: Any) -> ServerThread:
+            server = ServerThread(model_dir, **overrides)
+            started.callback(server.stop, grace_s=0)
+            return server
 
-    yield start
-    for server in started:
-        server.stop(grace_s=0)
+        yield start

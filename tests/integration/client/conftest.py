@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,3 @@ def reference_encoder(vae_bundle: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(str(vae_bundle / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (to start a server on later, or to find nobody)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from client import cli, healthcheck
-from tests.conftest import ServerThread
-from tests.integration.client.conftest import free_port
+from tests.conftest import ServerThread, free_port
 
 pytestmark = pytest.mark.slow
 

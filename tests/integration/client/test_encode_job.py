@@ -27,8 +27,7 @@ from PIL import Image
 from client import read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest
-from tests.conftest import ServerThread
-from tests.integration.client.conftest import free_port
+from tests.conftest import ServerThread, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -57,6 +57,10 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
         encode(tensor([1, 1, 28, 28], data=b"\0" * 100)),
         "needs 3136 bytes, got 100",
     ),
+    "images whose shape overflows int64": (
+        encode(tensor([2**32, 2**32, 1, 1], data=b"")),
+        "needs 73786976294838206464 bytes, got 0",
+    ),
     "images with NaN": (encode(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
     "images with Inf": (encode(tensor([1, 1, 28, 28], fill=math.inf)), "NaN or Inf"),
     "images out of range": (encode(tensor([1, 1, 28, 28], fill=3.0)), "expected pixel values in [0, 1]"),

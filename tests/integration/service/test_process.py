@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import free_port
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 GRACE_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def serve_command(bundle: Path, *flags: str) -> list[str]:
@@ -73,13 +66,12 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
     proc = subprocess.Popen(serve_command(vae_bundle, *flags), env=env, stderr=subprocess.PIPE, text=True)
     process.append(proc)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service="vae.v1.VaeService")
-        while (
-            health.Check(request, wait_for_ready=True, timeout=60).status
-            != health_pb2.HealthCheckResponse.SERVING
-        ):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        # Watch streams each health change: no polling while the bundle loads or the drain begins.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="vae.v1.VaeService"), wait_for_ready=True, timeout=60
+        )
+        statuses = (response.status for response in watch)
+        assert health_pb2.HealthCheckResponse.SERVING in statuses, proc.stderr.read() if proc.stderr else ""
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=60)
         while queue_depth(metrics_port) != 1:
@@ -87,14 +79,11 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
 
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        refused: grpc.StatusCode | None = None
-        while refused is None:
-            try:
-                if health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
-            except grpc.RpcError as error:
-                refused = error.code()
-        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+        watch.cancel()  # an open stream would hold the drain until the grace period ends
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert list(in_flight.result(timeout=GRACE_S).images.shape) == [1, 1, 28, 28]
     assert proc.wait(timeout=GRACE_S + 10) == 0
     assert time.monotonic() - signalled < GRACE_S

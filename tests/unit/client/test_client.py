@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from pathlib import Path
 
 import grpc
@@ -20,15 +19,7 @@ from client.client import (
     as_wire_images,
     sample_request,
 )
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
+from tests.conftest import free_port
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 
@@ -50,7 +41,7 @@ def test_a_policy_that_cannot_work_is_refused() -> None:
 
 
 def test_an_unreachable_server_is_retried_up_to_the_limit_then_reported() -> None:
-    with VaeClient(f"127.0.0.1:{closed_port()}", retry=FAST, timeout_s=2) as client:
+    with VaeClient(f"127.0.0.1:{free_port()}", retry=FAST, timeout_s=2) as client:
         with pytest.raises(VaeClientError) as error:
             client.model_info()
         assert error.value.code == grpc.StatusCode.UNAVAILABLE
@@ -60,7 +51,7 @@ def test_an_unreachable_server_is_retried_up_to_the_limit_then_reported() -> Non
 
 
 def test_an_encode_stream_to_an_unreachable_server_gives_up_after_the_limit() -> None:
-    target = f"127.0.0.1:{closed_port()}"
+    target = f"127.0.0.1:{free_port()}"
     failure = "EncodeStream failed with UNAVAILABLE after 3 attempts"
     with VaeClient(target, retry=FAST, timeout_s=2) as client, pytest.raises(VaeClientError, match=failure):
         list(client.encode_stream([np.zeros((1, 28, 28), np.uint8)]))
@@ -68,7 +59,7 @@ def test_an_encode_stream_to_an_unreachable_server_gives_up_after_the_limit() ->
 
 def test_the_async_client_retries_the_same_way() -> None:
     async def call() -> int:
-        async with AsyncVaeClient(f"127.0.0.1:{closed_port()}", retry=FAST, timeout_s=2) as client:
+        async with AsyncVaeClient(f"127.0.0.1:{free_port()}", retry=FAST, timeout_s=2) as client:
             with pytest.raises(VaeClientError, match="after 3 attempts"):
                 await client.sample(4, seed=1)
             return client.retries

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Array, Batcher
-from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
 
 
@@ -145,6 +145,42 @@ def test_cancelled_requests_are_dropped_before_they_run() -> None:
 
     asyncio.run(scenario())
     assert infer.calls == [2]
+
+
+def test_a_cancelled_request_does_not_hold_back_the_rows_behind_it() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer)
+        batcher.start()
+        first, cancelled, last = (asyncio.ensure_future(batcher.submit(rows(n))) for n in (2, 8, 2))
+        await asyncio.sleep(0)  # all three are queued
+        cancelled.cancel()
+        await asyncio.gather(first, last)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == [4]
+
+
+def test_stopping_during_a_call_fails_its_waiters_instead_of_leaving_them_hanging() -> None:
+    gate = threading.Event()
+
+    async def scenario() -> None:
+        batcher = make_batcher(Doubler(gate), max_queue_delay_s=0)
+        batcher.start()
+        waiter = asyncio.ensure_future(batcher.submit(rows(2)))
+        await asyncio.sleep(0)
+        while batcher.queue_depth:  # until the worker has taken the rows and blocks on the gate
+            await asyncio.sleep(0.001)
+        try:
+            await batcher.stop()
+            with pytest.raises(ModelNotReady, match="batcher stopped"):
+                await asyncio.wait_for(waiter, 10)
+        finally:
+            gate.set()
+
+    asyncio.run(scenario())
 
 
 def test_expired_deadlines_are_dropped_before_they_run() -> None:

@@ -59,6 +59,8 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
         (lambda s: s.update(format_version=2), "format_version 2, expected 1"),
         (lambda s: s.update(kind="gan"), "kind 'gan', expected 'vae' or 'ae'"),
         (lambda s: s.pop("latent_dim"), "latent_dim"),
+        (lambda s: s["graphs"]["decoder"].update(inputs=[]), "graphs.decoder: malformed graph entry"),
+        (lambda s: s["graphs"]["decoder"]["inputs"].update(z=[]), "graphs.decoder: malformed graph entry"),
         (
             lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(shape=["N", 3]),
             "graphs.decoder.inputs.z: shape ['N', 3], expected ['N', 2]",

@@ -1,4 +1,4 @@
-"""The service runs without torch: importing the server and the entry point must not load it."""
+"""The service and the client run without torch: importing them must not load it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 
-def test_importing_the_server_does_not_import_torch() -> None:
+def test_importing_the_server_and_the_client_does_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import service.server, service.__main__, service.servicer, service.runtime, service.bundle\n"
+        "import client, client.cli, client.encode_job, client.healthcheck\n"
         "loaded = sorted(name for name in sys.modules if name == 'torch' or name.startswith('torch.'))\n"
         "print(loaded)\n"
         "sys.exit(1 if loaded else 0)\n"

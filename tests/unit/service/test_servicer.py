@@ -1,0 +1,46 @@
+"""The servicer's helpers below the transport: the in-order answering of streams, and the error table."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import grpc
+
+from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
+from service.servicer import _in_order, status_code_of
+
+
+def test_streamed_calls_are_answered_in_order_with_at_most_lookahead_started_and_unanswered() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        started = answered = most_outstanding = 0
+
+        async def call(i: int) -> int:
+            nonlocal started, most_outstanding
+            started += 1
+            most_outstanding = max(most_outstanding, started - answered)
+            for _ in range(3 - i % 3):  # later calls of each group of three finish first
+                await asyncio.sleep(0)
+            return i
+
+        async def calls() -> AsyncIterator[Coroutine[Any, Any, int]]:
+            for i in range(12):
+                yield call(i)
+
+        results = []
+        async for result in _in_order(calls(), lookahead=3):
+            answered += 1
+            results.append(result)
+        return results, most_outstanding
+
+    results, most_outstanding = asyncio.run(scenario())
+    assert results == list(range(12))
+    assert most_outstanding == 3
+
+
+def test_each_domain_error_has_its_status_code() -> None:
+    assert status_code_of(InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code_of(Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code_of(ModelNotReady("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_code_of(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
