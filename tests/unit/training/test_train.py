@@ -1,0 +1,108 @@
+"""The training loop: the run directory, a falling loss, determinism, the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.models import ModelConfig
+from training.run import TrainConfig, load_config, load_metrics, load_run
+from training.train import kl_weight, main, random_shift, train
+
+
+def tiny(**overrides: object) -> TrainConfig:
+    values: dict[str, object] = {"limit": 512, "epochs": 1, "batch_size": 64}
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def test_a_tiny_run_writes_the_run_directory_and_its_loss_falls(tmp_path: Path) -> None:
+    config = tiny(epochs=2, learning_rate=2e-3)
+    metrics = train(config, tmp_path, progress=False)
+    history = metrics["history"]
+    assert [record["epoch"] for record in history] == [1.0, 2.0]
+    # An untrained decoder scores about 784 * log 2 = 543 nats an image.
+    assert history[0]["train_loss"] < 543.0
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert history[1]["val_loss"] < history[0]["val_loss"]
+    assert load_config(tmp_path) == config
+    assert load_metrics(tmp_path)["history"] == history
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "to_log_var.weight" in state
+    _, model = load_run(tmp_path)
+    assert not model.training
+
+
+def test_the_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
+    config = tiny(limit=256)
+    train(config, tmp_path / "a", progress=False)
+    train(config, tmp_path / "b", progress=False)
+    train(tiny(limit=256, seed=1), tmp_path / "c", progress=False)
+    a, b, c = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in "abc")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_every_training_option_trains_the_ae_and_the_vae(tmp_path: Path, schedule: str) -> None:
+    for kind in ("vae", "ae"):
+        config = tiny(
+            limit=128,
+            model=ModelConfig(kind=kind, batch_norm=schedule == "cosine", dropout=0.1),
+            lr_schedule=schedule,
+            kl_warmup_epochs=0.5,
+            ema_decay=0.0 if schedule == "cosine" else 0.9,
+            shift_pixels=1,
+            weight_decay=0.01,
+        )
+        final = train(config, tmp_path / kind, progress=False)["final"]
+        assert math.isfinite(final["val_loss"]) and final["val_kl"] >= 0.0
+        assert final["learning_rate"] < config.learning_rate  # both schedules end below the peak
+
+
+def test_the_kl_weight_ramps_up_to_beta_over_the_warm_up() -> None:
+    config = TrainConfig(beta=2.0, kl_warmup_epochs=2)
+    weights = [kl_weight(config, step, steps_per_epoch=10) for step in range(30)]
+    assert weights[0] == pytest.approx(0.1)
+    assert weights[9] == pytest.approx(1.0)
+    assert weights[19:] == [2.0] * 11
+    assert kl_weight(TrainConfig(beta=0.5), 0, 10) == 0.5
+
+
+def test_the_command_line_trains_and_prints_the_final_losses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["--model", "ae", "--latent-dim", "3", "--epochs", "1", "--limit", "128", "--device", "cpu"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["run_dir"] == str(out)
+    config = load_config(out)
+    assert config.model.kind == "ae" and config.model.latent_dim == 3
+
+
+def test_options_that_do_not_work_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="ema_decay cannot be combined with batch_norm"):
+        TrainConfig(model=ModelConfig(batch_norm=True), ema_decay=0.99)
+
+
+def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--epochs", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_random_shifts_move_each_image_without_changing_its_ink() -> None:
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 10:14, 12:15] = 1.0
+    batch = image.repeat(400, 1, 1, 1)
+    shifted = random_shift(batch, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == batch.shape
+    torch.testing.assert_close(shifted.sum(dim=(1, 2, 3)), batch.sum(dim=(1, 2, 3)))
+    assert len({tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}) == 25  # every offset in [-2, 2]^2
+    assert random_shift(batch, 0, torch.Generator()) is batch

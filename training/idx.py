@@ -1,0 +1,83 @@
+"""A reader of the IDX format in which MNIST and Fashion-MNIST ship, with numpy only (no torch).
+
+The format (LeCun et al., http://yann.lecun.com/exdb/mnist/): two zero bytes, a type byte, a byte
+with the number of dimensions, then one big-endian uint32 per dimension, then the data, row-major
+and big-endian. The files are usually gzipped; both forms are read. The encode job imports this
+module, so it must stay free of torch.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+# The type byte of the header -> the big-endian numpy type of the data.
+IDX_DTYPES: dict[int, np.dtype[np.generic]] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class IdxFormatError(ValueError):
+    """A file that is not a valid IDX file; the message names the file and what was wrong."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array stored in an IDX file (gzipped or raw), with the type and shape from its header.
+
+    The result is in native byte order (uint8 for the MNIST files). Raises IdxFormatError for a
+    file that is missing its header, has an unknown type, or holds fewer or more bytes than its
+    header promises.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise IdxFormatError(f"{path}: {len(data)} bytes is too short for an IDX header (needs at least 4)")
+    if data[0] != 0 or data[1] != 0:
+        raise IdxFormatError(
+            f"{path}: wrong magic number 0x{data[:4].hex()}: an IDX file starts with two zero bytes"
+        )
+    type_code, ndim = data[2], data[3]
+    if type_code not in IDX_DTYPES:
+        known = ", ".join(f"0x{code:02x}" for code in IDX_DTYPES)
+        raise IdxFormatError(f"{path}: unknown IDX data type 0x{type_code:02x} (expected one of {known})")
+    if ndim == 0:
+        raise IdxFormatError(f"{path}: the header declares 0 dimensions")
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise IdxFormatError(
+            f"{path}: truncated header: {ndim} dimensions need {header_size} bytes, the file has {len(data)}"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[type_code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = len(data) - header_size
+    if actual != expected:
+        problem = "truncated" if actual < expected else "has trailing bytes"
+        raise IdxFormatError(
+            f"{path}: {problem}: the header declares shape {shape} of {dtype.name} "
+            f"({expected} data bytes), the file has {actual}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, un-gzipped when it starts with the gzip magic (whatever its name)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such IDX file")
+    raw = path.read_bytes()
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as error:
+        raise IdxFormatError(f"{path}: corrupt or truncated gzip stream ({error})") from error

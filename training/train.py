@@ -1,0 +1,338 @@
+"""`vae-train`: train the AE or the VAE and write the run directory (see training.run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from training.data import DATASETS, load_training_splits
+from training.losses import LIKELIHOODS, LossTerms, ae_loss, vae_loss
+from training.models import VAE, ModelConfig, build_model
+from training.run import TrainConfig, save_checkpoint, save_config, save_metrics
+
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+# Batches the validation pass uses; its size changes nothing but speed.
+EVAL_BATCH_SIZE = 500
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else the CPU; `cuda` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available (use --device cpu or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: expected auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """beta, ramped linearly from 0 over the first kl_warmup_epochs (Bowman et al., 2016)."""
+    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    if warmup_steps <= 0:
+        return config.beta
+    return config.beta * min(1.0, (step + 1) / warmup_steps)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule of the config; None for a constant rate."""
+    if config.lr_schedule == "constant":
+        return None
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=0.3
+        )
+    raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Each image moved by its own random offset of up to max_shift pixels in x and y, zero-filled."""
+    if max_shift == 0:
+        return images
+    side = images.shape[-1]
+    padded = nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
+    shifted = torch.empty_like(images)
+    for index, (dy, dx) in enumerate(offsets.tolist()):
+        shifted[index] = padded[index, :, dy : dy + side, dx : dx + side]
+    return shifted
+
+
+def batch_loss(model: nn.Module, images: Tensor, config: TrainConfig, beta: float) -> LossTerms:
+    """The training loss of one batch, with one reparameterized sample per image for the VAE."""
+    if isinstance(model, VAE):
+        logits, mean, log_var = model(images)
+        return vae_loss(
+            logits,
+            images,
+            mean,
+            log_var,
+            beta=beta,
+            likelihood=config.likelihood,
+            recon_weight=config.recon_weight,
+        )
+    return ae_loss(model(images), images, likelihood=config.likelihood, recon_weight=config.recon_weight)
+
+
+@torch.no_grad()
+def validation_losses(
+    model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device, seed: int = 0
+) -> dict[str, float]:
+    """Mean loss, reconstruction and KL over `images`, with beta = 1 (the negative ELBO for the VAE).
+
+    The posterior samples come from a generator of their own, so the same weights always score the
+    same and validation leaves the training's random stream alone.
+    """
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+    for start in range(0, len(images), EVAL_BATCH_SIZE):
+        x = torch.from_numpy(images[start : start + EVAL_BATCH_SIZE]).to(device)
+        if isinstance(model, VAE):
+            mean, log_var = model.encode(x)
+            noise = torch.randn(mean.shape, generator=generator, device=device)
+            logits = model.decoder.logits(mean + torch.exp(0.5 * log_var) * noise)
+            terms = vae_loss(
+                logits, x, mean, log_var, likelihood=config.likelihood, recon_weight=config.recon_weight
+            )
+        else:
+            terms = ae_loss(model(x), x, likelihood=config.likelihood, recon_weight=config.recon_weight)
+        count = len(x)
+        sums["loss"] += float(terms.total) * count
+        sums["recon"] += float(terms.recon) * count
+        sums["kl"] += float(terms.kl) * count
+    return {name: value / len(images) for name, value in sums.items()}
+
+
+def train(
+    config: TrainConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True
+) -> dict[str, Any]:
+    """Train one model from scratch and write the run directory; returns the metrics it wrote.
+
+    Same config, same data and same CPU: the same weights (the seed fixes the initial weights,
+    the shuffling and the posterior samples).
+    """
+    out_dir = Path(out_dir)
+    torch_device = resolve_device(device)
+    data_dir = Path(config.data_dir) if config.data_dir else None
+    train_set, validation_set = load_training_splits(
+        config.dataset, data_dir, validation_fraction=config.validation_fraction, limit=config.limit
+    )
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    model = build_model(config.model).to(torch_device)
+    optimizer: torch.optim.Optimizer
+    if config.weight_decay > 0:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Buffers too, so that batch norm's running statistics belong to the averaged weights.
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
+        if config.ema_decay > 0
+        else None
+    )
+    images = torch.from_numpy(train_set.images)
+    # A last batch of one image is dropped: batch norm cannot normalise a single row.
+    steps_per_epoch = max(1, len(images) // config.batch_size + (len(images) % config.batch_size > 1))
+    scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
+    save_config(out_dir, config)
+
+    history: list[dict[str, float]] = []
+    metrics: dict[str, Any] = {
+        "train_images": len(train_set),
+        "validation_images": len(validation_set),
+        "device": str(torch_device),
+        "history": history,
+    }
+    step = 0
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(images), generator=shuffle)
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        seen = 0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{config.model.kind} epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            leave=True,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        beta = config.beta
+        for index in bar:
+            batch = images[order[index * config.batch_size : (index + 1) * config.batch_size]]
+            x = random_shift(batch, config.shift_pixels, shuffle).to(torch_device)
+            beta = kl_weight(config, step, steps_per_epoch)
+            terms = batch_loss(model, x, config, beta)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+            step += 1
+            seen += len(x)
+            sums["loss"] += terms.total.item() * len(x)
+            sums["recon"] += terms.recon.item() * len(x)
+            sums["kl"] += terms.kl.item() * len(x)
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.2f}")
+        if not all(math.isfinite(value) for value in sums.values()):
+            raise FloatingPointError(
+                f"epoch {epoch}: the loss is not finite; lower the learning rate ({config.learning_rate})"
+            )
+        validation = validation_losses(_result(model, averaged), validation_set.images, config, torch_device)
+        record = {
+            "epoch": float(epoch),
+            "train_loss": sums["loss"] / seen,
+            "train_recon": sums["recon"] / seen,
+            "train_kl": sums["kl"] / seen,
+            "val_loss": validation["loss"],
+            "val_recon": validation["recon"],
+            "val_kl": validation["kl"],
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "kl_weight": beta,
+            "seconds": time.perf_counter() - epoch_started,
+        }
+        history.append(record)
+        save_metrics(out_dir, metrics)  # after every epoch, so a long run can be watched
+        bar.set_postfix(loss=f"{record['train_loss']:.2f}", val=f"{record['val_loss']:.2f}")
+        bar.close()
+    metrics["train_seconds"] = time.perf_counter() - started
+    metrics["final"] = dict(history[-1]) if history else {}
+    save_checkpoint(out_dir, _result(model, averaged).cpu())
+    save_metrics(out_dir, metrics)
+    return metrics
+
+
+def _result(model: nn.Module, averaged: AveragedModel | None) -> nn.Module:
+    """The weights the run stands for: the moving average when there is one."""
+    if averaged is None:
+        return model
+    result: nn.Module = averaged.module
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="vae-train",
+        description="Train the VAE (or the plain AE) and write a run directory: config.json, "
+        "checkpoint.pt (a weights-only state_dict) and metrics.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", choices=("vae", "ae"), default=defaults.model.kind, help="what to train")
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset, help="training data")
+    parser.add_argument("--data-dir", type=Path, help="folder with the IDX files (mnist, fashion-mnist)")
+    parser.add_argument("--latent-dim", type=int, default=defaults.model.latent_dim, help="size of the code")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    parser.add_argument(
+        "--learning-rate", "--lr", type=float, default=defaults.learning_rate, help="Adam's (peak) rate"
+    )
+    parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help="per-step schedule"
+    )
+    parser.add_argument(
+        "--kl-warmup-epochs", type=float, default=defaults.kl_warmup_epochs, help="0 turns the warm-up off"
+    )
+    parser.add_argument(
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.model.batch_norm,
+        help="batch normalisation after each convolution",
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's decoupled decay; 0 is Adam"
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=defaults.model.dropout, help="dropout after each hidden layer"
+    )
+    parser.add_argument(
+        "--ema-decay", type=float, default=defaults.ema_decay, help="weight averaging per step; 0 is off"
+    )
+    parser.add_argument(
+        "--shift-pixels",
+        type=int,
+        default=defaults.shift_pixels,
+        help="augmentation: random shifts; 0 is off",
+    )
+    parser.add_argument("--beta", type=float, default=defaults.beta, help="weight of the KL term")
+    parser.add_argument("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood, help="p(x|z)")
+    parser.add_argument(
+        "--recon-weight",
+        type=float,
+        default=defaults.recon_weight,
+        help="the gaussian likelihood's weight on the mean squared error (the book's 1000)",
+    )
+    parser.add_argument(
+        "--validation-fraction", type=float, default=defaults.validation_fraction, help="held out, per digit"
+    )
+    parser.add_argument("--limit", type=int, help="use at most this many images (quick runs)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="weights, shuffling and noise")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=Path, required=True, help="the run directory to write")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(
+            kind=args.model, latent_dim=args.latent_dim, batch_norm=args.batch_norm, dropout=args.dropout
+        ),
+        dataset=args.dataset,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+        limit=args.limit,
+        validation_fraction=args.validation_fraction,
+        likelihood=args.likelihood,
+        beta=args.beta,
+        recon_weight=args.recon_weight,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        shift_pixels=args.shift_pixels,
+        lr_schedule=args.lr_schedule,
+        kl_warmup_epochs=args.kl_warmup_epochs,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"vae-train: error: {error}\n")
+    summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
