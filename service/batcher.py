@@ -1,12 +1,15 @@
-"""Dynamic batching: concurrent requests merged into one inference call, results split back.
+"""Dynamic batching: concurrent requests merged into inference calls, results split back.
 
 A small generic component (after ray serve's `batching.py` and MLServer's adaptive batcher): a queue
-of (rows, future); one task per batcher collects up to `max_batch_size` rows, or whatever has come
-when the oldest waiting rows have waited `max_queue_delay_s`, runs ONE call in a thread (onnxruntime
-releases the GIL, so the event loop keeps serving meanwhile), and slices the outputs back to each
-waiter. A request larger than `max_batch_size` is split into several items. Rows of a cancelled
-request, or of one whose deadline has passed, are dropped before they run. If the call fails, every
-waiter of that batch gets the error.
+of (rows, future) and one task per batcher that collects up to `max_batch_size` rows and runs them as
+ONE call in a worker thread (onnxruntime releases the GIL, so the event loop keeps serving meanwhile),
+then slices the outputs back to each waiter. Up to `max_concurrent_batches` calls run at once: on a
+CPU, one single-threaded call per core makes about twice the images of one call spread over two
+threads (docs/BENCHMARKS.md). While every slot is idle a batch starts at once, so a lone request never
+waits; while another batch runs, the oldest rows wait up to `max_queue_delay_s` for a fuller batch.
+A request larger than `max_batch_size` is split into several items, which may run side by side. Rows
+of a cancelled request, or of one whose deadline has passed, are dropped before they run. If a call
+fails, every waiter of that batch gets the error.
 """
 
 from __future__ import annotations
@@ -48,9 +51,12 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        max_concurrent_batches: int = 1,
         executor: Executor | None,
         metrics: ServiceMetrics,
     ) -> None:
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be at least 1, got {max_concurrent_batches}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue_size < max_batch_size:
@@ -67,6 +73,8 @@ class Batcher:
         self._pending_rows = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._max_concurrent = max_concurrent_batches
+        self._running: set[asyncio.Task[None]] = set()
         self._batch_size = metrics.batch_size.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
         self._inference = metrics.inference_duration.labels(name)
@@ -83,6 +91,9 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         _fail(self._pending, ModelNotReady(f"the {self.name} batcher stopped"))
         self._pending.clear()
         self._pending_rows = 0
@@ -133,20 +144,28 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self._max_concurrent)
         while True:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Wait for a full batch, or until the oldest rows have waited max_queue_delay.
-            if self._pending_rows < self.max_batch_size:
+            await slots.acquire()
+            # Another batch is running: wait for a full batch, or until the oldest rows have waited
+            # max_queue_delay. With every slot idle, waiting would only add latency.
+            if self._running and self._pending_rows < self.max_batch_size:
                 remaining = self._pending[0].enqueued_at + self._delay - time.monotonic()
                 if remaining > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._full_or_waited(), remaining)
             batch = self._collect()
-            if batch:
-                await self._execute(loop, batch)
+            if not batch:
+                slots.release()
+                continue
+            task = loop.create_task(self._execute(loop, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(lambda _: slots.release())
 
     async def _full_or_waited(self) -> None:
         while self._pending_rows < self.max_batch_size:

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    max_batch_size: int = 256
+    max_batch_size: int = 64
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 4096
     max_samples: int = 1024
+    max_concurrent_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,10 @@ class VaeModel:
         self.runtime = runtime
         self.spec = runtime.bundle.spec
         self.batching = batching
-        # One worker per graph: each batcher runs one onnxruntime call at a time.
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxruntime")
+        # A worker for every call that the two batchers may run at once.
+        self._executor = ThreadPoolExecutor(
+            max_workers=2 * batching.max_concurrent_batches, thread_name_prefix="onnxruntime"
+        )
 
         def batcher(name: str, infer: InferFn) -> Batcher:
             return Batcher(
@@ -118,6 +121,7 @@ class VaeModel:
                 max_batch_size=batching.max_batch_size,
                 max_queue_delay_s=batching.max_queue_delay_s,
                 max_queue_size=batching.max_queue_size,
+                max_concurrent_batches=batching.max_concurrent_batches,
                 executor=self._executor,
                 metrics=metrics,
             )

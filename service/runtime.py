@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class ThreadSettings:
     """onnxruntime's thread pools; 0 lets onnxruntime pick (one thread per physical core)."""
 
-    intra_op_threads: int = 0
+    intra_op_threads: int = 1
     inter_op_threads: int = 1
 
 
@@ -57,6 +57,9 @@ class GraphSession:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning workers would take the cores the event loop needs between calls (2-core boxes).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The arena keeps the largest batch's buffers for good (about 100 MB after one 256-row
+        # decode); without it the memory follows the load at the same speed (docs/BENCHMARKS.md).
+        options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         try:
             # onnxruntime warns when a provider asked for is missing; the check below says it better.

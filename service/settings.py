@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +37,21 @@ class Settings:
         default="auto", metadata={"help": "auto (CUDA when onnxruntime offers it), cpu, cuda"}
     )
     intra_op_threads: int = field(
-        default=0, metadata={"help": "onnxruntime threads within one call (0 = one per physical core)"}
+        default=1,
+        metadata={
+            "help": "onnxruntime threads within one call (0 = one per physical core); the cores are "
+            "used by running several calls at once instead (--max-concurrent-batches)"
+        },
     )
     inter_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads across graph nodes"})
-    max_batch_size: int = field(default=256, metadata={"help": "the most rows in one onnxruntime call"})
+    max_batch_size: int = field(default=64, metadata={"help": "the most rows in one onnxruntime call"})
+    max_concurrent_batches: int = field(
+        default=0,
+        metadata={"help": "onnxruntime calls each graph may run at once (0 = one per usable core)"},
+    )
     max_queue_delay_ms: float = field(
-        default=2.0, metadata={"help": "how long the oldest waiting rows wait for a fuller batch"}
+        default=2.0,
+        metadata={"help": "how long the oldest waiting rows wait for a fuller batch while another runs"},
     )
     max_queue_size: int = field(
         default=4096, metadata={"help": "the most rows waiting per graph; beyond, RESOURCE_EXHAUSTED"}
@@ -71,7 +82,7 @@ class Settings:
         for name in ("max_batch_size", "max_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)}: expected at least 1")
-        for name in ("intra_op_threads", "inter_op_threads"):
+        for name in ("intra_op_threads", "inter_op_threads", "max_concurrent_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
@@ -84,6 +95,11 @@ class Settings:
             )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def concurrent_batches(self) -> int:
+        """max_concurrent_batches, with 0 resolved to the CPUs this process may use."""
+        return self.max_concurrent_batches or usable_cpus()
 
     @classmethod
     def from_args(
@@ -123,6 +139,19 @@ class Settings:
             return cls(**values)
         except ValueError as error:
             parser.error(str(error))
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on: its affinity, capped by a cgroup v2 quota (a container's CPU
+    limit, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def _parser_type(annotation: Any) -> Any:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from vae.v1 import vae_pb2, vae_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UINT8 = vae_pb2.DATA_TYPE_UINT8
 StartServer = Callable[..., ServerThread]
 
 
@@ -87,18 +89,44 @@ def test_reflection_lists_the_services(vae_server: ServerThread) -> None:
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
 
 
+# A batch that keeps the decoder's one slot busy for about half a second on a CPU, so that the
+# requests sent after it wait in the queue (an idle batcher would run them at once).
+BUSY_ROWS = 4096
+
+
+def start_busy_server(bundle: Path, start_server_thread: StartServer, **overrides: Any) -> ServerThread:
+    settings: dict[str, Any] = {
+        "max_concurrent_batches": 1,
+        "max_batch_size": BUSY_ROWS,
+        "max_samples": BUSY_ROWS,
+        "max_queue_size": BUSY_ROWS,
+    }
+    return start_server_thread(bundle, **(settings | overrides))
+
+
+def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> grpc.Future:
+    """Start a BUSY_ROWS-image Sample and return once the decoder is running it."""
+    busy = stub.Sample.future(vae_pb2.SampleRequest(num_samples=BUSY_ROWS, seed=1, output_dtype=UINT8))
+    deadline = time.monotonic() + 30
+    while decoder_rows_run(server) < BUSY_ROWS:
+        assert time.monotonic() < deadline, "the busy batch never started"
+        server.call(asyncio.sleep(0.001))
+    return busy
+
+
 def test_an_expired_deadline_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
-    server = start_server_thread(vae_bundle, max_queue_delay_ms=1000)
+    server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3, seed=1), timeout=0.5)
-        wait_for_queue_depth(server, 3)  # queued: the batcher waits 1 s for a fuller batch
+        busy = occupy_decoder(server, stub)
+        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3, seed=1), timeout=0.05)
+        wait_for_queue_depth(server, 3)  # queued behind the busy batch
         assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The batcher has looked at the queue; had it run the rows, it would have counted them at once.
-        wait_for_queue_depth(server, 0)
-    assert decoder_rows_run(server) == 0
+        busy.result(timeout=30)
+        wait_for_queue_depth(server, 0)  # the batcher has looked at the expired rows
+    assert decoder_rows_run(server) == BUSY_ROWS
     registry = server.metrics.registry
     assert (
         registry.get_sample_value("vae_requests_total", {"rpc": "Sample", "code": "DEADLINE_EXCEEDED"}) == 1
@@ -108,24 +136,28 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
 def test_a_cancelled_request_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
-    server = start_server_thread(vae_bundle, max_queue_delay_ms=500)
+    server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
+        busy = occupy_decoder(server, stub)
         pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=5, seed=1))
         wait_for_queue_depth(server, 5)
         assert pending.cancel()
+        busy.result(timeout=30)
         wait_for_queue_depth(server, 0)
-    assert decoder_rows_run(server) == 0
+    assert decoder_rows_run(server) == BUSY_ROWS
 
 
 def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeeds(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
-    server = start_server_thread(vae_bundle, max_queue_delay_ms=500, max_batch_size=256, max_queue_size=256)
+    server = start_busy_server(vae_bundle, start_server_thread, max_queue_size=BUSY_ROWS)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        queued = stub.Sample.future(vae_pb2.SampleRequest(num_samples=200, seed=1))
-        wait_for_queue_depth(server, 200)
-        code = code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=100, seed=2)))
+        busy = occupy_decoder(server, stub)
+        queued = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3000, seed=1, output_dtype=UINT8))
+        wait_for_queue_depth(server, 3000)
+        code = code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert list(queued.result(timeout=30).images.shape) == [200, 1, 28, 28]
+        busy.result(timeout=30)
+        assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]

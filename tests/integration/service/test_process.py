@@ -47,10 +47,11 @@ def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
     assert f"{tmp_path / 'model.json'}: not found" in result.stderr
 
 
-def queue_depth(metrics_port: int) -> float:
+def metric(metrics_port: int, sample: str) -> float:
+    """One sample's value from the server's /metrics, or -1 when it is not there yet."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith('vae_queue_depth{graph="decoder"}'):
+            if line.startswith(sample + " "):
                 return float(line.split()[-1])
     return -1.0
 
@@ -60,8 +61,10 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
 ) -> None:
     port, metrics_port = free_port(), free_port()
     flags = ["--port", str(port), "--metrics-port", str(metrics_port), "--grace-period-s", str(GRACE_S)]
-    # A long queue delay keeps a one-image request in flight while the signal arrives.
-    flags += ["--max-queue-delay-ms", "1500"]
+    # One slot and a 4096-image batch keep the decoder busy for about half a second, so that a
+    # one-image request sent after it is still waiting in the queue when the signal arrives.
+    flags += ["--max-concurrent-batches", "1", "--max-batch-size", "4096", "--max-samples", "4096"]
+    flags += ["--max-queue-size", "4096"]
     env = {**os.environ, "VAE_SERVE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(serve_command(vae_bundle, *flags), env=env, stderr=subprocess.PIPE, text=True)
     process.append(proc)
@@ -73,8 +76,13 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
         statuses = (response.status for response in watch)
         assert health_pb2.HealthCheckResponse.SERVING in statuses, proc.stderr.read() if proc.stderr else ""
         stub = vae_pb2_grpc.VaeServiceStub(channel)
+        busy = stub.Sample.future(
+            vae_pb2.SampleRequest(num_samples=4096, seed=2, output_dtype=vae_pb2.DATA_TYPE_UINT8), timeout=60
+        )
+        while metric(metrics_port, 'vae_batch_size_sum{graph="decoder"}') < 4096:  # the batch is running
+            assert not busy.done()
         in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=60)
-        while queue_depth(metrics_port) != 1:
+        while metric(metrics_port, 'vae_queue_depth{graph="decoder"}') != 1:
             assert not in_flight.done()
 
         signalled = time.monotonic()
@@ -85,5 +93,6 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
             stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert list(in_flight.result(timeout=GRACE_S).images.shape) == [1, 1, 28, 28]
+        assert list(busy.result(timeout=GRACE_S).images.shape) == [4096, 1, 28, 28]
     assert proc.wait(timeout=GRACE_S + 10) == 0
     assert time.monotonic() - signalled < GRACE_S

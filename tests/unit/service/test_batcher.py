@@ -38,6 +38,7 @@ def make_batcher(infer: Doubler, **options: float) -> Batcher:
         max_batch_size=int(settings["max_batch_size"]),
         max_queue_delay_s=settings["max_queue_delay_s"],
         max_queue_size=int(settings["max_queue_size"]),
+        max_concurrent_batches=int(settings.get("max_concurrent_batches", 1)),
         executor=None,
         metrics=ServiceMetrics.create(process=False),
     )
@@ -78,6 +79,50 @@ def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
 
     assert asyncio.run(scenario()) < 5
     assert infer.calls == [8]
+
+
+def test_a_lone_request_runs_at_once_without_waiting_for_the_delay() -> None:
+    infer = Doubler()
+
+    async def scenario() -> float:
+        batcher = make_batcher(infer, max_queue_delay_s=30)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(rows(1))
+        elapsed = time.perf_counter() - started
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 5
+    assert infer.calls == [1]
+
+
+def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
+    # Each call waits at a barrier for a second call: only two calls running at once get through.
+    barrier = threading.Barrier(2, timeout=10)
+
+    def infer(batch: Array) -> Sequence[Array]:
+        barrier.wait()
+        return [batch * 2]
+
+    async def scenario() -> list[Array]:
+        batcher = Batcher(
+            "decoder",
+            infer,
+            max_batch_size=4,
+            max_queue_delay_s=0.0,
+            max_queue_size=64,
+            max_concurrent_batches=2,
+            executor=None,
+            metrics=ServiceMetrics.create(process=False),
+        )
+        batcher.start()
+        (doubled,) = await batcher.submit(rows(8))
+        await batcher.stop()
+        return [doubled]
+
+    (doubled,) = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(8) * 2)
 
 
 def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order() -> None:
@@ -187,10 +232,10 @@ def test_expired_deadlines_are_dropped_before_they_run() -> None:
     infer = Doubler()
 
     async def scenario() -> None:
-        batcher = make_batcher(infer, max_queue_delay_s=0.1)
+        batcher = make_batcher(infer)
         batcher.start()
         with pytest.raises(DeadlineExceeded):
-            await batcher.submit(rows(3), deadline=time.monotonic() + 0.01)
+            await batcher.submit(rows(3), deadline=time.monotonic() - 0.001)
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from service.settings import Settings, usable_cpus
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -14,7 +15,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.model_dir == Path("bundle")
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9090)
     assert settings.device == "auto"
-    assert settings.max_batch_size == 256
+    assert settings.max_batch_size == 64
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
@@ -51,3 +52,15 @@ def test_bad_values_are_refused_with_what_was_expected(
     with pytest.raises(SystemExit):
         Settings.from_args(["--model-dir", "bundle", *argv], environ)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000\n", None), ("100000 100000\n", 1), ("150000 100000\n", 2), ("50000 100000\n", 1)],
+)
+def test_usable_cpus_follow_a_container_cpu_limit(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (cores if expected is None else min(cores, expected))
+    assert usable_cpus(tmp_path / "missing") == cores
