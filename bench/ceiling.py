@@ -1,0 +1,147 @@
+"""The in-process ceiling: how many images a second onnxruntime itself turns out with the bundle's graphs.
+
+No server, no wire: `session.run` on a ready input in a loop, in three thread layouts, because which one
+wins depends on the graph, the batch size and the machine:
+
+- `default`: one session with onnxruntime's default thread pool (one thread per physical core);
+- `1-thread`: one session with one intra-op thread;
+- `per-core`: one single-threaded session per core, each looping in its own Python thread side by side
+  (onnxruntime releases the GIL inside `run`, so they really run in parallel).
+
+The ceiling of a shape is the best of the three; the service is judged against it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+LAYOUTS = ("default", "1-thread", "per-core")
+Feed = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Images a second, and the process CPU seconds each image cost."""
+
+    layout: str
+    items_per_s: float
+    cpu_ms_per_item: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "items_per_s": round(self.items_per_s, 1),
+            "cpu_ms_per_item": round(self.cpu_ms_per_item, 4),
+        }
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def session_options(
+    threads: int,
+    *,
+    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    spinning: bool | None = None,
+    parallel: bool = False,
+    inter_op_threads: int = 0,
+) -> ort.SessionOptions:
+    """SessionOptions for a lever; `spinning` None keeps onnxruntime's default (spin)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = optimization
+    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+def load(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def throughput(
+    runs: list[Callable[[], int]], duration_s: float, warmup_s: float, layout: str = "custom"
+) -> Measured:
+    """Call each function of `runs` in a loop in its own thread (one: the caller's); images a second.
+
+    Each function does one unit of work and returns how many images it made.
+    """
+    for run in runs:
+        warm_until = time.perf_counter() + warmup_s / len(runs)
+        run()
+        while time.perf_counter() < warm_until:
+            run()
+    counts = [0] * len(runs)
+    barrier = threading.Barrier(len(runs) + 1)
+    deadline: list[float] = []
+
+    def loop(index: int) -> None:
+        barrier.wait()
+        end = deadline[0]
+        made = 0
+        while time.perf_counter() < end:
+            made += runs[index]()
+        counts[index] = made
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    cpu_start = time.process_time()
+    start = time.perf_counter()
+    deadline.append(start + duration_s)
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
+    items = sum(counts)
+    return Measured(layout, items / elapsed, 1000.0 * cpu / max(items, 1))
+
+
+def graph_runner(session: ort.InferenceSession, feed: Feed) -> Callable[[], int]:
+    """One `session.run` on `feed`; returns its batch size."""
+    rows = len(next(iter(feed.values())))
+
+    def run() -> int:
+        session.run(None, feed)
+        return rows
+
+    return run
+
+
+def layouts(
+    path: Path, feed: Feed, duration_s: float, warmup_s: float, spinning: bool | None = None
+) -> list[Measured]:
+    """The three layouts of LAYOUTS for one graph and one input."""
+    results = []
+    default = load(path, session_options(0, spinning=spinning))
+    results.append(throughput([graph_runner(default, feed)], duration_s, warmup_s, "default"))
+    del default
+    single = load(path, session_options(1))
+    results.append(throughput([graph_runner(single, feed)], duration_s, warmup_s, "1-thread"))
+    sessions = [single] + [load(path, session_options(1)) for _ in range(cores() - 1)]
+    results.append(throughput([graph_runner(s, feed) for s in sessions], duration_s, warmup_s, "per-core"))
+    return results
+
+
+def decoder_feed(rows: int, latent_dim: int, seed: int = 0) -> Feed:
+    return {"z": np.random.default_rng(seed).standard_normal((rows, latent_dim), dtype=np.float32)}
+
+
+def encoder_feed(rows: int, seed: int = 0) -> Feed:
+    return {"images": np.random.default_rng(seed).random((rows, 1, 28, 28), dtype=np.float32)}

@@ -1,0 +1,1 @@
+"""Prototypes of service changes, measured by the benchmark before they are made in service/."""

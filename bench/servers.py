@@ -1,0 +1,115 @@
+"""Start a server under test as its own process, time its cold start, and stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.loadgen import process_tree_rss_bytes
+
+
+class ServerFailed(RuntimeError):
+    """The server under test exited, or did not become ready in time."""
+
+
+def free_port() -> int:
+    """A port that is free on 127.0.0.1 now (the server binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running server process and how long it took to become ready."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    target: str
+    cold_start_s: float
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_bytes(self) -> int:
+        return process_tree_rss_bytes(self.pid)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGINT, then SIGKILL to the process group it leads (PyTriton's tritonserver is in it)."""
+        if self.process.poll() is None:
+            os.killpg(self.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _serving(target: str) -> bool:
+    # A fresh channel per try: a channel that failed once backs off for up to a second before it
+    # reconnects, which would add that second to the cold start.
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _ready_line(log_path: Path, marker: str) -> bool:
+    return marker in log_path.read_text(errors="replace")
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    port: int,
+    log_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_marker: str | None = None,
+    timeout_s: float = 60.0,
+    poll_s: float = 0.005,
+) -> Server:
+    """Start `argv` in its own process group; return once it answers health SERVING (or logs `ready_marker`).
+
+    The cold start is the time from the fork to the first SERVING answer, polled every `poll_s`.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    target = f"127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    server = Server(name, process, target, 0.0, log_path)
+    deadline = started + timeout_s
+    while True:
+        ready = _ready_line(log_path, ready_marker) if ready_marker else _serving(target)
+        if ready:
+            server.cold_start_s = time.perf_counter() - started
+            return server
+        if process.poll() is not None:
+            raise ServerFailed(f"{name} exited with {process.returncode}: see {log_path}")
+        if time.perf_counter() > deadline:
+            server.stop()
+            raise ServerFailed(f"{name} was not ready after {timeout_s:.0f} s: see {log_path}")
+        time.sleep(poll_s)

@@ -1,0 +1,526 @@
+"""`make bench`: the whole benchmark in one run, results as JSON and as the tables of docs/BENCHMARKS.md.
+
+    .venv/bin/python -m bench.suite --bundle runs/bench/bundle --doc docs/BENCHMARKS.md
+
+In order: the machine record; the in-process ceilings; the service (cold start, memory, the sweep of
+shapes and concurrencies, EncodeStream); the naive grpc.aio peer; Triton through PyTriton (from
+bench/.venv, when it is there); the in-process levers; the server-side levers (one restart each).
+Every server runs as its own process, and the load generator is this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from bench import ceiling, levers, quantize, report, servers
+from bench.loadgen import closed_loop, process_tree_cpu_s
+from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
+from vae.v1 import vae_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure and for how long."""
+
+    window_s: float = 2.0
+    warmup_s: float = 0.5
+    ceiling_window_s: float = 1.5
+    sample_sizes: tuple[int, ...] = (1, 8, 64, 256)
+    concurrencies: tuple[int, ...] = (1, 4, 8, 32)
+    peer_concurrencies: tuple[int, ...] = (1, 4, 8, 32)
+    peer_unary_concurrencies: tuple[int, ...] = (4, 32)
+    stream_images: int = 10_000
+    stream_chunk: int = 64
+    stream_repeats: int = 3
+    triton: bool = True
+    levers: bool = True
+    quality: bool = True
+
+    @classmethod
+    def quick(cls) -> Plan:
+        """Seconds, not minutes: for the smoke test and for trying things."""
+        return cls(
+            window_s=0.5,
+            warmup_s=0.2,
+            ceiling_window_s=0.3,
+            sample_sizes=(1, 64),
+            concurrencies=(1, 8),
+            peer_concurrencies=(8,),
+            peer_unary_concurrencies=(8,),
+            stream_images=1_000,
+            stream_repeats=1,
+            triton=False,
+            levers=False,
+            quality=False,
+        )
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run the load generator's event loop, on uvloop where it is installed (less client overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _client_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {getattr(uvloop, '__version__', '')}".strip()
+
+
+def _service_defaults() -> str:
+    """vae-serve's defaults for the knobs that decide its speed (the sweep runs with them)."""
+    from service.settings import Settings
+
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    knobs = ("intra_op_threads", "inter_op_threads", "max_batch_size", "max_queue_delay_ms", "max_queue_size")
+    return ", ".join(f"{name} {fields[name]}" for name in knobs if name in fields)
+
+
+def machine_record(bundle: Path, manifest: dict[str, Any]) -> Row:
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cores": os.cpu_count(),
+        "cores_usable": ceiling.cores(),
+        "cpu": cpu_model,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+        "client_event_loop": _client_loop(),
+        "service_settings": _service_defaults(),
+        "bundle": str(bundle),
+        "bundle_name": manifest.get("name"),
+        "bundle_version": manifest.get("version"),
+        "latent_dim": manifest["latent_dim"],
+    }
+
+
+# ---------------------------------------------------------------- ceilings
+
+
+def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
+    """Every layout for the decoder at each Sample size and the encoder at the stream's chunk."""
+    latent_dim = int(manifest["latent_dim"])
+    decoder = bundle / manifest["graphs"]["decoder"]["file"]
+    encoder = bundle / manifest["graphs"]["encoder"]["file"]
+    rows: list[Row] = []
+    for size in sorted({*plan.sample_sizes, 64}):
+        for measured in ceiling.layouts(
+            decoder, ceiling.decoder_feed(size, latent_dim), plan.ceiling_window_s, 0.2
+        ):
+            rows.append({"graph": "decoder", "rows": size, **measured.summary()})
+    for measured in ceiling.layouts(
+        encoder, ceiling.encoder_feed(plan.stream_chunk), plan.ceiling_window_s, 0.2
+    ):
+        rows.append({"graph": "encoder", "rows": plan.stream_chunk, **measured.summary()})
+    return rows
+
+
+def best_of(passes: list[list[Row]]) -> list[Row]:
+    """Per (graph, rows, layout), the pass with the most images a second."""
+    best: dict[tuple[str, int, str], Row] = {}
+    for rows in passes:
+        for row in rows:
+            key = (row["graph"], row["rows"], row["layout"])
+            if key not in best or row["items_per_s"] > best[key]["items_per_s"]:
+                best[key] = row
+    return list(best.values())
+
+
+# ---------------------------------------------------------------- servers speaking vae.v1
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The windows to measure on one server, as (shape, concurrency) cells, then EncodeStream's dtypes."""
+
+    cells: Sequence[tuple[Shape, int]]
+    stream_dtypes: Sequence[str] = ("FLOAT32",)
+
+    @classmethod
+    def grid(
+        cls, shapes: Sequence[Shape], concurrencies: Sequence[int], stream_dtypes: Sequence[str]
+    ) -> Sweep:
+        return cls([(shape, c) for shape in shapes for c in concurrencies], stream_dtypes)
+
+
+async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Plan) -> Row:
+    result: Row = {"windows": [], "stream": []}
+    async with channel(server.target) as chan:
+        stub = vae_pb2_grpc.VaeServiceStub(chan)
+        # Warm-up: every shape once, so that lazy set-up and first allocations are behind us.
+        for shape in dict.fromkeys(shape for shape, _ in sweep.cells):
+            await request_factory(stub, shape, latent_dim)(0)()
+        result["rss_after_warmup_mb"] = round(server.rss_bytes() / 2**20, 1)
+        for shape, concurrency in sweep.cells:
+            window = await closed_loop(
+                request_factory(stub, shape, latent_dim),
+                concurrency=concurrency,
+                duration_s=plan.window_s,
+                warmup_s=plan.warmup_s,
+                server_pid=server.pid,
+            )
+            row = {
+                "shape": shape.name,
+                "rpc": shape.rpc,
+                "per_request": shape.per_request,
+                "dtype": shape.dtype,
+            }
+            result["windows"].append({**row, **window.summary()})
+            print(
+                f"  {server.name}: {shape.name} c={concurrency}: {window.items_per_s:,.0f} items/s",
+                flush=True,
+            )
+        for dtype in sweep.stream_dtypes:
+            images = random_images(plan.stream_images, dtype)
+            await encode_stream(stub, images[: plan.stream_chunk * 4], plan.stream_chunk)
+            runs = []
+            for _ in range(plan.stream_repeats):
+                cpu_before = process_tree_cpu_s(server.pid)
+                seconds, answered = await encode_stream(stub, images, plan.stream_chunk)
+                cpu = process_tree_cpu_s(server.pid) - cpu_before
+                runs.append((seconds, answered, cpu))
+            seconds, answered, cpu = sorted(runs)[len(runs) // 2]
+            result["stream"].append(
+                {
+                    "dtype": dtype,
+                    "images": answered,
+                    "chunk": plan.stream_chunk,
+                    "seconds": round(seconds, 3),
+                    "items_per_s": round(answered / seconds, 1),
+                    "server_cpu_ms_per_item": round(1000 * cpu / answered, 4),
+                }
+            )
+            print(f"  {server.name}: EncodeStream {dtype}: {answered / seconds:,.0f} images/s", flush=True)
+    result["rss_after_run_mb"] = round(server.rss_bytes() / 2**20, 1)
+    return result
+
+
+def measure_vae_server(
+    name: str,
+    argv: list[str],
+    port: int,
+    sweep: Sweep,
+    latent_dim: int,
+    plan: Plan,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+) -> Row:
+    server = servers.start(name, argv, port, log_dir, env=env)
+    print(f"{name}: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
+    try:
+        result: Row = _run(_sweep(server, sweep, latent_dim, plan))
+    finally:
+        server.stop()
+    return {"cold_start_s": round(server.cold_start_s, 3), "argv": argv[1:], **result}
+
+
+def service_argv(bundle: Path, port: int, *extra: str, module: str = "service") -> list[str]:
+    """vae-serve's command line (as `python -m service`, or a wrapper module taking the same flags)."""
+    return [
+        sys.executable,
+        "-m",
+        module,
+        "--model-dir",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
+def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
+    """The service's seconds to SERVING, several times (the first pays for a cold page cache)."""
+    times = []
+    for _ in range(repeats):
+        port = servers.free_port()
+        server = servers.start("service-cold", service_argv(bundle, port), port, log_dir)
+        times.append(server.cold_start_s)
+        server.stop()
+    return {"seconds": [round(t, 3) for t in times], "median_s": round(sorted(times)[len(times) // 2], 3)}
+
+
+# ---------------------------------------------------------------- Triton
+
+
+def measure_triton(
+    bundle: Path, latent_dim: int, plan: Plan, log_dir: Path, instances: int, threads: int
+) -> Row:
+    """PyTriton with dynamic batching, driven by tritonclient from bench/.venv."""
+    if not BENCH_PYTHON.exists():
+        return {"skipped": f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"}
+    grpc_port, http_port, metrics_port = (servers.free_port() for _ in range(3))
+    env = {"PYTHONPATH": str(ROOT)}
+    argv = [
+        str(BENCH_PYTHON), "-m", "bench.peers.triton_server", "--model-dir", str(bundle),
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+        "--instances", str(instances), "--threads", str(threads),
+    ]  # fmt: skip
+    server = servers.start(
+        f"triton-{instances}x{threads}",
+        argv,
+        grpc_port,
+        log_dir,
+        env=env,
+        ready_marker="triton: serving on",
+        timeout_s=120,
+    )
+    print(f"triton: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
+    windows: list[Row] = []
+    try:
+        shapes = [(Shape("Sample", size), plan.peer_concurrencies) for size in plan.sample_sizes]
+        shapes += [(Shape(rpc, 64), plan.peer_unary_concurrencies) for rpc in ("Decode", "Encode")]
+        for shape, concurrencies in shapes:
+            command = [
+                str(BENCH_PYTHON), "-m", "bench.peers.triton_load", "--target", server.target,
+                "--rpc", shape.rpc, "--per-request", str(shape.per_request), "--latent-dim", str(latent_dim),
+                "--concurrency", *map(str, concurrencies), "--duration", str(plan.window_s),
+                "--warmup", str(plan.warmup_s), "--server-pid", str(server.pid), "--uvloop",
+            ]  # fmt: skip
+            done = subprocess.run(
+                command, env={**os.environ, **env}, capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"triton_load failed: {done.stderr[-2000:]}")
+            for line in done.stdout.splitlines():
+                window = json.loads(line)
+                windows.append(
+                    {
+                        "shape": shape.name,
+                        "rpc": shape.rpc,
+                        "per_request": shape.per_request,
+                        "dtype": "FLOAT32",
+                        **window,
+                    }
+                )
+                print(
+                    f"  triton: {shape.name} c={window['concurrency']}: {window['items_per_s']:,.0f} items/s",
+                    flush=True,
+                )
+        rss = server.rss_bytes()
+    finally:
+        server.stop()
+    return {
+        "cold_start_s": round(server.cold_start_s, 3),
+        "instances": instances,
+        "threads": threads,
+        "rss_after_run_mb": round(rss / 2**20, 1),
+        "windows": windows,
+    }
+
+
+# ---------------------------------------------------------------- levers
+
+
+def in_process_levers(
+    bundle: Path, manifest: dict[str, Any], plan: Plan, ceilings_rows: list[Row], work_dir: Path
+) -> Row:
+    latent_dim = int(manifest["latent_dim"])
+    decoder = bundle / manifest["graphs"]["decoder"]["file"]
+    window = plan.ceiling_window_s
+    one_thread_64 = next(
+        r for r in ceilings_rows if r["graph"] == "decoder" and r["rows"] == 64 and r["layout"] == "1-thread"
+    )
+    decode_ms_per_image = 1000.0 / one_thread_64["items_per_s"]
+    result: Row = {
+        "batch_sizes": levers.batch_sizes(
+            decoder, bundle / manifest["graphs"]["encoder"]["file"], latent_dim, 1.0
+        ),
+        "optimization_levels": levers.optimization_levels(decoder, latent_dim, 64, window),
+        "thread_pool": levers.thread_pool_options(decoder, latent_dim, window),
+        "session_sharing": levers.session_sharing(decoder, latent_dim, window, ceiling.cores()),
+        "optimized_graph": levers.optimized_graph(decoder, latent_dim, window),
+        "wire": levers.wire_costs(latent_dim, decode_ms_per_image),
+        "tensor_decoding": levers.tensor_decoding(),
+    }
+    decoders = quantize.quantized_decoders(decoder, latent_dim, work_dir / "quantized")
+    result["int8_speed"] = quantize.speed_and_error(decoders, latent_dim, window)
+    if plan.quality:
+        result["int8_quality"] = quantize.sample_quality(decoders, bundle, latent_dim)
+    return result
+
+
+# (name, the module that serves, its extra flags): one server restart each.
+PROTOTYPE = "bench.experiments.parallel_batches"
+SERVER_LEVERS: list[tuple[str, str, list[str]]] = [
+    ("defaults", "service", []),
+    ("--max-concurrent-batches 1 (one call at a time)", "service", ["--max-concurrent-batches", "1"]),
+    (
+        "the first service's layout: 1 call at a time, ORT's default threads, batches of 256",
+        "service",
+        ["--max-concurrent-batches", "1", "--intra-op-threads", "0", "--max-batch-size", "256"],
+    ),
+    ("--max-queue-delay-ms 0", "service", ["--max-queue-delay-ms", "0"]),
+    ("--max-batch-size 256", "service", ["--max-batch-size", "256"]),
+    ("uvloop event loop", "bench.serve_uvloop", []),
+    ("prototype: GIL switch interval 1 ms", PROTOTYPE, ["--serial", "--switch-interval-ms", "1"]),
+]
+
+
+def server_levers(bundle: Path, latent_dim: int, plan: Plan, log_dir: Path) -> list[Row]:
+    """Each server-side knob alone, on the shapes the targets name."""
+    cells = [(Shape("Sample", 1), 32), (Shape("Sample", 64), 4), (Shape("Sample", 256), 4)]
+    sweep = Sweep(cells, ("FLOAT32",))
+    plan = replace(plan, stream_repeats=1)
+    rows: list[Row] = []
+    for name, module, extra in SERVER_LEVERS:
+        port = servers.free_port()
+        argv = service_argv(bundle, port, *extra, module=module)
+        try:
+            measured = measure_vae_server(f"service[{name}]", argv, port, sweep, latent_dim, plan, log_dir)
+        except Exception as error:  # a prototype that no longer fits the service must not sink the run
+            rows.append({"lever": name, "errors": {"failed": str(error)[:200]}})
+            continue
+        rss = {key: measured[key] for key in ("cold_start_s", "rss_after_warmup_mb", "rss_after_run_mb")}
+        rows += [{"lever": name, **rss, **w} for w in measured["windows"]]
+        stream = measured["stream"][0]
+        rows.append({"lever": name, **rss, "shape": "EncodeStream 10,000", "concurrency": 1, **stream})
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
+    manifest = json.loads((bundle / "model.json").read_text())
+    latent_dim = int(manifest["latent_dim"])
+    log_dir = work_dir / "logs"
+    started = time.perf_counter()
+    results: Row = {"machine": machine_record(bundle, manifest), "plan": plan.__dict__}
+    print("ceilings", flush=True)
+    results["ceilings"] = ceilings(bundle, manifest, plan)
+
+    sample_shapes = [
+        Shape("Sample", size, dtype) for dtype in ("FLOAT32", "UINT8") for size in plan.sample_sizes
+    ]
+    unary_shapes = [Shape(rpc, 64, dtype) for rpc in ("Decode", "Encode") for dtype in ("FLOAT32", "UINT8")]
+    port = servers.free_port()
+    results["service"] = measure_vae_server(
+        "service",
+        service_argv(bundle, port),
+        port,
+        Sweep.grid([*sample_shapes, *unary_shapes], plan.concurrencies, ("FLOAT32", "UINT8")),
+        latent_dim,
+        plan,
+        log_dir,
+    )
+    results["service_cold_start"] = cold_starts(bundle, log_dir)
+
+    port = servers.free_port()
+    naive_argv = [
+        sys.executable,
+        "-m",
+        "bench.peers.naive_server",
+        "--model-dir",
+        str(bundle),
+        "--port",
+        str(port),
+    ]
+    naive_sample = Sweep.grid(
+        [Shape("Sample", size) for size in plan.sample_sizes], plan.peer_concurrencies, ()
+    )
+    naive_unary = Sweep.grid([Shape("Decode", 64), Shape("Encode", 64)], plan.peer_unary_concurrencies, ())
+    results["naive"] = measure_vae_server(
+        "naive",
+        naive_argv,
+        port,
+        Sweep([*naive_sample.cells, *naive_unary.cells], ("FLOAT32",)),
+        latent_dim,
+        plan,
+        log_dir,
+    )
+    if plan.triton:
+        print("triton", flush=True)
+        # Triton's best layout here: one single-threaded model instance per core (one instance with
+        # onnxruntime's default threads made half as many images a second in a trial).
+        results["triton"] = measure_triton(
+            bundle, latent_dim, plan, log_dir, instances=ceiling.cores(), threads=1
+        )
+    if plan.levers:
+        print("levers", flush=True)
+        results["levers"] = in_process_levers(bundle, manifest, plan, results["ceilings"], work_dir)
+        results["server_levers"] = server_levers(bundle, latent_dim, plan, log_dir)
+    # A second pass at the end: the ceiling is the most onnxruntime does here, and passing load on a
+    # shared machine only ever lowers a measurement, so each layout keeps its better pass.
+    print("ceilings, second pass", flush=True)
+    results["ceilings_passes"] = [results["ceilings"], ceilings(bundle, manifest, plan)]
+    results["ceilings"] = best_of(results["ceilings_passes"])
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["suite_seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the benchmark suite behind docs/BENCHMARKS.md")
+    parser.add_argument("--bundle", type=Path, required=True, help="the model bundle to serve")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="results.json and logs")
+    parser.add_argument("--doc", type=Path, default=None, help="the Markdown file whose tables to rewrite")
+    parser.add_argument("--quick", action="store_true", help="short windows, few shapes: a smoke run")
+    parser.add_argument("--window", type=float, default=None, help="seconds per measured window")
+    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--no-levers", action="store_true")
+    parser.add_argument("--no-quality", action="store_true", help="skip the int8 decoder's quality score")
+    args = parser.parse_args(argv)
+    if not (args.bundle / "model.json").is_file():
+        parser.error(f"--bundle {args.bundle}: no model.json there; run vae-export first")
+    plan = Plan.quick() if args.quick else Plan()
+    if args.window:
+        plan = replace(plan, window_s=args.window)
+    plan = replace(
+        plan,
+        triton=plan.triton and not args.no_triton,
+        levers=plan.levers and not args.no_levers,
+        quality=plan.quality and not args.no_quality,
+    )
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    results = run(args.bundle, plan, args.work_dir)
+    (args.work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.work_dir / 'results.json'}", flush=True)
+    if args.doc:
+        report.update(args.doc, results)
+        print(f"wrote {args.doc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The load generator against the real server: a one-second window, counted the way the benchmark counts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+from bench.loadgen import RequestFn, Window, closed_loop
+from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
+from tests.conftest import TINY_LATENT_DIM, ServerThread
+from vae.v1 import vae_pb2, vae_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def _measure(target: str, shape: Shape) -> Window:
+    async def run() -> Window:
+        async with channel(target) as chan:
+            stub = vae_pb2_grpc.VaeServiceStub(chan)
+            return await closed_loop(
+                request_factory(stub, shape, TINY_LATENT_DIM),
+                concurrency=4,
+                duration_s=1.0,
+                warmup_s=0.2,
+                server_pid=os.getpid(),  # the server runs in this process, on a thread
+            )
+
+    return asyncio.run(run())
+
+
+def test_a_window_counts_every_image_of_the_requests_it_completed(vae_server: ServerThread) -> None:
+    window = _measure(vae_server.target, Shape("Sample", 8, "UINT8"))
+
+    assert window.errors == {}
+    assert window.requests > 0
+    assert window.items == 8 * window.requests
+    assert len(window.latencies_ms) == window.requests
+    assert 0 < window.latency_ms(0.5) <= window.latency_ms(0.99)
+    assert window.server_cpu_s is not None and window.server_cpu_s > 0
+    summary = window.summary()
+    assert summary["items_per_s"] == round(window.items / 1.0, 1)
+
+
+def test_failed_requests_are_counted_as_errors_by_status_code(vae_server: ServerThread) -> None:
+    async def run() -> Window:
+        async with channel(vae_server.target) as chan:
+            stub = vae_pb2_grpc.VaeServiceStub(chan)
+
+            def make(worker: int) -> RequestFn:
+                async def too_many() -> int:
+                    await stub.Sample(vae_pb2.SampleRequest(num_samples=10**6))
+                    return 1
+
+                return too_many
+
+            return await closed_loop(make, concurrency=2, duration_s=0.5, warmup_s=0.1)
+
+    window = asyncio.run(run())
+
+    assert window.requests == 0
+    assert set(window.errors) == {"INVALID_ARGUMENT"}
+    assert window.errors["INVALID_ARGUMENT"] > 0
+
+
+def test_encode_stream_answers_every_image_in_order(vae_server: ServerThread) -> None:
+    images = random_images(300, "UINT8")
+
+    async def run() -> tuple[float, int]:
+        async with channel(vae_server.target) as chan:
+            return await encode_stream(vae_pb2_grpc.VaeServiceStub(chan), images, chunk=64)
+
+    seconds, answered = asyncio.run(run())
+
+    assert answered == 300
+    assert seconds > 0
+    assert np.isfinite(seconds)
