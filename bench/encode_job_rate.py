@@ -6,8 +6,9 @@ Both sides encode the same images: `--rows` seeded random uint8 images (the enco
 depend on the pixels). The service runs as its own process (`python -m service`, default settings,
 127.0.0.1 on a free port); the job runs in this process exactly as `vae-encode-job` does (read the
 input, stream it, write shards and manifest). The ceiling calls encoder.onnx in this process with
-the service's session options (and, for reference, onnxruntime's defaults), in batches of the
-service's max batch size, converting uint8 to float as the service does. After one warm-up pass
+the service's session options (one intra-op thread) and with onnxruntime's defaults (a thread per
+core), in batches of `--batch-size`, converting uint8 to float as the service does; the ceiling is
+the faster of the two (bench/ceiling.py measures more layouts). After one warm-up pass
 each, the sides run `--repeats` times in turn and the medians are reported, with every run.
 Prints one JSON object.
 """
@@ -142,14 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.terminate()
             server.wait(30)
     job_rate = float(np.median([job["rows_per_s"] for job in jobs]))
-    ceiling_rate = float(np.median(ceilings))
+    service_options_rate = float(np.median(ceilings))
+    default_options_rate = float(np.median(defaults))
+    ceiling_rate = max(service_options_rate, default_options_rate)
     result = {
         "rows": args.rows,
         "batch_size": args.batch_size,
         "job_over_service_rows_per_s": job_rate,
-        "onnxruntime_in_process_rows_per_s": ceiling_rate,
+        "onnxruntime_service_options_rows_per_s": service_options_rate,
+        "onnxruntime_default_options_rows_per_s": default_options_rate,
+        "ceiling_rows_per_s": ceiling_rate,
         "job_share_of_ceiling": job_rate / ceiling_rate,
-        "onnxruntime_default_options_rows_per_s": float(np.median(defaults)),
         "repeats": {
             "job": jobs,
             "onnxruntime_rows_per_s": ceilings,
