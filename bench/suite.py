@@ -381,7 +381,7 @@ def in_process_levers(
 
 
 # (name, the module that serves, its extra flags): one server restart each.
-PROTOTYPE = "bench.experiments.parallel_batches"
+VARIANT = "bench.serve_variant"
 SERVER_LEVERS: list[tuple[str, str, list[str]]] = [
     ("defaults", "service", []),
     ("--max-concurrent-batches 1 (one call at a time)", "service", ["--max-concurrent-batches", "1"]),
@@ -392,8 +392,8 @@ SERVER_LEVERS: list[tuple[str, str, list[str]]] = [
     ),
     ("--max-queue-delay-ms 0", "service", ["--max-queue-delay-ms", "0"]),
     ("--max-batch-size 256", "service", ["--max-batch-size", "256"]),
-    ("uvloop event loop", "bench.serve_uvloop", []),
-    ("prototype: GIL switch interval 1 ms", PROTOTYPE, ["--serial", "--switch-interval-ms", "1"]),
+    ("uvloop event loop", VARIANT, ["--uvloop"]),
+    ("GIL switch interval 1 ms", VARIANT, ["--switch-interval-ms", "1"]),
 ]
 
 
@@ -408,7 +408,7 @@ def server_levers(bundle: Path, latent_dim: int, plan: Plan, log_dir: Path) -> l
         argv = service_argv(bundle, port, *extra, module=module)
         try:
             measured = measure_vae_server(f"service[{name}]", argv, port, sweep, latent_dim, plan, log_dir)
-        except Exception as error:  # a prototype that no longer fits the service must not sink the run
+        except Exception as error:  # one broken variant must not sink the whole run
             rows.append({"lever": name, "errors": {"failed": str(error)[:200]}})
             continue
         rss = {key: measured[key] for key in ("cold_start_s", "rss_after_warmup_mb", "rss_after_run_mb")}
