@@ -65,23 +65,7 @@ def test_concurrent_requests_share_one_call_and_get_their_own_rows_back() -> Non
         np.testing.assert_array_equal(sums, rows(2, 10 * i).sum(axis=1))
 
 
-def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
-    infer = Doubler()
-
-    async def scenario() -> float:
-        batcher = make_batcher(infer, max_queue_delay_s=30)
-        batcher.start()
-        started = time.perf_counter()
-        await batcher.submit(rows(8))
-        elapsed = time.perf_counter() - started
-        await batcher.stop()
-        return elapsed
-
-    assert asyncio.run(scenario()) < 5
-    assert infer.calls == [8]
-
-
-def test_a_lone_request_runs_at_once_without_waiting_for_the_delay() -> None:
+def test_an_idle_batcher_runs_a_lone_request_at_once_without_waiting_for_the_delay() -> None:
     infer = Doubler()
 
     async def scenario() -> float:
@@ -95,6 +79,35 @@ def test_a_lone_request_runs_at_once_without_waiting_for_the_delay() -> None:
 
     assert asyncio.run(scenario()) < 5
     assert infer.calls == [1]
+
+
+def test_while_another_batch_runs_a_full_batch_starts_without_waiting_for_the_delay() -> None:
+    first_call_may_finish = threading.Event()
+    calls: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            first_call_may_finish.wait(10)
+        return [batch * 2]
+
+    async def scenario() -> float:
+        batcher = make_batcher(Doubler(), max_batch_size=4, max_queue_delay_s=30, max_concurrent_batches=2)
+        batcher._infer = infer
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1)))
+        while not calls:  # the first call has started and holds one slot
+            await asyncio.sleep(0.001)
+        started = time.perf_counter()
+        await batcher.submit(rows(4))
+        elapsed = time.perf_counter() - started
+        first_call_may_finish.set()
+        await running
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 5
+    assert calls == [1, 4]
 
 
 def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
