@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +108,6 @@ class VaeModel:
         self.runtime = runtime
         self.spec = runtime.bundle.spec
         self.batching = batching
-        # A worker for every call that the two batchers may run at once.
-        self._executor = ThreadPoolExecutor(
-            max_workers=2 * batching.max_concurrent_batches, thread_name_prefix="onnxruntime"
-        )
 
         def batcher(name: str, infer: InferFn) -> Batcher:
             return Batcher(
@@ -122,7 +117,6 @@ class VaeModel:
                 max_queue_delay_s=batching.max_queue_delay_s,
                 max_queue_size=batching.max_queue_size,
                 max_concurrent_batches=batching.max_concurrent_batches,
-                executor=self._executor,
                 metrics=metrics,
             )
 
@@ -164,7 +158,6 @@ class VaeModel:
     async def stop(self) -> None:
         await self.encoder.stop()
         await self.decoder.stop()
-        self._executor.shutdown(wait=True)
 
     async def encode(self, images: Float32Array, deadline: float | None = None) -> Encoding:
         outputs = await self.encoder.submit(images, deadline)

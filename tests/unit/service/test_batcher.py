@@ -39,7 +39,6 @@ def make_batcher(infer: Doubler, **options: float) -> Batcher:
         max_queue_delay_s=settings["max_queue_delay_s"],
         max_queue_size=int(settings["max_queue_size"]),
         max_concurrent_batches=int(settings.get("max_concurrent_batches", 1)),
-        executor=None,
         metrics=ServiceMetrics.create(process=False),
     )
 
@@ -126,7 +125,6 @@ def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
             max_queue_delay_s=0.0,
             max_queue_size=64,
             max_concurrent_batches=2,
-            executor=None,
             metrics=ServiceMetrics.create(process=False),
         )
         batcher.start()
@@ -136,6 +134,37 @@ def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
 
     (doubled,) = asyncio.run(scenario())
     np.testing.assert_array_equal(doubled, rows(8) * 2)
+
+
+def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> None:
+    # The event loop is kept busy while three batches are due: they still run back to back.
+    first_call_may_finish, third_call = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            first_call_may_finish.wait(10)
+        if len(calls) == 3:
+            third_call.set()
+        return [batch * 2]
+
+    async def scenario() -> bool:
+        batcher = make_batcher(Doubler(), max_batch_size=4, max_queue_delay_s=0)
+        batcher._infer = infer
+        batcher.start()
+        request = asyncio.ensure_future(batcher.submit(rows(12)))
+        while not calls:  # the first call has started
+            await asyncio.sleep(0.001)
+        first_call_may_finish.set()
+        ran_while_the_loop_was_busy = third_call.wait(10)  # blocks the event loop's thread
+        (doubled,) = await request
+        np.testing.assert_array_equal(doubled, rows(12) * 2)
+        await batcher.stop()
+        return ran_while_the_loop_was_busy
+
+    assert asyncio.run(scenario())
+    assert calls == [4, 4, 4]
 
 
 def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order() -> None:
@@ -221,7 +250,7 @@ def test_a_cancelled_request_does_not_hold_back_the_rows_behind_it() -> None:
     assert infer.calls == [4]
 
 
-def test_stopping_during_a_call_fails_its_waiters_instead_of_leaving_them_hanging() -> None:
+def test_stopping_during_a_call_fails_its_waiters_at_once_and_then_waits_for_the_call() -> None:
     gate = threading.Event()
 
     async def scenario() -> None:
@@ -231,12 +260,15 @@ def test_stopping_during_a_call_fails_its_waiters_instead_of_leaving_them_hangin
         await asyncio.sleep(0)
         while batcher.queue_depth:  # until the worker has taken the rows and blocks on the gate
             await asyncio.sleep(0.001)
+        stopping = asyncio.ensure_future(batcher.stop())
         try:
-            await batcher.stop()
+            # The waiter fails while the call still runs; stop() then waits for the call to end.
             with pytest.raises(ModelNotReady, match="batcher stopped"):
                 await asyncio.wait_for(waiter, 10)
+            assert not stopping.done()
         finally:
             gate.set()
+        await stopping
 
     asyncio.run(scenario())
 
@@ -281,7 +313,6 @@ def test_batch_metrics_are_recorded_per_graph() -> None:
             max_batch_size=4,
             max_queue_delay_s=0,
             max_queue_size=8,
-            executor=None,
             metrics=metrics,
         )
         batcher.start()
