@@ -1,5 +1,8 @@
 """The gRPC server: VaeService, grpc.health.v1 and reflection on one port, /metrics on another.
 
+The gRPC port is plaintext, TLS (`--tls-cert`, `--tls-key`) or mutual TLS (`--tls-client-ca` too);
+/metrics is always plain HTTP, for a Prometheus that scrapes it inside the cluster.
+
 Life cycle: `start` binds the ports and answers health checks with NOT_SERVING; `load_model` verifies
 the bundle, opens the onnxruntime sessions, warms them up and only then turns health SERVING; `stop`
 drains: health turns NOT_SERVING, new requests are refused, in-flight ones get the grace period.
@@ -73,8 +76,12 @@ class VaeServer:
             server,
         )
         address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
             raise OSError(f"cannot bind the gRPC port {address}: {error}") from error
         await server.start()
@@ -87,7 +94,13 @@ class VaeServer:
             await self.stop(0)
             raise OSError(f"cannot bind the metrics port {settings.metrics_port}: {error}") from error
         self.metrics_port = self._metrics_http.port
-        log.info("gRPC on %s:%d, metrics on :%d/metrics", settings.host, self.port, self.metrics_port)
+        log.info(
+            "gRPC (%s) on %s:%d, metrics (plain HTTP) on :%d/metrics",
+            settings.tls_mode,
+            settings.host,
+            self.port,
+            self.metrics_port,
+        )
 
     async def load_model(self) -> None:
         """Load and warm the bundle off the event loop, then turn SERVING; raises BundleError, DeviceError."""
@@ -134,6 +147,19 @@ class VaeServer:
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
+
+
+def server_credentials(settings: Settings) -> Any:
+    """The grpc.ServerCredentials for the settings' TLS files, or None for a plaintext port. Settings
+    has checked the files already, so only a file changed since can fail here (with an OSError)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=None if client_ca is None else client_ca.read_bytes(),
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def start_server(settings: Settings, metrics: ServiceMetrics | None = None) -> VaeServer:

@@ -10,16 +10,18 @@ import argparse
 import dataclasses
 import math
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from service.runtime import Device
 
 ENV_PREFIX = "VAE_SERVE_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TlsMode = Literal["plaintext", "TLS", "mutual TLS"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,10 @@ class Settings:
     model_dir: Path = field(metadata={"help": "the model bundle directory written by vae-export"})
     host: str = field(default="0.0.0.0", metadata={"help": "the address the gRPC server binds"})
     port: int = field(default=50051, metadata={"help": "the gRPC port (0 = pick a free one)"})
-    metrics_port: int = field(default=9090, metadata={"help": "the /metrics port (0 = pick a free one)"})
+    metrics_port: int = field(
+        default=9090,
+        metadata={"help": "the /metrics port, plain HTTP even with --tls-cert (0 = pick a free one)"},
+    )
     metrics_host: str | None = field(
         default=None, metadata={"help": "the address /metrics binds (default: the same as --host)"}
     )
@@ -69,9 +74,24 @@ class Settings:
         },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM certificate chain: serve gRPC over TLS (needs --tls-key; /metrics stays plain HTTP)"
+        },
+    )
+    tls_key: Path | None = field(
+        default=None, metadata={"help": "PEM private key of --tls-cert, unencrypted"}
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM CA bundle: clients must show a certificate it signed (mutual TLS; needs --tls-cert)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in DEVICES:
             problems.append(f"device {self.device!r}: expected one of {', '.join(DEVICES)}")
         if self.log_level not in LOG_LEVELS:
@@ -95,6 +115,13 @@ class Settings:
             )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def tls_mode(self) -> TlsMode:
+        """How the gRPC port is secured: plaintext, TLS, or mutual TLS (clients show certificates)."""
+        if self.tls_cert is None:
+            return "plaintext"
+        return "TLS" if self.tls_client_ca is None else "mutual TLS"
 
     @property
     def concurrent_batches(self) -> int:
@@ -154,10 +181,77 @@ def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
+def _tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None) -> list[str]:
+    """What is wrong with the TLS files, each naming its flag and file; read here so that a bad file
+    fails at start with its name, not later as grpc's "Failed to bind" or a handshake error."""
+    if (cert is None) != (key is None):
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        return [f"--tls-cert and --tls-key go together: {given} is given without {missing}"]
+    if cert is None or key is None:
+        if client_ca is not None:
+            return ["--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"]
+        return []
+    problems = [
+        problem
+        for flag, path, what in (
+            ("--tls-cert", cert, "certificate chain"),
+            ("--tls-key", key, "private key"),
+            ("--tls-client-ca", client_ca, "CA bundle"),
+        )
+        if path is not None and (problem := _pem_problem(flag, path, what))
+    ]
+    if problems:
+        return problems
+    # The markers are there; OpenSSL now checks that the blocks decode and that the key fits the cert.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty passphrase: OpenSSL would otherwise prompt for one on the terminal.
+        context.load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            problems.append(f"--tls-key {key}: not the private key of the certificate in --tls-cert {cert}")
+        else:
+            problems.append(
+                f"--tls-cert {cert} and --tls-key {key}: not a readable PEM certificate chain and key "
+                f"({error})"
+            )
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as error:
+            problems.append(f"--tls-client-ca {client_ca}: not a readable PEM CA bundle ({error})")
+    return problems
+
+
+def _pem_problem(flag: str, path: Path, what: str) -> str | None:
+    """What keeps `path` from being a PEM file of `what` (a private key, or certificates), if anything."""
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        return f"{flag} {path}: cannot read the {what} ({error.strerror or error})"
+    is_key = what == "private key"
+    # PKCS#1, SEC1 and PKCS#8 keys all end their BEGIN line so.
+    found = b"PRIVATE KEY-----" in text if is_key else b"-----BEGIN CERTIFICATE-----" in text
+    if not found:
+        block = "-----BEGIN ... PRIVATE KEY-----" if is_key else "-----BEGIN CERTIFICATE-----"
+        return f"{flag} {path}: not a PEM {what} (no {block} block)"
+    # PKCS#8 and the older OpenSSL format mark encryption so; grpc has no way to ask for a passphrase.
+    if is_key and (b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text):
+        return f"{flag} {path}: the private key is encrypted; grpc needs it unencrypted"
+    return None
+
+
+def _optional_path(text: str) -> Path | None:
+    # Empty means not given, so a manifest can write VAE_SERVE_TLS_CERT: "" to turn TLS off.
+    return Path(text) if text else None
+
+
 def _parser_type(annotation: Any) -> Any:
     text = str(annotation)
     if text == "Path":
         return Path
+    if text == "Path | None":
+        return _optional_path
     if text == "int":
         return int
     if text == "float":

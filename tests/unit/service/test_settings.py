@@ -64,3 +64,118 @@ def test_usable_cpus_follow_a_container_cpu_limit(tmp_path: Path, cpu_max: str, 
     cores = len(os.sched_getaffinity(0))
     assert usable_cpus(path) == (cores if expected is None else min(cores, expected))
     assert usable_cpus(tmp_path / "missing") == cores
+
+
+FAKE_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+FAKE_KEY = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
+
+
+def test_tls_is_off_by_default_and_an_empty_variable_leaves_it_off() -> None:
+    environ = {"VAE_SERVE_TLS_CERT": "", "VAE_SERVE_TLS_KEY": "", "VAE_SERVE_TLS_CLIENT_CA": ""}
+    settings = Settings.from_args(["--model-dir", "bundle"], environ)
+    assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (None, None, None)
+    assert settings.tls_mode == "plaintext"
+
+
+def test_help_says_metrics_stay_plain_http_and_names_the_tls_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_args(["--help"], {})
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "plain HTTP even with --tls-cert" in help_text
+    for variable in ("VAE_SERVE_TLS_CERT", "VAE_SERVE_TLS_KEY", "VAE_SERVE_TLS_CLIENT_CA"):
+        assert variable in help_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--tls-cert", "server.pem"],
+            "--tls-cert and --tls-key go together: --tls-cert is given without --tls-key",
+        ),
+        (
+            ["--tls-key", "server.key"],
+            "--tls-cert and --tls-key go together: --tls-key is given without --tls-cert",
+        ),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
+    ],
+)
+def test_tls_flags_that_need_each_other_are_refused_naming_both(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--model-dir", "bundle", *argv], {})
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_tls_file_set_by_variable_is_refused_naming_the_flag_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "server.key").write_text(FAKE_KEY)
+    environ = {
+        "VAE_SERVE_TLS_CERT": str(tmp_path / "missing.pem"),
+        "VAE_SERVE_TLS_KEY": str(tmp_path / "server.key"),
+    }
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--model-dir", "bundle"], environ)
+    error = capsys.readouterr().err
+    assert f"--tls-cert {tmp_path / 'missing.pem'}: cannot read the certificate chain (No such file" in error
+
+
+DIRECTORY = None  # a directory where the file should be
+
+
+def tls_settings(directory: Path, cert: str | None, key: str | None, client_ca: str | None = "") -> Settings:
+    """Settings whose TLS files hold these texts (DIRECTORY: a directory in the file's place; a client
+    CA of "": not given)."""
+    paths: list[Path] = []
+    for name, text in (("server.pem", cert), ("server.key", key), ("ca.pem", client_ca)):
+        path = directory / name
+        if text is DIRECTORY:
+            path.mkdir()
+        else:
+            path.write_text(text)
+        paths.append(path)
+    cert_path, key_path, ca_path = paths
+    return Settings(
+        model_dir=directory,
+        tls_cert=cert_path,
+        tls_key=key_path,
+        tls_client_ca=ca_path if client_ca else None,
+    )
+
+
+ENCRYPTED_KEY = FAKE_KEY.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY")
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "client_ca", "message"),
+    [
+        (
+            DIRECTORY,
+            FAKE_KEY,
+            "",
+            "--tls-cert {dir}/server.pem: cannot read the certificate chain (Is a directory)",
+        ),
+        (
+            "hello",
+            FAKE_KEY,
+            "",
+            "--tls-cert {dir}/server.pem: not a PEM certificate chain (no -----BEGIN CERT",
+        ),
+        (FAKE_CERTIFICATE, FAKE_CERTIFICATE, "", "--tls-key {dir}/server.key: not a PEM private key"),
+        (FAKE_CERTIFICATE, ENCRYPTED_KEY, "", "--tls-key {dir}/server.key: the private key is encrypted"),
+        (FAKE_CERTIFICATE, FAKE_KEY, FAKE_KEY, "--tls-client-ca {dir}/ca.pem: not a PEM CA bundle"),
+        # The markers are there but the blocks are not certificates and keys: OpenSSL says so.
+        (FAKE_CERTIFICATE, FAKE_KEY, "", "--tls-key {dir}/server.key: not a readable PEM certificate chain"),
+    ],
+)
+def test_bad_tls_files_are_refused_naming_the_flag_and_file(
+    tmp_path: Path, cert: str | None, key: str, client_ca: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match="invalid settings") as refused:
+        tls_settings(tmp_path, cert, key, client_ca)
+    assert message.format(dir=tmp_path) in str(refused.value)
