@@ -1,20 +1,19 @@
 """Dynamic batching: concurrent requests merged into inference calls, results split back.
 
 A small generic component (after ray serve's `batching.py` and MLServer's adaptive batcher). The
-event loop queues each request's rows with a future; `max_concurrent_batches` worker threads each
-take up to `max_batch_size` rows from the head of the queue, run them as ONE call, and hand the
-outputs back to the event loop, which slices them to each waiter. The workers take their next batch
-themselves, so a worker that has just finished a call starts the next one without waiting for the
-event loop: on a CPU, one single-threaded call per core makes about twice the images of one call
-spread over two threads, and only while each core starts its next call at once (docs/BENCHMARKS.md).
+event loop queues each request's rows with a future; `max_concurrent_batches` worker threads run
+batches of up to `max_batch_size` rows as ONE call each, and hand the outputs back to the event
+loop, which slices them to each waiter. On a CPU, one single-threaded call per core makes about twice
+the images of one call spread over two threads (docs/BENCHMARKS.md), as long as each core starts its
+next call at once: so a worker that finishes a call takes the next FULL batch itself, without a
+trip through the event loop. Partial batches are handed out by the event loop, once a turn, so that
+every request of the turn shares one call.
 
 While no batch is in flight a batch starts at once, so a lone request never waits; while another
-batch runs, the oldest rows wait up to `max_queue_delay_s` for a fuller batch, and full batches
-start at once. Rows queued in the same
-turn of the event loop are woken for together, so requests that arrive together share a call. A
-request larger than `max_batch_size` is split into several items, which may run side by side. Rows of
-a cancelled request, or of one whose deadline has passed, are dropped before they run. If a call
-fails, every waiter of that batch gets the error.
+is, the oldest rows wait up to `max_queue_delay_s` for a full batch. A request larger than
+`max_batch_size` is split into several items, which may run side by side. Rows of a cancelled
+request, or of one whose deadline has passed, are dropped before they run. If a call fails, every
+waiter of that batch gets the error.
 """
 
 from __future__ import annotations
@@ -78,13 +77,16 @@ class Batcher:
         self._lock = threading.Condition()
         self._pending: deque[_Item] = deque()
         self._pending_rows = 0
-        # Batches running or whose answers the loop has yet to hand out, by serial number.
+        # Batches handed to a worker, running, or whose answers the loop has yet to hand out.
         self._in_flight: dict[int, list[_Item]] = {}
         self._batches_taken = 0
+        self._handed_out: deque[tuple[int, list[_Item]]] = deque()  # taken by the loop for a worker
+        self._idle_workers = 0
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_scheduled = False
+        self._dispatch_scheduled = False
+        self._delay_timer: asyncio.TimerHandle | None = None
         self._batch_size = metrics.batch_size.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
         self._inference = metrics.inference_duration.labels(name)
@@ -96,6 +98,7 @@ class Batcher:
             return
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._idle_workers = 0  # each worker counts itself in
         for index in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{index}", daemon=True)
             thread.start()
@@ -108,6 +111,7 @@ class Batcher:
             stranded = [*self._pending, *(item for batch in self._in_flight.values() for item in batch)]
             self._pending.clear()
             self._pending_rows = 0
+            self._handed_out.clear()
             self._lock.notify_all()
         _fail(stranded, ModelNotReady(f"the {self.name} batcher stopped"))
         self._queue_depth.set(0)
@@ -147,7 +151,7 @@ class Batcher:
                 futures.append(future)
             self._pending_rows += count
             self._queue_depth.set(self._pending_rows)
-        self._schedule_wake_up(loop)
+        self._schedule_dispatch(loop)
         try:
             if len(futures) == 1:
                 return list(await futures[0])
@@ -159,16 +163,36 @@ class Batcher:
             raise
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
-    def _schedule_wake_up(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wake a worker once per turn of the loop, after every request of this turn is queued."""
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            loop.call_soon(self._wake_a_worker)
+    def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dispatch once per turn of the loop, after every request and answer of this turn."""
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
 
-    def _wake_a_worker(self) -> None:
-        self._wake_scheduled = False
+    def _dispatch(self) -> None:
+        """On the event loop: hand batches to idle workers, following the delay rule.
+
+        While no batch is in flight a batch starts at once. While one is (running, or with answers
+        not handed out yet, so that the clients of those answers may join the next batch), the
+        oldest rows wait for a full batch, which a worker takes itself, or until they have waited
+        max_queue_delay. Deciding here, once a turn, merges every request of the turn into one call.
+        """
+        self._dispatch_scheduled = False
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
         with self._lock:
-            self._lock.notify()
+            while self._pending and self._idle_workers > len(self._handed_out):
+                if self._in_flight and self._pending_rows < self.max_batch_size:
+                    remaining = self._pending[0].enqueued_at + self._delay - time.monotonic()
+                    if remaining > 0:
+                        loop = asyncio.get_running_loop()
+                        self._delay_timer = loop.call_later(remaining, self._schedule_dispatch, loop)
+                        return
+                batch = self._collect()
+                if batch:
+                    self._handed_out.append(self._take(batch))
+                    self._lock.notify()
 
     def _deliver(self, serial: int, batch: list[_Item], result: Sequence[Array] | Exception) -> None:
         """On the event loop: each waiter's slice of the outputs, or the call's error."""
@@ -184,48 +208,49 @@ class Batcher:
                     # Slices are views of the batch's outputs: no copy until the response is built.
                     item.future.set_result([output[offset:end] for output in result])
                 offset = end
-        # Partial rows may have waited for these answers to go out.
-        self._schedule_wake_up(asyncio.get_running_loop())
+        self._schedule_dispatch(asyncio.get_running_loop())
 
     # --- the worker threads ----------------------------------------------------------------------
 
     def _work(self) -> None:
         loop = self._loop
         assert loop is not None, "start() sets the loop before the workers"
+        with self._lock:
+            self._idle_workers += 1
         while (taken := self._next_batch()) is not None:
             serial, batch = taken
             result = self._run(batch)
+            with self._lock:  # idle before the answers go out, so the loop's next dispatch counts it
+                self._idle_workers += 1
             try:
                 loop.call_soon_threadsafe(self._deliver, serial, batch, result)
             except RuntimeError:  # the event loop is closed: nobody is waiting any more
                 return
 
     def _next_batch(self) -> tuple[int, list[_Item]] | None:
-        """Wait for rows and take a batch (None once stopping).
+        """The batch the loop handed out, or a full batch straight from the queue; None once stopping.
 
-        A full batch starts at once. A partial one starts at once only while no other batch is in
-        flight (running, or with answers the loop has not handed out yet, so that the clients of
-        those answers may join the next batch); otherwise partial rows wait for a full batch, or
-        until the oldest have waited max_queue_delay.
+        A worker that has just finished a call takes a full batch at once, without a trip through
+        the event loop: with batches of max_batch_size, the cores never wait for the loop.
         """
         with self._lock:
             while not self._stopping:
-                if not self._pending:
-                    self._lock.wait()
+                if self._handed_out:
+                    self._idle_workers -= 1
+                    return self._handed_out.popleft()
+                if self._pending_rows >= self.max_batch_size:
+                    batch = self._collect()
+                    if batch:
+                        self._idle_workers -= 1
+                        return self._take(batch)
                     continue
-                if self._pending_rows < self.max_batch_size and self._in_flight:
-                    remaining = self._pending[0].enqueued_at + self._delay - time.monotonic()
-                    if remaining > 0:
-                        self._lock.wait(remaining)
-                        continue
-                batch = self._collect()
-                if self._pending:  # more than one batch waits: pass the wake-up on
-                    self._lock.notify()
-                if batch:
-                    self._batches_taken += 1
-                    self._in_flight[self._batches_taken] = batch
-                    return self._batches_taken, batch
+                self._lock.wait()
             return None
+
+    def _take(self, batch: list[_Item]) -> tuple[int, list[_Item]]:
+        self._batches_taken += 1
+        self._in_flight[self._batches_taken] = batch
+        return self._batches_taken, batch
 
     def _collect(self) -> list[_Item]:
         """Up to max_batch_size rows from the head of the queue, skipping dead items (lock held)."""

@@ -109,6 +109,37 @@ def test_while_another_batch_runs_a_full_batch_starts_without_waiting_for_the_de
     assert calls == [1, 4]
 
 
+def test_rows_queued_behind_a_batch_run_as_soon_as_it_ends_without_waiting_for_the_delay() -> None:
+    first_call_started, gate = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        first_call_started.set()
+        gate.wait(10)
+        return [batch * 2]
+
+    async def scenario() -> float:
+        batcher = make_batcher(Doubler(), max_queue_delay_s=30)
+        batcher._infer = infer
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(1)))
+        while not first_call_started.is_set():
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(batcher.submit(rows(2)))
+        while not batcher.queue_depth:  # queued behind the first call
+            await asyncio.sleep(0.001)
+        started = time.perf_counter()
+        gate.set()
+        await asyncio.gather(first, second)
+        elapsed = time.perf_counter() - started
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 5
+    assert calls == [1, 2]
+
+
 def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
     # Each call waits at a barrier for a second call: only two calls running at once get through.
     barrier = threading.Barrier(2, timeout=10)
