@@ -74,6 +74,11 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     return shifted
 
 
+def dynamic_binarize(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each pixel replaced by 1 with its grey level as probability, else 0 (a fresh draw per call)."""
+    return torch.bernoulli(images, generator=generator)
+
+
 def batch_loss(model: nn.Module, images: Tensor, config: TrainConfig, beta: float) -> LossTerms:
     """The training loss of one batch, with one reparameterized sample per image for the VAE."""
     if isinstance(model, VAE):
@@ -182,7 +187,10 @@ def train(
         beta = config.beta
         for index in bar:
             batch = images[order[index * config.batch_size : (index + 1) * config.batch_size]]
-            x = random_shift(batch, config.shift_pixels, shuffle).to(torch_device)
+            x = random_shift(batch, config.shift_pixels, shuffle)
+            if config.binarize:
+                x = dynamic_binarize(x, shuffle)
+            x = x.to(torch_device)
             beta = kl_weight(config, step, steps_per_epoch)
             terms = batch_loss(model, x, config, beta)
             optimizer.zero_grad(set_to_none=True)
@@ -278,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.shift_pixels,
         help="augmentation: random shifts; 0 is off",
     )
+    parser.add_argument(
+        "--binarize",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.binarize,
+        help="dynamic binarization: train on Bernoulli samples of each batch's grey levels "
+        "(measured: worse on grey test images)",
+    )
     parser.add_argument("--beta", type=float, default=defaults.beta, help="weight of the KL term")
     parser.add_argument("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood, help="p(x|z)")
     parser.add_argument(
@@ -315,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         shift_pixels=args.shift_pixels,
+        binarize=args.binarize,
         lr_schedule=args.lr_schedule,
         kl_warmup_epochs=args.kl_warmup_epochs,
         seed=args.seed,

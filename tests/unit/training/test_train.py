@@ -11,7 +11,7 @@ import torch
 
 from training.models import ModelConfig
 from training.run import TrainConfig, load_config, load_metrics, load_run
-from training.train import kl_weight, main, random_shift, train
+from training.train import dynamic_binarize, kl_weight, main, random_shift, train
 
 
 def tiny(**overrides: object) -> TrainConfig:
@@ -106,3 +106,33 @@ def test_random_shifts_move_each_image_without_changing_its_ink() -> None:
     torch.testing.assert_close(shifted.sum(dim=(1, 2, 3)), batch.sum(dim=(1, 2, 3)))
     assert len({tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}) == 25  # every offset in [-2, 2]^2
     assert random_shift(batch, 0, torch.Generator()) is batch
+
+
+def test_dynamic_binarization_draws_zeros_and_ones_with_the_grey_level_as_probability() -> None:
+    grey = torch.linspace(0.0, 1.0, 784).reshape(1, 1, 28, 28)
+    batch = grey.repeat(2000, 1, 1, 1)
+    binary = dynamic_binarize(batch, torch.Generator().manual_seed(0))
+    assert binary.shape == batch.shape and binary.dtype == batch.dtype
+    assert torch.equal(binary, binary.round()) and binary.min() >= 0.0 and binary.max() <= 1.0
+    # Each pixel's mean over 2,000 draws is its grey level (standard error at most 0.011).
+    torch.testing.assert_close(binary.mean(dim=0), grey[0], atol=0.05, rtol=0.0)
+    assert torch.equal(binary[:, :, 0, 0], torch.zeros(2000, 1))  # black stays black
+    assert torch.equal(binary[:, :, -1, -1], torch.ones(2000, 1))  # white stays white
+    # The same generator seed, the same draws; the next call, fresh ones.
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(dynamic_binarize(batch, generator), binary)
+    assert not torch.equal(dynamic_binarize(batch, generator), binary)
+
+
+def test_binarized_training_is_deterministic_and_differs_from_training_on_grey_images(tmp_path: Path) -> None:
+    config = tiny(limit=256, binarize=True)
+    train(config, tmp_path / "a", progress=False)
+    train(config, tmp_path / "b", progress=False)
+    train(tiny(limit=256, binarize=False), tmp_path / "grey", progress=False)
+    a, b, grey = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("a", "b", "grey")
+    )
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], grey[key]) for key in a)
+    assert load_config(tmp_path / "a").binarize
+    assert math.isfinite(load_metrics(tmp_path / "a")["final"]["val_loss"])

@@ -1,0 +1,103 @@
+"""Two or more versions of the service side by side: the target cells, interleaved, medians.
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
+        --tree before=/tmp/before --tree after=. [--rounds 2] [--window 3]
+
+Each round starts every version in turn (`python -m service` with the tree first on sys.path) and
+runs the cells of the targets, so that the noise of a shared machine falls on all versions alike.
+Prints images/s and the server's CPU ms per image for each cell, as the median over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import servers
+from bench.loadgen import closed_loop, process_tree_cpu_s
+from bench.suite import service_argv
+from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
+from vae.v1 import vae_pb2_grpc
+
+CELLS = ((Shape("Sample", 64), 4), (Shape("Sample", 256), 4), (Shape("Sample", 1), 32))
+STREAM_IMAGES, STREAM_CHUNK = 10_000, 64
+
+Measures = dict[str, tuple[float, float]]  # cell -> (items/s, server CPU ms/item)
+
+
+async def measure(server: servers.Server, latent_dim: int, window_s: float) -> Measures:
+    measures: Measures = {}
+    async with channel(server.target) as chan:
+        stub = vae_pb2_grpc.VaeServiceStub(chan)
+        for shape, concurrency in CELLS:
+            await request_factory(stub, shape, latent_dim)(0)()
+            window = await closed_loop(
+                request_factory(stub, shape, latent_dim),
+                concurrency=concurrency,
+                duration_s=window_s,
+                warmup_s=0.5,
+                server_pid=server.pid,
+            )
+            measures[f"{shape.name}, {concurrency} clients"] = (
+                window.items_per_s,
+                window.cpu_ms_per_item or 0.0,
+            )
+        images = random_images(STREAM_IMAGES, "FLOAT32")
+        await encode_stream(stub, images[: STREAM_CHUNK * 4], STREAM_CHUNK)
+        cpu_before = process_tree_cpu_s(server.pid)
+        seconds, answered = await encode_stream(stub, images, STREAM_CHUNK)
+        cpu_ms = 1000 * (process_tree_cpu_s(server.pid) - cpu_before) / answered
+        measures[f"EncodeStream {STREAM_IMAGES:,}, {STREAM_CHUNK} a message"] = (answered / seconds, cpu_ms)
+    return measures
+
+
+def tree_argv(tree: Path, argv: list[str]) -> list[str]:
+    """`python -m service ...` with `tree` first on sys.path."""
+    run = (
+        f"import sys, runpy; sys.path.insert(0, {str(tree.resolve())!r}); "
+        "runpy.run_module('service', run_name='__main__')"
+    )
+    return [argv[0], "-c", run, *argv[3:]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a checkout")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--window", type=float, default=3.0, help="seconds per cell")
+    parser.add_argument("--latent-dim", type=int, default=2)
+    args = parser.parse_args(argv)
+    trees = dict(item.split("=", 1) for item in args.tree)
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in trees}
+    for round_index in range(args.rounds):
+        for name, path in trees.items():
+            port = servers.free_port()
+            argv_ = tree_argv(Path(path), service_argv(args.bundle, port))
+            server = servers.start(name, argv_, port, Path("runs/bench/logs"))
+            try:
+                measures = asyncio.run(measure(server, args.latent_dim, args.window))
+            finally:
+                server.stop()
+            for cell, value in measures.items():
+                results[name].setdefault(cell, []).append(value)
+            print(f"round {round_index + 1} {name}: " + ", ".join(f"{v[0]:,.0f}" for v in measures.values()))
+    print("\nmedians: images/s (server CPU ms/image)")
+    for cell in next(iter(results.values())):
+        row = []
+        for name in trees:
+            values = results[name][cell]
+            rate = statistics.median(v[0] for v in values)
+            cpu = statistics.median(v[1] for v in values)
+            row.append(f"{name} {rate:,.0f} ({cpu:.3f})")
+        print(f"  {cell}: " + "  ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
