@@ -47,6 +47,15 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+# The target's stream: messages of vae-encode-job's default size (client/encode_job.py, --batch-size).
+TARGET_STREAM_CHUNK = 256
+
+
+def encoder_ceiling(results: Results) -> float:
+    """The encoder's best images a second at any rows a call measured: what a stream is held to."""
+    return max((r["items_per_s"] for r in results["ceilings"] if r["graph"] == "encoder"), default=0.0)
+
+
 def ceiling_of(results: Results, graph: str, rows: int) -> float:
     """The best layout's images a second for a graph at `rows` a call."""
     return max(
@@ -113,12 +122,12 @@ def targets(results: Results) -> str:
                 _ok(ratio, goal),
             ]
         )
-    stream = next((s for s in (service or {}).get("stream", []) if s["dtype"] == "FLOAT32"), None)
-    encoder = ceiling_of(results, "encoder", stream["chunk"]) if stream else None
-    ratio = _ratio(stream["items_per_s"] if stream else None, encoder)
+    streams = [s for s in (service or {}).get("stream", []) if s["dtype"] == "FLOAT32"]
+    stream = next((s for s in streams if s["chunk"] == TARGET_STREAM_CHUNK), streams[0] if streams else None)
+    ratio = _ratio(stream["items_per_s"] if stream else None, encoder_ceiling(results))
     rows.append(
         [
-            "EncodeStream 10,000 images / encoder ceiling",
+            f"EncodeStream 10,000 images, {stream['chunk'] if stream else '-'} a message / encoder ceiling",
             stream["items_per_s"] if stream else None,
             ratio,
             ">= 0.8",
@@ -212,7 +221,7 @@ def stream(results: Results) -> str:
     rows = []
     for name in ("service", "naive"):
         for s in results.get(name, {}).get("stream", []):
-            top = ceiling_of(results, "encoder", s["chunk"])
+            top = encoder_ceiling(results)
             rows.append(
                 [
                     name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -50,7 +51,8 @@ class Plan:
     peer_concurrencies: tuple[int, ...] = (1, 4, 8, 32)
     peer_unary_concurrencies: tuple[int, ...] = (4, 32)
     stream_images: int = 10_000
-    stream_chunk: int = 64
+    # Images per EncodeStream message: the first is vae-encode-job's default, the one the target uses.
+    stream_chunks: tuple[int, ...] = (256, 64)
     stream_repeats: int = 3
     triton: bool = True
     levers: bool = True
@@ -133,7 +135,7 @@ def machine_record(bundle: Path, manifest: dict[str, Any]) -> Row:
 
 
 def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
-    """Every layout for the decoder at each Sample size and the encoder at the stream's chunk."""
+    """Every layout for the decoder at each Sample size and the encoder at each stream chunk."""
     latent_dim = int(manifest["latent_dim"])
     decoder = bundle / manifest["graphs"]["decoder"]["file"]
     encoder = bundle / manifest["graphs"]["encoder"]["file"]
@@ -143,10 +145,9 @@ def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
             decoder, ceiling.decoder_feed(size, latent_dim), plan.ceiling_window_s, 0.2
         ):
             rows.append({"graph": "decoder", "rows": size, **measured.summary()})
-    for measured in ceiling.layouts(
-        encoder, ceiling.encoder_feed(plan.stream_chunk), plan.ceiling_window_s, 0.2
-    ):
-        rows.append({"graph": "encoder", "rows": plan.stream_chunk, **measured.summary()})
+    for size in sorted(plan.stream_chunks):
+        for measured in ceiling.layouts(encoder, ceiling.encoder_feed(size), plan.ceiling_window_s, 0.2):
+            rows.append({"graph": "encoder", "rows": size, **measured.summary()})
     return rows
 
 
@@ -205,13 +206,13 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
                 f"  {server.name}: {shape.name} c={concurrency}: {window.items_per_s:,.0f} items/s",
                 flush=True,
             )
-        for dtype in sweep.stream_dtypes:
+        for dtype, chunk in itertools.product(sweep.stream_dtypes, plan.stream_chunks):
             images = random_images(plan.stream_images, dtype)
-            await encode_stream(stub, images[: plan.stream_chunk * 4], plan.stream_chunk)
+            await encode_stream(stub, images[: chunk * 4], chunk)
             runs = []
             for _ in range(plan.stream_repeats):
                 cpu_before = process_tree_cpu_s(server.pid)
-                seconds, answered = await encode_stream(stub, images, plan.stream_chunk)
+                seconds, answered = await encode_stream(stub, images, chunk)
                 cpu = process_tree_cpu_s(server.pid) - cpu_before
                 runs.append((seconds, answered, cpu))
             seconds, answered, cpu = sorted(runs)[len(runs) // 2]
@@ -219,13 +220,16 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
                 {
                     "dtype": dtype,
                     "images": answered,
-                    "chunk": plan.stream_chunk,
+                    "chunk": chunk,
                     "seconds": round(seconds, 3),
                     "items_per_s": round(answered / seconds, 1),
                     "server_cpu_ms_per_item": round(1000 * cpu / answered, 4),
                 }
             )
-            print(f"  {server.name}: EncodeStream {dtype}: {answered / seconds:,.0f} images/s", flush=True)
+            print(
+                f"  {server.name}: EncodeStream {dtype}, {chunk}/message: {answered / seconds:,.0f} images/s",
+                flush=True,
+            )
     result["rss_after_run_mb"] = round(server.rss_bytes() / 2**20, 1)
     return result
 
