@@ -181,9 +181,22 @@ def _export_graph(graph: _Graph, path: Path, latent_dim: int) -> None:
                 external_data=False,
                 verbose=False,
             )
+        _drop_debug_metadata(path)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:  # the exporter raises many types; all mean the same to the caller
         raise ExportError(f"{path}: export of the {graph.name} failed ({error})") from error
+
+
+def _drop_debug_metadata(path: Path) -> None:
+    """Remove the exporter's per-node debug metadata (stack traces with this checkout's absolute
+    paths, fx names): the graph, and so the bundle version, then depends on the weights alone, not
+    on the directory the export ran in."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    for value in model.graph.value_info:
+        del value.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager

@@ -42,6 +42,16 @@ def test_the_graphs_are_valid_onnx_at_the_pinned_opset(vae_bundle: Path) -> None
         assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
 
 
+def test_the_graphs_carry_no_local_paths_so_the_version_does_not_depend_on_the_checkout(
+    vae_bundle: Path,
+) -> None:
+    project = str(Path(__file__).resolve().parents[3])
+    for name in ("encoder.onnx", "decoder.onnx"):
+        data = (vae_bundle / name).read_bytes()
+        assert project.encode() not in data
+        assert b"stack_trace" not in data
+
+
 def test_the_batch_axis_is_dynamic(vae_bundle: Path) -> None:
     session = ort.InferenceSession(str(vae_bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
     for batch_size in (1, 3, 300):
