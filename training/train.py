@@ -7,7 +7,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ from training.run import TrainConfig, save_checkpoint, save_config, save_metrics
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 # Batches the validation pass uses; its size changes nothing but speed.
 EVAL_BATCH_SIZE = 500
+# The encoder augmentation's largest rotation, relative scale and shift: small enough that the
+# images stay digits as MNIST writes them (measured against larger ones in docs/ae-vs-vae.md).
+AUGMENT_DEGREES = 12.0
+AUGMENT_SCALE = 0.10
+AUGMENT_SHIFT_PIXELS = 1.5
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +85,39 @@ def dynamic_binarize(images: Tensor, generator: torch.Generator) -> Tensor:
     return torch.bernoulli(images, generator=generator)
 
 
+def random_affine(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image rotated, scaled and shifted by its own random amounts, up to the AUGMENT_ limits.
+
+    Bilinear resampling with zeros outside the frame; the generator (on the CPU) draws the amounts.
+    """
+    count = len(images)
+
+    def uniform(limit: float) -> Tensor:
+        return (torch.rand(count, generator=generator) * 2 - 1) * limit
+
+    angle = uniform(math.radians(AUGMENT_DEGREES))
+    scale = 1 + uniform(AUGMENT_SCALE)
+    # affine_grid maps output coordinates to input ones in [-1, 1]: a pixel is 2 / side of them.
+    shift_x, shift_y = (uniform(AUGMENT_SHIFT_PIXELS * 2 / images.shape[-1]) for _ in range(2))
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = nn.functional.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, align_corners=False).clamp(0.0, 1.0)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Within the block, the module's parameters get no gradients; gradients still flow through it."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 def batch_loss(model: nn.Module, images: Tensor, config: TrainConfig, beta: float) -> LossTerms:
     """The training loss of one batch, with one reparameterized sample per image for the VAE."""
     if isinstance(model, VAE):
@@ -93,6 +132,22 @@ def batch_loss(model: nn.Module, images: Tensor, config: TrainConfig, beta: floa
             recon_weight=config.recon_weight,
         )
     return ae_loss(model(images), images, likelihood=config.likelihood, recon_weight=config.recon_weight)
+
+
+def training_loss(
+    model: nn.Module, images: Tensor, config: TrainConfig, beta: float, generator: torch.Generator
+) -> tuple[LossTerms, Tensor]:
+    """The batch's loss terms, which the history records, and the loss to minimise.
+
+    With encoder augmentation, the loss adds the same loss on randomly moved copies of the batch,
+    computed with the decoder frozen: the decoder learns from the real images only.
+    """
+    terms = batch_loss(model, images, config, beta)
+    if config.encoder_augmentation == 0:
+        return terms, terms.total
+    with frozen(model.get_submodule("decoder")):
+        augmented = batch_loss(model, random_affine(images, generator), config, beta)
+    return terms, terms.total + config.encoder_augmentation * augmented.total
 
 
 @torch.no_grad()
@@ -192,9 +247,9 @@ def train(
                 x = dynamic_binarize(x, shuffle)
             x = x.to(torch_device)
             beta = kl_weight(config, step, steps_per_epoch)
-            terms = batch_loss(model, x, config, beta)
+            terms, loss = training_loss(model, x, config, beta, shuffle)
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()  # type: ignore[no-untyped-call]
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -293,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic binarization: train on Bernoulli samples of each batch's grey levels "
         "(measured: worse on grey test images)",
     )
+    parser.add_argument(
+        "--encoder-augmentation",
+        type=float,
+        default=defaults.encoder_augmentation,
+        help="weight of the encoder's extra loss on rotated, scaled and shifted copies of each batch, "
+        "scored with the decoder frozen; 0 is off",
+    )
     parser.add_argument("--beta", type=float, default=defaults.beta, help="weight of the KL term")
     parser.add_argument("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood, help="p(x|z)")
     parser.add_argument(
@@ -331,6 +393,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_decay=args.ema_decay,
         shift_pixels=args.shift_pixels,
         binarize=args.binarize,
+        encoder_augmentation=args.encoder_augmentation,
         lr_schedule=args.lr_schedule,
         kl_warmup_epochs=args.kl_warmup_epochs,
         seed=args.seed,

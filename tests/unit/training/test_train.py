@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.models import ModelConfig
+from training.models import ModelConfig, build_model
 from training.run import TrainConfig, load_config, load_metrics, load_run
-from training.train import dynamic_binarize, kl_weight, main, random_shift, train
+from training.train import (
+    dynamic_binarize,
+    frozen,
+    kl_weight,
+    main,
+    random_affine,
+    random_shift,
+    train,
+    training_loss,
+)
 
 
 def tiny(**overrides: object) -> TrainConfig:
@@ -64,6 +73,13 @@ def test_every_training_option_trains_the_ae_and_the_vae(tmp_path: Path, schedul
         assert final["learning_rate"] < config.learning_rate  # both schedules end below the peak
 
 
+def test_a_config_written_before_the_encoder_augmentation_existed_reads_as_trained_without_it() -> None:
+    written = TrainConfig(seed=3).to_dict()
+    assert TrainConfig.from_dict(written) == TrainConfig(seed=3)
+    del written["encoder_augmentation"]
+    assert TrainConfig.from_dict(written).encoder_augmentation == 0.0
+
+
 def test_the_kl_weight_ramps_up_to_beta_over_the_warm_up() -> None:
     config = TrainConfig(beta=2.0, kl_warmup_epochs=2)
     weights = [kl_weight(config, step, steps_per_epoch=10) for step in range(30)]
@@ -88,6 +104,8 @@ def test_the_command_line_trains_and_prints_the_final_losses(
 def test_options_that_do_not_work_together_are_refused() -> None:
     with pytest.raises(ValueError, match="ema_decay cannot be combined with batch_norm"):
         TrainConfig(model=ModelConfig(batch_norm=True), ema_decay=0.99)
+    with pytest.raises(ValueError, match="encoder_augmentation must not be negative"):
+        TrainConfig(encoder_augmentation=-1.0)
 
 
 def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,3 +154,67 @@ def test_binarized_training_is_deterministic_and_differs_from_training_on_grey_i
     assert not all(torch.equal(a[key], grey[key]) for key in a)
     assert load_config(tmp_path / "a").binarize
     assert math.isfinite(load_metrics(tmp_path / "a")["final"]["val_loss"])
+
+
+def blob_images(count: int) -> torch.Tensor:
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 9:19, 12:16] = 1.0  # a centred stroke, like a digit one
+    return image.repeat(count, 1, 1, 1)
+
+
+def test_random_affine_moves_each_image_a_little_and_keeps_it_a_digit_sized_image() -> None:
+    batch = blob_images(300)
+    moved = random_affine(batch, torch.Generator().manual_seed(0))
+    assert moved.shape == batch.shape and moved.min() >= 0.0 and moved.max() <= 1.0
+    assert all(not torch.equal(image, batch[0]) for image in moved)
+    assert len({image.sum().item() for image in moved}) > 250  # each image its own rotation and scale
+    # At most 12 degrees, 10% and 1.5 pixels: the ink stays within a scale's square of its mass
+    # (0.81 to 1.21), and its centre, which is the frame's, moves by the shift alone, turned and
+    # scaled with the image: at most 1.1 x 1.5 x sqrt(2) = 2.33 pixels.
+    ink = moved.sum(dim=(1, 2, 3)) / batch[0].sum()
+    assert ink.min() > 0.75 and ink.max() < 1.25
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+
+    def centre(images: torch.Tensor) -> torch.Tensor:
+        mass = images[:, 0].sum(dim=(1, 2))
+        return (
+            torch.stack([(images[:, 0] * rows).sum(dim=(1, 2)), (images[:, 0] * cols).sum(dim=(1, 2))], 1)
+            / mass[:, None]
+        )
+
+    shift = (centre(moved) - centre(batch[:1])).norm(dim=1)
+    assert 1.5 < shift.max() < 2.33
+    assert torch.equal(random_affine(batch, torch.Generator().manual_seed(0)), moved)
+
+
+def test_a_frozen_module_gets_no_gradients_but_passes_them_through() -> None:
+    layer = torch.nn.Linear(3, 2)
+    x = torch.ones(1, 3, requires_grad=True)
+    with frozen(layer):
+        layer(x).sum().backward()
+    assert layer.weight.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in layer.parameters())
+    with pytest.raises(RuntimeError), frozen(layer):
+        raise RuntimeError("the parameters are unfrozen even when the block fails")
+    assert all(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_encoder_augmentation_trains_the_encoder_and_leaves_the_decoder_to_the_real_images(kind: str) -> None:
+    images = blob_images(8) * torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    def gradients(weight: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same model and the same posterior noise for the real images
+        model = build_model(ModelConfig(kind=kind))  # type: ignore[arg-type]
+        config = TrainConfig(model=model.config, encoder_augmentation=weight)
+        terms, loss = training_loss(model, images, config, 1.0, torch.Generator().manual_seed(2))
+        loss.backward()  # type: ignore[no-untyped-call]
+        assert terms.total.item() <= loss.item()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, augmented = gradients(0.0), gradients(1.0)
+    decoder = [name for name in plain if name.startswith("decoder.")]
+    encoder = [name for name in plain if not name.startswith("decoder.")]
+    assert decoder and encoder
+    assert all(torch.equal(plain[name], augmented[name]) for name in decoder)
+    assert all(not torch.allclose(plain[name], augmented[name]) for name in encoder)
