@@ -107,13 +107,18 @@ def random_affine(images: Tensor, generator: torch.Generator) -> Tensor:
 
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
-    """Within the block, the module's parameters get no gradients; gradients still flow through it."""
+    """Within the block the module is as it stands: its parameters get no gradients, and it runs in
+    eval mode, so batch norm's statistics do not move and dropout is off. Gradients still flow
+    through it to its inputs."""
     parameters = [p for p in module.parameters() if p.requires_grad]
+    was_training = module.training
     for parameter in parameters:
         parameter.requires_grad_(False)
+    module.eval()
     try:
         yield
     finally:
+        module.train(was_training)
         for parameter in parameters:
             parameter.requires_grad_(True)
 

@@ -187,16 +187,22 @@ def test_random_affine_moves_each_image_a_little_and_keeps_it_a_digit_sized_imag
     assert torch.equal(random_affine(batch, torch.Generator().manual_seed(0)), moved)
 
 
-def test_a_frozen_module_gets_no_gradients_but_passes_them_through() -> None:
-    layer = torch.nn.Linear(3, 2)
-    x = torch.ones(1, 3, requires_grad=True)
-    with frozen(layer):
-        layer(x).sum().backward()
-    assert layer.weight.grad is None and x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.requires_grad for p in layer.parameters())
-    with pytest.raises(RuntimeError), frozen(layer):
-        raise RuntimeError("the parameters are unfrozen even when the block fails")
-    assert all(p.requires_grad for p in layer.parameters())
+def test_a_frozen_module_learns_nothing_but_passes_gradients_through() -> None:
+    norm = torch.nn.BatchNorm1d(2)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), norm)
+    assert norm.running_mean is not None
+    statistics = norm.running_mean.clone()
+    x = torch.randn(4, 3, requires_grad=True)
+    with frozen(module):
+        assert not module.training
+        module(x).sum().backward()
+    assert all(p.grad is None for p in module.parameters())
+    assert torch.equal(norm.running_mean, statistics)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert module.training and all(p.requires_grad for p in module.parameters())
+    with pytest.raises(RuntimeError), frozen(module):
+        raise RuntimeError("the module is restored even when the block fails")
+    assert module.training and all(p.requires_grad for p in module.parameters())
 
 
 @pytest.mark.parametrize("kind", ["vae", "ae"])
