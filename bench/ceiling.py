@@ -124,6 +124,17 @@ def graph_runner(session: ort.InferenceSession, feed: Feed) -> Callable[[], int]
     return run
 
 
+def layout_runs(path: Path, feed: Feed, layout: str) -> list[Callable[[], int]]:
+    """The loop functions of one layout of LAYOUTS, each with its own session where the layout says so."""
+    if layout == "default":
+        return [graph_runner(load(path, session_options(0)), feed)]
+    if layout == "1-thread":
+        return [graph_runner(load(path, session_options(1)), feed)]
+    if layout == "per-core":
+        return [graph_runner(load(path, session_options(1)), feed) for _ in range(cores())]
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
 def layouts(
     path: Path, feed: Feed, duration_s: float, warmup_s: float, spinning: bool | None = None
 ) -> list[Measured]:
@@ -132,10 +143,8 @@ def layouts(
     default = load(path, session_options(0, spinning=spinning))
     results.append(throughput([graph_runner(default, feed)], duration_s, warmup_s, "default"))
     del default
-    single = load(path, session_options(1))
-    results.append(throughput([graph_runner(single, feed)], duration_s, warmup_s, "1-thread"))
-    sessions = [single] + [load(path, session_options(1)) for _ in range(cores() - 1)]
-    results.append(throughput([graph_runner(s, feed) for s in sessions], duration_s, warmup_s, "per-core"))
+    for layout in ("1-thread", "per-core"):
+        results.append(throughput(layout_runs(path, feed, layout), duration_s, warmup_s, layout))
     return results
 
 

@@ -26,6 +26,11 @@ from vae.v1 import vae_pb2_grpc
 PY_SPY = BENCH_PYTHON.parent / "py-spy"
 
 
+def gil_samples(collapsed: Path) -> int:
+    """How many samples py-spy took (with --gil, each one is a moment some thread held the GIL)."""
+    return sum(int(line.rpartition(" ")[2]) for line in collapsed.read_text().splitlines())
+
+
 def top_functions(collapsed: Path, count: int = 30) -> str:
     """The functions with the most samples, own and inclusive, from py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
@@ -45,14 +50,18 @@ def top_functions(collapsed: Path, count: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _py_spy(pid: int, seconds: float, out: Path, fmt: str) -> subprocess.Popen[bytes]:
+SAMPLES_PER_S = 200
+
+
+def _py_spy(pid: int, seconds: float, out: Path, fmt: str, gil: bool) -> subprocess.Popen[bytes]:
     command = [
         str(PY_SPY),
         "record",
         "--nonblocking",
         "--threads",
+        *(["--gil"] if gil else []),
         "-r",
-        "200",
+        str(SAMPLES_PER_S),
         "-d",
         str(max(1, round(seconds))),
     ]
@@ -69,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--module", default="service", help="the server module (takes vae-serve's flags)")
     parser.add_argument("--out", type=Path, required=True, help="OUT.svg and OUT.txt are written")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples holding the GIL: how busy the GIL is, and who holds it",
+    )
     args, extra = parser.parse_known_args(argv)
     if not PY_SPY.exists():
         parser.error(f"{PY_SPY} not found: `make bench-setup` installs py-spy into bench/.venv")
@@ -84,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stub = vae_pb2_grpc.VaeServiceStub(chan)
             await request_factory(stub, shape, 2)(0)()
             spies = [
-                _py_spy(server.pid, args.seconds, raw, "raw"),
-                _py_spy(server.pid, args.seconds, args.out.with_suffix(".svg"), "flamegraph"),
+                _py_spy(server.pid, args.seconds, raw, "raw", args.gil),
+                _py_spy(server.pid, args.seconds, args.out.with_suffix(".svg"), "flamegraph", args.gil),
             ]
             window = await closed_loop(
                 request_factory(stub, shape, 2),
@@ -102,7 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         window: Window = _run(load())
     finally:
         server.stop()
-    report = f"{shape.name}, {args.concurrency} clients: {window.summary()}\n\n" + top_functions(raw)
+    report = f"{shape.name}, {args.concurrency} clients: {window.summary()}\n\n"
+    if args.gil:
+        held = gil_samples(raw) / (SAMPLES_PER_S * max(1, round(args.seconds)))
+        report += f"the GIL was held {100 * held:.0f}% of the time (the threads' shares: inclusive)\n\n"
+    report += top_functions(raw)
     args.out.with_suffix(".txt").write_text(report)
     print(report)
     return 0

@@ -100,59 +100,31 @@ def machine(results: Results) -> str:
 
 
 def targets(results: Results) -> str:
-    service = results.get("service")
+    """The goals, judged on the paired rounds' median ratios (bench/targets.py), then start-up and memory."""
     rows: list[list[object]] = []
-    for size in (64, 256):
-        window = _window(service, "Sample", size, 4)
-        measured = window["items_per_s"] if window else None
-        ratio = _ratio(measured, ceiling_of(results, "decoder", size))
-        rows.append(
-            [f"Sample {size}/req, 4 clients / all-core ceiling", measured, ratio, ">= 0.9", _ok(ratio, 0.9)]
-        )
-    ours = _window(service, "Sample", 1, 32)
-    for peer, goal in (("naive", 1.5), ("triton", 2.0)):
-        theirs = _window(results.get(peer), "Sample", 1, 32)
-        ratio = _ratio(ours["items_per_s"] if ours else None, theirs["items_per_s"] if theirs else None)
+    for row in results.get("paired_targets", {}).get("summary", []):
         rows.append(
             [
-                f"Sample 1/req, 32 clients / {peer}",
-                ours["items_per_s"] if ours else None,
-                ratio,
-                f">= {goal}x",
-                _ok(ratio, goal),
+                row["target"],
+                row["ours_median"],
+                row["theirs_median"],
+                row["ratio_median"],
+                f"{_cell(row['ratio_low'])}-{_cell(row['ratio_high'])}",
+                f"{row['rounds_met']} of {row['rounds']}",
+                f">= {row['goal']}",
+                row["met"],
             ]
         )
-    streams = [s for s in (service or {}).get("stream", []) if s["dtype"] == "FLOAT32"]
-    stream = next((s for s in streams if s["chunk"] == TARGET_STREAM_CHUNK), streams[0] if streams else None)
-    ratio = _ratio(stream["items_per_s"] if stream else None, encoder_ceiling(results))
-    rows.append(
-        [
-            f"EncodeStream 10,000 images, {stream['chunk'] if stream else '-'} a message / encoder ceiling",
-            stream["items_per_s"] if stream else None,
-            ratio,
-            ">= 0.8",
-            _ok(ratio, 0.8),
-        ]
-    )
     cold = results.get("service_cold_start", {}).get("median_s")
-    rows.append(
-        [
-            "cold start to SERVING (s, median of 3)",
-            cold,
-            None,
-            "< 1.5 s",
-            None if cold is None else cold < 1.5,
-        ]
-    )
-    rss = (service or {}).get("rss_after_warmup_mb")
-    rows.append(
-        ["resident memory after warm-up (MB)", rss, None, "< 250 MB", None if rss is None else rss < 250]
-    )
-    return table(["target", "measured (images/s)", "ratio", "goal", "met"], rows)
-
-
-def _ok(ratio: float | None, goal: float) -> bool | None:
-    return None if ratio is None else ratio >= goal
+    rss = results.get("service", {}).get("rss_after_warmup_mb")
+    for name, value, limit, unit in (
+        ("cold start to SERVING (s, median of 3)", cold, 1.5, "s"),
+        ("resident memory after warm-up (MB)", rss, 250, "MB"),
+    ):
+        met = None if value is None else value < limit
+        rows.append([name, value, None, None, None, None, f"< {limit} {unit}", met])
+    header = ["target", "ours (median)", "theirs (median)", "ratio (median)", "ratio range", "rounds met"]
+    return table([*header, "goal", "met"], rows)
 
 
 def ceilings(results: Results) -> str:

@@ -4,7 +4,8 @@
 
 In order: the machine record; the in-process ceilings; the service (cold start, memory, the sweep of
 shapes and concurrencies, EncodeStream); the naive grpc.aio peer; Triton through PyTriton (from
-bench/.venv, when it is there); the in-process levers; the server-side levers (one restart each).
+bench/.venv, when it is there); the in-process levers; the server-side levers (one restart each);
+the targets, in paired rounds (bench/targets.py); a second pass of the ceilings.
 Every server runs as its own process, and the load generator is this process.
 """
 
@@ -29,13 +30,17 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from bench import ceiling, levers, quantize, report, servers
+from bench import ceiling, levers, quantize, report, servers, targets
 from bench.loadgen import closed_loop, process_tree_cpu_s
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from vae.v1 import vae_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
+# Images per Sample request in the targets held to the all-core ceiling.
+TARGET_SAMPLE_SIZES = (64, 256)
+TRITON_ENV = {"PYTHONPATH": str(ROOT)}
+TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
 Row = dict[str, Any]
 
 
@@ -54,6 +59,8 @@ class Plan:
     # Images per EncodeStream message: the first is vae-encode-job's default, the one the target uses.
     stream_chunks: tuple[int, ...] = (256, 64)
     stream_repeats: int = 3
+    # Rounds of the targets' paired measurement (bench/targets.py): the median ratio decides.
+    target_rounds: int = 5
     triton: bool = True
     levers: bool = True
     quality: bool = True
@@ -71,6 +78,7 @@ class Plan:
             peer_unary_concurrencies=(8,),
             stream_images=1_000,
             stream_repeats=1,
+            target_rounds=1,
             triton=False,
             levers=False,
             quality=False,
@@ -140,7 +148,7 @@ def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
     decoder = bundle / manifest["graphs"]["decoder"]["file"]
     encoder = bundle / manifest["graphs"]["encoder"]["file"]
     rows: list[Row] = []
-    for size in sorted({*plan.sample_sizes, 64}):
+    for size in sorted({*plan.sample_sizes, *TARGET_SAMPLE_SIZES}):
         for measured in ceiling.layouts(
             decoder, ceiling.decoder_feed(size, latent_dim), plan.ceiling_window_s, 0.2
         ):
@@ -273,6 +281,15 @@ def service_argv(bundle: Path, port: int, *extra: str, module: str = "service") 
     ]
 
 
+def _layout_name(ceiling_row: Row) -> str:
+    return f"{ceiling_row['layout']}, {ceiling_row['rows']} rows a call"
+
+
+def naive_argv(bundle: Path, port: int) -> list[str]:
+    """The naive peer's command line (bench/peers/naive_server.py)."""
+    return [sys.executable, "-m", "bench.peers.naive_server", "--model-dir", str(bundle), "--port", str(port)]
+
+
 def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
     """The service's seconds to SERVING, several times (the first pays for a cold page cache)."""
     times = []
@@ -287,14 +304,9 @@ def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
 # ---------------------------------------------------------------- Triton
 
 
-def measure_triton(
-    bundle: Path, latent_dim: int, plan: Plan, log_dir: Path, instances: int, threads: int
-) -> Row:
-    """PyTriton with dynamic batching, driven by tritonclient from bench/.venv."""
-    if not BENCH_PYTHON.exists():
-        return {"skipped": f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"}
+def start_triton(bundle: Path, log_dir: Path, instances: int, threads: int) -> servers.Server:
+    """PyTriton with dynamic batching, from bench/.venv."""
     grpc_port, http_port, metrics_port = (servers.free_port() for _ in range(3))
-    env = {"PYTHONPATH": str(ROOT)}
     argv = [
         str(BENCH_PYTHON), "-m", "bench.peers.triton_server", "--model-dir", str(bundle),
         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
@@ -305,38 +317,47 @@ def measure_triton(
         argv,
         grpc_port,
         log_dir,
-        env=env,
+        env=TRITON_ENV,
         ready_marker="triton: serving on",
         timeout_s=120,
     )
     print(f"triton: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
+    return server
+
+
+def triton_windows(
+    server: servers.Server, shape: Shape, concurrencies: Sequence[int], latent_dim: int, plan: Plan
+) -> list[Row]:
+    """Closed-loop windows on Triton, driven by tritonclient from bench/.venv."""
+    command = [
+        str(BENCH_PYTHON), "-m", "bench.peers.triton_load", "--target", server.target,
+        "--rpc", shape.rpc, "--per-request", str(shape.per_request), "--latent-dim", str(latent_dim),
+        "--concurrency", *map(str, concurrencies), "--duration", str(plan.window_s),
+        "--warmup", str(plan.warmup_s), "--server-pid", str(server.pid), "--uvloop",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env={**os.environ, **TRITON_ENV}, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"triton_load failed: {done.stderr[-2000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def measure_triton(
+    bundle: Path, latent_dim: int, plan: Plan, log_dir: Path, instances: int, threads: int
+) -> Row:
+    """Every peer shape on Triton."""
+    if not BENCH_PYTHON.exists():
+        return {"skipped": TRITON_MISSING}
+    server = start_triton(bundle, log_dir, instances, threads)
     windows: list[Row] = []
     try:
         shapes = [(Shape("Sample", size), plan.peer_concurrencies) for size in plan.sample_sizes]
         shapes += [(Shape(rpc, 64), plan.peer_unary_concurrencies) for rpc in ("Decode", "Encode")]
         for shape, concurrencies in shapes:
-            command = [
-                str(BENCH_PYTHON), "-m", "bench.peers.triton_load", "--target", server.target,
-                "--rpc", shape.rpc, "--per-request", str(shape.per_request), "--latent-dim", str(latent_dim),
-                "--concurrency", *map(str, concurrencies), "--duration", str(plan.window_s),
-                "--warmup", str(plan.warmup_s), "--server-pid", str(server.pid), "--uvloop",
-            ]  # fmt: skip
-            done = subprocess.run(
-                command, env={**os.environ, **env}, capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"triton_load failed: {done.stderr[-2000:]}")
-            for line in done.stdout.splitlines():
-                window = json.loads(line)
-                windows.append(
-                    {
-                        "shape": shape.name,
-                        "rpc": shape.rpc,
-                        "per_request": shape.per_request,
-                        "dtype": "FLOAT32",
-                        **window,
-                    }
-                )
+            for window in triton_windows(server, shape, concurrencies, latent_dim, plan):
+                row = {"shape": shape.name, "rpc": shape.rpc, "per_request": shape.per_request}
+                windows.append({**row, "dtype": "FLOAT32", **window})
                 print(
                     f"  triton: {shape.name} c={window['concurrency']}: {window['items_per_s']:,.0f} items/s",
                     flush=True,
@@ -350,6 +371,98 @@ def measure_triton(
         "threads": threads,
         "rss_after_run_mb": round(rss / 2**20, 1),
         "windows": windows,
+    }
+
+
+# ---------------------------------------------------------------- the targets, in paired rounds
+
+
+def paired_targets(
+    bundle: Path, manifest: dict[str, Any], plan: Plan, ceiling_rows: list[Row], log_dir: Path
+) -> Row:
+    """Each target's sides measured back to back, `plan.target_rounds` times (bench/targets.py)."""
+    latent_dim = int(manifest["latent_dim"])
+
+    def window(server: servers.Server, shape: Shape, concurrency: int) -> targets.Measure:
+        return targets.service_window(
+            server, shape, concurrency, latent_dim, plan.window_s, plan.warmup_s, run=_run
+        )
+
+    def best_layout(graph: str) -> Row:
+        return max((r for r in ceiling_rows if r["graph"] == graph), key=lambda r: r["items_per_s"])
+
+    def ceiling_side(graph: str, best: Row) -> targets.Measure:
+        path = bundle / manifest["graphs"][graph]["file"]
+        feed = (
+            ceiling.decoder_feed(best["rows"], latent_dim)
+            if graph == "decoder"
+            else ceiling.encoder_feed(best["rows"])
+        )
+        return targets.ceiling_window(
+            ceiling.layout_runs(path, feed, best["layout"]), plan.ceiling_window_s, 0.2
+        )
+
+    started: list[servers.Server] = []
+    try:
+        port = servers.free_port()
+        service = servers.start("service-paired", service_argv(bundle, port), port, log_dir)
+        started.append(service)
+        port = servers.free_port()
+        naive = servers.start("naive-paired", naive_argv(bundle, port), port, log_dir)
+        started.append(naive)
+        batch_one = Shape("Sample", 1)
+        chosen: list[targets.Target] = []
+        # Held to the decoder's best at ANY rows a call, as the stream is to the encoder's: the
+        # service may split a request into calls of any size, so no smaller call is the excuse.
+        decoder_best = best_layout("decoder")
+        for size in TARGET_SAMPLE_SIZES:
+            chosen.append(
+                targets.Target(
+                    f"Sample {size}/req, 4 clients / all-core ceiling ({_layout_name(decoder_best)})",
+                    0.9,
+                    window(service, Shape("Sample", size), 4),
+                    ceiling_side("decoder", decoder_best),
+                )
+            )
+        ours_batch_one = window(service, batch_one, 32)
+        chosen.append(
+            targets.Target(
+                "Sample 1/req, 32 clients / naive",
+                1.5,
+                ours_batch_one,
+                window(naive, batch_one, 32),
+            )
+        )
+        if plan.triton and BENCH_PYTHON.exists():
+            triton = start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1)
+            started.append(triton)
+            chosen.append(
+                targets.Target(
+                    "Sample 1/req, 32 clients / triton",
+                    2.0,
+                    ours_batch_one,
+                    lambda: float(
+                        triton_windows(triton, batch_one, [32], latent_dim, plan)[0]["items_per_s"]
+                    ),
+                )
+            )
+        encoder_best = best_layout("encoder")
+        chosen.append(
+            targets.Target(
+                f"EncodeStream {plan.stream_images:,} images, {report.TARGET_STREAM_CHUNK} a message"
+                f" / encoder ceiling ({_layout_name(encoder_best)})",
+                0.8,
+                targets.stream_window(service, plan.stream_images, report.TARGET_STREAM_CHUNK, run=_run),
+                ceiling_side("encoder", encoder_best),
+            )
+        )
+        measured = targets.paired_rounds(chosen, plan.target_rounds)
+    finally:
+        for server in started:
+            server.stop()
+    return {
+        "rounds": measured,
+        "summary": targets.summarize(measured, {target.name: target.goal for target in chosen}),
     }
 
 
@@ -451,22 +564,13 @@ def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
     results["service_cold_start"] = cold_starts(bundle, log_dir)
 
     port = servers.free_port()
-    naive_argv = [
-        sys.executable,
-        "-m",
-        "bench.peers.naive_server",
-        "--model-dir",
-        str(bundle),
-        "--port",
-        str(port),
-    ]
     naive_sample = Sweep.grid(
         [Shape("Sample", size) for size in plan.sample_sizes], plan.peer_concurrencies, ()
     )
     naive_unary = Sweep.grid([Shape("Decode", 64), Shape("Encode", 64)], plan.peer_unary_concurrencies, ())
     results["naive"] = measure_vae_server(
         "naive",
-        naive_argv,
+        naive_argv(bundle, port),
         port,
         Sweep([*naive_sample.cells, *naive_unary.cells], ("FLOAT32",)),
         latent_dim,
@@ -484,6 +588,8 @@ def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
         print("levers", flush=True)
         results["levers"] = in_process_levers(bundle, manifest, plan, results["ceilings"], work_dir)
         results["server_levers"] = server_levers(bundle, latent_dim, plan, log_dir)
+    print("targets, in paired rounds", flush=True)
+    results["paired_targets"] = paired_targets(bundle, manifest, plan, results["ceilings"], log_dir)
     # A second pass at the end: the ceiling is the most onnxruntime does here, and passing load on a
     # shared machine only ever lowers a measurement, so each layout keeps its better pass.
     print("ceilings, second pass", flush=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench.loadgen import RequestFn, Window, closed_loop
+from bench.replicas import measure
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from tests.conftest import TINY_LATENT_DIM, ServerThread
 from vae.v1 import vae_pb2, vae_pb2_grpc
@@ -77,3 +80,22 @@ def test_encode_stream_answers_every_image_in_order(vae_server: ServerThread) ->
     assert answered == 300
     assert seconds > 0
     assert np.isfinite(seconds)
+
+
+def test_replicas_share_the_clients_over_their_own_connections(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    replicas = [start_server_thread(vae_bundle), start_server_thread(vae_bundle)]
+
+    window = asyncio.run(
+        measure([r.target for r in replicas], 4, Shape("Sample", 1), 8, 0.5, TINY_LATENT_DIM)
+    )
+
+    assert window.errors == {}
+    answered = [
+        r.metrics.registry.get_sample_value("vae_requests_total", {"rpc": "Sample", "code": "OK"}) or 0
+        for r in replicas
+    ]
+    # Client i uses channel i mod 4, and channel c the replica c mod 2: each replica gets half the clients.
+    assert sum(answered) >= window.requests
+    assert min(answered) / max(answered) > 0.5

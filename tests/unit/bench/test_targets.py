@@ -1,0 +1,73 @@
+"""The targets' paired rounds: both sides of a ratio measured back to back, judged on the median."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import ceiling, report, targets
+
+
+def _recorder(calls: list[str], name: str, value: float) -> targets.Measure:
+    def measure() -> float:
+        calls.append(name)
+        return value
+
+    return measure
+
+
+def test_each_round_measures_both_sides_back_to_back_and_odd_rounds_swap_the_order() -> None:
+    calls: list[str] = []
+    pair = targets.Target("t", 0.9, _recorder(calls, "ours", 90.0), _recorder(calls, "theirs", 100.0))
+
+    measured = targets.paired_rounds([pair], rounds=3)
+
+    assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+    assert [(m["round"], m["ours"], m["theirs"]) for m in measured] == [
+        (1, 90.0, 100.0),
+        (2, 90.0, 100.0),
+        (3, 90.0, 100.0),
+    ]
+
+
+def test_a_target_is_judged_on_the_median_of_its_rounds_ratios_and_reports_their_range() -> None:
+    measured = [
+        {"target": "a", "round": 1, "ours": 88.0, "theirs": 100.0},
+        {"target": "a", "round": 2, "ours": 95.0, "theirs": 100.0},
+        {"target": "a", "round": 3, "ours": 92.0, "theirs": 100.0},
+        {"target": "b", "round": 1, "ours": 140.0, "theirs": 100.0},
+    ]
+
+    summary = {row["target"]: row for row in targets.summarize(measured, {"a": 0.9, "b": 1.5})}
+
+    assert summary["a"]["ratio_median"] == pytest.approx(0.92)
+    assert (summary["a"]["ratio_low"], summary["a"]["ratio_high"]) == (0.88, 0.95)
+    assert (summary["a"]["rounds_met"], summary["a"]["rounds"], summary["a"]["met"]) == (2, 3, True)
+    assert (summary["b"]["ratio_median"], summary["b"]["met"]) == (1.4, False)
+
+
+def test_a_target_without_measurements_is_left_out_rather_than_reported_as_met() -> None:
+    assert targets.summarize([], {"a": 0.9}) == []
+
+
+def test_the_targets_table_shows_the_median_ratio_its_range_and_the_verdict(tmp_path: Path) -> None:
+    measured = [
+        {"target": "Sample 64/req", "round": r, "ours": ours, "theirs": 100.0}
+        for r, ours in enumerate((85.0, 91.0, 93.0), 1)
+    ]
+    results = {
+        "paired_targets": {"summary": targets.summarize(measured, {"Sample 64/req": 0.9})},
+        "service_cold_start": {"median_s": 0.2},
+        "service": {"rss_after_warmup_mb": 300.0},
+    }
+
+    table = report.targets(results)
+
+    assert "| Sample 64/req | 91.0 | 100 | 0.91 | 0.85-0.93 | 2 of 3 | >= 0.9 | yes |" in table
+    assert "| resident memory after warm-up (MB) | 300 | - | - | - | - | < 250 MB | no |" in table
+
+
+def test_an_unknown_ceiling_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown layout 'two-thread'"):
+        ceiling.layout_runs(Path("decoder.onnx"), {}, "two-thread")
