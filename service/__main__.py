@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from service.allocator import reuse_large_blocks
 from service.errors import BundleError, DeviceError
 from service.server import start_server
 from service.settings import Settings
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not reuse_large_blocks():
+        log.debug("no glibc mallopt here: large responses use the C library's default allocator")
     return asyncio.run(serve(settings))
 
 
