@@ -1,11 +1,12 @@
 """glibc's allocator, set for a server whose responses are hundreds of kilobytes each.
 
 By default glibc gives an allocation of more than 128 KB (a threshold it raises as such blocks are
-freed) its own mapping, and returns freed memory to the kernel soon after. The next response of that
-size then faults its pages in again. A 256-image Sample response is 800 KB, copied several times on
-its way out (concatenating the batches, bytes, protobuf, gRPC): with the graphs replaced by canned
-outputs, the service spent 2.6 ms of CPU a request, against 0.84 ms with the thresholds below, and
-Sample 256/request gained about 10% (docs/BENCHMARKS.md). Resident memory grew by about 3 MB.
+freed) its own mapping, and returns freed memory to the kernel soon after; the next response of that
+size may then fault its pages in again. A 256-image Sample response is 800 KB, copied several times on
+its way out (concatenating the batches, bytes, protobuf, gRPC). At times on the benchmark machine this
+cost the service 2.6-2.9 ms of CPU a request with the graphs replaced by canned outputs, against 0.8
+with the thresholds below, and Sample 256/request was 11% faster with them; at other times both
+measured the same (docs/BENCHMARKS.md). The price: up to 32 MB more resident after large requests.
 """
 
 from __future__ import annotations
