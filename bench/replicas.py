@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.replicas --bundle runs/bench/bundle-30-epochs [--replicas 1 2] [--rounds 3]
 
-At one image a request, one service process is limited by its event loop and the hand-offs between
-its threads, not by the cores (docs/BENCHMARKS.md, "Profiling"). Several replicas, each its own
+At one image a request, one service process is limited by the hand-offs between its threads and
+gRPC's, not by the cores (docs/BENCHMARKS.md, "Findings"). Several replicas, each its own
 process on its own port, spread that work over the cores, as Kubernetes does with several pods behind
 a Service. The clients split across the replicas: each channel has its own connection, and client `i`
 uses channel `i mod channels`. Each round measures every layout in turn; the medians are printed.
