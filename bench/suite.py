@@ -282,7 +282,8 @@ def service_argv(bundle: Path, port: int, *extra: str, module: str = "service") 
 
 
 def _layout_name(ceiling_row: Row) -> str:
-    return f"{ceiling_row['layout']}, {ceiling_row['rows']} rows a call"
+    rows = ceiling_row["rows"]
+    return f"{ceiling_row['layout']}, {rows} row{'s' if rows != 1 else ''} a call"
 
 
 def naive_argv(bundle: Path, port: int) -> list[str]:
