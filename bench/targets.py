@@ -27,7 +27,7 @@ Measure = Callable[[], float]  # one window; images a second
 
 @dataclass(frozen=True)
 class Target:
-    """A ratio with a goal: `ours` against each of `theirs`, measured in the same round."""
+    """A ratio with a goal: `ours` over `theirs`, both measured in the same round."""
 
     name: str
     goal: float
