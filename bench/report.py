@@ -47,10 +47,6 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-# The target's stream: messages of vae-encode-job's default size (client/encode_job.py, --batch-size).
-TARGET_STREAM_CHUNK = 256
-
-
 def encoder_ceiling(results: Results) -> float:
     """The encoder's best images a second at any rows a call measured: what a stream is held to."""
     return max((r["items_per_s"] for r in results["ceilings"] if r["graph"] == "encoder"), default=0.0)

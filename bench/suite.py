@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
 # Images per Sample request in the targets held to the all-core ceiling.
 TARGET_SAMPLE_SIZES = (64, 256)
+# The target's stream: messages of vae-encode-job's default size (client/encode_job.py, --batch-size).
+TARGET_STREAM_CHUNK = 256
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
 Row = dict[str, Any]
@@ -450,10 +452,10 @@ def paired_targets(
         encoder_best = best_layout("encoder")
         chosen.append(
             targets.Target(
-                f"EncodeStream {plan.stream_images:,} images, {report.TARGET_STREAM_CHUNK} a message"
+                f"EncodeStream {plan.stream_images:,} images, {TARGET_STREAM_CHUNK} a message"
                 f" / encoder ceiling ({_layout_name(encoder_best)})",
                 0.8,
-                targets.stream_window(service, plan.stream_images, report.TARGET_STREAM_CHUNK, run=_run),
+                targets.stream_window(service, plan.stream_images, TARGET_STREAM_CHUNK, run=_run),
                 ceiling_side("encoder", encoder_best),
             )
         )
