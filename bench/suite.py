@@ -33,6 +33,7 @@ import onnxruntime as ort
 from bench import ceiling, levers, quantize, report, servers, targets
 from bench.loadgen import closed_loop, process_tree_cpu_s
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
+from service.model import BatchingSettings
 from vae.v1 import vae_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,9 @@ BENCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
 TARGET_SAMPLE_SIZES = (64, 256)
 # The target's stream: messages of vae-encode-job's default size (client/encode_job.py, --batch-size).
 TARGET_STREAM_CHUNK = 256
+# The rows of the service's own calls (its default --max-batch-size): the ceiling measures them too,
+# so that no call size the service uses is missing from "the best at any rows a call".
+SERVICE_CALL_ROWS = BatchingSettings().max_batch_size
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
 Row = dict[str, Any]
@@ -150,12 +154,12 @@ def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
     decoder = bundle / manifest["graphs"]["decoder"]["file"]
     encoder = bundle / manifest["graphs"]["encoder"]["file"]
     rows: list[Row] = []
-    for size in sorted({*plan.sample_sizes, *TARGET_SAMPLE_SIZES}):
+    for size in sorted({*plan.sample_sizes, *TARGET_SAMPLE_SIZES, SERVICE_CALL_ROWS}):
         for measured in ceiling.layouts(
             decoder, ceiling.decoder_feed(size, latent_dim), plan.ceiling_window_s, 0.2
         ):
             rows.append({"graph": "decoder", "rows": size, **measured.summary()})
-    for size in sorted(plan.stream_chunks):
+    for size in sorted({*plan.stream_chunks, SERVICE_CALL_ROWS}):
         for measured in ceiling.layouts(encoder, ceiling.encoder_feed(size), plan.ceiling_window_s, 0.2):
             rows.append({"graph": "encoder", "rows": size, **measured.summary()})
     return rows
@@ -511,6 +515,7 @@ SERVER_LEVERS: list[tuple[str, str, list[str]]] = [
         ["--max-concurrent-batches", "1", "--intra-op-threads", "0", "--max-batch-size", "256"],
     ),
     ("--max-queue-delay-ms 0", "service", ["--max-queue-delay-ms", "0"]),
+    ("--max-batch-size 64 (the earlier default)", "service", ["--max-batch-size", "64"]),
     ("--max-batch-size 256", "service", ["--max-batch-size", "256"]),
     ("uvloop event loop", VARIANT, ["--uvloop"]),
     ("GIL switch interval 1 ms", VARIANT, ["--switch-interval-ms", "1"]),

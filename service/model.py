@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    max_batch_size: int = 64
+    max_batch_size: int = 16
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 4096
     max_samples: int = 1024

@@ -57,7 +57,7 @@ class GraphSession:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning workers would take the cores the event loop needs between calls (2-core boxes).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The arena keeps the largest batch's buffers for good, which --max-batch-size bounds (64
+        # The arena keeps the largest batch's buffers for good, which --max-batch-size bounds (16
         # rows: a few MB). Without it every call allocates afresh, and the allocator's state after
         # a mixed load decided whether those allocations page-faulted: EncodeStream ran at 20,000 or
         # 25,600 images/s depending on what came before; with it, 23,000 every time, at less

@@ -50,7 +50,7 @@ class Settings:
     )
     inter_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads across graph nodes"})
     max_batch_size: int = field(
-        default=64, metadata={"help": "the most rows in one onnxruntime call (memory grows with it)"}
+        default=16, metadata={"help": "the most rows in one onnxruntime call (memory grows with it)"}
     )
     max_concurrent_batches: int = field(
         default=0,

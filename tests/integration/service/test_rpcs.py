@@ -31,7 +31,7 @@ def test_model_info_describes_the_bundle(stub: vae_pb2_grpc.VaeServiceStub, vae_
     assert (info.name, info.version, info.kind, info.latent_dim) == ("tiny-vae", spec["version"], "vae", 2)
     assert list(info.image_shape) == [1, 28, 28]
     assert info.execution_provider == "CPUExecutionProvider"
-    assert (info.max_batch_size, info.max_samples) == (64, 1024)
+    assert (info.max_batch_size, info.max_samples) == (16, 1024)
     assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
     assert info.decoder_sha256 == spec["graphs"]["decoder"]["sha256"]
 
@@ -104,8 +104,8 @@ def test_sample_stream_chunks_concatenate_to_the_unary_answer(stub: vae_pb2_grpc
 def test_sample_stream_picks_a_seed_and_defaults_to_batch_sized_chunks(
     stub: vae_pb2_grpc.VaeServiceStub,
 ) -> None:
-    chunks = list(stub.SampleStream(vae_pb2.SampleRequest(num_samples=150)))
-    assert [c.images.shape[0] for c in chunks] == [64, 64, 22]
+    chunks = list(stub.SampleStream(vae_pb2.SampleRequest(num_samples=40)))
+    assert [c.images.shape[0] for c in chunks] == [16, 16, 8]
     assert chunks[0].seed != 0 and chunks[0].seed == chunks[1].seed == chunks[2].seed
 
 

@@ -15,7 +15,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.model_dir == Path("bundle")
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9090)
     assert settings.device == "auto"
-    assert settings.max_batch_size == 64
+    assert settings.max_batch_size == 16
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
