@@ -3,10 +3,13 @@
     git worktree add /tmp/before <commit>
     .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
         --tree before=/tmp/before --tree after=. [--rounds 2] [--window 3]
+    .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
+        --flags "b64=--max-batch-size 64" --flags "b16=--max-batch-size 16"
 
-Each round starts every version in turn (`python -m service` with the tree first on sys.path) and
-runs the cells of the targets, so that the noise of a shared machine falls on all versions alike.
-Prints images/s and the server's CPU ms per image for each cell, as the median over the rounds.
+A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path) or this
+checkout with extra vae-serve flags (`--flags`). Each round starts every version in turn and runs the
+cells of the targets, so that the noise of a shared machine falls on all versions alike. Prints
+images/s and the server's CPU ms per image for each cell, as the median over the rounds.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from bench.workloads import Shape, channel, encode_stream, random_images, reques
 from vae.v1 import vae_pb2_grpc
 
 CELLS = ((Shape("Sample", 64), 4), (Shape("Sample", 256), 4), (Shape("Sample", 1), 32))
-STREAM_IMAGES, STREAM_CHUNK = 10_000, 64
+STREAM_IMAGES = 10_000
 
 Measures = dict[str, tuple[float, float]]  # cell -> (items/s, server CPU ms/item)
 
 
-async def measure(server: servers.Server, latent_dim: int, window_s: float) -> Measures:
+async def measure(server: servers.Server, latent_dim: int, window_s: float, stream_chunk: int) -> Measures:
     measures: Measures = {}
     async with channel(server.target) as chan:
         stub = vae_pb2_grpc.VaeServiceStub(chan)
@@ -48,11 +51,11 @@ async def measure(server: servers.Server, latent_dim: int, window_s: float) -> M
                 window.cpu_ms_per_item or 0.0,
             )
         images = random_images(STREAM_IMAGES, "FLOAT32")
-        await encode_stream(stub, images[: STREAM_CHUNK * 4], STREAM_CHUNK)
+        await encode_stream(stub, images[: stream_chunk * 4], stream_chunk)
         cpu_before = process_tree_cpu_s(server.pid)
-        seconds, answered = await encode_stream(stub, images, STREAM_CHUNK)
+        seconds, answered = await encode_stream(stub, images, stream_chunk)
         cpu_ms = 1000 * (process_tree_cpu_s(server.pid) - cpu_before) / answered
-        measures[f"EncodeStream {STREAM_IMAGES:,}, {STREAM_CHUNK} a message"] = (answered / seconds, cpu_ms)
+        measures[f"EncodeStream {STREAM_IMAGES:,}, {stream_chunk} a message"] = (answered / seconds, cpu_ms)
     return measures
 
 
@@ -68,20 +71,35 @@ def tree_argv(tree: Path, argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a checkout")
+    parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a checkout")
+    parser.add_argument(
+        "--flags", action="append", default=[], help='NAME="FLAGS": this checkout with these vae-serve flags'
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per cell")
     parser.add_argument("--latent-dim", type=int, default=2)
+    parser.add_argument("--stream-chunk", type=int, default=64, help="images per EncodeStream message")
     args = parser.parse_args(argv)
-    trees = dict(item.split("=", 1) for item in args.tree)
-    results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in trees}
+    # name -> (the checkout to run, or None for this one; extra vae-serve flags)
+    versions: dict[str, tuple[Path | None, list[str]]] = {}
+    for item in args.tree:
+        name, path = item.split("=", 1)
+        versions[name] = (Path(path), [])
+    for item in args.flags:
+        name, flags = item.split("=", 1)
+        versions[name] = (None, flags.split())
+    if len(versions) < 2:
+        parser.error("name at least two versions (--tree, --flags)")
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
     for round_index in range(args.rounds):
-        for name, path in trees.items():
+        for name, (tree, flags) in versions.items():
             port = servers.free_port()
-            argv_ = tree_argv(Path(path), service_argv(args.bundle, port))
+            argv_ = service_argv(args.bundle, port, *flags)
+            if tree is not None:
+                argv_ = tree_argv(tree, argv_)
             server = servers.start(name, argv_, port, Path("runs/bench/logs"))
             try:
-                measures = asyncio.run(measure(server, args.latent_dim, args.window))
+                measures = asyncio.run(measure(server, args.latent_dim, args.window, args.stream_chunk))
             finally:
                 server.stop()
             for cell, value in measures.items():
@@ -90,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nmedians: images/s (server CPU ms/image)")
     for cell in next(iter(results.values())):
         row = []
-        for name in trees:
+        for name in versions:
             values = results[name][cell]
             rate = statistics.median(v[0] for v in values)
             cpu = statistics.median(v[1] for v in values)
