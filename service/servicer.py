@@ -277,9 +277,15 @@ async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -
                 pending.cancel()
 
 
-def _code_of_cancellation(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+# A client cancels its call at its own deadline, which falls before the server's by the time the
+# request took to arrive: a cancellation this close to the deadline is the deadline's.
+DEADLINE_SLACK_S = 0.05
+
+
+def code_of_cancellation(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status to record for a call its client went away from: DEADLINE_EXCEEDED or CANCELLED."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
@@ -297,7 +303,7 @@ async def _observe(
         await context.abort(code, str(error))
         raise  # unreachable: abort raises
     except asyncio.CancelledError:
-        code = _code_of_cancellation(context)
+        code = code_of_cancellation(context)
         raise
     except Exception as error:
         code = grpc.StatusCode.INTERNAL
@@ -321,7 +327,7 @@ async def _observe_stream(
         code = status_code_of(error)
         await context.abort(code, str(error))
     except asyncio.CancelledError:
-        code = _code_of_cancellation(context)
+        code = code_of_cancellation(context)
         raise
     except Exception as error:
         code = grpc.StatusCode.INTERNAL

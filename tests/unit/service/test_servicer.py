@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
-from service.servicer import _in_order, status_code_of
+from service.servicer import DEADLINE_SLACK_S, _in_order, code_of_cancellation, status_code_of
 
 
 def test_streamed_calls_are_answered_in_order_with_at_most_lookahead_started_and_unanswered() -> None:
@@ -44,3 +44,21 @@ def test_each_domain_error_has_its_status_code() -> None:
     assert status_code_of(Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_code_of(ModelNotReady("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_code_of(DeadlineExceeded("x")) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class _Remaining:
+    """The one part of a ServicerContext that code_of_cancellation reads."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def time_remaining(self) -> float | None:
+        return self.seconds
+
+
+def test_a_cancellation_at_or_near_the_deadline_counts_as_the_deadline() -> None:
+    # The client's deadline passes first: its cancellation can arrive just before the server's own.
+    for remaining in (-1.0, 0.0, DEADLINE_SLACK_S / 2, DEADLINE_SLACK_S):
+        assert code_of_cancellation(_Remaining(remaining)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    for earlier in (None, DEADLINE_SLACK_S * 2, 30.0):
+        assert code_of_cancellation(_Remaining(earlier)) == grpc.StatusCode.CANCELLED
