@@ -33,7 +33,7 @@ import onnxruntime as ort
 from bench import ceiling, levers, quantize, report, servers, targets
 from bench.loadgen import closed_loop, process_tree_cpu_s
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
-from service.model import BatchingSettings
+from service.settings import Settings
 from vae.v1 import vae_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ TARGET_SAMPLE_SIZES = (64, 256)
 TARGET_STREAM_CHUNK = 256
 # The rows of the service's own calls (its default --max-batch-size): the ceiling measures them too,
 # so that no call size the service uses is missing from "the best at any rows a call".
-SERVICE_CALL_ROWS = BatchingSettings().max_batch_size
+SERVICE_CALL_ROWS: int = Settings.max_batch_size
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
 Row = dict[str, Any]
