@@ -5,7 +5,8 @@ The gRPC port is plaintext, TLS (`--tls-cert`, `--tls-key`) or mutual TLS (`--tl
 
 Life cycle: `start` binds the ports and answers health checks with NOT_SERVING; `load_model` verifies
 the bundle, opens the onnxruntime sessions, warms them up and only then turns health SERVING; `stop`
-drains: health turns NOT_SERVING, new requests are refused, in-flight ones get the grace period.
+drains: health turns NOT_SERVING, new requests are refused, in-flight ones get the grace period,
+and gRPC closes the connections once their answers have left.
 `start_server` does the first two and is what both `vae-serve` and the tests use.
 """
 
@@ -32,6 +33,8 @@ SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 OVERALL = ""
 # Room for ~10,000 UINT8 or ~2,600 FLOAT32 images in one Encode request.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# On a drain, how long the last answers get to reach their clients before the connections close.
+ANSWERS_LEAVE_S = 0.2
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +140,13 @@ class VaeServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, give in-flight requests `grace_s` (default: the settings'), then stop everything."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + grace
         await self.begin_drain()
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            if grace > 0:
+                await self._let_answers_leave(grace)
+            await self._grpc.stop(max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:
             await self.model.stop()
@@ -147,6 +154,19 @@ class VaeServer:
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
+
+    async def _let_answers_leave(self, grace: float) -> None:
+        """Wait up to `grace` for the calls being answered, then a moment for their answers to leave.
+
+        Once gRPC has said GOAWAY it closes a connection as soon as its last call ends. A client frame
+        still unread then (a window update for a large answer) makes the kernel reset the connection
+        and drop what was not yet sent, the last answer included. So GOAWAY comes after the answers.
+        """
+        try:
+            await asyncio.wait_for(self.servicer.answered(), grace)
+        except TimeoutError:
+            return  # gRPC's own grace (what is left of it) cancels what still runs
+        await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))
 
 
 def server_credentials(settings: Settings) -> Any:

@@ -59,9 +59,26 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.metrics = metrics
         self._max_batch_size = max_batch_size
         self._max_samples = max_samples
+        # Calls being answered: a drain waits for them before gRPC closes the connections.
+        self._calls = 0
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
 
     def attach(self, model: VaeModel) -> None:
         self.model = model
+
+    async def answered(self) -> None:
+        """Return once no call is being answered."""
+        await self._no_calls.wait()
+
+    def _call_began(self) -> None:
+        self._calls += 1
+        self._no_calls.clear()
+
+    def _call_ended(self) -> None:
+        self._calls -= 1
+        if self._calls == 0:
+            self._no_calls.set()
 
     def _ready_model(self) -> VaeModel:
         if self.draining:
@@ -295,6 +312,7 @@ async def _observe(
 ) -> Response:
     """Await a unary call: map domain errors to status codes and record the request metrics."""
     started = time.perf_counter()
+    servicer._call_began()
     code = grpc.StatusCode.OK
     try:
         return await call
@@ -311,6 +329,7 @@ async def _observe(
         await context.abort(code, f"internal error: {type(error).__name__}")
         raise
     finally:
+        servicer._call_ended()
         _record(servicer, rpc, code, started)
 
 
@@ -319,6 +338,7 @@ async def _observe_stream(
 ) -> AsyncIterator[Response]:
     """`_observe` for a streaming call."""
     started = time.perf_counter()
+    servicer._call_began()
     code = grpc.StatusCode.OK
     try:
         async for response in responses:
@@ -334,6 +354,7 @@ async def _observe_stream(
         log.exception("%s failed", rpc)
         await context.abort(code, f"internal error: {type(error).__name__}")
     finally:
+        servicer._call_ended()
         _record(servicer, rpc, code, started)
 
 

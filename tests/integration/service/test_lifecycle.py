@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,32 @@ def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> g
         assert time.monotonic() < deadline, "the busy batch never started"
         server.call(asyncio.sleep(0.001))
     return busy
+
+
+def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_busy_server(vae_bundle, start_server_thread)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        busy = occupy_decoder(server, stub)
+        in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1))
+        wait_for_queue_depth(server, 1)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 30})
+        stopper.start()
+        deadline = time.monotonic() + 30
+        while not server.server.servicer.draining:
+            assert time.monotonic() < deadline, "the drain never began"
+            time.sleep(0.001)
+        # The connection is still open: a new call is refused by the servicer, not by a closed socket.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (refused.value.details() or "")
+        assert list(in_flight.result(timeout=30).images.shape) == [1, 1, 28, 28]
+        assert list(busy.result(timeout=30).images.shape) == [BUSY_ROWS, 1, 28, 28]
+        stopper.join(timeout=60)
+    assert not stopper.is_alive()
 
 
 def test_an_expired_deadline_is_dropped_before_it_runs(
