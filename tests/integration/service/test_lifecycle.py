@@ -122,15 +122,26 @@ def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> g
     return busy
 
 
+def queue_behind_busy_batch(
+    server: ServerThread,
+    stub: vae_pb2_grpc.VaeServiceStub,
+    request: vae_pb2.SampleRequest,
+    timeout: float | None = None,
+) -> tuple[grpc.Future, grpc.Future]:
+    """Occupy the decoder, send `request`, and return once its rows wait in the queue: (busy, queued)."""
+    busy = occupy_decoder(server, stub)
+    queued = stub.Sample.future(request, timeout=timeout)
+    wait_for_queue_depth(server, request.num_samples)
+    return busy, queued
+
+
 def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
     server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy = occupy_decoder(server, stub)
-        in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1))
-        wait_for_queue_depth(server, 1)
+        busy, in_flight = queue_behind_busy_batch(server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1))
         stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 30})
         stopper.start()
         deadline = time.monotonic() + 30
@@ -154,9 +165,8 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
     server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy = occupy_decoder(server, stub)
-        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3, seed=1), timeout=0.05)
-        wait_for_queue_depth(server, 3)  # queued behind the busy batch
+        request = vae_pb2.SampleRequest(num_samples=3, seed=1)
+        busy, pending = queue_behind_busy_batch(server, stub, request, timeout=0.05)
         assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)  # the batcher has looked at the expired rows
@@ -171,9 +181,7 @@ def test_a_cancelled_request_is_dropped_before_it_runs(
     server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy = occupy_decoder(server, stub)
-        pending = stub.Sample.future(vae_pb2.SampleRequest(num_samples=5, seed=1))
-        wait_for_queue_depth(server, 5)
+        busy, pending = queue_behind_busy_batch(server, stub, vae_pb2.SampleRequest(num_samples=5, seed=1))
         assert pending.cancel()
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)
@@ -186,9 +194,8 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
     server = start_busy_server(vae_bundle, start_server_thread, max_queue_size=BUSY_ROWS)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy = occupy_decoder(server, stub)
-        queued = stub.Sample.future(vae_pb2.SampleRequest(num_samples=3000, seed=1, output_dtype=UINT8))
-        wait_for_queue_depth(server, 3000)
+        request = vae_pb2.SampleRequest(num_samples=3000, seed=1, output_dtype=UINT8)
+        busy, queued = queue_behind_busy_batch(server, stub, request)
         code = code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         busy.result(timeout=30)
