@@ -13,59 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bench.ceiling import decoder_feed, graph_runner, load, session_options, throughput
+from export.quantize import pixel_error, quantize_decoder
 
-CALIBRATION_BATCHES = 16
-
-
-class _PriorCalibration(CalibrationDataReader):  # type: ignore[misc]
-    """Calibration inputs drawn from the prior the Sample RPC draws from."""
-
-    def __init__(self, latent_dim: int) -> None:
-        rng = np.random.default_rng(12345)
-        self._feeds = iter(
-            [
-                {"z": rng.standard_normal((64, latent_dim), dtype=np.float32)}
-                for _ in range(CALIBRATION_BATCHES)
-            ]
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
+# Both of `vae-export --quantize-decoder`'s methods, by the names the tables give them.
+METHODS = {"int8 weights, dynamic activations": "int8-dynamic", "int8 static QDQ": "int8-static"}
 
 
 def quantized_decoders(decoder: Path, latent_dim: int, out_dir: Path) -> dict[str, Path]:
-    """The decoder quantized two ways: int8 weights with dynamic activations, and static QDQ per channel."""
+    """The bundle's decoder, and the same quantized by each method vae-export offers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = out_dir / "decoder.prepared.onnx"
-    # The exported Reshape takes a computed shape that the symbolic shape pass cannot follow.
-    quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
-    dynamic = out_dir / "decoder.int8-dynamic.onnx"
-    quantize_dynamic(str(prepared), str(dynamic), weight_type=QuantType.QInt8)
-    static = out_dir / "decoder.int8-static-qdq.onnx"
-    quantize_static(
-        str(prepared),
-        str(static),
-        _PriorCalibration(latent_dim),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return {
-        "float32 (bundle)": decoder,
-        "int8 weights, dynamic activations": dynamic,
-        "int8 static QDQ": static,
-    }
+    decoders = {"float32 (bundle)": decoder}
+    for name, method in METHODS.items():
+        decoders[name] = out_dir / f"decoder.{method}.onnx"
+        quantize_decoder(decoder, decoders[name], method, latent_dim)
+    return decoders
 
 
 def _decode(path: Path, z: np.ndarray) -> np.ndarray:
@@ -75,22 +38,22 @@ def _decode(path: Path, z: np.ndarray) -> np.ndarray:
 
 
 def speed_and_error(decoders: dict[str, Path], latent_dim: int, window_s: float) -> list[dict[str, Any]]:
-    """Images a second at 64 rows (1 thread), file size, and the pixel error against float32."""
-    z = np.random.default_rng(7).standard_normal((1000, latent_dim), dtype=np.float32)
-    reference = _decode(next(iter(decoders.values())), z)
+    """Images a second at 64 rows (1 thread), file size, and the pixel error against float32
+    (the figures vae-export records in model.json)."""
+    reference = next(iter(decoders.values()))
     rows = []
     for name, path in decoders.items():
         session = load(path, session_options(1))
         measured = throughput([graph_runner(session, decoder_feed(64, latent_dim))], window_s, 0.2, name)
-        images = _decode(path, z)
+        drift = pixel_error(reference, path, latent_dim)
         rows.append(
             {
                 "decoder": name,
                 "bytes": path.stat().st_size,
                 "ops": sorted({node.op_type for node in _graph_nodes(path)}),
                 **measured.summary(),
-                "max_abs_pixel_diff": float(np.abs(images - reference).max()),
-                "mean_abs_pixel_diff": float(np.abs(images - reference).mean()),
+                "max_abs_pixel_diff": drift["max_abs_pixel_diff"],
+                "mean_abs_pixel_diff": drift["mean_abs_pixel_diff"],
             }
         )
     return rows

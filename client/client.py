@@ -142,6 +142,7 @@ class ModelInfo:
     max_samples: int
     encoder_sha256: str
     decoder_sha256: str
+    decoder_precision: str
 
     @classmethod
     def from_message(cls, message: vae_pb2.ModelInfo) -> ModelInfo:
@@ -156,6 +157,8 @@ class ModelInfo:
             max_samples=message.max_samples,
             encoder_sha256=message.encoder_sha256,
             decoder_sha256=message.decoder_sha256,
+            # A server from before the field sends nothing: its decoders were all float32.
+            decoder_precision=message.decoder_precision or "float32",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`vae-export RUN_DIR --out BUNDLE_DIR [--name NAME] [--version VERSION]`."""
+"""`vae-export RUN_DIR --out BUNDLE_DIR [--name NAME] [--version VERSION] [--quantize-decoder METHOD]`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
+from service.bundle import INT8_PRECISIONS
 from service.errors import BundleError
 
 
@@ -24,10 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
     parser.add_argument("--name", help="the model's name (default: the run directory's name)")
     parser.add_argument("--version", help="the model's version (default: a hash of the two graphs)")
+    parser.add_argument(
+        "--quantize-decoder",
+        choices=INT8_PRECISIONS,
+        help=(
+            "ship the decoder in int8, quantized by onnxruntime after the float32 one passed parity; "
+            "model.json records its pixel error against float32. Not faster on the CPUs measured "
+            "(docs/BENCHMARKS.md)"
+        ),
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        spec = export_run(args.run_dir, args.out, name=args.name, version=args.version)
+        spec = export_run(
+            args.run_dir,
+            args.out,
+            name=args.name,
+            version=args.version,
+            quantize_decoder=args.quantize_decoder,
+        )
     except (ExportError, BundleError) as error:
         print(f"vae-export: {error}", file=sys.stderr)
         return 1
@@ -39,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         "latent_dim": spec.latent_dim,
         "opset": OPSET,
         "parity_max_abs_diff": spec.export["parity_max_abs_diff"],
+        "decoder_precision": spec.decoder.precision,
     }
+    if "decoder_quantization" in spec.export:
+        summary["decoder_quantization"] = spec.export["decoder_quantization"]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -4,7 +4,8 @@ The graphs are deterministic: sampling (mean + sigma * eps for the posterior, z 
 stays out of them, and the service draws it from a seeded generator. Before `export_run` returns,
 both graphs run in onnxruntime on batch sizes other than the traced one and are compared with
 PyTorch; a difference above PARITY_TOLERANCE fails the export with the figure (the habit of
-huggingface/optimum's validation after export).
+huggingface/optimum's validation after export). With `quantize_decoder`, the decoder that passed is
+then replaced by its int8 version, and model.json records how far that one's pixels drift from it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from export.quantize import pixel_error, quantize_decoder
 from service.bundle import (
     BATCH_AXIS,
     DECODER_FILE,
@@ -90,9 +92,17 @@ class _Graph:
 
 
 def export_run(
-    run_dir: Path, bundle_dir: Path, *, name: str | None = None, version: str | None = None
+    run_dir: Path,
+    bundle_dir: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    quantize_decoder: str | None = None,
 ) -> BundleSpec:
-    """Export the run's model to `bundle_dir` and prove parity; returns what model.json says."""
+    """Export the run's model to `bundle_dir` and prove parity; returns what model.json says.
+
+    `quantize_decoder` (one of INT8_PRECISIONS) ships the decoder in int8 instead of float32.
+    """
     try:
         config, model = load_run(run_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
@@ -118,6 +128,11 @@ def export_run(
         spec = GraphSpec(graph.file, sha256_of(path), OPSET, graph.inputs, graph.outputs)
         parity[graph.name] = _check_parity(graph, path, spec, latent_dim)
         specs[graph.name] = spec
+    quantization: dict[str, Any] = {}
+    if quantize_decoder is not None:
+        specs["decoder"], quantization = _quantize(
+            bundle_dir / DECODER_FILE, specs["decoder"], quantize_decoder, latent_dim
+        )
 
     if version is None:
         # Content-addressed: the same weights exported twice give the same version.
@@ -140,6 +155,8 @@ def export_run(
             "torch_version": torch.__version__,
             "onnx_version": onnx.__version__,
             "onnxruntime_version": ort.__version__,
+            # Parity above is the float32 decoder's, before it was quantized.
+            **({"decoder_quantization": quantization} if quantization else {}),
         },
     )
     tmp = bundle_dir / (MODEL_JSON + ".tmp")
@@ -221,8 +238,25 @@ def _example_input(graph: GraphName, batch_size: int, latent_dim: int, seed: int
     return rng.standard_normal((batch_size, latent_dim), dtype=np.float32)
 
 
-def _check_parity(graph: _Graph, path: Path, spec: GraphSpec, latent_dim: int) -> float:
-    """The largest |onnxruntime - PyTorch| over the parity batch sizes; raises past the tolerance."""
+def _quantize(path: Path, spec: GraphSpec, method: str, latent_dim: int) -> tuple[GraphSpec, dict[str, Any]]:
+    """Replace the float32 decoder at `path` by its int8 version; its spec, and its pixel error."""
+    quantized = path.with_name(f"{path.stem}.{method}.onnx")
+    try:
+        quantize_decoder(path, quantized, method, latent_dim)
+        drift = pixel_error(path, quantized, latent_dim)
+        quantized.replace(path)
+    except Exception as error:  # the quantizer raises many types; all mean the same to the caller
+        raise ExportError(f"{path}: {method} quantization failed ({error})") from error
+    finally:
+        quantized.unlink(missing_ok=True)
+    spec = replace(spec, sha256=sha256_of(path), precision=method)
+    _checked_session(path, spec)
+    log.info("%s: %s, max abs pixel diff %.3g", path, method, drift["max_abs_pixel_diff"])
+    return spec, {"method": method, **drift}
+
+
+def _checked_session(path: Path, spec: GraphSpec) -> ort.InferenceSession:
+    """The graph loaded in onnxruntime, its inputs and outputs checked against `spec`."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -235,6 +269,12 @@ def _check_parity(graph: _Graph, path: Path, spec: GraphSpec, latent_dim: int) -
         )
     except BundleError as error:
         raise ExportError(str(error)) from error
+    return session
+
+
+def _check_parity(graph: _Graph, path: Path, spec: GraphSpec, latent_dim: int) -> float:
+    """The largest |onnxruntime - PyTorch| over the parity batch sizes; raises past the tolerance."""
+    session = _checked_session(path, spec)
     input_name = next(iter(graph.inputs))
     worst = 0.0
     for batch_size in PARITY_BATCH_SIZES:

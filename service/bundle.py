@@ -3,7 +3,8 @@
 BUNDLE_DIR/encoder.onnx  images [N,1,28,28] -> mean [N,D] (and log_var [N,D] for a VAE)
 BUNDLE_DIR/decoder.onnx  z [N,D] -> images [N,1,28,28]
 BUNDLE_DIR/model.json    name, version, kind, latent_dim, image_shape, each graph's file, sha256, opset,
-                         inputs and outputs, the training config and metrics, how it was exported
+                         precision, inputs and outputs, the training config and metrics, how it was
+                         exported
 
 The service owns this schema (the exporter writes it with `BundleSpec.to_dict`). `ModelBundle.load`
 fails fast: a missing file, a wrong hash or a signature that is not the contract's raises BundleError
@@ -33,6 +34,12 @@ GraphName = Literal["encoder", "decoder"]
 Kind = Literal["vae", "ae"]
 Shape = tuple[int | str, ...]
 
+FLOAT32 = "float32"
+# How a graph's weights are stored. `vae-export --quantize-decoder` writes the int8 decoders; their
+# input and output stay float32, so nothing but the pixels tells them apart.
+INT8_PRECISIONS = ("int8-dynamic", "int8-static")
+PRECISIONS = (FLOAT32, *INT8_PRECISIONS)
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -43,12 +50,14 @@ class GraphSpec:
     opset: int
     inputs: dict[str, Shape]
     outputs: dict[str, Shape]
+    precision: str = FLOAT32
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file,
             "sha256": self.sha256,
             "opset": self.opset,
+            "precision": self.precision,
             "inputs": {name: {"dtype": "float32", "shape": list(s)} for name, s in self.inputs.items()},
             "outputs": {name: {"dtype": "float32", "shape": list(s)} for name, s in self.outputs.items()},
         }
@@ -56,12 +65,17 @@ class GraphSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> GraphSpec:
         try:
+            # Bundles written before precisions existed are float32.
+            precision = data.get("precision", FLOAT32)
+            if precision not in PRECISIONS:
+                raise BundleError(f"{where}.precision: {precision!r}, expected one of {list(PRECISIONS)}")
             return cls(
                 file=str(data["file"]),
                 sha256=str(data["sha256"]),
                 opset=int(data["opset"]),
                 inputs=_signature(data["inputs"], f"{where}.inputs"),
                 outputs=_signature(data["outputs"], f"{where}.outputs"),
+                precision=precision,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:  # e.g. a list for a dict
             raise BundleError(f"{where}: malformed graph entry ({error!r})") from error

@@ -108,10 +108,11 @@ class Runtime:
         self.decoder = GraphSession(bundle, "decoder", device, threads)
         self.execution_provider = self.decoder.provider
         log.info(
-            "loaded %s version %s (%s) from %s on %s",
+            "loaded %s version %s (%s, %s decoder) from %s on %s",
             bundle.spec.name,
             bundle.spec.version,
             bundle.spec.kind,
+            bundle.spec.decoder.precision,
             bundle.path,
             self.execution_provider,
         )

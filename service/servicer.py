@@ -165,6 +165,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             max_samples=self._max_samples,
             encoder_sha256=spec.encoder.sha256,
             decoder_sha256=spec.decoder.sha256,
+            decoder_precision=spec.decoder.precision,
         )
 
     # --- streams ---------------------------------------------------------------------------------

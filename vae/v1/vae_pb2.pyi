@@ -298,6 +298,7 @@ class ModelInfo(_message.Message):
     MAX_SAMPLES_FIELD_NUMBER: _builtins.int
     ENCODER_SHA256_FIELD_NUMBER: _builtins.int
     DECODER_SHA256_FIELD_NUMBER: _builtins.int
+    DECODER_PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The bundle's name, from model.json."""
     version: _builtins.str
@@ -315,6 +316,10 @@ class ModelInfo(_message.Message):
     encoder_sha256: _builtins.str
     """The sha256 of encoder.onnx and decoder.onnx, as checked at start."""
     decoder_sha256: _builtins.str
+    decoder_precision: _builtins.str
+    """How the decoder's weights are stored: "float32", or "int8-dynamic" / "int8-static" for a
+    bundle exported with `vae-export --quantize-decoder` (its pixels differ slightly).
+    """
     @_builtins.property
     def image_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The shape of one image: [1, 28, 28]."""
@@ -332,10 +337,11 @@ class ModelInfo(_message.Message):
         max_samples: _builtins.int = ...,
         encoder_sha256: _builtins.str = ...,
         decoder_sha256: _builtins.str = ...,
+        decoder_precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoder_sha256", b"decoder_sha256", "encoder_sha256", b"encoder_sha256", "execution_provider", b"execution_provider", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_samples", b"max_samples", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoder_precision", b"decoder_precision", "decoder_sha256", b"decoder_sha256", "encoder_sha256", b"encoder_sha256", "execution_provider", b"execution_provider", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_samples", b"max_samples", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

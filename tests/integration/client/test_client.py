@@ -88,6 +88,7 @@ def test_model_info_describes_the_bundle(vae_server: ServerThread, vae_bundle: P
     )
     assert info.image_shape == (1, 28, 28)
     assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
+    assert info.decoder_precision == "float32"
 
 
 def test_invalid_argument_fails_at_once_with_the_servers_message(vae_server: ServerThread) -> None:

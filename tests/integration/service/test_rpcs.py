@@ -34,6 +34,7 @@ def test_model_info_describes_the_bundle(stub: vae_pb2_grpc.VaeServiceStub, vae_
     assert (info.max_batch_size, info.max_samples) == (16, 1024)
     assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
     assert info.decoder_sha256 == spec["graphs"]["decoder"]["sha256"]
+    assert info.decoder_precision == "float32"
 
 
 def test_sample_is_the_decoder_applied_to_seeded_pcg64_normals(
@@ -159,6 +160,23 @@ def test_an_ae_bundle_encodes_to_mean_alone(
         response = ae.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images)))
         assert list(response.mean.shape) == [2, 2]
         assert not response.HasField("log_var")
+
+
+def test_an_int8_decoder_is_served_and_says_so(
+    int8_vae_bundle: Path, stub: vae_pb2_grpc.VaeServiceStub, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    import grpc
+
+    server = start_server_thread(int8_vae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        int8 = vae_pb2_grpc.VaeServiceStub(channel)
+        assert int8.GetModelInfo(vae_pb2.GetModelInfoRequest()).decoder_precision == "int8-dynamic"
+        request = vae_pb2.SampleRequest(num_samples=64, seed=5)
+        int8_sample, float_sample = int8.Sample(request), stub.Sample(request)
+    # The same z, decoded by the float32 decoder and by its int8 version.
+    assert int8_sample.latents == float_sample.latents
+    drift = np.abs(array(int8_sample.images) - array(float_sample.images))
+    assert 0 < drift.max() < 0.1
 
 
 def test_encode_stream_answers_a_client_that_waits_for_each_answer(stub: vae_pb2_grpc.VaeServiceStub) -> None:

@@ -30,6 +30,8 @@ def test_a_vae_bundle_describes_itself(vae_bundle: Path, vae_run_dir: Path) -> N
     for graph in (encoder, decoder):
         assert graph["opset"] == OPSET
         assert graph["sha256"] == sha256_of(vae_bundle / graph["file"])
+        assert graph["precision"] == "float32"
+    assert "decoder_quantization" not in spec["export"]
     for diff in spec["export"]["parity_max_abs_diff"].values():
         assert 0 <= diff < PARITY_TOLERANCE
     assert {"torch_version", "onnx_version"} <= set(spec["export"])
@@ -77,6 +79,38 @@ def test_the_default_version_is_a_hash_of_the_graphs(
     assert again.name == vae_run_dir.name
 
 
+def test_an_int8_decoder_replaces_the_float32_one_and_records_how_far_its_pixels_drift(
+    int8_vae_bundle: Path, vae_bundle: Path
+) -> None:
+    spec = json.loads((int8_vae_bundle / "model.json").read_text())
+    float_spec = json.loads((vae_bundle / "model.json").read_text())
+    decoder = spec["graphs"]["decoder"]
+    assert decoder["precision"] == "int8-dynamic"
+    assert decoder["sha256"] == sha256_of(int8_vae_bundle / "decoder.onnx")
+    assert decoder["sha256"] != float_spec["graphs"]["decoder"]["sha256"]
+    assert spec["graphs"]["encoder"] == float_spec["graphs"]["encoder"]
+    assert spec["version"] != float_spec["version"]
+    drift = spec["export"]["decoder_quantization"]
+    assert (drift["method"], drift["points"]) == ("int8-dynamic", 1000)
+    assert 0 < drift["mean_abs_pixel_diff"] <= drift["max_abs_pixel_diff"] < 0.1
+    ops = {node.op_type for node in onnx.load(str(int8_vae_bundle / "decoder.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert sorted(p.name for p in int8_vae_bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
+    assert ModelBundle.load(int8_vae_bundle).spec.decoder.precision == "int8-dynamic"
+
+
+def test_a_static_int8_decoder_is_quantized_per_channel_around_the_float_operators(
+    vae_run_dir: Path, tmp_path: Path
+) -> None:
+    spec = export_run(vae_run_dir, tmp_path / "bundle", quantize_decoder="int8-static")
+    assert spec.decoder.precision == "int8-static"
+    assert spec.export["decoder_quantization"]["max_abs_pixel_diff"] < 0.5
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "bundle" / "decoder.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "ConvTranspose"} <= ops
+    # Calibrated on fixed points of the prior: the same run gives the same graph.
+    assert export_run(vae_run_dir, tmp_path / "again", quantize_decoder="int8-static").version == spec.version
+
+
 def test_a_parity_miss_fails_the_export_with_the_figure(
     vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,3 +130,6 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
     assert (ModelBundle.load(out).spec.name, ModelBundle.load(out).spec.version) == ("digits", "2.0")
     assert export_main([str(tmp_path / "no-such-run"), "--out", str(tmp_path / "other")]) == 1
     assert "config.json: not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), "--quantize-decoder", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -69,6 +69,10 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
             lambda s: s["graphs"]["encoder"]["outputs"].pop("log_var"),
             "graphs.encoder.outputs: names ['mean'], expected ['mean', 'log_var']",
         ),
+        (
+            lambda s: s["graphs"]["decoder"].update(precision="int4"),
+            "graphs.decoder.precision: 'int4', expected one of ['float32', 'int8-dynamic', 'int8-static']",
+        ),
     ],
 )
 def test_a_model_json_off_the_contract_is_refused(
@@ -79,6 +83,11 @@ def test_a_model_json_off_the_contract_is_refused(
         ModelBundle.load(bundle_copy)
     assert "model.json" in str(error.value)
     assert message in str(error.value)
+
+
+def test_a_graph_without_a_precision_is_float32_as_bundles_were_before_it(bundle_copy: Path) -> None:
+    edit_model_json(bundle_copy, lambda s: s["graphs"]["decoder"].pop("precision"))
+    assert ModelBundle.load(bundle_copy).spec.decoder.precision == "float32"
 
 
 def test_a_graph_that_is_not_what_model_json_says_fails_when_loaded(

@@ -1,0 +1,103 @@
+"""An int8 decoder for a bundle (`vae-export --quantize-decoder`), and how far its images drift.
+
+Two of onnxruntime's methods, both keeping the graph's float32 input and output, so the service and
+its clients see no difference but the pixels:
+- `int8-dynamic`: int8 weights, activations quantized per call;
+- `int8-static`: int8 weights per channel and uint8 activations, with scales calibrated on points of
+  the prior that Sample draws from (quantize/dequantize pairs around the float operators).
+
+An option, never the default: on the CPUs measured (docs/BENCHMARKS.md, the int8 lever) neither is
+faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from service.bundle import INT8_PRECISIONS
+
+CALIBRATION_BATCHES = 16
+CALIBRATION_ROWS = 64
+# The error is measured on this many points of the prior, always the same ones.
+ERROR_POINTS = 1_000
+
+
+class _PriorCalibration(CalibrationDataReader):  # type: ignore[misc]
+    """Calibration inputs drawn from the prior the Sample RPC draws from, the same every time."""
+
+    def __init__(self, input_name: str, latent_dim: int) -> None:
+        rng = np.random.default_rng(12345)
+        self._feeds = iter(
+            [
+                {input_name: rng.standard_normal((CALIBRATION_ROWS, latent_dim), dtype=np.float32)}
+                for _ in range(CALIBRATION_BATCHES)
+            ]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> None:
+    """Write `decoder` (float32 ONNX) quantized by `method`, one of INT8_PRECISIONS, to `out`."""
+    if method not in INT8_PRECISIONS:
+        raise ValueError(f"unknown quantization method {method!r}; expected one of {list(INT8_PRECISIONS)}")
+    with tempfile.TemporaryDirectory() as work:
+        prepared = Path(work) / "decoder.prepared.onnx"
+        # The exported Reshape takes a computed shape that the symbolic shape pass cannot follow.
+        quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
+        if method == "int8-dynamic":
+            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
+        else:
+            quantize_static(
+                str(prepared),
+                str(out),
+                _PriorCalibration(_input_name(prepared), latent_dim),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+
+
+def pixel_error(reference: Path, quantized: Path, latent_dim: int) -> dict[str, float | int]:
+    """The largest and the mean |quantized - reference| pixel over ERROR_POINTS points of the prior."""
+    z = np.random.default_rng(7).standard_normal((ERROR_POINTS, latent_dim), dtype=np.float32)
+    want, got = _decode(reference, z), _decode(quantized, z)
+    if got.shape != want.shape or not np.isfinite(got).all():
+        raise ValueError(f"{quantized}: decodes to shape {list(got.shape)} or non-finite pixels")
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    return {
+        "points": ERROR_POINTS,
+        "max_abs_pixel_diff": float(diff.max()),
+        "mean_abs_pixel_diff": float(diff.mean()),
+    }
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _input_name(path: Path) -> str:
+    name: str = _session(path).get_inputs()[0].name
+    return name
+
+
+def _decode(path: Path, z: np.ndarray) -> np.ndarray:
+    session = _session(path)
+    images: np.ndarray = session.run(None, {session.get_inputs()[0].name: z})[0]
+    return images
