@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from export.quantize import pixel_error, quantize_decoder
+from export import quantize
 from service.bundle import (
     BATCH_AXIS,
     DECODER_FILE,
@@ -242,8 +242,8 @@ def _quantize(path: Path, spec: GraphSpec, method: str, latent_dim: int) -> tupl
     """Replace the float32 decoder at `path` by its int8 version; its spec, and its pixel error."""
     quantized = path.with_name(f"{path.stem}.{method}.onnx")
     try:
-        quantize_decoder(path, quantized, method, latent_dim)
-        drift = pixel_error(path, quantized, latent_dim)
+        quantize.quantize_decoder(path, quantized, method, latent_dim)
+        drift = quantize.pixel_error(path, quantized, latent_dim)
         quantized.replace(path)
     except Exception as error:  # the quantizer raises many types; all mean the same to the caller
         raise ExportError(f"{path}: {method} quantization failed ({error})") from error
