@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=INT8_PRECISIONS,
         help=(
             "ship the decoder in int8, quantized by onnxruntime after the float32 one passed parity; "
-            "model.json records its pixel error against float32. Not faster on the CPUs measured "
+            "model.json records its pixel error against float32. Not faster on the CPU measured "
             "(docs/BENCHMARKS.md)"
         ),
     )

@@ -6,7 +6,7 @@ its clients see no difference but the pixels:
 - `int8-static`: int8 weights per channel and uint8 activations, with scales calibrated on points of
   the prior that Sample draws from (quantize/dequantize pairs around the float operators).
 
-An option, never the default: on the CPUs measured (docs/BENCHMARKS.md, the int8 lever) neither is
+An option, never the default: on the CPU measured (docs/BENCHMARKS.md, the int8 lever) neither is
 faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk.
 """
 
