@@ -33,6 +33,7 @@ from service.bundle import (
     DECODER_FILE,
     ENCODER_FILE,
     IMAGE_SHAPE,
+    INT8_PRECISIONS,
     MODEL_JSON,
     BundleSpec,
     GraphName,
@@ -103,6 +104,10 @@ def export_run(
 
     `quantize_decoder` (one of INT8_PRECISIONS) ships the decoder in int8 instead of float32.
     """
+    if quantize_decoder is not None and quantize_decoder not in INT8_PRECISIONS:
+        raise ExportError(
+            f"quantize_decoder: {quantize_decoder!r}, expected one of {list(INT8_PRECISIONS)} or None"
+        )
     try:
         config, model = load_run(run_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as error:

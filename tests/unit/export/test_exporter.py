@@ -111,6 +111,14 @@ def test_a_static_int8_decoder_is_quantized_per_channel_around_the_float_operato
     assert export_run(vae_run_dir, tmp_path / "again", quantize_decoder="int8-static").version == spec.version
 
 
+def test_an_unknown_quantization_is_refused_before_anything_is_written(
+    vae_run_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError, match=r"quantize_decoder: 'int4', expected one of \['int8-dynamic'"):
+        export_run(vae_run_dir, tmp_path / "bundle", quantize_decoder="int4")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_parity_miss_fails_the_export_with_the_figure(
     vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
