@@ -52,15 +52,13 @@ class _PriorCalibration(CalibrationDataReader):  # type: ignore[misc]
 
 def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> None:
     """Write `decoder` (float32 ONNX) quantized by `method`, one of INT8_PRECISIONS, to `out`."""
-    if method not in INT8_PRECISIONS:
-        raise ValueError(f"unknown quantization method {method!r}; expected one of {list(INT8_PRECISIONS)}")
     with tempfile.TemporaryDirectory() as work:
         prepared = Path(work) / "decoder.prepared.onnx"
         # The exported Reshape takes a computed shape that the symbolic shape pass cannot follow.
         quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
         if method == "int8-dynamic":
             quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
-        else:
+        elif method == "int8-static":
             quantize_static(
                 str(prepared),
                 str(out),
@@ -69,6 +67,10 @@ def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> 
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+            )
+        else:
+            raise ValueError(
+                f"unknown quantization method {method!r}; expected one of {list(INT8_PRECISIONS)}"
             )
 
 
