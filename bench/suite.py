@@ -515,6 +515,7 @@ SERVER_LEVERS: list[tuple[str, str, list[str]]] = [
         ["--max-concurrent-batches", "1", "--intra-op-threads", "0", "--max-batch-size", "256"],
     ),
     ("--max-queue-delay-ms 0", "service", ["--max-queue-delay-ms", "0"]),
+    ("--inference-nice 0 (inference at the event loop's priority)", "service", ["--inference-nice", "0"]),
     ("--max-batch-size 64 (the earlier default)", "service", ["--max-batch-size", "64"]),
     ("--max-batch-size 256", "service", ["--max-batch-size", "256"]),
     ("uvloop event loop", VARIANT, ["--uvloop"]),

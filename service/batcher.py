@@ -19,6 +19,8 @@ waiter of that batch gets the error.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -57,6 +59,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         max_concurrent_batches: int = 1,
+        worker_nice: int = 0,
         metrics: ServiceMetrics,
     ) -> None:
         if max_concurrent_batches < 1:
@@ -73,6 +76,7 @@ class Batcher:
         self._infer = infer
         self._delay = max_queue_delay_s
         self._workers = max_concurrent_batches
+        self._worker_nice = worker_nice
         # Guards everything below it; the event loop and the workers both hold it only briefly.
         self._lock = threading.Condition()
         self._pending: deque[_Item] = deque()
@@ -215,6 +219,8 @@ class Batcher:
     def _work(self) -> None:
         loop = self._loop
         assert loop is not None, "start() sets the loop before the workers"
+        if self._worker_nice:
+            _lower_priority(self._worker_nice)
         with self._lock:
             self._idle_workers += 1
         while (taken := self._next_batch()) is not None:
@@ -289,6 +295,19 @@ class Batcher:
             return error
         finally:
             self._inference.observe(time.perf_counter() - started)
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by `nice` (Linux, where a thread has its own).
+
+    Inference would otherwise take the cores from the event loop, which then takes in and answers
+    requests late, so that small requests reach the batcher one by one and run as calls of one row.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    current = os.getpriority(os.PRIO_PROCESS, thread)
+    os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
 
 
 def _fail(items: Iterable[_Item], error: BaseException) -> None:

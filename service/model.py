@@ -33,6 +33,7 @@ class BatchingSettings:
     max_queue_size: int = 4096
     max_samples: int = 1024
     max_concurrent_batches: int = 1
+    worker_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class VaeModel:
                 max_queue_delay_s=batching.max_queue_delay_s,
                 max_queue_size=batching.max_queue_size,
                 max_concurrent_batches=batching.max_concurrent_batches,
+                worker_nice=batching.worker_nice,
                 metrics=metrics,
             )
 

@@ -120,6 +120,7 @@ class VaeServer:
                     max_queue_delay_s=settings.max_queue_delay_ms / 1000,
                     max_queue_size=settings.max_queue_size,
                     max_concurrent_batches=settings.concurrent_batches,
+                    worker_nice=settings.worker_nice,
                     max_samples=settings.max_samples,
                 ),
                 metrics=self.metrics,

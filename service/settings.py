@@ -56,6 +56,14 @@ class Settings:
         default=0,
         metadata={"help": "onnxruntime calls each graph may run at once (0 = one per usable core)"},
     )
+    inference_nice: int = field(
+        default=19,
+        metadata={
+            "help": "how much lower the inference threads' CPU priority is than the event loop's "
+            "(Linux nice, 0-19), so that requests are taken in and answered while inference runs; "
+            "not applied on one CPU"
+        },
+    )
     max_queue_delay_ms: float = field(
         default=2.0,
         metadata={"help": "how long the oldest waiting rows wait for a fuller batch while another runs"},
@@ -107,6 +115,8 @@ class Settings:
         for name in ("intra_op_threads", "inter_op_threads", "max_concurrent_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
+        if not 0 <= self.inference_nice <= 19:
+            problems.append(f"inference_nice {self.inference_nice}: expected 0 to 19")
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
@@ -129,6 +139,12 @@ class Settings:
     def concurrent_batches(self) -> int:
         """max_concurrent_batches, with 0 resolved to the CPUs this process may use."""
         return self.max_concurrent_batches or usable_cpus()
+
+    @property
+    def worker_nice(self) -> int:
+        """inference_nice where the event loop can have a CPU of its own; 0 on one CPU, where a busy
+        loop (refusing requests, say) would otherwise starve the inference that would drain them."""
+        return self.inference_nice if usable_cpus() > 1 else 0
 
     @classmethod
     def from_args(

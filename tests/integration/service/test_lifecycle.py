@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service.server import SERVICE_NAME
+from service.settings import usable_cpus
 from tests.conftest import ServerThread
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
@@ -200,3 +203,22 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         busy.result(timeout=30)
         assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_the_served_model_runs_inference_at_a_lower_priority_than_its_event_loop(
+    start_server_thread: StartServer, vae_bundle: Path
+) -> None:
+    before = set(threading.enumerate())
+    server = start_server_thread(vae_bundle, inference_nice=7)
+    started = set(threading.enumerate()) - before
+    workers = [thread for thread in started if thread.name in ("encoder-0", "decoder-0")]
+    assert len(workers) == 2
+
+    def nice_of(thread: threading.Thread) -> int:
+        assert thread.native_id is not None
+        return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+    expected = min(19, nice_of(threading.main_thread()) + server.settings.worker_nice)
+    assert server.settings.worker_nice == (7 if usable_cpus() > 1 else 0)
+    assert [nice_of(worker) for worker in workers] == [expected, expected]

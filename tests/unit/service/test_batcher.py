@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -165,6 +167,38 @@ def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
 
     (doubled,) = asyncio.run(scenario())
     np.testing.assert_array_equal(doubled, rows(8) * 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+@pytest.mark.parametrize("worker_nice", [0, 5])
+def test_inference_runs_at_the_priority_asked_for_below_the_event_loop(worker_nice: int) -> None:
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        seen.append(own_nice())
+        return [batch * 2]
+
+    async def scenario() -> int:
+        batcher = Batcher(
+            "decoder",
+            infer,
+            max_batch_size=4,
+            max_queue_delay_s=0.0,
+            max_queue_size=64,
+            max_concurrent_batches=2,
+            worker_nice=worker_nice,
+            metrics=ServiceMetrics.create(process=False),
+        )
+        batcher.start()
+        await batcher.submit(rows(8))
+        await batcher.stop()
+        return own_nice()
+
+    loop_nice = asyncio.run(scenario())
+    assert seen and set(seen) == {min(19, loop_nice + worker_nice)}
 
 
 def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> None:

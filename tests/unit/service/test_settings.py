@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service import settings as settings_module
 from service.settings import Settings, usable_cpus
 
 
@@ -16,6 +17,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9090)
     assert settings.device == "auto"
     assert settings.max_batch_size == 16
+    assert settings.inference_nice == 19
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
@@ -44,6 +46,8 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--max-batch-size", "0"], {}, "max_batch_size 0: expected at least 1"),
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least max_batch_size"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
+        (["--inference-nice", "20"], {}, "inference_nice 20: expected 0 to 19"),
+        (["--inference-nice", "-1"], {}, "inference_nice -1: expected 0 to 19"),
     ],
 )
 def test_bad_values_are_refused_with_what_was_expected(
@@ -64,6 +68,15 @@ def test_usable_cpus_follow_a_container_cpu_limit(tmp_path: Path, cpu_max: str, 
     cores = len(os.sched_getaffinity(0))
     assert usable_cpus(path) == (cores if expected is None else min(cores, expected))
     assert usable_cpus(tmp_path / "missing") == cores
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 0), (2, 19), (8, 19)])
+def test_inference_yields_to_the_event_loop_only_where_the_loop_can_have_a_cpu_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
+) -> None:
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
+    assert Settings.from_args(["--model-dir", "bundle"], {}).worker_nice == expected
+    assert Settings.from_args(["--model-dir", "bundle", "--inference-nice", "0"], {}).worker_nice == 0
 
 
 FAKE_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
