@@ -113,7 +113,14 @@ def _service_defaults() -> str:
     from service.settings import Settings
 
     fields = {f.name: f.default for f in dataclasses.fields(Settings)}
-    knobs = ("intra_op_threads", "inter_op_threads", "max_batch_size", "max_queue_delay_ms", "max_queue_size")
+    knobs = (
+        "intra_op_threads",
+        "inter_op_threads",
+        "inference_nice",
+        "max_batch_size",
+        "max_queue_delay_ms",
+        "max_queue_size",
+    )
     return ", ".join(f"{name} {fields[name]}" for name in knobs if name in fields)
 
 
