@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from service.batcher import Array, Batcher
+from service.batcher import Array, Batcher, InferFn
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
 
@@ -31,7 +31,7 @@ class Doubler:
         return [rows * 2, rows.sum(axis=1)]
 
 
-def make_batcher(infer: Doubler, **options: float) -> Batcher:
+def make_batcher(infer: InferFn, **options: float) -> Batcher:
     settings: dict[str, float] = {"max_batch_size": 8, "max_queue_delay_s": 0.05, "max_queue_size": 64}
     settings.update(options)
     return Batcher(
@@ -41,6 +41,7 @@ def make_batcher(infer: Doubler, **options: float) -> Batcher:
         max_queue_delay_s=settings["max_queue_delay_s"],
         max_queue_size=int(settings["max_queue_size"]),
         max_concurrent_batches=int(settings.get("max_concurrent_batches", 1)),
+        worker_nice=int(settings.get("worker_nice", 0)),
         metrics=ServiceMetrics.create(process=False),
     )
 
@@ -151,15 +152,7 @@ def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
         return [batch * 2]
 
     async def scenario() -> list[Array]:
-        batcher = Batcher(
-            "decoder",
-            infer,
-            max_batch_size=4,
-            max_queue_delay_s=0.0,
-            max_queue_size=64,
-            max_concurrent_batches=2,
-            metrics=ServiceMetrics.create(process=False),
-        )
+        batcher = make_batcher(infer, max_batch_size=4, max_queue_delay_s=0.0, max_concurrent_batches=2)
         batcher.start()
         (doubled,) = await batcher.submit(rows(8))
         await batcher.stop()
@@ -182,15 +175,8 @@ def test_inference_runs_at_the_priority_asked_for_below_the_event_loop(worker_ni
         return [batch * 2]
 
     async def scenario() -> int:
-        batcher = Batcher(
-            "decoder",
-            infer,
-            max_batch_size=4,
-            max_queue_delay_s=0.0,
-            max_queue_size=64,
-            max_concurrent_batches=2,
-            worker_nice=worker_nice,
-            metrics=ServiceMetrics.create(process=False),
+        batcher = make_batcher(
+            infer, max_batch_size=4, max_queue_delay_s=0.0, max_concurrent_batches=2, worker_nice=worker_nice
         )
         batcher.start()
         await batcher.submit(rows(8))
