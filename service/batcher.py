@@ -19,6 +19,7 @@ waiter of that batch gets the error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -32,6 +33,8 @@ import numpy.typing as npt
 
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.float32]
 InferFn = Callable[[Array], Sequence[Array]]
@@ -306,8 +309,11 @@ def _lower_priority(nice: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     thread = threading.get_native_id()
-    current = os.getpriority(os.PRIO_PROCESS, thread)
-    os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+    except OSError as error:  # a sandbox that forbids it: serve at the loop's priority
+        log.warning("could not lower the priority of %s: %s", threading.current_thread().name, error)
 
 
 def _fail(items: Iterable[_Item], error: BaseException) -> None:

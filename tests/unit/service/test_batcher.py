@@ -187,6 +187,27 @@ def test_inference_runs_at_the_priority_asked_for_below_the_event_loop(worker_ni
     assert seen and set(seen) == {min(19, loop_nice + worker_nice)}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_a_sandbox_that_forbids_a_lower_priority_gets_a_warning_and_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def forbidden(*args: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", forbidden)
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(Doubler(), worker_nice=19)
+        batcher.start()
+        result = await asyncio.wait_for(batcher.submit(rows(2)), timeout=10)
+        await batcher.stop()
+        return result
+
+    doubled, _ = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(2) * 2)
+    assert "could not lower the priority of decoder-0" in caplog.text
+
+
 def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> None:
     # The event loop is kept busy while three batches are due: they still run back to back.
     first_call_may_finish, third_call = threading.Event(), threading.Event()
