@@ -17,6 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import process_tree_rss_bytes
 
+# vae-serve runs as its container images run it (deploy/Dockerfile sets the same); the caller's
+# environment, then `start`'s `env`, override it.
+IMAGE_ENVIRONMENT = {"VAE_SERVE_INFERENCE_NICE": "19"}
+
 
 class ServerFailed(RuntimeError):
     """The server under test exited, or did not become ready in time."""
@@ -97,7 +101,7 @@ def start(
             list(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**IMAGE_ENVIRONMENT, **os.environ, **(env or {})},
             start_new_session=True,
         )
     server = Server(name, process, target, 0.0, log_path)

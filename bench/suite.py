@@ -109,8 +109,9 @@ def _client_loop() -> str:
 
 
 def _service_defaults() -> str:
-    """vae-serve's defaults for the knobs that decide its speed (the sweep runs with them)."""
-    from service.settings import Settings
+    """vae-serve's settings for the knobs that decide its speed, as the sweep runs it: its defaults,
+    and the container images' environment over them."""
+    from service.settings import ENV_PREFIX, Settings
 
     fields = {f.name: f.default for f in dataclasses.fields(Settings)}
     knobs = (
@@ -121,7 +122,9 @@ def _service_defaults() -> str:
         "max_queue_delay_ms",
         "max_queue_size",
     )
-    return ", ".join(f"{name} {fields[name]}" for name in knobs if name in fields)
+    environment = {**servers.IMAGE_ENVIRONMENT, **os.environ}
+    values = {name: environment.get(ENV_PREFIX + name.upper(), fields[name]) for name in knobs}
+    return ", ".join(f"{name} {value}" for name, value in values.items())
 
 
 def machine_record(bundle: Path, manifest: dict[str, Any]) -> Row:

@@ -57,11 +57,12 @@ class Settings:
         metadata={"help": "onnxruntime calls each graph may run at once (0 = one per usable core)"},
     )
     inference_nice: int = field(
-        default=19,
+        default=0,
         metadata={
             "help": "how much lower the inference threads' CPU priority is than the event loop's "
             "(Linux nice, 0-19), so that requests are taken in and answered while inference runs; "
-            "not applied on one CPU"
+            "the container images set 19. Off by default and on one CPU: beside other busy "
+            "processes that share its CPUs, niced inference would get almost none"
         },
     )
     max_queue_delay_ms: float = field(

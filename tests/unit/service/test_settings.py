@@ -17,7 +17,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9090)
     assert settings.device == "auto"
     assert settings.max_batch_size == 16
-    assert settings.inference_nice == 19
+    assert settings.inference_nice == 0
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
@@ -75,8 +75,8 @@ def test_inference_yields_to_the_event_loop_only_where_the_loop_can_have_a_cpu_o
     monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
 ) -> None:
     monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
-    assert Settings.from_args(["--model-dir", "bundle"], {}).worker_nice == expected
-    assert Settings.from_args(["--model-dir", "bundle", "--inference-nice", "0"], {}).worker_nice == 0
+    assert Settings.from_args(["--model-dir", "bundle", "--inference-nice", "19"], {}).worker_nice == expected
+    assert Settings.from_args(["--model-dir", "bundle"], {}).worker_nice == 0
 
 
 FAKE_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
