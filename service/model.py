@@ -34,6 +34,7 @@ class BatchingSettings:
     max_samples: int = 1024
     max_concurrent_batches: int = 1
     worker_nice: int = 0
+    worker_cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class VaeModel:
                 max_queue_size=batching.max_queue_size,
                 max_concurrent_batches=batching.max_concurrent_batches,
                 worker_nice=batching.worker_nice,
+                worker_cpus=batching.worker_cpus,
                 metrics=metrics,
             )
 

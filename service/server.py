@@ -121,6 +121,7 @@ class VaeServer:
                     max_queue_size=settings.max_queue_size,
                     max_concurrent_batches=settings.concurrent_batches,
                     worker_nice=settings.worker_nice,
+                    worker_cpus=settings.worker_cpus,
                     max_samples=settings.max_samples,
                 ),
                 metrics=self.metrics,
@@ -128,6 +129,13 @@ class VaeServer:
         )
         model.start()
         self.model = model
+        cpus = settings.worker_cpus
+        log.info(
+            "inference: %d calls at a time per graph, at nice +%d, %s",
+            settings.concurrent_batches,
+            settings.worker_nice,
+            f"pinned to CPUs {', '.join(map(str, cpus))}" if cpus else "placed by the kernel",
+        )
         self.servicer.attach(model)
         for service in (OVERALL, SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -21,6 +21,7 @@ from service.runtime import Device
 ENV_PREFIX = "VAE_SERVE_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PINNING = ("auto", "off")
 TlsMode = Literal["plaintext", "TLS", "mutual TLS"]
 
 
@@ -65,6 +66,14 @@ class Settings:
             "processes that share its CPUs, niced inference would get almost none"
         },
     )
+    pin_inference_threads: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: pin each inference thread of a graph to a CPU of its own, where the process "
+            "may use exactly one CPU per thread (taskset, docker --cpuset-cpus, a Kubernetes exclusive "
+            "cpuset); off: the kernel places them"
+        },
+    )
     max_queue_delay_ms: float = field(
         default=2.0,
         metadata={"help": "how long the oldest waiting rows wait for a fuller batch while another runs"},
@@ -105,6 +114,10 @@ class Settings:
         problems = _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.device not in DEVICES:
             problems.append(f"device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        if self.pin_inference_threads not in PINNING:
+            problems.append(
+                f"pin_inference_threads {self.pin_inference_threads!r}: expected one of {', '.join(PINNING)}"
+            )
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
         for name in ("port", "metrics_port"):
@@ -147,6 +160,19 @@ class Settings:
         loop (refusing requests, say) would otherwise starve the inference that would drain them."""
         return self.inference_nice if usable_cpus() > 1 else 0
 
+    @property
+    def worker_cpus(self) -> tuple[int, ...]:
+        """The CPU each inference thread of a graph is pinned to, or () to leave them to the kernel.
+
+        Pinned only where the process may use exactly one CPU per thread. Where it may use more (a CPU
+        quota on a bigger machine, fewer threads than CPUs), a pinned thread could not move off a
+        CPU that other work is using.
+        """
+        cpus = tuple(sorted(os.sched_getaffinity(0)))
+        if self.pin_inference_threads == "off" or len(cpus) < 2:
+            return ()
+        return cpus if self.concurrent_batches == usable_cpus() == len(cpus) else ()
+
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
@@ -178,6 +204,8 @@ class Settings:
                 options["choices"] = DEVICES
             if f.name == "log_level":
                 options["choices"] = LOG_LEVELS
+            if f.name == "pin_inference_threads":
+                options["choices"] = PINNING
             parser.add_argument(flag, **options)
         args = parser.parse_args(argv)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}

@@ -222,3 +222,26 @@ def test_the_served_model_runs_inference_at_a_lower_priority_than_its_event_loop
     expected = min(19, nice_of(threading.main_thread()) + server.settings.worker_nice)
     assert server.settings.worker_nice == (7 if usable_cpus() > 1 else 0)
     assert [nice_of(worker) for worker in workers] == [expected, expected]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU sets are Linux's")
+def test_the_served_model_pins_each_inference_thread_where_it_has_one_cpu_per_thread(
+    start_server_thread: StartServer, vae_bundle: Path
+) -> None:
+    before = set(threading.enumerate())
+    server = start_server_thread(vae_bundle, max_concurrent_batches=0)
+    workers = {thread.name: thread for thread in set(threading.enumerate()) - before}
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = len(cpus) > 1 and usable_cpus() == len(cpus)
+    assert server.settings.worker_cpus == (tuple(cpus) if pinned else ())
+
+    def cpus_of(name: str) -> set[int]:
+        native_id = workers[name].native_id
+        assert native_id is not None
+        return os.sched_getaffinity(native_id)
+
+    for graph in ("encoder", "decoder"):
+        for index, cpu in enumerate(cpus if pinned else []):
+            assert cpus_of(f"{graph}-{index}") == {cpu}
+        if not pinned:
+            assert cpus_of(f"{graph}-0") == set(cpus)

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ class Doubler:
         return [rows * 2, rows.sum(axis=1)]
 
 
-def make_batcher(infer: InferFn, **options: float) -> Batcher:
+def make_batcher(infer: InferFn, worker_cpus: Sequence[int] = (), **options: float) -> Batcher:
     settings: dict[str, float] = {"max_batch_size": 8, "max_queue_delay_s": 0.05, "max_queue_size": 64}
     settings.update(options)
     return Batcher(
@@ -42,6 +43,7 @@ def make_batcher(infer: InferFn, **options: float) -> Batcher:
         max_queue_size=int(settings["max_queue_size"]),
         max_concurrent_batches=int(settings.get("max_concurrent_batches", 1)),
         worker_nice=int(settings.get("worker_nice", 0)),
+        worker_cpus=worker_cpus,
         metrics=ServiceMetrics.create(process=False),
     )
 
@@ -187,17 +189,56 @@ def test_inference_runs_at_the_priority_asked_for_below_the_event_loop(worker_ni
     assert seen and set(seen) == {min(19, loop_nice + worker_nice)}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU sets are Linux's")
+def test_each_worker_runs_on_the_cpu_named_for_it_and_the_event_loop_stays_free() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    worker_cpus = (cpus[-1], cpus[0])  # the reverse order, so that a worker cannot pass by chance
+    both_running = threading.Barrier(2, timeout=10)
+    seen: dict[str, set[int]] = {}
+
+    def infer(batch: Array) -> Sequence[Array]:
+        both_running.wait()  # so that each worker runs a call
+        seen[threading.current_thread().name] = os.sched_getaffinity(0)
+        return [batch * 2]
+
+    async def scenario() -> set[int]:
+        batcher = make_batcher(infer, worker_cpus, max_batch_size=4, max_concurrent_batches=2)
+        batcher.start()
+        await batcher.submit(rows(8))
+        await batcher.stop()
+        return os.sched_getaffinity(0)
+
+    assert asyncio.run(scenario()) == set(cpus)
+    assert seen == {"decoder-0": {cpus[-1]}, "decoder-1": {cpus[0]}}
+
+
+def test_worker_cpus_name_one_cpu_per_worker() -> None:
+    with pytest.raises(ValueError, match="names 1 CPUs for 2 workers"):
+        make_batcher(Doubler(), (0,), max_concurrent_batches=2)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
-def test_a_sandbox_that_forbids_a_lower_priority_gets_a_warning_and_still_serves(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("refused", "placement", "warning"),
+    [
+        ("setpriority", {"worker_nice": 19}, "could not lower the priority of decoder-0"),
+        ("sched_setaffinity", {"worker_cpus": (0,)}, "could not pin decoder-0 to CPU 0"),
+    ],
+)
+def test_a_sandbox_that_forbids_placing_a_worker_gets_a_warning_and_still_serves(
+    refused: str,
+    placement: dict[str, Any],
+    warning: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def forbidden(*args: int) -> None:
+    def forbidden(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "setpriority", forbidden)
+    monkeypatch.setattr(os, refused, forbidden)
 
     async def scenario() -> list[Array]:
-        batcher = make_batcher(Doubler(), worker_nice=19)
+        batcher = make_batcher(Doubler(), **placement)
         batcher.start()
         result = await asyncio.wait_for(batcher.submit(rows(2)), timeout=10)
         await batcher.stop()
@@ -205,7 +246,7 @@ def test_a_sandbox_that_forbids_a_lower_priority_gets_a_warning_and_still_serves
 
     doubled, _ = asyncio.run(scenario())
     np.testing.assert_array_equal(doubled, rows(2) * 2)
-    assert "could not lower the priority of decoder-0" in caplog.text
+    assert warning in caplog.text
 
 
 def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> None:

@@ -18,6 +18,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.device == "auto"
     assert settings.max_batch_size == 16
     assert settings.inference_nice == 0
+    assert settings.pin_inference_threads == "auto"
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
@@ -48,6 +49,8 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--port", "70000"], {}, "expected 0 to 65535"),
         (["--inference-nice", "20"], {}, "inference_nice 20: expected 0 to 19"),
         (["--inference-nice", "-1"], {}, "inference_nice -1: expected 0 to 19"),
+        ([], {"VAE_SERVE_PIN_INFERENCE_THREADS": "on"}, "pin_inference_threads 'on': expected one of"),
+        (["--pin-inference-threads", "on"], {}, "invalid choice: 'on'"),
     ],
 )
 def test_bad_values_are_refused_with_what_was_expected(
@@ -77,6 +80,29 @@ def test_inference_yields_to_the_event_loop_only_where_the_loop_can_have_a_cpu_o
     monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
     assert Settings.from_args(["--model-dir", "bundle", "--inference-nice", "19"], {}).worker_nice == expected
     assert Settings.from_args(["--model-dir", "bundle"], {}).worker_nice == 0
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "flags", "expected"),
+    [
+        ({0, 1}, 2, [], (0, 1)),
+        ({2, 5}, 2, [], (2, 5)),
+        ({0, 1}, 2, ["--pin-inference-threads", "off"], ()),
+        ({0, 1}, 2, ["--max-concurrent-batches", "1"], ()),  # a CPU left to other work
+        (set(range(8)), 2, [], ()),  # a CPU quota on a bigger machine
+        ({3}, 1, [], ()),
+    ],
+)
+def test_inference_threads_are_pinned_only_where_the_process_has_one_cpu_per_thread(
+    monkeypatch: pytest.MonkeyPatch,
+    affinity: set[int],
+    quota: int,
+    flags: list[str],
+    expected: tuple[int, ...],
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity)
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: quota)
+    assert Settings.from_args(["--model-dir", "bundle", *flags], {}).worker_cpus == expected
 
 
 FAKE_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
