@@ -205,43 +205,37 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
         assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]
 
 
+def workers_started_by(start: Callable[[], ServerThread]) -> tuple[ServerThread, dict[str, int]]:
+    """A server, and the native ids of the threads it started (its inference workers), by name."""
+    before = set(threading.enumerate())
+    server = start()
+    started = set(threading.enumerate()) - before
+    return server, {thread.name: thread.native_id for thread in started if thread.native_id is not None}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
 def test_the_served_model_runs_inference_at_a_lower_priority_than_its_event_loop(
     start_server_thread: StartServer, vae_bundle: Path
 ) -> None:
-    before = set(threading.enumerate())
-    server = start_server_thread(vae_bundle, inference_nice=7)
-    started = set(threading.enumerate()) - before
-    workers = [thread for thread in started if thread.name in ("encoder-0", "decoder-0")]
-    assert len(workers) == 2
-
-    def nice_of(thread: threading.Thread) -> int:
-        assert thread.native_id is not None
-        return os.getpriority(os.PRIO_PROCESS, thread.native_id)
-
-    expected = min(19, nice_of(threading.main_thread()) + server.settings.worker_nice)
+    server, workers = workers_started_by(lambda: start_server_thread(vae_bundle, inference_nice=7))
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = min(19, loop_nice + server.settings.worker_nice)
     assert server.settings.worker_nice == (7 if usable_cpus() > 1 else 0)
-    assert [nice_of(worker) for worker in workers] == [expected, expected]
+    for name in ("encoder-0", "decoder-0"):
+        assert os.getpriority(os.PRIO_PROCESS, workers[name]) == expected
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU sets are Linux's")
 def test_the_served_model_pins_each_inference_thread_where_it_has_one_cpu_per_thread(
     start_server_thread: StartServer, vae_bundle: Path
 ) -> None:
-    before = set(threading.enumerate())
-    server = start_server_thread(vae_bundle, max_concurrent_batches=0)
-    workers = {thread.name: thread for thread in set(threading.enumerate()) - before}
+    server, workers = workers_started_by(lambda: start_server_thread(vae_bundle, max_concurrent_batches=0))
     cpus = sorted(os.sched_getaffinity(0))
     pinned = len(cpus) > 1 and usable_cpus() == len(cpus)
     assert server.settings.worker_cpus == (tuple(cpus) if pinned else ())
-
-    def cpus_of(name: str) -> set[int]:
-        native_id = workers[name].native_id
-        assert native_id is not None
-        return os.sched_getaffinity(native_id)
-
     for graph in ("encoder", "decoder"):
-        for index, cpu in enumerate(cpus if pinned else []):
-            assert cpus_of(f"{graph}-{index}") == {cpu}
-        if not pinned:
-            assert cpus_of(f"{graph}-0") == set(cpus)
+        if pinned:
+            for index, cpu in enumerate(cpus):
+                assert os.sched_getaffinity(workers[f"{graph}-{index}"]) == {cpu}
+        else:
+            assert os.sched_getaffinity(workers[f"{graph}-0"]) == set(cpus)
