@@ -169,9 +169,8 @@ class Settings:
         CPU that other work is using.
         """
         cpus = tuple(sorted(os.sched_getaffinity(0)))
-        if self.pin_inference_threads == "off" or len(cpus) < 2:
-            return ()
-        return cpus if self.concurrent_batches == usable_cpus() == len(cpus) else ()
+        one_cpu_per_thread = len(cpus) > 1 and self.concurrent_batches == usable_cpus() == len(cpus)
+        return cpus if self.pin_inference_threads == "auto" and one_cpu_per_thread else ()
 
     @classmethod
     def from_args(
