@@ -2,24 +2,25 @@
 
 A small generic component (after ray serve's `batching.py` and MLServer's adaptive batcher). The
 event loop queues each request's rows with a future; `max_concurrent_batches` worker threads run
-batches of up to `max_batch_size` rows as ONE call each, and hand the outputs back to the event
-loop, which slices them to each waiter. On a CPU, one single-threaded call per core makes about twice
-the images of one call spread over two threads (docs/BENCHMARKS.md), as long as each core starts its
-next call at once: so a worker that finishes a call takes the next FULL batch itself, without a
-trip through the event loop. Partial batches are handed out by the event loop, once a turn, so that
-every request of the turn shares one call.
+batches of up to `max_batch_size` rows as ONE call each, and put each request's slice of the
+outputs in place. On a CPU, one single-threaded call per core makes about twice the images of one
+call spread over two threads (docs/BENCHMARKS.md), as long as each core starts its next call at
+once: so a worker that finishes a call takes the next FULL batch itself, without a trip through the
+event loop. The event loop is woken only to answer the requests a call completed, or to hand out a
+partial batch, which it does once a turn, so that every request of the turn shares one call.
 
 While no batch is in flight a batch starts at once, so a lone request never waits; while another
 is, the oldest rows wait up to `max_queue_delay_s` for a full batch. A request larger than
-`max_batch_size` is split into several items, which may run side by side. Rows of a cancelled
-request, or of one whose deadline has passed, are dropped before they run. If a call fails, every
-waiter of that batch gets the error.
+`max_batch_size` is split into several items, which may run side by side; it is answered once, when
+the last of them has run. Rows of a cancelled request, or of one whose deadline has passed, are
+dropped before they run. If a call fails, every request with rows in it gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import threading
@@ -41,11 +42,24 @@ InferFn = Callable[[Array], Sequence[Array]]
 
 
 @dataclass
-class _Item:
-    rows: Array
+class _Request:
+    """The rows of one `submit`, split into items of at most max_batch_size rows, answered once."""
+
     # Set only on the event loop. Worker threads read `done()` to skip cancelled rows: a stale
     # answer costs at most running rows whose answer is then dropped.
-    future: asyncio.Future[Sequence[Array]]
+    future: asyncio.Future[list[Array]]
+    rows: int
+    # The rest is written by whoever holds the batcher's lock.
+    unanswered: int  # items not yet run; 0 once the request is answered or has failed
+    outputs: list[Array] | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Item:
+    rows: Array
+    request: _Request
+    offset: int  # of these rows among the request's
     enqueued_at: float
     deadline: float | None  # time.monotonic(); None means no deadline
 
@@ -129,11 +143,12 @@ class Batcher:
         with self._lock:
             self._stopping = True
             stranded = [*self._pending, *(item for batch in self._in_flight.values() for item in batch)]
+            failed = _failed(stranded, ModelNotReady(f"the {self.name} batcher stopped"))
             self._pending.clear()
             self._pending_rows = 0
             self._handed_out.clear()
             self._lock.notify_all()
-        _fail(stranded, ModelNotReady(f"the {self.name} batcher stopped"))
+        _answer(failed)
         self._queue_depth.set(0)
         threads, self._threads = self._threads, []
         for thread in threads:  # a worker in a call finishes it first
@@ -156,7 +171,7 @@ class Batcher:
             raise InvalidInput(f"{count} rows is more than one request may send here ({self.max_queue_size})")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        futures: list[asyncio.Future[Sequence[Array]]] = []
+        request = _Request(loop.create_future(), count, unanswered=math.ceil(count / self.max_batch_size))
         with self._lock:
             if not self._threads or self._stopping:
                 raise ModelNotReady(f"the {self.name} batcher is not running")
@@ -166,22 +181,13 @@ class Batcher:
                     "waiting); retry with backoff"
                 )
             for start in range(0, count, self.max_batch_size):
-                future: asyncio.Future[Sequence[Array]] = loop.create_future()
-                self._pending.append(_Item(rows[start : start + self.max_batch_size], future, now, deadline))
-                futures.append(future)
+                item = _Item(rows[start : start + self.max_batch_size], request, start, now, deadline)
+                self._pending.append(item)
             self._pending_rows += count
             self._queue_depth.set(self._pending_rows)
         self._schedule_dispatch(loop)
-        try:
-            if len(futures) == 1:
-                return list(await futures[0])
-            parts = await asyncio.gather(*futures)
-        except BaseException:
-            # Cancelled or failed: the rows that have not run yet are skipped by the workers.
-            for future in futures:
-                future.cancel()
-            raise
-        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+        # Cancelled here, the future is too: the rows that have not run yet are skipped by the workers.
+        return await request.future
 
     def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Dispatch once per turn of the loop, after every request and answer of this turn."""
@@ -214,20 +220,11 @@ class Batcher:
                     self._handed_out.append(self._take(batch))
                     self._lock.notify()
 
-    def _deliver(self, serial: int, batch: list[_Item], result: Sequence[Array] | Exception) -> None:
-        """On the event loop: each waiter's slice of the outputs, or the call's error."""
+    def _deliver(self, serial: int, answered: list[_Request]) -> None:
+        """On the event loop: the answers of the requests a batch completed, then the next dispatch."""
         with self._lock:
             self._in_flight.pop(serial, None)
-        if isinstance(result, Exception):
-            _fail(batch, result)
-        else:
-            offset = 0
-            for item in batch:
-                end = offset + len(item.rows)
-                if not item.future.done():
-                    # Slices are views of the batch's outputs: no copy until the response is built.
-                    item.future.set_result([output[offset:end] for output in result])
-                offset = end
+        _answer(answered)
         self._schedule_dispatch(asyncio.get_running_loop())
 
     # --- the worker threads ----------------------------------------------------------------------
@@ -247,10 +244,17 @@ class Batcher:
             result = self._run(batch)
             with self._lock:  # idle before the answers go out, so the loop's next dispatch counts it
                 self._idle_workers += 1
-            try:
-                loop.call_soon_threadsafe(self._deliver, serial, batch, result)
-            except RuntimeError:  # the event loop is closed: nobody is waiting any more
-                return
+                answered = _record(batch, result)
+                # The loop wakes only to answer requests or to decide on a partial batch: a worker
+                # takes full ones itself. Until then, a batch that answered nobody is simply done.
+                wake = bool(answered) or 0 < self._pending_rows < self.max_batch_size
+                if not wake:
+                    self._in_flight.pop(serial, None)
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, serial, answered)
+                except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                    return
 
     def _next_batch(self) -> tuple[int, list[_Item]] | None:
         """The batch the loop handed out, or a full batch straight from the queue; None once stopping.
@@ -285,7 +289,7 @@ class Batcher:
         now = time.monotonic()
         while self._pending:
             item = self._pending[0]
-            alive = not item.future.done()  # done here means cancelled by its caller
+            alive = not item.request.future.done()  # done here means cancelled by its caller
             if alive and item.deadline is not None and now >= item.deadline:
                 expired.append(item)
                 alive = False
@@ -299,8 +303,8 @@ class Batcher:
                 rows += len(item.rows)
         self._queue_depth.set(self._pending_rows)
         if expired and self._loop is not None:
-            error = DeadlineExceeded("the deadline passed while the request was queued")
-            self._loop.call_soon_threadsafe(_fail, expired, error)
+            failed = _failed(expired, DeadlineExceeded("the deadline passed while the request was queued"))
+            self._loop.call_soon_threadsafe(_answer, failed)
         return batch
 
     def _run(self, batch: list[_Item]) -> Sequence[Array] | Exception:
@@ -344,7 +348,49 @@ def _pin_to_cpu(cpu: int) -> None:
         log.warning("could not pin %s to CPU %d: %s", threading.current_thread().name, cpu, error)
 
 
-def _fail(items: Iterable[_Item], error: BaseException) -> None:
-    for item in items:
-        if not item.future.done():
-            item.future.set_exception(error)
+def _record(batch: list[_Item], result: Sequence[Array] | Exception) -> list[_Request]:
+    """Put a call's outputs, or its error, into the requests of its items (the batcher's lock held):
+    the requests that are now complete or failed, to be answered on the event loop."""
+    if isinstance(result, Exception):
+        return _failed(batch, result)
+    answered: list[_Request] = []
+    offset = 0
+    for item in batch:
+        request, end = item.request, offset + len(item.rows)
+        if request.unanswered:  # 0: failed meanwhile (a deadline, a stop)
+            parts = [output[offset:end] for output in result]
+            if len(item.rows) == request.rows:  # views of the batch's outputs: no copy here
+                request.outputs = parts
+            else:  # one of several items: assembled in place, no copy on the event loop
+                if request.outputs is None:
+                    request.outputs = [
+                        np.empty((request.rows, *part.shape[1:]), part.dtype) for part in parts
+                    ]
+                for whole, part in zip(request.outputs, parts, strict=True):
+                    whole[item.offset : item.offset + len(part)] = part
+            request.unanswered -= 1
+            if not request.unanswered:
+                answered.append(request)
+        offset = end
+    return answered
+
+
+def _failed(items: Iterable[_Item], error: BaseException) -> list[_Request]:
+    """Mark the requests of `items` failed with `error` (the batcher's lock held): those to answer."""
+    failed = {id(item.request): item.request for item in items if item.request.unanswered}
+    for request in failed.values():
+        request.unanswered = 0
+        request.error = error
+    return list(failed.values())
+
+
+def _answer(requests: Iterable[_Request]) -> None:
+    """On the event loop: each request's outputs, or its error."""
+    for request in requests:
+        if request.future.done():  # cancelled by its caller
+            continue
+        if request.error is not None:
+            request.future.set_exception(request.error)
+        else:
+            assert request.outputs is not None, "a request is answered once all its items ran"
+            request.future.set_result(request.outputs)

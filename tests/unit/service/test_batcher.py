@@ -416,6 +416,46 @@ def test_a_failed_call_fails_every_waiter_of_its_batch() -> None:
     assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
 
 
+def test_a_split_request_fails_once_with_the_error_of_its_failed_part_and_the_batcher_goes_on() -> None:
+    calls: list[int] = []
+
+    def fails_on_the_second_call(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("onnxruntime exploded")
+        return [batch * 2]
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(fails_on_the_second_call, max_queue_delay_s=0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(rows(20))  # parts of 8, 8 and 4 rows
+        result = await batcher.submit(rows(3))
+        await batcher.stop()
+        return result
+
+    (doubled,) = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(3) * 2)
+
+
+def test_a_split_request_whose_deadline_passes_between_its_parts_gets_deadline_exceeded() -> None:
+    gate = threading.Event()
+    infer = Doubler(gate)
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer)
+        batcher.start()
+        split = asyncio.ensure_future(batcher.submit(rows(20), deadline=time.monotonic() + 0.2))
+        await asyncio.sleep(0.3)  # its first part is running; the deadline passes
+        gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await split
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == [8]  # the parts that waited past the deadline never ran
+
+
 def test_batch_metrics_are_recorded_per_graph() -> None:
     metrics = ServiceMetrics.create(process=False)
 
