@@ -314,24 +314,19 @@ async def _observe(
     """Await a unary call: map domain errors to status codes and record the request metrics."""
     started = time.perf_counter()
     servicer._call_began()
-    code = grpc.StatusCode.OK
     try:
-        return await call
-    except ServiceError as error:
-        code = status_code_of(error)
-        await context.abort(code, str(error))
-        raise  # unreachable: abort raises
+        response = await call
     except asyncio.CancelledError:
-        code = code_of_cancellation(context)
+        _record(servicer, rpc, code_of_cancellation(context), started)
         raise
     except Exception as error:
-        code = grpc.StatusCode.INTERNAL
-        log.exception("%s failed", rpc)
-        await context.abort(code, f"internal error: {type(error).__name__}")
-        raise
+        await _abort(servicer, rpc, context, error, started)
+        raise  # unreachable: abort raises
+    else:
+        _record(servicer, rpc, grpc.StatusCode.OK, started)
+        return response
     finally:
         servicer._call_ended()
-        _record(servicer, rpc, code, started)
 
 
 async def _observe_stream(
@@ -340,23 +335,32 @@ async def _observe_stream(
     """`_observe` for a streaming call."""
     started = time.perf_counter()
     servicer._call_began()
-    code = grpc.StatusCode.OK
     try:
         async for response in responses:
             yield response
-    except ServiceError as error:
-        code = status_code_of(error)
-        await context.abort(code, str(error))
     except asyncio.CancelledError:
-        code = code_of_cancellation(context)
+        _record(servicer, rpc, code_of_cancellation(context), started)
         raise
     except Exception as error:
-        code = grpc.StatusCode.INTERNAL
-        log.exception("%s failed", rpc)
-        await context.abort(code, f"internal error: {type(error).__name__}")
+        await _abort(servicer, rpc, context, error, started)
+    else:
+        _record(servicer, rpc, grpc.StatusCode.OK, started)
     finally:
         servicer._call_ended()
-        _record(servicer, rpc, code, started)
+
+
+async def _abort(
+    servicer: VaeServicer, rpc: str, context: grpc.aio.ServicerContext, error: Exception, started: float
+) -> None:
+    """End a failed call with its status code, counted first: a client that sees the status can
+    already see it in /metrics. Errors that are not the service's own are logged, and INTERNAL."""
+    if isinstance(error, ServiceError):
+        code, message = status_code_of(error), str(error)
+    else:
+        log.exception("%s failed", rpc, exc_info=error)
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    _record(servicer, rpc, code, started)
+    await context.abort(code, message)
 
 
 def _record(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:
