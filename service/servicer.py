@@ -314,19 +314,20 @@ async def _observe(
     """Await a unary call: map domain errors to status codes and record the request metrics."""
     started = time.perf_counter()
     servicer._call_began()
+    code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: recorded already
     try:
-        response = await call
+        return await call
     except asyncio.CancelledError:
-        _record(servicer, rpc, code_of_cancellation(context), started)
+        code = code_of_cancellation(context)
         raise
     except Exception as error:
+        code = None
         await _abort(servicer, rpc, context, error, started)
         raise  # unreachable: abort raises
-    else:
-        _record(servicer, rpc, grpc.StatusCode.OK, started)
-        return response
     finally:
         servicer._call_ended()
+        if code is not None:
+            _record(servicer, rpc, code, started)
 
 
 async def _observe_stream(
@@ -335,18 +336,20 @@ async def _observe_stream(
     """`_observe` for a streaming call."""
     started = time.perf_counter()
     servicer._call_began()
+    code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: recorded already
     try:
         async for response in responses:
             yield response
     except asyncio.CancelledError:
-        _record(servicer, rpc, code_of_cancellation(context), started)
+        code = code_of_cancellation(context)
         raise
     except Exception as error:
+        code = None
         await _abort(servicer, rpc, context, error, started)
-    else:
-        _record(servicer, rpc, grpc.StatusCode.OK, started)
     finally:
         servicer._call_ended()
+        if code is not None:
+            _record(servicer, rpc, code, started)
 
 
 async def _abort(
