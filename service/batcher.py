@@ -41,7 +41,7 @@ Array = npt.NDArray[np.float32]
 InferFn = Callable[[Array], Sequence[Array]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one per submit
 class _Request:
     """The rows of one `submit`, split into items of at most max_batch_size rows, answered once."""
 
@@ -377,11 +377,11 @@ def _record(batch: list[_Item], result: Sequence[Array] | Exception) -> list[_Re
 
 def _failed(items: Iterable[_Item], error: BaseException) -> list[_Request]:
     """Mark the requests of `items` failed with `error` (the batcher's lock held): those to answer."""
-    failed = {id(item.request): item.request for item in items if item.request.unanswered}
-    for request in failed.values():
+    failed = list(dict.fromkeys(item.request for item in items if item.request.unanswered))
+    for request in failed:
         request.unanswered = 0
         request.error = error
-    return list(failed.values())
+    return failed
 
 
 def _answer(requests: Iterable[_Request]) -> None:

@@ -108,6 +108,16 @@ class VaeServer:
     async def load_model(self) -> None:
         """Load and warm the bundle off the event loop, then turn SERVING; raises BundleError, DeviceError."""
         settings = self.settings
+        # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
+        batching = BatchingSettings(
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            max_concurrent_batches=settings.concurrent_batches,
+            worker_nice=settings.worker_nice,
+            worker_cpus=settings.worker_cpus,
+            max_samples=settings.max_samples,
+        )
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(
             None,
@@ -115,26 +125,19 @@ class VaeServer:
                 settings.model_dir,
                 device=settings.device,
                 threads=ThreadSettings(settings.intra_op_threads, settings.inter_op_threads),
-                batching=BatchingSettings(
-                    max_batch_size=settings.max_batch_size,
-                    max_queue_delay_s=settings.max_queue_delay_ms / 1000,
-                    max_queue_size=settings.max_queue_size,
-                    max_concurrent_batches=settings.concurrent_batches,
-                    worker_nice=settings.worker_nice,
-                    worker_cpus=settings.worker_cpus,
-                    max_samples=settings.max_samples,
-                ),
+                batching=batching,
                 metrics=self.metrics,
             ),
         )
         model.start()
         self.model = model
-        cpus = settings.worker_cpus
         log.info(
             "inference: %d calls at a time per graph, at nice +%d, %s",
-            settings.concurrent_batches,
-            settings.worker_nice,
-            f"pinned to CPUs {', '.join(map(str, cpus))}" if cpus else "placed by the kernel",
+            batching.max_concurrent_batches,
+            batching.worker_nice,
+            f"pinned to CPUs {', '.join(map(str, batching.worker_cpus))}"
+            if batching.worker_cpus
+            else "placed by the kernel",
         )
         self.servicer.attach(model)
         for service in (OVERALL, SERVICE_NAME):
