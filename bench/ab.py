@@ -8,7 +8,8 @@
 
 A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path) or this
 checkout with extra vae-serve flags (`--flags`). Each round starts every version in turn and runs the
-cells of the targets, so that the noise of a shared machine falls on all versions alike. Prints
+cells of the targets, so that the noise of a shared machine falls on all versions alike; every other
+round runs them in reverse order, so that none is always the first after a pause. Prints
 images/s and the server's CPU ms per image for each cell, as the median over the rounds.
 """
 
@@ -92,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("name at least two versions (--tree, --flags)")
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
     for round_index in range(args.rounds):
-        for name, (tree, flags) in versions.items():
+        order = list(versions.items())
+        for name, (tree, flags) in order if round_index % 2 == 0 else reversed(order):
             port = servers.free_port()
             argv_ = service_argv(args.bundle, port, *flags)
             if tree is not None:
