@@ -4,13 +4,14 @@
     .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
         --tree before=/tmp/before --tree after=. [--rounds 2] [--window 3]
     .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
-        --flags "b64=--max-batch-size 64" --flags "b16=--max-batch-size 16"
+        --flags "b64=--max-batch-size 64" --flags "b16=--max-batch-size 16" [--cell Sample:8:32]
 
 A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path) or this
 checkout with extra vae-serve flags (`--flags`). Each round starts every version in turn and runs the
 cells of the targets, so that the noise of a shared machine falls on all versions alike; every other
 round runs them in reverse order, so that none is always the first after a pause. Prints
-images/s and the server's CPU ms per image for each cell, as the median over the rounds.
+images/s and the server's CPU ms per image for each cell, as the median over the rounds. `--cell
+RPC:PER_REQUEST:CLIENTS` adds a cell to the targets' own.
 """
 
 from __future__ import annotations
@@ -28,17 +29,31 @@ from bench.suite import service_argv
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from vae.v1 import vae_pb2_grpc
 
-CELLS = ((Shape("Sample", 64), 4), (Shape("Sample", 256), 4), (Shape("Sample", 1), 32))
+RPCS = ("Sample", "Encode", "Decode")
+Cell = tuple[Shape, int]  # a shape, and how many clients send it
+CELLS: tuple[Cell, ...] = ((Shape("Sample", 64), 4), (Shape("Sample", 256), 4), (Shape("Sample", 1), 32))
 STREAM_IMAGES = 10_000
 
 Measures = dict[str, tuple[float, float]]  # cell -> (items/s, server CPU ms/item)
 
 
-async def measure(server: servers.Server, latent_dim: int, window_s: float, stream_chunk: int) -> Measures:
+def parse_cell(text: str) -> Cell:
+    """`RPC:PER_REQUEST:CLIENTS`, e.g. `Sample:8:32`."""
+    rpc, *counts = text.split(":")
+    if rpc in RPCS and len(counts) == 2 and all(count.isdigit() and int(count) > 0 for count in counts):
+        return Shape(rpc, int(counts[0])), int(counts[1])
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected RPC:PER_REQUEST:CLIENTS with RPC one of {', '.join(RPCS)}, e.g. Sample:8:32"
+    )
+
+
+async def measure(
+    server: servers.Server, cells: Sequence[Cell], latent_dim: int, window_s: float, stream_chunk: int
+) -> Measures:
     measures: Measures = {}
     async with channel(server.target) as chan:
         stub = vae_pb2_grpc.VaeServiceStub(chan)
-        for shape, concurrency in CELLS:
+        for shape, concurrency in cells:
             await request_factory(stub, shape, latent_dim)(0)()
             window = await closed_loop(
                 request_factory(stub, shape, latent_dim),
@@ -76,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--flags", action="append", default=[], help='NAME="FLAGS": this checkout with these vae-serve flags'
     )
+    parser.add_argument(
+        "--cell", type=parse_cell, action="append", default=[], help="RPC:PER_REQUEST:CLIENTS, a cell to add"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per cell")
     parser.add_argument("--latent-dim", type=int, default=2)
@@ -92,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(versions) < 2:
         parser.error("name at least two versions (--tree, --flags)")
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
+    cells = [*CELLS, *args.cell]
+    order = list(versions.items())
     for round_index in range(args.rounds):
-        order = list(versions.items())
         for name, (tree, flags) in order if round_index % 2 == 0 else reversed(order):
             port = servers.free_port()
             argv_ = service_argv(args.bundle, port, *flags)
@@ -101,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 argv_ = tree_argv(tree, argv_)
             server = servers.start(name, argv_, port, Path("runs/bench/logs"))
             try:
-                measures = asyncio.run(measure(server, args.latent_dim, args.window, args.stream_chunk))
+                measures = asyncio.run(
+                    measure(server, cells, args.latent_dim, args.window, args.stream_chunk)
+                )
             finally:
                 server.stop()
             for cell, value in measures.items():
