@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,22 @@ def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"{tmp_path / 'model.json'}: not found" in result.stderr
+
+
+def test_once_serving_the_start_up_objects_are_out_of_the_garbage_collectors_sight(
+    vae_bundle: Path, process: list[subprocess.Popen[str]]
+) -> None:
+    """Full collections would otherwise walk them all, a pause of 10 ms or more for every request."""
+    flags = ["--port", "0", "--metrics-port", "0", "--log-level", "info"]
+    proc = subprocess.Popen(serve_command(vae_bundle, *flags), stderr=subprocess.PIPE, text=True)
+    process.append(proc)
+    assert proc.stderr is not None
+    lines = iter(proc.stderr.readline, "")  # ends when the process exits
+    frozen = next((re.search(r"(\d+) start-up objects", line) for line in lines if "collector" in line), None)
+    assert frozen is not None, "the server exited without saying so"
+    assert int(frozen[1]) > 10_000
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=GRACE_S) == 0
 
 
 def metric(metrics_port: int, sample: str) -> float:
