@@ -107,28 +107,9 @@ class VaeServer:
 
     async def load_model(self) -> None:
         """Load and warm the bundle off the event loop, then turn SERVING; raises BundleError, DeviceError."""
-        settings = self.settings
-        # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
-        batching = BatchingSettings(
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
-            max_queue_size=settings.max_queue_size,
-            max_concurrent_batches=settings.concurrent_batches,
-            worker_nice=settings.worker_nice,
-            worker_cpus=settings.worker_cpus,
-            max_samples=settings.max_samples,
-        )
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(
-            None,
-            lambda: VaeModel.load(
-                settings.model_dir,
-                device=settings.device,
-                threads=ThreadSettings(settings.intra_op_threads, settings.inter_op_threads),
-                batching=batching,
-                metrics=self.metrics,
-            ),
-        )
+        model = await loop.run_in_executor(None, load_model, self.settings, self.metrics)
+        batching = model.batching
         model.start()
         self.model = model
         log.info(
@@ -179,6 +160,27 @@ class VaeServer:
         except TimeoutError:
             return  # gRPC's own grace (what is left of it) cancels what still runs
         await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))
+
+
+def load_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:
+    """The settings' bundle, loaded and warmed, behind batchers as the settings say; not started yet."""
+    # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
+    batching = BatchingSettings(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        max_concurrent_batches=settings.concurrent_batches,
+        worker_nice=settings.worker_nice,
+        worker_cpus=settings.worker_cpus,
+        max_samples=settings.max_samples,
+    )
+    return VaeModel.load(
+        settings.model_dir,
+        device=settings.device,
+        threads=ThreadSettings(settings.intra_op_threads, settings.inter_op_threads),
+        batching=batching,
+        metrics=metrics,
+    )
 
 
 def server_credentials(settings: Settings) -> Any:
