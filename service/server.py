@@ -108,7 +108,7 @@ class VaeServer:
     async def load_model(self) -> None:
         """Load and warm the bundle off the event loop, then turn SERVING; raises BundleError, DeviceError."""
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_model, self.settings, self.metrics)
+        model = await loop.run_in_executor(None, build_model, self.settings, self.metrics)
         batching = model.batching
         model.start()
         self.model = model
@@ -162,7 +162,7 @@ class VaeServer:
         await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))
 
 
-def load_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:
+def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:
     """The settings' bundle, loaded and warmed, behind batchers as the settings say; not started yet."""
     # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
     batching = BatchingSettings(
