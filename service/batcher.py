@@ -118,7 +118,8 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(name)
         self._queue_wait = metrics.queue_wait.labels(name)
         self._inference = metrics.inference_duration.labels(name)
-        self._queue_depth = metrics.queue_depth.labels(name)
+        # Read when /metrics is scraped, so that queueing a request costs no metric update.
+        metrics.queue_depth.labels(name).set_function(lambda: self._pending_rows)
 
     def start(self) -> None:
         """Start the worker threads, and return once they are ready; answers are delivered to the
@@ -149,7 +150,6 @@ class Batcher:
             self._handed_out.clear()
             self._lock.notify_all()
         _answer(failed)
-        self._queue_depth.set(0)
         threads, self._threads = self._threads, []
         for thread in threads:  # a worker in a call finishes it first
             await asyncio.to_thread(thread.join)
@@ -184,7 +184,6 @@ class Batcher:
                 item = _Item(rows[start : start + self.max_batch_size], request, start, now, deadline)
                 self._pending.append(item)
             self._pending_rows += count
-            self._queue_depth.set(self._pending_rows)
         self._schedule_dispatch(loop)
         # Cancelled here, the future is too: the rows that have not run yet are skipped by the workers.
         return await request.future
@@ -301,7 +300,6 @@ class Batcher:
                 self._queue_wait.observe(now - item.enqueued_at)
                 batch.append(item)
                 rows += len(item.rows)
-        self._queue_depth.set(self._pending_rows)
         if expired and self._loop is not None:
             failed = _failed(expired, DeadlineExceeded("the deadline passed while the request was queued"))
             self._loop.call_soon_threadsafe(_answer, failed)
