@@ -40,7 +40,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser, default_timeout_s:
         type=float,
         default=default_timeout_s,
         metavar="SECONDS",
-        help=f"deadline of each call (default {default_timeout_s:g})",
+        help=f"deadline of each unary call (default {default_timeout_s:g}); an encode stream has none",
     )
     group.add_argument("--tls", action="store_true", help="use TLS (system root certificates by default)")
     group.add_argument(
@@ -91,10 +91,14 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
-    batches = [read_images(path).images for path in args.input]
-    images = np.concatenate(batches) if len(batches) > 1 else batches[0]
-    # One stream of bounded requests, so that a large array stays under the message size limit.
-    chunks = (images[start : start + args.batch_size] for start in range(0, len(images), args.batch_size))
+    inputs = [read_images(path).images for path in args.input]
+    # One stream of bounded requests, so that a large array stays under the message size limit. Each
+    # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
+    chunks = (
+        images[start : start + args.batch_size]
+        for images in inputs
+        for start in range(0, len(images), args.batch_size)
+    )
     results = list(client.encode_stream(chunks))
     mean = np.concatenate([result.mean for result in results])
     np.save(args.out, mean)

@@ -115,6 +115,9 @@ class EncodeResult:
 
     mean: npt.NDArray[np.float32]
     log_var: npt.NDArray[np.float32] | None
+    encoder_sha256: str | None = None
+    """From an encode stream: the sha256 of the encoder graph that answered (the server's metadata).
+    A stream that reconnects may reach another replica, so it is given with each result."""
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,14 @@ class _Retrier:
     def pause_or_raise(self, error: Any) -> float:
         """The pause before the next attempt after `error` (a grpc.RpcError), or raise for good."""
         self.failures += 1
-        code = error.code()
-        if code not in RETRYABLE_CODES or self.failures >= self.policy.max_attempts:
-            raise VaeClientError(self.rpc, code, error.details() or "", self.failures) from error
+        code, details = error.code(), error.details() or ""
+        # gRPC refuses a message over either side's size limit with RESOURCE_EXHAUSTED, as the server
+        # does a full queue; but the same message would be refused again.
+        too_large = "message larger than max" in details
+        if code not in RETRYABLE_CODES or too_large or self.failures >= self.policy.max_attempts:
+            if too_large:
+                details += "; send fewer images per request (encode_stream takes them in batches)"
+            raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
 
 
@@ -426,7 +434,7 @@ class VaeClient:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
                     retrier.failures = 0
-                    yield encode_result(response)
+                    yield encode_result(response, _encoder_of(call.initial_metadata()))
                     refill(requests)
                 if pending:
                     raise VaeClientError(
@@ -630,7 +638,7 @@ class AsyncVaeClient:
                         )
                     pending.popleft()
                     retrier.failures = 0
-                    yield encode_result(response)
+                    yield encode_result(response, _encoder_of(await call.initial_metadata()))
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
             else:
@@ -714,10 +722,15 @@ def _array(tensor: vae_pb2.Tensor, rpc: str, name: str) -> npt.NDArray[Any]:
         raise VaeClientError(rpc, None, str(error)) from error
 
 
-def encode_result(response: vae_pb2.EncodeResponse) -> EncodeResult:
+def encode_result(response: vae_pb2.EncodeResponse, encoder_sha256: str | None = None) -> EncodeResult:
     mean = _array(response.mean, "Encode", "mean")
     log_var = _array(response.log_var, "Encode", "log_var") if response.HasField("log_var") else None
-    return EncodeResult(mean=mean, log_var=log_var)
+    return EncodeResult(mean=mean, log_var=log_var, encoder_sha256=encoder_sha256)
+
+
+def _encoder_of(metadata: Any) -> str | None:
+    """The encoder's sha256 from an EncodeStream's initial metadata, if the server sent it."""
+    return dict(metadata or ()).get(codec.ENCODER_SHA256_METADATA)
 
 
 def sample_result(response: vae_pb2.SampleResponse, rpc: str) -> SampleResult:

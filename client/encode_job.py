@@ -170,6 +170,12 @@ def new_manifest(
     }
 
 
+# What a run killed before it wrote its first manifest may have left (prepare_output's order).
+_BEFORE_MANIFEST = frozenset(
+    {INPUTS_LIST, REJECTED_LIST} | {f"{name}.tmp" for name in (INPUTS_LIST, REJECTED_LIST, MANIFEST)}
+)
+
+
 def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], target: str) -> None:
     """Refuse, with what differs, to continue an output from other input, model or split."""
     was, now = old["input"], new["input"]
@@ -210,13 +216,24 @@ def prepare_output(
         check_resumable(directory, found, manifest, target)
         verify_shards(directory, found)
         manifest = found
-    elif directory.is_dir() and any(directory.iterdir()) and not settings.resume:
-        raise JobError(f"{directory} is not empty and holds no manifest; choose an empty or new --output")
+    elif directory.is_dir():
+        # --resume may start over on what a run killed before its first manifest left, and nothing
+        # else: without a manifest, no other file here is the job's to delete.
+        present = sorted(path.name for path in directory.iterdir())
+        foreign = [name for name in present if name not in _BEFORE_MANIFEST]
+        if foreign or (present and not settings.resume):
+            shown = ", ".join((foreign or present)[:3])
+            raise JobError(
+                f"{directory} is not empty and holds no manifest (it holds {shown}); "
+                "choose an empty or new --output"
+            )
     directory.mkdir(parents=True, exist_ok=True)
     # Files of a run killed before it committed them; the manifest does not list them.
     listed = {entry["file"] for entry in manifest["shards"]}
     for stale in directory.iterdir():
-        if stale.name.endswith(".tmp") or (stale.name.startswith("shard-") and stale.name not in listed):
+        if stale.is_file() and (
+            stale.name.endswith(".tmp") or (stale.name.startswith("shard-") and stale.name not in listed)
+        ):
             stale.unlink()
     if source.format == "png" and len(source.names) > 1:
         write_atomic(directory / INPUTS_LIST, _list_bytes(source.names))
@@ -333,10 +350,12 @@ class EncodeJob:
         requests = (images[start:stop] for _, start, stop in plan)
         means: list[npt.NDArray[np.float32]] = []
         log_vars: list[npt.NDArray[np.float32] | None] = []
-        retries_checked = client.retries
         stream = client.encode_stream(requests, max_in_flight=settings.max_in_flight)
         with contextlib.closing(stream):
             for (shard, start, stop), result in zip(plan, stream, strict=True):
+                # Each answer says which encoder made it: a stream that reconnected, or a round-robin
+                # channel during a rolling update, may reach another model. Never mix two in one output.
+                self._check_encoder(result.encoder_sha256, model, start)
                 means.append(result.mean)
                 log_vars.append(result.log_var)
                 if len(means) == 1:
@@ -345,21 +364,17 @@ class EncodeJob:
                 if stop < min(shard_start + settings.rows_per_shard, rows.stop):
                     progress.update(stop - start)
                     continue
-                if client.retries != retries_checked:
-                    # A reconnect may have reached a server with another model: never mix two in one output.
-                    retries_checked = client.retries
-                    self._check_model(client, model, shard_start)
                 self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
                 means, log_vars = [], []
                 progress.update(stop - start)
 
-    def _check_model(self, client: VaeClient, model: dict[str, Any], next_row: int) -> None:
-        now = model_record(client.model_info())
-        if now != model:
+    def _check_encoder(self, encoder_sha256: str | None, model: dict[str, Any], row: int) -> None:
+        if encoder_sha256 != model["encoder_sha256"]:
             raise JobError(
-                f"the model behind {self.settings.target} changed during the job, from {model['name']} "
-                f"{model['version']} to {now['name']} {now['version']}; the rows before {next_row} are "
-                "committed; start a new --output for the new model"
+                f"row {row} was encoded by encoder {str(encoder_sha256)[:12]} behind {self.settings.target}, "
+                f"not by {model['name']} version {model['version']} (encoder {model['encoder_sha256'][:12]}) "
+                "that this output holds; the shards committed before it are kept. Resume once every "
+                "replica serves that model, or start a new --output for the other one"
             )
 
     def _commit(
@@ -471,10 +486,10 @@ def merge_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = merged_manifest(args.output)
-    except EncodingsError as error:
+        write_manifest(args.output, manifest)
+    except (EncodingsError, OSError) as error:
         print(f"vae-encode-job merge: {error}", file=sys.stderr)
         return 2
-    write_manifest(args.output, manifest)
     parts = len(manifest["merged_from"])
     print(f"vae-encode-job merge: {args.output}/{MANIFEST} lists {manifest['rows']} rows from {parts} parts")
     return 0
@@ -511,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VaeClientError as error:
         print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # an unreadable input, an output it may not write, a full disk
+        print(f"vae-encode-job: {error}", file=sys.stderr)
+        return 2
     print(f"vae-encode-job: {summary.line()}", file=sys.stderr)
     return 0
 

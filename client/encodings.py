@@ -258,7 +258,8 @@ def merged_manifest(directory: Path) -> dict[str, Any]:
         if not manifest.get("complete"):
             raise EncodingsError(f"{part}: unfinished; run its job again with --resume before merging")
         for key in ("input", "model"):
-            if manifest[key] != first[key]:
+            # The input's path may differ (a part run where the file is mounted elsewhere); not its content.
+            if {**manifest[key], "path": None} != {**first[key], "path": None}:
                 raise EncodingsError(
                     f"{part}: its {key} differs from {parts[0].name}'s; the parts cannot be joined"
                 )

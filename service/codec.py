@@ -16,6 +16,8 @@ from vae.v1 import vae_pb2
 
 FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
 UINT8 = vae_pb2.DATA_TYPE_UINT8
+# EncodeStream's initial metadata: the sha256 of the encoder graph that answers the stream.
+ENCODER_SHA256_METADATA = "vae-encoder-sha256"
 
 _NUMPY_DTYPES: dict[int, np.dtype[np.generic]] = {
     FLOAT32: np.dtype("<f4"),

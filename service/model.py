@@ -174,14 +174,14 @@ class VaeModel:
     def sample_latents(
         self, num_samples: int, seed: int | None, temperature: float
     ) -> tuple[Float32Array, int]:
-        """Checked arguments -> (z, the seed used); a missing or zero seed is picked here."""
+        """Checked arguments -> (z, the seed used); a missing seed is picked here (0 is a seed)."""
         limit = self.batching.max_samples
         if not 1 <= num_samples <= limit:
             raise InvalidInput(f"num_samples: {num_samples}; expected 1 to {limit}")
         if not np.isfinite(temperature) or temperature < 0:
             raise InvalidInput(f"temperature: {temperature}; expected a finite value >= 0 (0 means 1)")
-        if not seed:
-            seed = secrets.randbits(64) or 1
+        if seed is None:
+            seed = secrets.randbits(64)
         return draw_latents(num_samples, self.spec.latent_dim, seed, temperature or 1.0), seed
 
     async def sample(

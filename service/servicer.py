@@ -182,6 +182,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self, request_iterator: AsyncIterable[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vae_pb2.EncodeResponse]:
         model = self._ready_model()
+        # Before any answer: which encoder made them (a job checks it after every reconnect).
+        await context.send_initial_metadata(((codec.ENCODER_SHA256_METADATA, model.spec.encoder.sha256),))
 
         async def encode(request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
             images = _images_of(request)

@@ -134,11 +134,11 @@ class Settings:
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
-        if self.max_queue_size < self.max_batch_size:
-            problems.append(
-                f"max_queue_size {self.max_queue_size}: expected at least "
-                f"max_batch_size ({self.max_batch_size})"
-            )
+        for name in ("max_batch_size", "max_samples"):  # a batch, and the largest Sample, must fit
+            if self.max_queue_size < getattr(self, name):
+                problems.append(
+                    f"max_queue_size {self.max_queue_size}: expected at least {name} ({getattr(self, name)})"
+                )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 

@@ -9,6 +9,7 @@ module, so it must stay free of torch.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,5 +80,5 @@ def _read_bytes(path: Path) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # a bad header, a short file, damaged data
         raise IdxFormatError(f"{path}: corrupt or truncated gzip stream ({error})") from error

@@ -197,8 +197,8 @@ class SampleRequest(_message.Message):
     num_samples: _builtins.int
     """How many images, from 1 to the server's sample limit (ModelInfo.max_samples)."""
     seed: _builtins.int
-    """The seed of numpy's PCG64 generator that draws z. Unset (0 included) lets the server pick
-    one, which the response returns so that the call can be repeated.
+    """The seed of numpy's PCG64 generator that draws z (0 is a seed like any other). Unset lets the
+    server pick one, which the response returns so that the call can be repeated.
     """
     temperature: _builtins.float
     """The prior's standard deviation: z ~ N(0, temperature^2 I). 0 or unset means 1; must be finite

@@ -95,7 +95,9 @@ class VaeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EncodeStream(self, request_iterator, context):
-        """EncodeStream encodes a stream of requests and answers each one, in the order they came.
+        """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
+        initial metadata carries `vae-encoder-sha256`, the encoder graph that answers the stream, so
+        that a job can tell when a reconnect reached a replica serving another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

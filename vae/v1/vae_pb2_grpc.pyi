@@ -46,7 +46,10 @@ class VaeServiceStub:
     gives byte-identical images on every replica and every run.
     """
     EncodeStream: _grpc.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]
-    """EncodeStream encodes a stream of requests and answers each one, in the order they came."""
+    """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
+    initial metadata carries `vae-encoder-sha256`, the encoder graph that answers the stream, so
+    that a job can tell when a reconnect reached a replica serving another model.
+    """
     SampleStream: _grpc.UnaryStreamMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]
     """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
     chunks equal the unary Sample's answer for the same seed.
@@ -70,7 +73,10 @@ class VaeServiceAsyncStub(VaeServiceStub):
     gives byte-identical images on every replica and every run.
     """
     EncodeStream: _aio.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]  # type: ignore[assignment]
-    """EncodeStream encodes a stream of requests and answers each one, in the order they came."""
+    """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
+    initial metadata carries `vae-encoder-sha256`, the encoder graph that answers the stream, so
+    that a job can tell when a reconnect reached a replica serving another model.
+    """
     SampleStream: _aio.UnaryStreamMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]  # type: ignore[assignment]
     """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
     chunks equal the unary Sample's answer for the same seed.
@@ -115,7 +121,10 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_vae_pb2.EncodeRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_vae_pb2.EncodeResponse], _abc.AsyncIterator[_vae_pb2.EncodeResponse]]:
-        """EncodeStream encodes a stream of requests and answers each one, in the order they came."""
+        """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
+        initial metadata carries `vae-encoder-sha256`, the encoder graph that answers the stream, so
+        that a job can tell when a reconnect reached a replica serving another model.
+        """
 
     @_abc_1.abstractmethod
     def SampleStream(

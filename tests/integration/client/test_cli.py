@@ -75,6 +75,28 @@ def test_encode_then_decode_round_trips_through_files(
     assert Image.open(tmp_path / "d.png").size[0] == 18 * 30 + 2  # ceil(sqrt(301)) images wide
 
 
+def test_encode_takes_uint8_and_float32_inputs_in_one_call(
+    vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
+) -> None:
+    np.save(tmp_path / "bytes.npy", digits[:3])
+    np.save(tmp_path / "floats.npy", np.multiply(digits[:3], np.float32(1 / 255), dtype=np.float32))
+    code = cli.main(
+        [
+            "encode",
+            "--target",
+            vae_server.target,
+            "--input",
+            str(tmp_path / "bytes.npy"),
+            str(tmp_path / "floats.npy"),
+            "--out",
+            str(tmp_path / "mean.npy"),
+        ]
+    )
+    assert code == 0
+    mean = np.load(tmp_path / "mean.npy")
+    np.testing.assert_array_equal(mean[:3], mean[3:])  # the same images, as bytes and as [0,1] floats
+
+
 def test_a_refused_call_exits_1_with_the_servers_message(
     vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -36,9 +36,12 @@ def test_an_encode_stream_answers_each_batch_in_order_as_unary_calls_do(
     with VaeClient(vae_server.target) as client:
         streamed = list(client.encode_stream(iter(batches), max_in_flight=6))
         unary = [client.encode(batch) for batch in batches]
+        info = client.model_info()
     assert [len(r.mean) for r in streamed] == [len(b) for b in batches]
     for s, u in zip(streamed, unary, strict=True):
         np.testing.assert_array_equal(s.mean, u.mean)
+    # Each streamed answer names the encoder that made it, as ModelInfo does.
+    assert {r.encoder_sha256 for r in streamed} == {info.encoder_sha256}
 
 
 def test_a_stream_answers_each_request_without_waiting_for_the_next_one(
@@ -103,6 +106,14 @@ def test_invalid_argument_fails_at_once_with_the_servers_message(vae_server: Ser
         assert client.encode(np.zeros((1, 28, 28), np.uint8)).mean.shape == (1, 2)
 
 
+def test_a_request_over_the_message_size_limit_fails_at_once_saying_so(vae_server: ServerThread) -> None:
+    too_many = np.zeros((11_000, 28, 28), np.float32)  # 34.5 MB, over the server's 32 MiB
+    with VaeClient(vae_server.target) as client, pytest.raises(VaeClientError) as error:
+        client.encode(too_many)
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.value.attempts == 1
+    assert "larger than max" in error.value.details and "fewer images per request" in str(error.value)
+
+
 def test_an_expired_deadline_is_retried_then_reported(vae_server: ServerThread) -> None:
     policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
     with VaeClient(vae_server.target, retry=policy) as client, pytest.raises(VaeClientError) as error:
@@ -125,6 +136,7 @@ def test_the_async_client_makes_the_same_calls(vae_server: ServerThread, digits:
     info, encoded, streamed, sample, chunks, decoded = asyncio.run(calls())
     assert info.latent_dim == 2
     np.testing.assert_array_equal(np.concatenate([r.mean for r in streamed]), encoded.mean)
+    assert {r.encoder_sha256 for r in streamed} == {info.encoder_sha256}
     assert np.concatenate([c.images for c in chunks]).tobytes() == sample.images.tobytes()
     assert decoded.shape == (20, 1, 28, 28)
     with VaeClient(vae_server.target) as client:

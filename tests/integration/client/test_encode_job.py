@@ -247,6 +247,26 @@ def test_a_job_killed_twice_still_ends_with_every_row_once(
     np.testing.assert_array_equal(got.mean, read_encodings(uninterrupted).mean)
 
 
+def restart_mid_job(
+    job_started: Callable[..., PausedJob], first: Path, then: Path, input_: Path, output: Path
+) -> tuple[int, str]:
+    """Run a job against a server of bundle `first`, stopped once shard 1 is committed; while the
+    job goes on against the dead port (its stream broken), a server of `then` comes back on it.
+    The job's exit code and log."""
+    port = free_port()
+    server = ServerThread(first, port=port)
+    try:
+        job = job_started(f"127.0.0.1:{port}", input_, output, "after-manifest:1")
+        job.wait_for_pause()
+        server.stop(grace_s=0)
+        job.process.stdin.write("\n")  # type: ignore[union-attr]
+        job.process.stdin.flush()  # type: ignore[union-attr]
+        server = ServerThread(then, port=port)
+        return job.carry_on()
+    finally:
+        server.stop(grace_s=0)
+
+
 def test_a_server_restarted_mid_job_is_reconnected_to(
     vae_bundle: Path,
     inputs: dict[str, Path],
@@ -254,23 +274,26 @@ def test_a_server_restarted_mid_job_is_reconnected_to(
     tmp_path: Path,
     paused_job: Callable[..., PausedJob],
 ) -> None:
-    port = free_port()
-    server = ServerThread(vae_bundle, port=port)
-    try:
-        job = paused_job(f"127.0.0.1:{port}", inputs["npy"], tmp_path / "out", "after-manifest:1")
-        job.wait_for_pause()
-        server.stop(grace_s=0)
-        # The job goes on against a dead port (its stream is broken), then the server comes back.
-        job.process.stdin.write("\n")  # type: ignore[union-attr]
-        job.process.stdin.flush()  # type: ignore[union-attr]
-        server = ServerThread(vae_bundle, port=port)
-        code, log = job.carry_on()
-    finally:
-        server.stop(grace_s=0)
+    code, log = restart_mid_job(paused_job, vae_bundle, vae_bundle, inputs["npy"], tmp_path / "out")
     assert code == 0, log
     summary = log.strip().splitlines()[-1]
     assert "encoded 600 rows" in summary and " 0 retries" not in summary
     assert files(tmp_path / "out") == files(uninterrupted)
+
+
+def test_a_server_back_with_another_encoder_stops_the_job_before_it_mixes_the_two(
+    vae_bundle: Path,
+    ae_bundle: Path,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    code, log = restart_mid_job(paused_job, vae_bundle, ae_bundle, inputs["npy"], tmp_path / "out")
+    assert code == 2, log
+    assert "was encoded by encoder" in log and "the shards committed before it are kept" in log
+    # Shards 0 and 1 came from the first server; nothing the other encoder answered was committed.
+    shards = read_manifest(tmp_path / "out")["shards"]
+    assert [entry["file"] for entry in shards] == ["shard-00000.npz", "shard-00001.npz"]
 
 
 def test_a_resume_against_another_model_version_is_refused(
@@ -370,6 +393,16 @@ def test_a_corrupt_idx_file_is_refused_by_name(
         main(["--target", vae_server.target, "--input", str(broken), "--output", str(tmp_path / "out")]) == 2
     )
     assert f"{broken}: truncated" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_stops_the_job_with_the_reason(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "a-file" / "out"  # under a file: no directory can be made there
+    assert main(["--target", vae_server.target, "--input", str(inputs["idx"]), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-encode-job: ") and "Not a directory" in err and "Traceback" not in err
 
 
 def test_progress_is_logged_and_a_summary_printed(

@@ -70,10 +70,16 @@ def test_the_same_seed_gives_byte_identical_images_even_amid_other_traffic(
 
 def test_without_a_seed_the_server_picks_one_that_repeats_the_call(stub: vae_pb2_grpc.VaeServiceStub) -> None:
     first = stub.Sample(vae_pb2.SampleRequest(num_samples=4))
-    assert first.seed != 0
-    assert stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=0)).seed != 0  # 0 means "pick one"
+    second = stub.Sample(vae_pb2.SampleRequest(num_samples=4))
+    assert first.seed != second.seed and first.images.data != second.images.data
     repeated = stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=first.seed))
     assert repeated.images.data == first.images.data
+
+
+def test_seed_zero_is_a_seed_like_any_other(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    zero = stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=0))
+    assert zero.seed == 0
+    assert stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=0)).images.data == zero.images.data
 
 
 def test_uint8_output_is_the_rounded_float_output(stub: vae_pb2_grpc.VaeServiceStub) -> None:

@@ -84,6 +84,24 @@ def test_a_non_empty_directory_without_manifest_is_refused(tmp_path: Path) -> No
         prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
 
 
+def test_a_resume_into_a_directory_without_manifest_deletes_nothing_it_did_not_write(tmp_path: Path) -> None:
+    job = settings(tmp_path, resume=True)
+    job.output.mkdir()
+    (job.output / "notes.tmp").write_text("mine")
+    (job.output / "shard-plan.txt").write_text("mine too")
+    with pytest.raises(JobError, match=r"holds no manifest \(it holds notes.tmp, shard-plan.txt\)"):
+        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    assert sorted(p.name for p in job.output.iterdir()) == ["notes.tmp", "shard-plan.txt"]
+
+
+def test_a_resume_starts_over_on_what_a_run_killed_before_its_manifest_left(tmp_path: Path) -> None:
+    job = settings(tmp_path, resume=True)
+    job.output.mkdir()
+    (job.output / "rejected.txt.tmp").write_text("half written")
+    prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST]
+
+
 def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_files(tmp_path: Path) -> None:
     job = settings(tmp_path, rows_per_shard=5, resume=True)
     committed = finished_output(job, source())

@@ -172,3 +172,16 @@ def test_parts_from_different_models_are_not_joined(tmp_path: Path) -> None:
     write_manifest(part, manifest)
     with pytest.raises(EncodingsError, match="part-00001-of-00002: its model differs"):
         read_encodings(tmp_path)
+
+
+def test_parts_that_read_the_input_from_different_paths_are_joined(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 2)
+    part = tmp_path / "part-00001-of-00002"
+    manifest = json.loads((part / MANIFEST).read_text())
+    manifest["input"] = {**manifest["input"], "path": "/mnt/elsewhere/input.npy"}
+    write_manifest(part, manifest)
+    np.testing.assert_array_equal(read_encodings(tmp_path).input_rows, np.arange(10))
+    manifest["input"]["sha256"] = "0" * 64  # another file's content is another input
+    write_manifest(part, manifest)
+    with pytest.raises(EncodingsError, match="part-00001-of-00002: its input differs"):
+        read_encodings(tmp_path)

@@ -46,6 +46,7 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         ([], {"VAE_SERVE_PORT": "eighty"}, "VAE_SERVE_PORT='eighty'"),
         (["--max-batch-size", "0"], {}, "max_batch_size 0: expected at least 1"),
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least max_batch_size"),
+        (["--max-queue-size", "512", "--max-samples", "1024"], {}, "expected at least max_samples (1024)"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
         (["--inference-nice", "20"], {}, "inference_nice 20: expected 0 to 19"),
         (["--inference-nice", "-1"], {}, "inference_nice -1: expected 0 to 19"),

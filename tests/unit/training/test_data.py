@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from training.data import load_test_set, load_training_splits
-from training.idx import IdxFormatError
+from training.idx import IdxFormatError, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray, *, gzipped: bool = True) -> None:
@@ -82,6 +82,20 @@ def test_labels_that_do_not_match_the_images_are_an_error(tmp_path: Path) -> Non
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:19])
     with pytest.raises(IdxFormatError, match="expected 20 labels"):
         load_test_set("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "scrambled"])
+def test_a_damaged_gzip_file_is_a_format_error_that_names_it(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    write_idx(path, fake_mnist(20, seed=3)[0])
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        data[20:40] = bytes(20)  # inside the deflate stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(IdxFormatError, match=r"t10k-images-idx3-ubyte.gz: corrupt or truncated gzip"):
+        read_idx(path)
 
 
 def test_an_unknown_dataset_lists_the_known_ones() -> None:
