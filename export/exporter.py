@@ -173,14 +173,11 @@ def export_run(
 
 
 def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The final evaluation when the run has one, else the last epoch's figures, else nothing."""
-    for key in ("final", "evaluation", "test"):
+    """The run's evaluation (vae-evaluate) when it has one, else its last epoch's losses (vae-train)."""
+    for key in ("evaluation", "final"):
         value = metrics.get(key)
         if isinstance(value, dict):
             return value
-    epochs = metrics.get("epochs")
-    if isinstance(epochs, list) and epochs and isinstance(epochs[-1], dict):
-        return {"last_epoch": epochs[-1]}
     return {}
 
 

@@ -65,8 +65,9 @@ def load_training_splits(
 ) -> tuple[ImageSet, ImageSet]:
     """(train, validation) from the dataset's training images.
 
-    `limit` caps the number of images used before the split (a fixed random subset), for
-    quick runs and tests.
+    `limit` keeps a fixed random subset of that many images, for quick runs and tests. The split
+    is drawn over all the images first, so a limited run holds out only images that every run holds
+    out: none of mnist-5k's test images (its held-out split) is ever trained on.
     """
     check_dataset(dataset)
     if not 0.0 < validation_fraction < 1.0:
@@ -74,10 +75,14 @@ def load_training_splits(
     full = (
         _mnist_5k() if dataset == "mnist-5k" else _idx_part(dataset, _require_dir(dataset, data_dir), "train")
     )
-    if limit is not None:
-        full = full.subset(_limited(full.labels, limit))
-    validation = _stratified_holdout(full.labels, validation_fraction)
-    train = np.setdiff1d(np.arange(len(full)), validation)
+    held_out = _stratified_holdout(full.labels, validation_fraction)
+    kept = np.arange(len(full)) if limit is None else _limited(full.labels, limit)
+    train, validation = np.setdiff1d(kept, held_out), np.intersect1d(kept, held_out)
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError(
+            f"limit {limit} leaves {len(train)} images to train on and {len(validation)} to validate; "
+            "raise it"
+        )
     return full.subset(train), full.subset(validation)
 
 
@@ -91,15 +96,18 @@ def load_test_set(
     """The test images: `t10k` for the IDX datasets, the held-out split for mnist-5k.
 
     For the IDX datasets only the two `t10k` files are read, so a folder that holds nothing else
-    is enough. `limit` keeps the first `limit` test images.
+    is enough. `limit` keeps a fixed random subset of that many test images (in their order: the
+    held-out split is sorted by digit, so its first images would all be zeros).
     """
     check_dataset(dataset)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     if dataset == "mnist-5k":
         _, test = load_training_splits(dataset, validation_fraction=validation_fraction)
     else:
         test = _idx_part(dataset, _require_dir(dataset, data_dir), "t10k")
-    if limit is not None:
-        test = test.subset(np.arange(min(limit, len(test))))
+    if limit is not None and limit < len(test):
+        test = test.subset(np.sort(np.random.default_rng(SPLIT_SEED + 2).permutation(len(test))[:limit]))
     return test
 
 
@@ -186,7 +194,7 @@ def _stratified_holdout(labels: np.ndarray, fraction: float) -> np.ndarray:
 def _limited(labels: np.ndarray, limit: int) -> np.ndarray:
     """A fixed random subset of `limit` indices (the same for every run); sorted."""
     if limit < 2:
-        raise ValueError(f"limit must be at least 2 (one image to train on, one to validate), got {limit}")
+        raise ValueError(f"limit must be at least 2 (images to train on and to validate), got {limit}")
     if limit >= len(labels):
         return np.arange(len(labels))
     order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels))

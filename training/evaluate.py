@@ -285,6 +285,13 @@ class Evaluator:
         )
         return dataset, data_dir, test
 
+    def training_data_dir(self, config: TrainConfig) -> Path | None:
+        """Where the run's training images are: --data-dir when it names the run's own dataset (a
+        run moved to another machine), else where the run found them."""
+        if self.data_dir is not None and self.dataset in (None, config.dataset):
+            return self.data_dir
+        return Path(config.data_dir) if config.data_dir else None
+
     def classifier(
         self, config: TrainConfig, train: ImageSet, test: ImageSet, test_name: str
     ) -> TrainedClassifier:
@@ -308,7 +315,7 @@ class Evaluator:
         test_name, test_dir, test = self.test_set(config)
         train, _ = load_training_splits(
             config.dataset,
-            Path(config.data_dir) if config.data_dir else None,
+            self.training_data_dir(config),
             validation_fraction=config.validation_fraction,
             limit=config.limit,
         )
@@ -385,6 +392,8 @@ class Evaluator:
     ) -> dict[str, str]:
         folder = run_dir / FIGURES_DIR
         kind = config.model.kind.upper()
+        # Spread over the test set: mnist-5k's held-out split is sorted by digit.
+        shown = np.linspace(0, len(test) - 1, min(12, len(test))).astype(int)
         paths = {
             "latent_scatter": figures.latent_scatter(
                 codes, test.labels, folder / "latent_scatter.png", f"{kind}: test codes by digit"
@@ -393,8 +402,8 @@ class Evaluator:
                 prior_images[:100], 10, folder / "prior_samples.png", f"{kind}: decoded from z ~ N(0, I)"
             ),
             "reconstructions": figures.reconstructions(
-                test.images[:12],
-                reconstructed[:12],
+                test.images[shown],
+                reconstructed[shown],
                 folder / "reconstructions.png",
                 f"{kind}: test images, reconstructions",
             ),
@@ -427,8 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DATASETS,
         help="test set (default: the run's own: mnist-5k's held-out split, or the t10k files)",
     )
-    parser.add_argument("--data-dir", type=Path, help="folder with the IDX files; t10k ones suffice")
-    parser.add_argument("--limit", type=int, help="evaluate only the first LIMIT test images")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder with the IDX files: the t10k ones, and the run's training files for the kNN "
+        "and the digit classifier (default: where the run found them)",
+    )
+    parser.add_argument("--limit", type=int, help="evaluate a fixed random LIMIT of the test images")
     parser.add_argument("--iw-samples", type=int, default=100, help="posterior samples per image (VAE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")

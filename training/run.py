@@ -112,7 +112,10 @@ class TrainConfig:
 
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
+    """Start a run: its config, and no weights until it ends (so a run cut short by a Ctrl-C or a
+    divergence never pairs this config with the weights of an earlier run in the same folder)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 

@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
     print(json.dumps(summary, indent=2))

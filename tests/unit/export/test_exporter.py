@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from export import exporter
 from export.cli import main as export_main
 from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
 from service.bundle import ModelBundle, sha256_of
+from training.run import load_metrics, save_metrics
 
 
 def test_a_vae_bundle_describes_itself(vae_bundle: Path, vae_run_dir: Path) -> None:
@@ -77,6 +79,16 @@ def test_the_default_version_is_a_hash_of_the_graphs(
     assert again.version == ModelBundle.load(vae_bundle).spec.version
     assert len(again.version) == 12
     assert again.name == vae_run_dir.name
+
+
+def test_the_bundle_carries_the_runs_evaluation_once_it_has_one(vae_run_dir: Path, tmp_path: Path) -> None:
+    trained = load_metrics(vae_run_dir)
+    assert export_run(vae_run_dir, tmp_path / "trained").metrics == trained["final"]
+    run = tmp_path / "run"
+    shutil.copytree(vae_run_dir, run)
+    evaluation = {"elbo_nats": -150.0, "kl_nats": 6.0}
+    save_metrics(run, {**trained, "evaluation": evaluation})
+    assert export_run(run, tmp_path / "evaluated").metrics == evaluation
 
 
 def test_an_int8_decoder_replaces_the_float32_one_and_records_how_far_its_pixels_drift(

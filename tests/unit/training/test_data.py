@@ -44,10 +44,24 @@ def test_the_split_is_the_same_on_every_call_and_the_test_set_is_the_holdout() -
     np.testing.assert_array_equal(load_test_set("mnist-5k").labels, first.labels)
 
 
-def test_limit_caps_the_images_before_the_split() -> None:
-    train, validation = load_training_splits("mnist-5k", limit=300)
-    assert len(train) + len(validation) == 300
-    assert len(load_test_set("mnist-5k", limit=40)) == 40
+def test_a_limited_run_never_trains_on_the_held_out_test_images() -> None:
+    train, validation = load_training_splits("mnist-5k", limit=1000)
+    assert len(train) + len(validation) == 1000 and 50 < len(validation) < 150
+    test_rows = {row.tobytes() for row in load_test_set("mnist-5k").images}
+    assert not any(row.tobytes() in test_rows for row in train.images)
+    assert all(row.tobytes() in test_rows for row in validation.images)
+
+
+def test_a_limit_too_small_to_split_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"leaves .* images to train on and .* to validate; raise it"):
+        load_training_splits("mnist-5k", limit=3)
+
+
+def test_a_limited_test_set_is_a_spread_of_every_digit() -> None:
+    test = load_test_set("mnist-5k", limit=40)
+    assert len(test) == 40 and len(np.unique(test.labels)) >= 5  # not the first 40: all zeros
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+        load_test_set("mnist-5k", limit=0)
 
 
 def test_evaluation_needs_only_the_two_official_gzipped_t10k_files(tmp_path: Path) -> None:

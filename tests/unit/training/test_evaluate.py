@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from training.data import load_test_set
-from training.evaluate import centre_and_range, chi2_quantile, judge, main, spread_by_digit, vae_likelihood
+from training.evaluate import (
+    Evaluator,
+    centre_and_range,
+    chi2_quantile,
+    judge,
+    main,
+    spread_by_digit,
+    vae_likelihood,
+)
 from training.models import VAE, ModelConfig
 from training.report import BEGIN, END, write_note
 from training.run import TrainConfig, load_metrics, load_run
@@ -90,6 +98,16 @@ def test_the_importance_weighted_bound_is_tighter_than_the_elbo(runs: dict[str, 
     elbo = terms["recon"] + terms["kl"]
     assert terms["iw_nll"].mean() < elbo.mean()
     assert (terms["kl"] >= 0).all()
+
+
+def test_the_training_images_are_read_from_data_dir_when_it_names_the_runs_dataset() -> None:
+    config = TrainConfig(dataset="mnist", data_dir="/where/it/trained")
+    cpu = torch.device("cpu")
+    moved = Evaluator(None, Path("/moved"), None, 1, 0, cpu)
+    assert moved.training_data_dir(config) == Path("/moved")
+    other_test_set = Evaluator("fashion-mnist", Path("/fashion"), None, 1, 0, cpu)
+    assert other_test_set.training_data_dir(config) == Path("/where/it/trained")
+    assert Evaluator(None, None, None, 1, 0, cpu).training_data_dir(config) == Path("/where/it/trained")
 
 
 def test_evaluation_on_a_folder_with_only_the_two_official_t10k_files(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.models import ModelConfig, build_model
-from training.run import TrainConfig, load_config, load_metrics, load_run
+from training.run import TrainConfig, load_config, load_metrics, load_run, save_config
 from training.train import (
     dynamic_binarize,
     frozen,
@@ -44,6 +44,12 @@ def test_a_tiny_run_writes_the_run_directory_and_its_loss_falls(tmp_path: Path) 
     assert "to_log_var.weight" in state
     _, model = load_run(tmp_path)
     assert not model.training
+
+
+def test_a_new_run_in_the_folder_of_an_old_one_keeps_none_of_its_weights(tmp_path: Path) -> None:
+    train(tiny(), tmp_path, progress=False)
+    save_config(tmp_path, tiny(seed=7))  # how every run starts; cut short here, it leaves no weights
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
