@@ -173,11 +173,12 @@ def export_run(
 
 
 def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The run's evaluation (vae-evaluate) when it has one, else its last epoch's losses (vae-train)."""
+    """The run's evaluation (vae-evaluate) when it has one, else its last epoch's losses (vae-train).
+    The figures stay behind: their paths mean nothing where the bundle goes."""
     for key in ("evaluation", "final"):
         value = metrics.get(key)
         if isinstance(value, dict):
-            return value
+            return {name: item for name, item in value.items() if name != "figures"}
     return {}
 
 

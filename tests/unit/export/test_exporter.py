@@ -87,8 +87,9 @@ def test_the_bundle_carries_the_runs_evaluation_once_it_has_one(vae_run_dir: Pat
     run = tmp_path / "run"
     shutil.copytree(vae_run_dir, run)
     evaluation = {"elbo_nats": -150.0, "kl_nats": 6.0}
-    save_metrics(run, {**trained, "evaluation": evaluation})
-    assert export_run(run, tmp_path / "evaluated").metrics == evaluation
+    figures = {"figures": {"manifold": str(run / "figures" / "manifold.png")}}
+    save_metrics(run, {**trained, "evaluation": {**evaluation, **figures}})
+    assert export_run(run, tmp_path / "evaluated").metrics == evaluation  # not the run's local paths
 
 
 def test_an_int8_decoder_replaces_the_float32_one_and_records_how_far_its_pixels_drift(
