@@ -264,12 +264,7 @@ def _checked_session(path: Path, spec: GraphSpec) -> ort.InferenceSession:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     try:
-        check_graph_signature(
-            path,
-            spec,
-            [(arg.name, arg.shape) for arg in session.get_inputs()],
-            [(arg.name, arg.shape) for arg in session.get_outputs()],
-        )
+        check_graph_signature(path, spec, session.get_inputs(), session.get_outputs())
     except BundleError as error:
         raise ExportError(str(error)) from error
     return session

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from service.errors import BundleError
 
@@ -183,26 +183,39 @@ def _compare(where: str, actual: Mapping[str, Shape], expected: Mapping[str, Sha
             raise BundleError(f"{where}.{name}: shape {list(actual[name])}, expected {list(shape)}")
 
 
+class NodeArg(Protocol):
+    """What onnxruntime says of a graph's input or output (`onnxruntime.NodeArg`)."""
+
+    name: str
+    shape: Sequence[Any]
+    type: str
+
+
 def check_graph_signature(
     file: Path,
     spec: GraphSpec,
-    inputs: Sequence[tuple[str, Sequence[Any]]],
-    outputs: Sequence[tuple[str, Sequence[Any]]],
+    inputs: Sequence[NodeArg],
+    outputs: Sequence[NodeArg],
 ) -> None:
-    """The (name, shape) pairs a loaded graph really has must be what model.json says.
+    """The inputs and outputs a loaded graph really has (onnxruntime's `get_inputs()` and
+    `get_outputs()`) must be what model.json says: names, shapes, and float32 throughout.
 
     onnxruntime reports a dynamic axis as a string (or None); any such axis matches `N`.
     """
     for kind, declared, actual in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
-        names = [name for name, _ in actual]
+        names = [arg.name for arg in actual]
         if names != list(declared):
             raise BundleError(f"{file}: {kind} {names}, but model.json declares {list(declared)}")
-        for name, shape in actual:
-            seen = tuple(BATCH_AXIS if not isinstance(d, int) else d for d in shape)
-            if seen != tuple(declared[name]):
+        for arg in actual:
+            if arg.type != "tensor(float)":
                 raise BundleError(
-                    f"{file}: {kind[:-1]} {name!r} has shape {list(seen)}, "
-                    f"but model.json declares {list(declared[name])}"
+                    f"{file}: {kind[:-1]} {arg.name!r} is {arg.type}, but model.json declares float32"
+                )
+            seen = tuple(BATCH_AXIS if not isinstance(d, int) else d for d in arg.shape)
+            if seen != tuple(declared[arg.name]):
+                raise BundleError(
+                    f"{file}: {kind[:-1]} {arg.name!r} has shape {list(seen)}, "
+                    f"but model.json declares {list(declared[arg.name])}"
                 )
 
 

@@ -79,12 +79,7 @@ class GraphSession:
                 "CUDA, or use --device auto or cpu"
             )
         spec = bundle.spec.graph(graph)
-        check_graph_signature(
-            path,
-            spec,
-            [(arg.name, arg.shape) for arg in self.session.get_inputs()],
-            [(arg.name, arg.shape) for arg in self.session.get_outputs()],
-        )
+        check_graph_signature(path, spec, self.session.get_inputs(), self.session.get_outputs())
         self.input_name = next(iter(spec.inputs))
         self.output_names = list(spec.outputs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import grpc
@@ -191,9 +191,14 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             self._count_items("EncodeStream", len(images))
             return _encode_response(encoding.mean, encoding.log_var)
 
-        async for response in _in_order(
-            (encode(request) async for request in request_iterator), ENCODE_STREAM_LOOKAHEAD
-        ):
+        async def calls() -> AsyncIterator[Awaitable[vae_pb2.EncodeResponse]]:
+            async for request in request_iterator:
+                # Once draining, the requests in flight are answered and the rest sent elsewhere: a
+                # job's stream would otherwise hold the drain open for its whole grace period.
+                self._ready_model()
+                yield encode(request)
+
+        async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD):
             yield response
 
     async def SampleStream(  # noqa: N802
@@ -334,7 +339,7 @@ async def _observe(
 
 async def _observe_stream(
     servicer: VaeServicer, rpc: str, context: grpc.aio.ServicerContext, responses: AsyncIterator[Response]
-) -> AsyncIterator[Response]:
+) -> AsyncGenerator[Response, None]:
     """`_observe` for a streaming call."""
     started = time.perf_counter()
     servicer._call_began()
@@ -342,7 +347,7 @@ async def _observe_stream(
     try:
         async for response in responses:
             yield response
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # the second: gRPC dropped the stream mid-answer
         code = code_of_cancellation(context)
         raise
     except Exception as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import sys
 import threading
 import time
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from client.client import encode_request
 from service.server import SERVICE_NAME
 from service.settings import usable_cpus
 from tests.conftest import ServerThread
@@ -160,6 +163,26 @@ def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
         assert list(busy.result(timeout=30).images.shape) == [BUSY_ROWS, 1, 28, 28]
         stopper.join(timeout=60)
     assert not stopper.is_alive()
+
+
+def test_a_drain_ends_an_encode_stream_once_it_has_answered_what_it_started(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """A job's stream must not hold a drain open: its next request gets UNAVAILABLE, to go elsewhere."""
+    server = start_server_thread(vae_bundle)
+    request = encode_request(np.zeros((4, 28, 28), np.uint8))
+    with grpc.insecure_channel(server.target) as channel:
+        requests: queue.SimpleQueue[vae_pb2.EncodeRequest | None] = queue.SimpleQueue()
+        stream = vae_pb2_grpc.VaeServiceStub(channel).EncodeStream(iter(requests.get, None), timeout=30)
+        requests.put(request)
+        assert list(next(stream).mean.shape) == [4, 2]
+        server.call(server.server.begin_drain())
+        requests.put(request)
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ended.value.details() or "")
+        server.call(asyncio.wait_for(server.server.servicer.answered(), 10))  # nothing holds the drain
 
 
 def test_an_expired_deadline_is_dropped_before_it_runs(

@@ -8,6 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from service.bundle import ModelBundle, sha256_of
@@ -100,6 +103,31 @@ def test_a_graph_that_is_not_what_model_json_says_fails_when_loaded(
     bundle = ModelBundle.load(bundle_copy)
     with pytest.raises(BundleError, match=r"encoder\.onnx: outputs \['mean'\], but model\.json declares"):
         Runtime(bundle, "cpu")
+
+
+def test_a_graph_of_another_element_type_fails_when_loaded(bundle_copy: Path) -> None:
+    # The decoder's names and shapes, in float64: it would fail on the first request, not at start-up.
+    double = onnx.TensorProto.DOUBLE
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["z", "weights"], ["flat"]),
+            onnx.helper.make_node("Reshape", ["flat", "shape"], ["images"]),
+        ],
+        "float64-decoder",
+        [onnx.helper.make_tensor_value_info("z", double, ["N", 2])],
+        [onnx.helper.make_tensor_value_info("images", double, ["N", 1, 28, 28])],
+        [
+            onnx.numpy_helper.from_array(np.zeros((2, 784)), "weights"),
+            onnx.numpy_helper.from_array(np.array([-1, 1, 28, 28]), "shape"),
+        ],
+    )
+    onnx.save(onnx.helper.make_model(graph), bundle_copy / "decoder.onnx")
+    digest = sha256_of(bundle_copy / "decoder.onnx")
+    edit_model_json(bundle_copy, lambda s: s["graphs"]["decoder"].update(sha256=digest))
+    with pytest.raises(
+        BundleError, match=r"decoder\.onnx: input 'z' is tensor\(double\), but model\.json declares float32"
+    ):
+        Runtime(ModelBundle.load(bundle_copy), "cpu")
 
 
 def test_cuda_is_refused_when_onnxruntime_would_fall_back_to_the_cpu(vae_bundle: Path) -> None:

@@ -1,4 +1,5 @@
-"""The servicer's helpers below the transport: the in-order answering of streams, and the error table."""
+"""The servicer's helpers below the transport: the in-order answering of streams, the error table,
+and what a stream's metrics record."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from typing import Any
 import grpc
 
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
-from service.servicer import DEADLINE_SLACK_S, _in_order, code_of_cancellation, status_code_of
+from service.metrics import ServiceMetrics
+from service.servicer import (
+    DEADLINE_SLACK_S,
+    VaeServicer,
+    _in_order,
+    _observe_stream,
+    code_of_cancellation,
+    status_code_of,
+)
 
 
 def test_streamed_calls_are_answered_in_order_with_at_most_lookahead_started_and_unanswered() -> None:
@@ -62,3 +71,23 @@ def test_a_cancellation_at_or_near_the_deadline_counts_as_the_deadline() -> None
         assert code_of_cancellation(_Remaining(remaining)) == grpc.StatusCode.DEADLINE_EXCEEDED
     for earlier in (None, DEADLINE_SLACK_S * 2, 30.0):
         assert code_of_cancellation(_Remaining(earlier)) == grpc.StatusCode.CANCELLED
+
+
+def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> None:
+    """gRPC closes a stream's generator when its client goes away while an answer is being written."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False), max_batch_size=16, max_samples=16)
+
+    async def answers() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+
+    async def scenario() -> None:
+        stream = _observe_stream(servicer, "EncodeStream", _Remaining(None), answers())
+        assert await anext(stream) == 0
+        await stream.aclose()  # what gRPC does to a stream whose client went away
+        await servicer.answered()  # and the drain does not wait for it
+
+    asyncio.run(scenario())
+    requests = servicer.metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "CANCELLED"}) == 1
+    assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "OK"}) is None
