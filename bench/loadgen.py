@@ -1,7 +1,8 @@
 """A closed-loop load generator, the way perf_analyzer measures a server.
 
 `concurrency` workers each send one request, wait for its answer and send the next, for a warm-up and
-then a fixed-duration window; only requests that complete inside the window count. The request itself
+then a fixed-duration window; only requests that complete inside the window count. After a failed
+request a worker backs off briefly, as a client of the service would. The request itself
 is any coroutine that returns how many items (images or latents) it carried, so the same loop drives
 the service, the naive peer and Triton (whose client runs in another virtual environment: this module
 therefore needs nothing but numpy and the standard library).
@@ -27,6 +28,8 @@ RequestFn = Callable[[], Awaitable[int]]
 """One request: sends it, awaits the answer, returns the number of items it carried."""
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# A worker's pause after a failed request: VaeClient's first backoff (RetryPolicy.initial_backoff_s).
+ERROR_BACKOFF_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ async def closed_loop(
                 if window_start <= done < window_end:
                     name = error_name(error)
                     errors[name] = errors.get(name, 0) + 1
+                # As VaeClient does before a retry: sent again at once, a refused request (a full
+                # queue) would turn the window into a storm of refusals that burns the shared cores.
+                await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             done = time.perf_counter()
             if window_start <= done < window_end:

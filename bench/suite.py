@@ -65,8 +65,9 @@ class Plan:
     # Images per EncodeStream message: the first is vae-encode-job's default, the one the target uses.
     stream_chunks: tuple[int, ...] = (256, 64)
     stream_repeats: int = 3
-    # Rounds of the targets' paired measurement (bench/targets.py): the median ratio decides.
-    target_rounds: int = 5
+    # Rounds of the targets' paired measurement (bench/targets.py): the median ratio decides. Even,
+    # so that each side is measured first in half of them.
+    target_rounds: int = 6
     triton: bool = True
     levers: bool = True
     quality: bool = True
