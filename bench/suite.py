@@ -344,6 +344,15 @@ def start_triton(bundle: Path, log_dir: Path, instances: int, threads: int) -> s
     return server
 
 
+def _try_start_triton(bundle: Path, log_dir: Path) -> servers.Server | None:
+    """Triton for the paired targets, or None (said why) if it fails to start: the rest still runs."""
+    try:
+        return start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1)
+    except RuntimeError as error:
+        print(f"triton failed, its target left out: {error}", flush=True)
+        return None
+
+
 def triton_windows(
     server: servers.Server, shape: Shape, concurrencies: Sequence[int], latent_dim: int, plan: Plan
 ) -> list[Row]:
@@ -466,8 +475,8 @@ def paired_targets(
                 window(naive, batch_one, 32),
             )
         )
-        if plan.triton and BENCH_PYTHON.exists():
-            triton = start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1)
+        triton = _try_start_triton(bundle, log_dir) if plan.triton and BENCH_PYTHON.exists() else None
+        if triton is not None:
             started.append(triton)
             chosen.append(
                 targets.Target(
@@ -617,9 +626,13 @@ def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
         print("triton", flush=True)
         # Triton's best layout here: one single-threaded model instance per core (one instance with
         # onnxruntime's default threads made half as many images a second in a trial).
-        results["triton"] = measure_triton(
-            bundle, latent_dim, plan, log_dir, instances=ceiling.cores(), threads=1
-        )
+        try:
+            results["triton"] = measure_triton(
+                bundle, latent_dim, plan, log_dir, instances=ceiling.cores(), threads=1
+            )
+        except RuntimeError as error:  # a peer that fails must not cost the rest of the run
+            print(f"triton failed, left out: {error}", flush=True)
+            results["triton"] = {"skipped": f"it failed, and the run went on without it: {error}"}
     if plan.levers:
         print("levers", flush=True)
         results["levers"] = in_process_levers(bundle, manifest, plan, results["ceilings"], work_dir)

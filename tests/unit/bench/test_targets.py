@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ceiling, report, targets
+from bench import ceiling, report, servers, suite, targets
 
 
 def _recorder(calls: list[str], name: str, value: float) -> targets.Measure:
@@ -71,3 +71,14 @@ def test_the_targets_table_shows_the_median_ratio_its_range_and_the_verdict(tmp_
 def test_an_unknown_ceiling_layout_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown layout 'two-thread'"):
         ceiling.layout_runs(Path("decoder.onnx"), {}, "two-thread")
+
+
+def test_a_triton_that_fails_to_start_leaves_out_its_target_not_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def exits(*args: object, **kwargs: object) -> servers.Server:
+        raise servers.ServerFailed("triton-2x1 exited with 1 before it was ready")
+
+    monkeypatch.setattr(suite, "start_triton", exits)
+    assert suite._try_start_triton(Path("bundle"), Path("logs")) is None
+    assert "triton failed, its target left out: triton-2x1 exited with 1" in capsys.readouterr().out
