@@ -85,16 +85,17 @@ def read_idx_images(path: Path) -> npt.NDArray[Any]:
 def read_image_file(path: Path) -> npt.NDArray[np.uint8]:
     """One 28x28 8-bit grey image file (PNG or any format Pillow reads) as [28,28] uint8."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as image:  # reads the header only: size and mode are known before pixels
             mode, size = image.mode, image.size
+            if mode != "L" or size != (IMAGE_SIDE, IMAGE_SIDE):
+                raise InputError(
+                    f"{path}: a {size[0]}x{size[1]} image of mode {mode}; "
+                    "expected a 28x28 8-bit grey image (mode L)"
+                )
+            image.load()
             pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise InputError(f"{path}: not a readable image ({error})") from error
-    if mode != "L" or size != (IMAGE_SIDE, IMAGE_SIDE):
-        raise InputError(
-            f"{path}: a {size[0]}x{size[1]} image of mode {mode}; expected a 28x28 8-bit grey image (mode L)"
-        )
     return pixels.astype(np.uint8, copy=False)
 
 

@@ -79,6 +79,13 @@ def images_to_float(images: npt.NDArray[np.generic], name: str = "images") -> Fl
     return floats.reshape(-1, *IMAGE_SHAPE)
 
 
+# Codes the decoder takes: a million standard deviations of the prior is far beyond any code it or an
+# encoder gives, and far below where the decoder's float32 arithmetic overflows into NaN images
+# (about 1e37 here). Sample's temperature is held below it likewise (|eps| stays under 10).
+MAX_ABS_LATENT = 1e6
+MAX_TEMPERATURE = 1e5
+
+
 def latents_to_float(
     latents: npt.NDArray[np.generic], latent_dim: int, name: str = "latents"
 ) -> Float32Array:
@@ -91,6 +98,11 @@ def latents_to_float(
         raise InvalidInput(f"{name}: empty batch; expected at least one latent code")
     if not np.isfinite(latents).all():
         raise InvalidInput(f"{name}: contains NaN or Inf; expected finite values")
+    largest = float(np.abs(latents).max())
+    if largest > MAX_ABS_LATENT:
+        raise InvalidInput(
+            f"{name}: |z| reaches {largest:g}; expected at most {MAX_ABS_LATENT:g} (the prior is N(0, I))"
+        )
     return latents.astype(np.float32, copy=False)
 
 
@@ -178,8 +190,8 @@ class VaeModel:
         limit = self.batching.max_samples
         if not 1 <= num_samples <= limit:
             raise InvalidInput(f"num_samples: {num_samples}; expected 1 to {limit}")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise InvalidInput(f"temperature: {temperature}; expected a finite value >= 0 (0 means 1)")
+        if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails it too
+            raise InvalidInput(f"temperature: {temperature}; expected 0 to {MAX_TEMPERATURE:g} (0 means 1)")
         if seed is None:
             seed = secrets.randbits(64)
         return draw_latents(num_samples, self.spec.latent_dim, seed, temperature or 1.0), seed

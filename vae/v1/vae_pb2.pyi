@@ -143,7 +143,7 @@ class DecodeRequest(_message.Message):
     """The dtype of the returned images; unset means FLOAT32."""
     @_builtins.property
     def latents(self) -> Global___Tensor:
-        """Latent codes [N,D], FLOAT32, finite. N >= 1; D is the model's latent_dim."""
+        """Latent codes [N,D], FLOAT32, finite, each |z| at most 1e6. N >= 1; D is the model's latent_dim."""
 
     def __init__(
         self,
@@ -201,9 +201,7 @@ class SampleRequest(_message.Message):
     server pick one, which the response returns so that the call can be repeated.
     """
     temperature: _builtins.float
-    """The prior's standard deviation: z ~ N(0, temperature^2 I). 0 or unset means 1; must be finite
-    and not negative.
-    """
+    """The prior's standard deviation: z ~ N(0, temperature^2 I). 0 or unset means 1; at most 1e5."""
     output_dtype: Global___DataType.ValueType
     """The dtype of the returned images; unset means FLOAT32."""
     chunk_size: _builtins.int

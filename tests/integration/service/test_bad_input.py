@@ -82,9 +82,18 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     "no samples asked for": (sample(num_samples=0), "num_samples: 0; expected 1 to 1024"),
     "too many samples": (sample(num_samples=1025), "num_samples: 1025; expected 1 to 1024"),
     "too many streamed samples": (sample_stream(num_samples=5000), "expected 1 to 1024"),
+    # Finite, but the decoder's float32 arithmetic would overflow into NaN images.
+    "latents far outside the prior": (
+        decode(tensor([1, 2], fill=5e37)),
+        "|z| reaches 5e+37; expected at most 1e+06",
+    ),
+    "a temperature far beyond the prior's": (
+        sample(num_samples=1, temperature=1e6),
+        "temperature: 1000000.0; expected 0 to 100000",
+    ),
     "a negative temperature": (
         sample(num_samples=1, temperature=-1.0),
-        "temperature: -1.0; expected a finite",
+        "temperature: -1.0; expected 0 to 100000",
     ),
     "a NaN temperature": (sample(num_samples=1, temperature=math.nan), "temperature: nan"),
     "an infinite temperature": (sample(num_samples=1, temperature=math.inf), "temperature: inf"),

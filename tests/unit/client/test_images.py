@@ -140,3 +140,15 @@ def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "grid.png").size == (4 * 30 + 2, 3 * 30 + 2)  # ceil(sqrt(10)) wide
     with pytest.raises(ValueError, match=r"\.png"):
         save_images(images, tmp_path / "grid.jpg")
+
+
+def test_a_decompression_bomb_is_a_bad_file_not_a_crash(
+    tmp_path: Path, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_pngs(tmp_path, digits)
+    Image.new("L", (300, 300)).save(tmp_path / "digit-02a-bomb.png")
+    # Pillow refuses images over twice this many pixels when it opens them; the real limit is 89M.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)
+    source = read_png_folder(tmp_path, skip_bad=True)
+    np.testing.assert_array_equal(source.images, digits[:, None])
+    assert "decompression bomb" in dict(source.rejected)["digit-02a-bomb.png"]

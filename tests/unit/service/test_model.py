@@ -53,6 +53,7 @@ def test_bad_images_are_refused(images: np.ndarray, message: str) -> None:
         (np.zeros((2, 2), np.uint8), "expected DATA_TYPE_FLOAT32"),
         (np.zeros((0, 2), np.float32), "empty batch"),
         (np.array([[0.0, np.nan]], np.float32), "NaN or Inf"),
+        (np.array([[0.0, -2e6]], np.float32), "|z| reaches 2e+06; expected at most 1e+06"),
     ],
 )
 def test_bad_latents_are_refused(latents: np.ndarray, message: str) -> None:
