@@ -91,6 +91,8 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     inputs = [read_images(path).images for path in args.input]
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
@@ -119,6 +121,8 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"{args.input}: not a readable .npy array of latent codes ({error})") from error
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
         raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
+    if not np.issubdtype(latents.dtype, np.floating):  # complex, bool or text would be cast silently
+        raise InputError(f"{args.input}: latent codes of dtype {latents.dtype}; expected floating point")
     images = client.decode(latents, output_dtype=args.dtype)
     save_images(images, args.out, args.columns)
     print(f"wrote {args.out}: {len(images)} images")

@@ -126,6 +126,29 @@ def test_a_bad_input_file_exits_2_naming_it(
     assert "colour.png" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["encode", "--input", "{dir}/ok.npy", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latent codes of dtype complex64"),
+        (["decode", "--input", "{dir}/bool.npy"], "bool.npy: latent codes of dtype bool"),
+    ],
+)
+def test_bad_arguments_and_latent_files_exit_2_before_any_call(
+    vae_server: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: list[str],
+    message: str,
+) -> None:
+    np.save(tmp_path / "ok.npy", np.zeros((2, 28, 28), np.uint8))
+    np.save(tmp_path / "complex.npy", np.zeros((2, 2), np.complex64))
+    np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
+    argv = [part.format(dir=tmp_path) for part in command]
+    assert cli.main([*argv, "--target", vae_server.target, "--out", str(tmp_path / "out.npy")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_healthcheck_exits_0_for_a_serving_server(vae_server: ServerThread) -> None:
     assert healthcheck.main(["--target", vae_server.target]) == 0
     assert healthcheck.main(["--target", vae_server.target, "--service", "vae.v1.VaeService"]) == 0
