@@ -82,7 +82,18 @@ def _client(args: argparse.Namespace) -> VaeClient:
     )
 
 
+def _check_output(path: Path | None, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output the command could not write, before its call is made (and its answer lost)."""
+    if path is None:
+        return
+    if path.suffix.lower() not in suffixes:
+        raise InputError(f"{path}: expected a {' or '.join(suffixes)} file")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: no folder {path.parent} to write it in")
+
+
 def _sample(client: VaeClient, args: argparse.Namespace) -> None:
+    _check_output(args.out, (".png", ".npy"))
     result = client.sample(
         args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype=args.dtype
     )
@@ -93,6 +104,8 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_output(args.out, (".npy",))
+    _check_output(args.log_var_out, (".npy",))
     inputs = [read_images(path).images for path in args.input]
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
@@ -115,6 +128,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _decode(client: VaeClient, args: argparse.Namespace) -> None:
+    _check_output(args.out, (".png", ".npy"))
     try:
         latents = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as error:

@@ -110,13 +110,17 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
     names: list[str] = []
     rejected: list[tuple[str, str]] = []
     for path in paths:
+        name = path.name
         try:
+            if any(mark in name for mark in "\t\n\r"):  # the job's lists hold one name a line
+                name = ascii(name)
+                raise InputError(f"{folder / name}: a tab or line break in the file name; rename the file")
             if path.suffix.lower() != ".png":
                 raise InputError(f"{path}: not a .png file")
             images.append(read_image_file(path))
-            names.append(path.name)
+            names.append(name)
         except InputError as error:
-            rejected.append((path.name, str(error)))
+            rejected.append((name, str(error)))
     if rejected and not skip_bad:
         listing = "\n  ".join(reason for _, reason in rejected)
         raise InputError(

@@ -132,6 +132,9 @@ def test_a_bad_input_file_exits_2_naming_it(
         (["encode", "--input", "{dir}/ok.npy", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latent codes of dtype complex64"),
         (["decode", "--input", "{dir}/bool.npy"], "bool.npy: latent codes of dtype bool"),
+        (["encode", "--input", "{dir}/ok.npy", "--log-var-out", "{dir}/lv"], "lv: expected a .npy file"),
+        (["sample", "--out", "{dir}/grid.jpg"], "grid.jpg: expected a .png or .npy file"),
+        (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/nowhere/d.png"], "no folder"),
     ],
 )
 def test_bad_arguments_and_latent_files_exit_2_before_any_call(
@@ -145,7 +148,8 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "complex.npy", np.zeros((2, 2), np.complex64))
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
     argv = [part.format(dir=tmp_path) for part in command]
-    assert cli.main([*argv, "--target", vae_server.target, "--out", str(tmp_path / "out.npy")]) == 2
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
+    assert cli.main([*argv, "--target", vae_server.target, *out]) == 2
     assert message in capsys.readouterr().err
 
 

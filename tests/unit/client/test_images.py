@@ -152,3 +152,14 @@ def test_a_decompression_bomb_is_a_bad_file_not_a_crash(
     source = read_png_folder(tmp_path, skip_bad=True)
     np.testing.assert_array_equal(source.images, digits[:, None])
     assert "decompression bomb" in dict(source.rejected)["digit-02a-bomb.png"]
+
+
+def test_a_file_name_with_a_line_break_is_a_bad_file_so_each_name_keeps_one_line(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    write_pngs(tmp_path, digits)
+    Image.fromarray(digits[0]).save(tmp_path / "digit-02a\nsecond line.png")
+    source = read_png_folder(tmp_path, skip_bad=True)
+    assert len(source.names) == len(source.images) == len(digits)
+    ((name, reason),) = source.rejected
+    assert "\n" not in name + reason and "line break in the file name" in reason
