@@ -50,6 +50,7 @@ from client.encodings import (
     merged_manifest,
     part_directory_name,
     read_manifest,
+    same_input,
     sha256_bytes,
     shard_bytes,
     shard_file_name,
@@ -179,8 +180,7 @@ _BEFORE_MANIFEST = frozenset(
 def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], target: str) -> None:
     """Refuse, with what differs, to continue an output from other input, model or split."""
     was, now = old["input"], new["input"]
-    # The path may differ (a moved file is the same input); the content, row names and rejects may not.
-    if any(was.get(key) != now.get(key) for key in ("sha256", "rows", "dtype", "names_sha256", "rejected")):
+    if not same_input(was, now):
         raise JobError(
             f"refusing to resume {directory}: it holds encodings of {was['path']} ({was['rows']} rows, "
             f"sha256 {was['sha256'][:12]}), but this run reads {now['path']} ({now['rows']} rows, "

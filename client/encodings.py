@@ -241,6 +241,12 @@ def part_directories(directory: Path) -> list[Path]:
     return [found[i] for i in range(parts)]
 
 
+def same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two manifests' input records are the same input: its content, row names and rejects.
+    The path may differ (a moved file, or a part run where the file is mounted elsewhere)."""
+    return all(a.get(key) == b.get(key) for key in ("sha256", "rows", "dtype", "names_sha256", "rejected"))
+
+
 def merged_manifest(directory: Path) -> dict[str, Any]:
     """One manifest listing the shards of every part under `directory`, after checking they fit together.
 
@@ -257,9 +263,11 @@ def merged_manifest(directory: Path) -> dict[str, Any]:
     for part, manifest in zip(parts, manifests, strict=True):
         if not manifest.get("complete"):
             raise EncodingsError(f"{part}: unfinished; run its job again with --resume before merging")
-        for key in ("input", "model"):
-            # The input's path may differ (a part run where the file is mounted elsewhere); not its content.
-            if {**manifest[key], "path": None} != {**first[key], "path": None}:
+        for key, same in (
+            ("input", same_input(manifest["input"], first["input"])),
+            ("model", manifest["model"] == first["model"]),
+        ):
+            if not same:
                 raise EncodingsError(
                     f"{part}: its {key} differs from {parts[0].name}'s; the parts cannot be joined"
                 )
