@@ -53,13 +53,25 @@ install_prometheus() {
         apt-get update -qq
         (cd "$download" && apt-get download -q -o APT::Sandbox::User="$(id -un)" prometheus)
     fi
-    rm -rf "$PROMETHEUS_ROOT"
-    dpkg-deb -x "$download"/prometheus_*.deb "$PROMETHEUS_ROOT"
+    # Unpacked beside, checked, then renamed: an interrupted run never leaves a half-written binary
+    # where the check above (and the tests) would take it for an install.
+    local unpacked="$PROMETHEUS_ROOT.partial"
+    rm -rf "$unpacked"
+    dpkg-deb -x "$download"/prometheus_*.deb "$unpacked"
     rm -rf "$download"
+    "$unpacked/usr/bin/promtool" --version >/dev/null
+    "$unpacked/usr/bin/prometheus" --version >/dev/null
+    rm -rf "$PROMETHEUS_ROOT"
+    mv "$unpacked" "$PROMETHEUS_ROOT"
 }
 
+# Two runs at once (make test beside make deploy-check) take turns installing into the same cache.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.install-lock"
+flock 9
 install_python_tools
 install_prometheus
+flock --unlock 9
 export PATH="$PWD/$TOOLS/bin:$PWD/$PROMETHEUS_ROOT/usr/bin:$PATH"
 
 step "hadolint $(hadolint --version | awk '{print $NF}') and shellcheck"

@@ -51,6 +51,7 @@ class _Request:
     rows: int
     # The rest is written by whoever holds the batcher's lock.
     unanswered: int  # items not yet run; 0 once the request is answered or has failed
+    queued: int  # rows still counted in the queue: 0 once taken, or once its caller cancelled
     outputs: list[Array] | None = None
     error: BaseException | None = None
 
@@ -171,7 +172,9 @@ class Batcher:
             raise InvalidInput(f"{count} rows is more than one request may send here ({self.max_queue_size})")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        request = _Request(loop.create_future(), count, unanswered=math.ceil(count / self.max_batch_size))
+        request = _Request(
+            loop.create_future(), count, unanswered=math.ceil(count / self.max_batch_size), queued=count
+        )
         with self._lock:
             if not self._threads or self._stopping:
                 raise ModelNotReady(f"the {self.name} batcher is not running")
@@ -185,8 +188,15 @@ class Batcher:
                 self._pending.append(item)
             self._pending_rows += count
         self._schedule_dispatch(loop)
-        # Cancelled here, the future is too: the rows that have not run yet are skipped by the workers.
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The future is cancelled too, so the workers skip its rows; they stop counting against
+            # the queue (its limit, its depth) now, not when a worker reaches them.
+            with self._lock:
+                self._pending_rows -= request.queued
+                request.queued = 0
+            raise
 
     def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Dispatch once per turn of the loop, after every request and answer of this turn."""
@@ -295,7 +305,9 @@ class Batcher:
             if alive and rows + len(item.rows) > self.max_batch_size:
                 break
             self._pending.popleft()
-            self._pending_rows -= len(item.rows)
+            if item.request.queued:  # 0: written off already, when its caller cancelled
+                item.request.queued -= len(item.rows)
+                self._pending_rows -= len(item.rows)
             if alive:
                 self._queue_wait.observe(now - item.enqueued_at)
                 batch.append(item)

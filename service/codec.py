@@ -52,7 +52,10 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
             f"{name}: shape {list(shape)} of {_dtype_name(tensor.dtype)} needs {expected} bytes, "
             f"got {len(tensor.data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as error:  # more dimensions than numpy takes, or an empty one too large to index
+        raise InvalidInput(f"{name}: shape {list(shape)} is not a valid array shape ({error})") from None
 
 
 def _dtype_name(dtype: int) -> str:

@@ -127,7 +127,7 @@ class VaeServer:
 
     async def begin_drain(self) -> None:
         """Health turns NOT_SERVING for good and new requests get UNAVAILABLE; in-flight ones go on."""
-        self.servicer.draining = True
+        self.servicer.start_draining()
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -139,6 +139,7 @@ class VaeServer:
         if self._grpc is not None:
             if grace > 0:
                 await self._let_answers_leave(grace)
+            self.servicer.grace_over = True  # gRPC's stop cuts what still runs
             await self._grpc.stop(max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:

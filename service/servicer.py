@@ -38,7 +38,9 @@ ENCODE_STREAM_LOOKAHEAD = 4
 # SampleStream: chunks being decoded ahead of the one being sent.
 SAMPLE_STREAM_LOOKAHEAD = 2
 
+Request = TypeVar("Request")
 Response = TypeVar("Response")
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 def status_code_of(error: ServiceError) -> grpc.StatusCode:
@@ -55,7 +57,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     def __init__(self, metrics: ServiceMetrics, max_batch_size: int, max_samples: int) -> None:
         self.model: VaeModel | None = None
-        self.draining = False
+        self._draining = asyncio.Event()
+        # Set when a drain's grace period has run out: gRPC cuts what still runs, with UNAVAILABLE.
+        self.grace_over = False
         self.metrics = metrics
         self._max_batch_size = max_batch_size
         self._max_samples = max_samples
@@ -66,6 +70,14 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     def attach(self, model: VaeModel) -> None:
         self.model = model
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def start_draining(self) -> None:
+        """From now on new requests get UNAVAILABLE, and so does a stream waiting for its next one."""
+        self._draining.set()
 
     async def answered(self) -> None:
         """Return once no call is being answered."""
@@ -82,7 +94,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     def _ready_model(self) -> VaeModel:
         if self.draining:
-            raise ModelNotReady("the server is shutting down; retry on another replica")
+            raise ModelNotReady(SHUTTING_DOWN)
         if self.model is None:
             raise ModelNotReady("the model is still loading; retry shortly")
         return self.model
@@ -192,14 +204,31 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             return _encode_response(encoding.mean, encoding.log_var)
 
         async def calls() -> AsyncIterator[Awaitable[vae_pb2.EncodeResponse]]:
-            async for request in request_iterator:
-                # Once draining, the requests in flight are answered and the rest sent elsewhere: a
-                # job's stream would otherwise hold the drain open for its whole grace period.
-                self._ready_model()
+            requests = aiter(request_iterator)
+            while (request := await self._next_unless_draining(requests)) is not None:
                 yield encode(request)
 
         async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD):
             yield response
+
+    async def _next_unless_draining(self, requests: AsyncIterator[Request]) -> Request | None:
+        """A stream's next request, None at its end, or ModelNotReady once draining starts, even while
+        it waits: the drain answers what is in flight and sends the rest elsewhere, instead of being
+        held open for its whole grace period by a job's stream that has nothing more to send yet."""
+        self._ready_model()
+        next_request = asyncio.ensure_future(anext(requests, None))
+        drain = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait((next_request, drain), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            next_request.cancel()
+            raise
+        finally:
+            drain.cancel()
+        if not next_request.done():  # the drain came first
+            next_request.cancel()
+            raise ModelNotReady(SHUTTING_DOWN)
+        return next_request.result()
 
     async def SampleStream(  # noqa: N802
         self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
@@ -307,8 +336,11 @@ async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -
 DEADLINE_SLACK_S = 0.05
 
 
-def code_of_cancellation(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status to record for a call its client went away from: DEADLINE_EXCEEDED or CANCELLED."""
+def code_of_cancellation(context: grpc.aio.ServicerContext, grace_over: bool = False) -> grpc.StatusCode:
+    """The status to record for a call that was cut: UNAVAILABLE where a drain's grace period ended
+    it (what its client sees), else DEADLINE_EXCEEDED or CANCELLED for a client that went away."""
+    if grace_over:
+        return grpc.StatusCode.UNAVAILABLE
     remaining = context.time_remaining()
     if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
@@ -325,7 +357,7 @@ async def _observe(
     try:
         return await call
     except asyncio.CancelledError:
-        code = code_of_cancellation(context)
+        code = code_of_cancellation(context, servicer.grace_over)
         raise
     except Exception as error:
         code = None
@@ -348,7 +380,7 @@ async def _observe_stream(
         async for response in responses:
             yield response
     except (asyncio.CancelledError, GeneratorExit):  # the second: gRPC dropped the stream mid-answer
-        code = code_of_cancellation(context)
+        code = code_of_cancellation(context, servicer.grace_over)
         raise
     except Exception as error:
         code = None

@@ -72,7 +72,7 @@ def test_failed_requests_are_counted_as_errors_by_status_code(vae_server: Server
     assert 0 < window.errors["INVALID_ARGUMENT"] <= most
 
 
-def test_encode_stream_answers_every_image_in_order(vae_server: ServerThread) -> None:
+def test_encode_stream_counts_every_image_the_stream_answered(vae_server: ServerThread) -> None:
     images = random_images(300, "UINT8")
 
     async def run() -> tuple[float, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,4 +27,22 @@ def test_each_round_measures_both_sides_and_the_median_ratio_is_reported(
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].strip() for line in lines[:2]] == ["round 1", "round 2"]
     assert "Sample 8/req, 2 clients, in-process / per-core" in lines[-1]
-    assert " against " in lines[-1]
+
+    def number(text: str) -> float:
+        return float(text.replace(",", ""))
+
+    # Each round: "ours against theirs" images/s, both measured; the summary: the median of the
+    # rounds' ratios and their range (two rounds: the range is the two ratios, the median their mean).
+    rounds = [re.search(r": ([\d,]+) against ([\d,]+)$", line) for line in lines[:2]]
+    ratios = sorted(number(m[1]) / number(m[2]) for m in rounds if m is not None)
+    assert len(ratios) == 2 and ratios[0] > 0
+    summary = re.search(r" against [\d,]+ images/s, ([\d.]+) \(([\d.]+)-([\d.]+)\)$", lines[-1])
+    assert summary is not None, lines[-1]
+    median, low, high = (float(value) for value in summary.groups())
+
+    # The rounds print whole images/s, the summary three decimals: equal to within that rounding.
+    def close(ratio: float) -> object:
+        return pytest.approx(ratio, rel=0.01, abs=0.002)
+
+    assert (low, high) == (close(ratios[0]), close(ratios[1]))
+    assert median == close(sum(ratios) / 2)

@@ -149,8 +149,16 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
     argv = [part.format(dir=tmp_path) for part in command]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
+    answered = requests_answered(vae_server)
     assert cli.main([*argv, "--target", vae_server.target, *out]) == 2
     assert message in capsys.readouterr().err
+    assert requests_answered(vae_server) == answered  # the server saw no call
+
+
+def requests_answered(server: ServerThread) -> float:
+    """Every request the server has counted, whatever its RPC and status."""
+    (requests,) = (family for family in server.metrics.registry.collect() if family.name == "vae_requests")
+    return sum(sample.value for sample in requests.samples if sample.name == "vae_requests_total")
 
 
 def test_healthcheck_exits_0_for_a_serving_server(vae_server: ServerThread) -> None:
@@ -178,15 +186,20 @@ def test_healthcheck_reports_a_draining_server_as_not_serving(
     assert "NOT_SERVING" in capsys.readouterr().err
 
 
-def test_healthcheck_wait_returns_once_a_server_starting_later_is_serving(
+def test_healthcheck_wait_returns_once_a_loading_server_turns_serving(
     vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:
-    port = free_port()
+    # Bound on port 0 but not loaded yet: health says NOT_SERVING until the model is in.
+    server = start_server_thread(vae_bundle, load=False)
     codes: list[int] = []
     waiter = threading.Thread(
-        target=lambda: codes.append(healthcheck.main(["--target", f"127.0.0.1:{port}", "--wait", "60"]))
+        target=lambda: codes.append(healthcheck.main(["--target", server.target, "--wait", "60"]))
     )
     waiter.start()
-    start_server_thread(vae_bundle, port=port)
-    waiter.join(timeout=60)
+    try:
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and codes == [], "--wait returned while the server was NOT_SERVING"
+    finally:
+        server.call(server.server.load_model())
+        waiter.join(timeout=60)
     assert codes == [0]

@@ -27,7 +27,7 @@ from PIL import Image
 from client import read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest
-from tests.conftest import ServerThread, free_port
+from tests.conftest import ServerThread
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,7 @@ class PausedJob:
             text=True,
         )
         self.log: list[str] = []
+        self.resumed = False
 
     def wait_for_pause(self) -> str:
         """Block until the job says it paused; its line, e.g. 'paused at before-rename 2'."""
@@ -115,11 +116,19 @@ class PausedJob:
         self.process.send_signal(signal.SIGKILL)
         assert self.process.wait(timeout=30) == -signal.SIGKILL
 
-    def carry_on(self) -> tuple[int, str]:
-        """Let the paused job continue; its exit code and the rest of its log."""
-        assert self.process.stdin is not None and self.process.stderr is not None
+    def resume(self) -> None:
+        """Let the paused job continue (it reads one line from stdin at its pause)."""
+        assert self.process.stdin is not None
         self.process.stdin.write("\n")
         self.process.stdin.flush()
+        self.resumed = True
+
+    def carry_on(self) -> tuple[int, str]:
+        """Let the paused job continue, unless it was already, and wait for it to end: its exit code
+        and the rest of its log."""
+        assert self.process.stderr is not None
+        if not self.resumed:
+            self.resume()
         rest = self.process.stderr.read()
         return self.process.wait(timeout=120), "".join(self.log) + rest
 
@@ -253,14 +262,15 @@ def restart_mid_job(
     """Run a job against a server of bundle `first`, stopped once shard 1 is committed; while the
     job goes on against the dead port (its stream broken), a server of `then` comes back on it.
     The job's exit code and log."""
-    port = free_port()
-    server = ServerThread(first, port=port)
+    server = ServerThread(first)
+    port = server.server.port  # the kernel's choice; the second server takes it over
     try:
         job = job_started(f"127.0.0.1:{port}", input_, output, "after-manifest:1")
         job.wait_for_pause()
         server.stop(grace_s=0)
-        job.process.stdin.write("\n")  # type: ignore[union-attr]
-        job.process.stdin.flush()  # type: ignore[union-attr]
+        # Resumed before the second server is up: the job may even end before carry_on is called
+        # (a write to its stdin then would raise BrokenPipeError).
+        job.resume()
         server = ServerThread(then, port=port)
         return job.carry_on()
     finally:

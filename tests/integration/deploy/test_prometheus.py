@@ -42,6 +42,8 @@ UNPACKED_PROMETHEUS = REPO / ".cache" / "prometheus" / "usr" / "bin" / "promethe
 
 # Generous: Prometheus scrapes every second here, but the machine is shared by parallel jobs.
 WAIT_S = 60.0
+# deploy/check.sh replaces an install by removing it and unpacking the package again: a second or two.
+INSTALL_WAIT_S = 20.0
 # The server refuses Sample requests above this many images (INVALID_ARGUMENT).
 MAX_SAMPLES = 16
 
@@ -62,9 +64,15 @@ def find_prometheus() -> Path | None:
     return Path(found) if found else None
 
 
-def wait_for(probe: Callable[[], T | None], what: str, alive: Callable[[], str | None]) -> T:
-    """Poll `probe` until it returns a value; fail naming `what` at the deadline or if `alive` says why
-    the process it depends on is gone. (Prometheus has no event to wait on: it scrapes on a clock.)"""
+def wait_for(
+    probe: Callable[[], T | None],
+    what: str,
+    alive: Callable[[], str | None],
+    last_seen: Callable[[], object] | None = None,
+) -> T:
+    """Poll `probe` until it returns a value; fail naming `what` (and `last_seen()`, if given) at the
+    deadline or if `alive` says why the process it depends on is gone. (Prometheus has no event to
+    wait on: it scrapes and evaluates its rules on a clock.)"""
     deadline = time.monotonic() + WAIT_S
     while True:
         value = probe()
@@ -74,7 +82,8 @@ def wait_for(probe: Callable[[], T | None], what: str, alive: Callable[[], str |
         if died is not None:
             pytest.fail(f"waiting for {what}: {died}")
         if time.monotonic() > deadline:
-            pytest.fail(f"waiting for {what}: nothing after {WAIT_S:g} s")
+            seen = "" if last_seen is None else f"; last seen: {last_seen()!r}"
+            pytest.fail(f"waiting for {what}: nothing after {WAIT_S:g} s{seen}")
         time.sleep(0.1)
 
 
@@ -94,6 +103,28 @@ def listening_port(pid: int) -> int | None:
                     return int(local.rsplit(":", 1)[1], 16)
     except OSError:
         pass  # a descriptor closed while we read, or the process is gone (the caller checks that)
+    return None
+
+
+def is_ready(port: int) -> bool | None:
+    """True once Prometheus says it is ready; None while it starts. It listens before its storage,
+    configuration and rules are loaded, and until then its API answers 503 Service Unavailable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=10) as response:
+            return response.status == 200 or None
+    except OSError:  # 503 while starting (an HTTPError), or no answer yet (a URLError)
+        return None
+
+
+def check_runs(binary: Path) -> str | None:
+    """None when `binary --version` works; otherwise what went wrong. A package unpacked only in part
+    (deploy/check.sh interrupted, or unpacking it right now) leaves a file that cannot run."""
+    try:
+        result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    if result.returncode != 0:
+        return f"exited with {result.returncode}: {result.stderr.strip()[-500:]}"
     return None
 
 
@@ -169,6 +200,18 @@ def prometheus_binary() -> Path:
     found = find_prometheus()
     if found is None:
         pytest.fail(f"no prometheus binary, and CI must run this test: {INSTALL_HINT}")
+    # An unpacking in progress (another `make deploy-check`) ends within seconds: wait for it, then
+    # name a broken install rather than fail every test with an exec error.
+    problem = check_runs(found)
+    deadline = time.monotonic() + INSTALL_WAIT_S
+    while problem is not None and time.monotonic() < deadline:
+        time.sleep(1)
+        problem = check_runs(found)
+    if problem is not None:
+        pytest.fail(
+            f"{found} --version: {problem}; a partial install? Remove .cache/prometheus and run "
+            "`make deploy-check` again"
+        )
     return found
 
 
@@ -204,6 +247,8 @@ def prometheus(
     running = Prometheus(process, log)
     try:
         running.port = wait_for(lambda: listening_port(process.pid), "Prometheus to listen", running.why_dead)
+        # Listening is not ready: a query before /-/ready says 200 gets 503 and fails the fixture.
+        wait_for(partial(is_ready, running.port), "Prometheus to be ready", running.why_dead)
         yield running
     finally:
         process.terminate()
@@ -296,20 +341,32 @@ def test_model_info_names_the_bundle_and_the_cpu_provider(scraped: Scraped) -> N
 def test_recording_rules_evaluate_on_real_series(scraped: Scraped) -> None:
     prometheus = scraped.prometheus
 
-    def recorded(promql: str) -> dict[Labels, float]:
-        return wait_for(lambda: prometheus.values(promql) or None, f"the rule {promql}", prometheus.why_dead)
+    def recorded(promql: str, expected: Callable[[dict[Labels, float]], bool]) -> dict[Labels, float]:
+        """The rule's series once they read as `expected`. A rule evaluates on its own clock: its
+        latest value may predate the last scrape (a rate of 0 between two scrapes of one count)."""
+        last: dict[Labels, float] = {}
 
-    (sample_rate,) = recorded('rpc_code:vae_requests:rate1m{rpc="Sample", code="OK"}').values()
-    assert sample_rate > 0
-    errors = recorded("rpc:vae_request_errors:ratio_rate5m")
+        def probe() -> dict[Labels, float] | None:
+            nonlocal last
+            last = prometheus.values(promql)
+            return last if last and expected(last) else None
+
+        return wait_for(probe, f"the rule {promql}", prometheus.why_dead, lambda: last)
+
+    def by(label: str, values: dict[Labels, float]) -> dict[str, float]:
+        return {dict(labels)[label]: value for labels, value in values.items()}
+
+    sample_rate = recorded(
+        'rpc_code:vae_requests:rate1m{rpc="Sample", code="OK"}', lambda v: min(v.values()) > 0
+    )
+    assert len(sample_rate) == 1
     # Every request either succeeded or was the caller's fault (INVALID_ARGUMENT): no server error.
-    assert {dict(labels)["rpc"]: ratio for labels, ratio in errors.items()} == {
-        "Sample": 0.0,
-        "Encode": 0.0,
-        "GetModelInfo": 0.0,
-    }
-    batch = recorded("graph:vae_batch_size:mean_rate5m")
-    assert {dict(labels)["graph"] for labels in batch} == {"encoder", "decoder"}
+    no_errors = {"Sample": 0.0, "Encode": 0.0, "GetModelInfo": 0.0}
+    recorded("rpc:vae_request_errors:ratio_rate5m", lambda v: by("rpc", v) == no_errors)
+    # Rows per onnxruntime call: one client, one call at a time, so each Encode (3 images) and each
+    # Sample (4 images) was a batch of its own.
+    rows_per_call = {"encoder": pytest.approx(3.0), "decoder": pytest.approx(4.0)}
+    recorded("graph:vae_batch_size:mean_rate5m", lambda v: by("graph", v) == rows_per_call)
 
 
 def test_every_rule_loads_evaluates_and_no_alert_fires(scraped: Scraped) -> None:

@@ -61,6 +61,19 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
         encode(tensor([2**32, 2**32, 1, 1], data=b"")),
         "needs 73786976294838206464 bytes, got 0",
     ),
+    # Byte counts that match (no elements, one byte), shapes numpy cannot make.
+    "images of no elements but dimensions too large to index": (
+        encode(tensor([0, 2**62, 2**62], data=b"")),
+        "shape [0, 4611686018427387904, 4611686018427387904] is not a valid array shape",
+    ),
+    "images of more dimensions than numpy takes": (
+        encode(tensor([1] * 65, dtype=codec.UINT8, data=b"\0")),
+        "is not a valid array shape",
+    ),
+    "latents of no elements but dimensions too large to index": (
+        decode(tensor([2**62, 0], data=b"")),
+        "is not a valid array shape",
+    ),
     "images with NaN": (encode(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
     "images with Inf": (encode(tensor([1, 1, 28, 28], fill=math.inf)), "NaN or Inf"),
     "images out of range": (encode(tensor([1, 1, 28, 28], fill=3.0)), "expected pixel values in [0, 1]"),

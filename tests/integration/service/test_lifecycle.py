@@ -185,6 +185,26 @@ def test_a_drain_ends_an_encode_stream_once_it_has_answered_what_it_started(
         server.call(asyncio.wait_for(server.server.servicer.answered(), 10))  # nothing holds the drain
 
 
+def test_a_drain_ends_an_encode_stream_that_waits_for_its_next_request_at_once(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """Nothing is owed to a stream with no request in flight: it is told to go elsewhere right away,
+    not cut at the end of the grace period."""
+    server = start_server_thread(vae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        requests: queue.SimpleQueue[vae_pb2.EncodeRequest | None] = queue.SimpleQueue()
+        stream = vae_pb2_grpc.VaeServiceStub(channel).EncodeStream(iter(requests.get, None), timeout=30)
+        requests.put(encode_request(np.zeros((2, 28, 28), np.uint8)))
+        assert list(next(stream).mean.shape) == [2, 2]
+        server.call(server.server.begin_drain())  # the client sends nothing more, and keeps the stream
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ended.value.details() or "")
+        server.call(asyncio.wait_for(server.server.servicer.answered(), 10))
+        requests.put(None)
+
+
 def test_an_expired_deadline_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
@@ -192,7 +212,9 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         request = vae_pb2.SampleRequest(num_samples=3, seed=1)
-        busy, pending = queue_behind_busy_batch(server, stub, request, timeout=0.05)
+        # Long enough for a loaded server to take the call in and queue its rows (a call whose
+        # deadline passes before its handler runs never reaches the queue), short of the busy batch.
+        busy, pending = queue_behind_busy_batch(server, stub, request, timeout=0.2)
         assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)  # the batcher has looked at the expired rows

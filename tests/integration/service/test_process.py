@@ -2,39 +2,88 @@
 
 from __future__ import annotations
 
-import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import free_port
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 GRACE_S = 20.0
+# Generous: the machine may be shared with benchmarks; a healthy server answers within a second.
+WAIT_S = 60.0
+# What vae-serve logs once it has bound its ports (asked for port 0: the kernel chose them).
+BOUND = r"gRPC \(plaintext\) on 127\.0\.0\.1:(\d+), metrics \(plain HTTP\) on :(\d+)/metrics"
 
 
 def serve_command(bundle: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "service", "--model-dir", str(bundle), "--host", "127.0.0.1", *flags]
 
 
+class ServeProcess:
+    """vae-serve in a subprocess, its stderr read on a thread (so that the pipe never fills up)."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="vae-serve-stderr", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for_line(self, pattern: str, timeout_s: float = WAIT_S) -> re.Match[str]:
+        """The first line of the log from here on that matches `pattern`; fails if the process exits
+        first or says nothing of the kind in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"vae-serve logged no {pattern!r} in {timeout_s:g} s:\n{''.join(self.log)}")
+            if line is None:
+                code = self.process.wait()
+                pytest.fail(f"vae-serve exited with {code} before logging {pattern!r}:\n{''.join(self.log)}")
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match is not None:
+                return match
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
 @pytest.fixture
-def process() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes started by a test; any still running at the end are killed."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+def serve() -> Iterator[Callable[..., ServeProcess]]:
+    """Starts vae-serve processes; any still running at the end of the test are killed."""
+    started: list[ServeProcess] = []
+
+    def start(command: list[str]) -> ServeProcess:
+        started.append(ServeProcess(command))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
@@ -49,19 +98,15 @@ def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_once_serving_the_start_up_objects_are_out_of_the_garbage_collectors_sight(
-    vae_bundle: Path, process: list[subprocess.Popen[str]]
+    vae_bundle: Path, serve: Callable[..., ServeProcess]
 ) -> None:
     """Full collections would otherwise walk them all, a pause of 10 ms or more for every request."""
     flags = ["--port", "0", "--metrics-port", "0", "--log-level", "info"]
-    proc = subprocess.Popen(serve_command(vae_bundle, *flags), stderr=subprocess.PIPE, text=True)
-    process.append(proc)
-    assert proc.stderr is not None
-    lines = iter(proc.stderr.readline, "")  # ends when the process exits
-    frozen = next((re.search(r"(\d+) start-up objects", line) for line in lines if "collector" in line), None)
-    assert frozen is not None, "the server exited without saying so"
+    server = serve(serve_command(vae_bundle, *flags))
+    frozen = server.wait_for_line(r"(\d+) start-up objects moved out of the garbage collector's sight")
     assert int(frozen[1]) > 10_000
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=GRACE_S) == 0
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=GRACE_S) == 0
 
 
 def metric(metrics_port: int, sample: str) -> float:
@@ -73,34 +118,49 @@ def metric(metrics_port: int, sample: str) -> float:
     return -1.0
 
 
+def wait_until(condition: Callable[[], bool], what: str, still_true: Callable[[], bool]) -> None:
+    """Poll `condition` until it holds; fail naming `what` if `still_true` stops holding first (the
+    test's premise broke) or at the deadline."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert still_true(), f"waiting for {what}: the premise no longer holds"
+        assert time.monotonic() < deadline, f"waiting for {what}: not after {WAIT_S:g} s"
+        time.sleep(0.005)  # each look is an HTTP request the server answers: leave it the cores
+
+
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
-    vae_bundle: Path, process: list[subprocess.Popen[str]]
+    vae_bundle: Path, serve: Callable[..., ServeProcess]
 ) -> None:
-    port, metrics_port = free_port(), free_port()
-    flags = ["--port", str(port), "--metrics-port", str(metrics_port), "--grace-period-s", str(GRACE_S)]
+    flags = ["--port", "0", "--metrics-port", "0", "--grace-period-s", str(GRACE_S), "--log-level", "info"]
     # One slot and a 4096-image batch keep the decoder busy for about half a second, so that a
     # one-image request sent after it is still waiting in the queue when the signal arrives.
     flags += ["--max-concurrent-batches", "1", "--max-batch-size", "4096", "--max-samples", "4096"]
     flags += ["--max-queue-size", "4096"]
-    env = {**os.environ, "VAE_SERVE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(serve_command(vae_bundle, *flags), env=env, stderr=subprocess.PIPE, text=True)
-    process.append(proc)
+    server = serve(serve_command(vae_bundle, *flags))
+    proc = server.process
+    port, metrics_port = (int(bound) for bound in server.wait_for_line(BOUND).groups())
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         # Watch streams each health change: no polling while the bundle loads or the drain begins.
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="vae.v1.VaeService"), wait_for_ready=True, timeout=60
         )
         statuses = (response.status for response in watch)
-        assert health_pb2.HealthCheckResponse.SERVING in statuses, proc.stderr.read() if proc.stderr else ""
+        assert health_pb2.HealthCheckResponse.SERVING in statuses, "".join(server.log)
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         busy = stub.Sample.future(
             vae_pb2.SampleRequest(num_samples=4096, seed=2, output_dtype=vae_pb2.DATA_TYPE_UINT8), timeout=60
         )
-        while metric(metrics_port, 'vae_batch_size_sum{graph="decoder"}') < 4096:  # the batch is running
-            assert not busy.done()
+        wait_until(
+            lambda: metric(metrics_port, 'vae_batch_size_sum{graph="decoder"}') >= 4096,
+            "the busy batch to start",
+            lambda: not busy.done(),
+        )
         in_flight = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=60)
-        while metric(metrics_port, 'vae_queue_depth{graph="decoder"}') != 1:
-            assert not in_flight.done()
+        wait_until(
+            lambda: metric(metrics_port, 'vae_queue_depth{graph="decoder"}') == 1,
+            "the one-image request to wait in the queue behind the busy batch",
+            lambda: not in_flight.done(),
+        )
 
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
@@ -64,8 +65,26 @@ def test_the_same_seed_gives_byte_identical_images_even_amid_other_traffic(
         ]
         again = [pool.submit(stub.Sample, request) for _ in range(4)]
         assert all(f.result().images.data == alone for f in again)
-        assert all(f.result().seed for f in others)
+        assert [f.result().seed for f in others] == [3, 100, 250, 7]
     assert stub.Sample(vae_pb2.SampleRequest(num_samples=37, seed=1235)).images.data != alone
+
+
+def test_the_same_seed_gives_the_same_bytes_on_another_replica(
+    stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    request = vae_pb2.SampleRequest(num_samples=20, seed=2024, temperature=0.7)
+    with grpc.insecure_channel(start_server_thread(vae_bundle).target) as channel:
+        other = vae_pb2_grpc.VaeServiceStub(channel).Sample(request)
+    here = stub.Sample(request)
+    assert (other.latents.data, other.images.data) == (here.latents.data, here.images.data)
+
+
+def test_an_unset_or_zero_temperature_samples_the_prior_itself(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    unset = stub.Sample(vae_pb2.SampleRequest(num_samples=5, seed=42))
+    expected_z = np.random.Generator(np.random.PCG64(42)).standard_normal((5, 2), dtype=np.float32)
+    np.testing.assert_array_equal(array(unset.latents), expected_z)  # temperature 1
+    zero = stub.Sample(vae_pb2.SampleRequest(num_samples=5, seed=42, temperature=0.0))
+    assert (zero.latents.data, zero.images.data) == (unset.latents.data, unset.images.data)
 
 
 def test_without_a_seed_the_server_picks_one_that_repeats_the_call(stub: vae_pb2_grpc.VaeServiceStub) -> None:
@@ -95,6 +114,13 @@ def test_a_sample_larger_than_the_batch_is_served_whole(stub: vae_pb2_grpc.VaeSe
     assert list(response.images.shape) == [600, 1, 28, 28]
     again = stub.Sample(vae_pb2.SampleRequest(num_samples=600, seed=3, output_dtype=codec.UINT8))
     assert again.images.data == response.images.data
+
+
+def test_num_samples_from_one_up_to_the_advertised_limit_is_served(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    limit = stub.GetModelInfo(vae_pb2.GetModelInfoRequest()).max_samples
+    for count in (1, limit):  # the edges of "expected 1 to <limit>" (tested refused one beyond)
+        response = stub.Sample(vae_pb2.SampleRequest(num_samples=count, seed=4, output_dtype=codec.UINT8))
+        assert list(response.images.shape) == [count, 1, 28, 28]
 
 
 def test_sample_stream_chunks_concatenate_to_the_unary_answer(stub: vae_pb2_grpc.VaeServiceStub) -> None:
@@ -156,8 +182,6 @@ def test_encode_stream_answers_every_request_in_order(stub: vae_pb2_grpc.VaeServ
 def test_an_ae_bundle_encodes_to_mean_alone(
     ae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:
-    import grpc
-
     server = start_server_thread(ae_bundle)
     with grpc.insecure_channel(server.target) as channel:
         ae = vae_pb2_grpc.VaeServiceStub(channel)
@@ -171,8 +195,6 @@ def test_an_ae_bundle_encodes_to_mean_alone(
 def test_an_int8_decoder_is_served_and_says_so(
     int8_vae_bundle: Path, stub: vae_pb2_grpc.VaeServiceStub, start_server_thread: Callable[..., ServerThread]
 ) -> None:
-    import grpc
-
     server = start_server_thread(int8_vae_bundle)
     with grpc.insecure_channel(server.target) as channel:
         int8 = vae_pb2_grpc.VaeServiceStub(channel)

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,13 +19,16 @@ from service.metrics import ServiceMetrics
 
 
 class Doubler:
-    """A real inference function (x -> (2x, row sums)) that records the size of every call."""
+    """A real inference function (x -> (2x, row sums)) that records the size of every call; with a
+    gate, each call says it has begun (`entered`) and then waits for the gate to open."""
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.calls: list[int] = []
         self.gate = gate
+        self.entered = threading.Event()
 
     def __call__(self, rows: Array) -> Sequence[Array]:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append(len(rows))
@@ -50,6 +53,15 @@ def make_batcher(infer: InferFn, worker_cpus: Sequence[int] = (), **options: flo
 
 def rows(count: int, start: int = 0) -> Array:
     return np.arange(start, start + 2 * count, dtype=np.float32).reshape(count, 2)
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 10) -> None:
+    """Let the loop and the workers run until `condition()` holds; fail naming `what` if it never does
+    (rather than spin until the suite's timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:g} s"
+        await asyncio.sleep(0.001)
 
 
 def test_concurrent_requests_share_one_call_and_get_their_own_rows_back() -> None:
@@ -100,8 +112,7 @@ def test_while_another_batch_runs_a_full_batch_starts_without_waiting_for_the_de
         batcher._infer = infer
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(rows(1)))
-        while not calls:  # the first call has started and holds one slot
-            await asyncio.sleep(0.001)
+        await until(lambda: calls, "the first call to start and hold one slot")
         started = time.perf_counter()
         await batcher.submit(rows(4))
         elapsed = time.perf_counter() - started
@@ -129,11 +140,9 @@ def test_rows_queued_behind_a_batch_run_as_soon_as_it_ends_without_waiting_for_t
         batcher._infer = infer
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(1)))
-        while not first_call_started.is_set():
-            await asyncio.sleep(0.001)
+        await until(first_call_started.is_set, "the first call to start")
         second = asyncio.ensure_future(batcher.submit(rows(2)))
-        while not batcher.queue_depth:  # queued behind the first call
-            await asyncio.sleep(0.001)
+        await until(lambda: batcher.queue_depth, "the second request to queue behind the first call")
         started = time.perf_counter()
         gate.set()
         await asyncio.gather(first, second)
@@ -267,8 +276,7 @@ def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> N
         batcher._infer = infer
         batcher.start()
         request = asyncio.ensure_future(batcher.submit(rows(12)))
-        while not calls:  # the first call has started
-            await asyncio.sleep(0.001)
+        await until(lambda: calls, "the first call to start")
         first_call_may_finish.set()
         ran_while_the_loop_was_busy = third_call.wait(10)  # blocks the event loop's thread
         (doubled,) = await request
@@ -304,9 +312,7 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
         batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(rows(8)))
-        await asyncio.sleep(0)
-        while batcher.queue_depth:  # until the worker has taken those rows and blocks on the gate
-            await asyncio.sleep(0.001)
+        await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
         queued = asyncio.ensure_future(batcher.submit(rows(16)))
         await asyncio.sleep(0)
         try:
@@ -363,16 +369,45 @@ def test_a_cancelled_request_does_not_hold_back_the_rows_behind_it() -> None:
     assert infer.calls == [4]
 
 
+def test_a_cancelled_request_frees_its_place_in_the_queue_at_once() -> None:
+    gate = threading.Event()
+    infer = Doubler(gate)
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(8)))
+        await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
+        cancelled = asyncio.ensure_future(batcher.submit(rows(16)))
+        await until(lambda: batcher.queue_depth == 16, "the second request to fill the queue")
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        # Not when a worker reaches the dead rows: now, for the queue's limit and its depth alike.
+        assert batcher.queue_depth == 0
+        admitted = asyncio.ensure_future(batcher.submit(rows(16, start=100)))
+        await asyncio.sleep(0)
+        gate.set()
+        (doubled, _) = await admitted
+        np.testing.assert_array_equal(doubled, rows(16, start=100) * 2)
+        await running
+        assert batcher.queue_depth == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == [8, 8, 8]  # the cancelled rows never ran
+
+
 def test_stopping_during_a_call_fails_its_waiters_at_once_and_then_waits_for_the_call() -> None:
     gate = threading.Event()
 
     async def scenario() -> None:
-        batcher = make_batcher(Doubler(gate), max_queue_delay_s=0)
+        infer = Doubler(gate)
+        batcher = make_batcher(infer, max_queue_delay_s=0)
         batcher.start()
         waiter = asyncio.ensure_future(batcher.submit(rows(2)))
-        await asyncio.sleep(0)
-        while batcher.queue_depth:  # until the worker has taken the rows and blocks on the gate
-            await asyncio.sleep(0.001)
+        # In the call, not merely handed out: a worker that has not taken its batch yet would end
+        # at once on stop(), and stop() would not be left waiting for a call.
+        await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
         stopping = asyncio.ensure_future(batcher.stop())
         try:
             # The waiter fails while the call still runs; stop() then waits for the call to end.
@@ -439,21 +474,45 @@ def test_a_split_request_fails_once_with_the_error_of_its_failed_part_and_the_ba
 
 
 def test_a_split_request_whose_deadline_passes_between_its_parts_gets_deadline_exceeded() -> None:
-    gate = threading.Event()
-    infer = Doubler(gate)
+    first_part_running, gate = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        first_part_running.set()
+        gate.wait(10)
+        return [batch * 2]
 
     async def scenario() -> None:
         batcher = make_batcher(infer)
         batcher.start()
-        split = asyncio.ensure_future(batcher.submit(rows(20), deadline=time.monotonic() + 0.2))
-        await asyncio.sleep(0.3)  # its first part is running; the deadline passes
+        # A deadline far enough off that the first part starts before it even on a loaded machine;
+        # the test then waits for the part to run, and for the deadline to pass, before the rest.
+        deadline = time.monotonic() + 1.0
+        split = asyncio.ensure_future(batcher.submit(rows(20), deadline=deadline))
+        assert await asyncio.to_thread(first_part_running.wait, 10), "the first part never ran"
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
         gate.set()
         with pytest.raises(DeadlineExceeded):
             await split
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert infer.calls == [8]  # the parts that waited past the deadline never ran
+    assert calls == [8]  # the parts that waited past the deadline never ran
+
+
+def test_a_stopped_batcher_refuses_new_rows_as_not_ready() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer)
+        batcher.start()
+        await batcher.stop()
+        with pytest.raises(ModelNotReady, match="the decoder batcher is not running"):
+            await batcher.submit(rows(1))
+
+    asyncio.run(scenario())
+    assert infer.calls == []
 
 
 def test_batch_metrics_are_recorded_per_graph() -> None:

@@ -73,6 +73,11 @@ def test_a_cancellation_at_or_near_the_deadline_counts_as_the_deadline() -> None
         assert code_of_cancellation(_Remaining(earlier)) == grpc.StatusCode.CANCELLED
 
 
+def test_a_call_cut_when_a_drains_grace_period_ran_out_counts_as_unavailable_as_its_client_sees_it() -> None:
+    for remaining in (None, 0.0, 30.0):
+        assert code_of_cancellation(_Remaining(remaining), grace_over=True) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> None:
     """gRPC closes a stream's generator when its client goes away while an answer is being written."""
     servicer = VaeServicer(ServiceMetrics.create(process=False), max_batch_size=16, max_samples=16)
@@ -85,7 +90,7 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
         stream = _observe_stream(servicer, "EncodeStream", _Remaining(None), answers())
         assert await anext(stream) == 0
         await stream.aclose()  # what gRPC does to a stream whose client went away
-        await servicer.answered()  # and the drain does not wait for it
+        await asyncio.wait_for(servicer.answered(), 10)  # and the drain does not wait for it
 
     asyncio.run(scenario())
     requests = servicer.metrics.registry.get_sample_value
