@@ -304,15 +304,22 @@ def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order() -> 
     np.testing.assert_array_equal(doubled, rows(20) * 2)
 
 
+async def busy_with_a_queue_of_16(infer: Doubler) -> tuple[Batcher, asyncio.Future[list[Array]]]:
+    """A started batcher (16 rows of queue, no delay) whose one worker is inside a call of 8 rows,
+    held there by `infer`'s gate; and that call's request."""
+    batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(8)))
+    await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
+    return batcher, running
+
+
 def test_a_full_queue_refuses_with_overloaded() -> None:
     gate = threading.Event()
     infer = Doubler(gate)
 
     async def scenario() -> None:
-        batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(rows(8)))
-        await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
+        batcher, running = await busy_with_a_queue_of_16(infer)
         queued = asyncio.ensure_future(batcher.submit(rows(16)))
         await asyncio.sleep(0)
         try:
@@ -374,10 +381,7 @@ def test_a_cancelled_request_frees_its_place_in_the_queue_at_once() -> None:
     infer = Doubler(gate)
 
     async def scenario() -> None:
-        batcher = make_batcher(infer, max_queue_delay_s=0, max_queue_size=16)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(rows(8)))
-        await until(infer.entered.is_set, "the worker to take the rows and block on the gate")
+        batcher, running = await busy_with_a_queue_of_16(infer)
         cancelled = asyncio.ensure_future(batcher.submit(rows(16)))
         await until(lambda: batcher.queue_depth == 16, "the second request to fill the queue")
         cancelled.cancel()
