@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
+from torch import nn
 
 from export import exporter
 from export.cli import main as export_main
@@ -62,6 +64,41 @@ def test_the_batch_axis_is_dynamic(vae_bundle: Path) -> None:
         (images,) = session.run(None, {"z": np.zeros((batch_size, 2), np.float32)})
         assert images.shape == (batch_size, 1, 28, 28)
         assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_the_decoders_stride_1_hidden_layer_is_exported_as_the_convolution_it_equals(
+    vae_bundle: Path,
+) -> None:
+    ops = [node.op_type for node in onnx.load(str(vae_bundle / "decoder.onnx")).graph.node]
+    # The tiny VAE's decoder: 64 channels at stride 1, two stride-2 layers, the one-channel output.
+    assert [op for op in ops if op.startswith("Conv")] == [
+        "Conv",
+        "ConvTranspose",
+        "ConvTranspose",
+        "ConvTranspose",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "padding"), [((3, 3), (1, 1)), ((5, 5), (2, 2)), ((3, 3), (0, 0)), ((3, 5), (2, 1))]
+)
+def test_a_stride_1_transposed_convolution_equals_its_convolution(
+    kernel: tuple[int, int], padding: tuple[int, int]
+) -> None:
+    torch.manual_seed(0)
+    transposed = nn.ConvTranspose2d(16, 32, kernel, padding=padding)
+    conv = exporter._as_convolution(transposed)
+    assert conv is not None
+    features = torch.randn(3, 16, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(features), transposed(features), rtol=0, atol=1e-5)
+
+
+def test_a_transposed_convolution_with_a_stride_has_no_such_equal() -> None:
+    assert (
+        exporter._as_convolution(nn.ConvTranspose2d(16, 32, 3, stride=2, padding=1, output_padding=1)) is None
+    )
+    assert exporter._as_convolution(nn.ConvTranspose2d(16, 32, 3, padding=1, dilation=2)) is None
 
 
 def test_an_ae_exports_its_code_as_mean_alone(ae_bundle: Path) -> None:
