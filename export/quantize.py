@@ -7,7 +7,8 @@ its clients see no difference but the pixels:
   the prior that Sample draws from (quantize/dequantize pairs around the float operators).
 
 An option, never the default: on the CPU measured (docs/BENCHMARKS.md, the int8 lever) neither is
-faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk.
+faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk, and its
+int8 Conv is slower than its float one.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> 
         # The exported Reshape takes a computed shape that the symbolic shape pass cannot follow.
         quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
         if method == "int8-dynamic":
-            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
+            # Not the convolutions: onnxruntime's ConvInteger made the decoder 40% slower than its
+            # float32 Conv (docs/BENCHMARKS.md, the int8 lever); the dense layer's MatMulInteger is level.
+            quantize_dynamic(
+                str(prepared), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
+            )
         elif method == "int8-static":
             quantize_static(
                 str(prepared),
