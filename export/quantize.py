@@ -59,7 +59,7 @@ def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> 
         quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
         if method == "int8-dynamic":
             # Not the convolutions: onnxruntime's ConvInteger made the decoder 40% slower than its
-            # float32 Conv (docs/BENCHMARKS.md, the int8 lever); the dense layer's MatMulInteger is level.
+            # float32 Conv (docs/BENCHMARKS.md, change 12); the dense layer's MatMulInteger is level.
             quantize_dynamic(
                 str(prepared), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
             )
