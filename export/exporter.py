@@ -57,9 +57,9 @@ PARITY_TOLERANCE = 1e-4
 # onnxruntime's CPU provider runs Conv in blocked (NCHWc) kernels, whose blocks hold 8 or 16 channels,
 # and ConvTranspose as a matrix product then col2im. A stride-1 transposed convolution with whole
 # blocks of output channels is therefore written into the graph as the convolution it equals: the
-# decoder's 64-channel layer runs in about half the time so, the decoder 5-13% faster (docs/BENCHMARKS.md,
-# change 12).
-# The one-channel output layer stays, as its Conv would fill a block with 15 empty channels.
+# decoder's 64-channel layer then takes about half the time, and the decoder 5-13% less
+# (docs/BENCHMARKS.md, change 12). The one-channel output layer stays a ConvTranspose, as its Conv
+# would fill a block with 15 empty channels.
 CONV_CHANNEL_BLOCK = 16
 
 log = logging.getLogger(__name__)
