@@ -5,13 +5,14 @@
         --tree before=/tmp/before --tree after=. [--rounds 2] [--window 3]
     .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs \
         --flags "b64=--max-batch-size 64" --flags "b16=--max-batch-size 16" [--cell Sample:8:32]
+    .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs --flags "service=" --naive
 
-A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path) or this
-checkout with extra vae-serve flags (`--flags`). Each round starts every version in turn and runs the
-cells of the targets, so that the noise of a shared machine falls on all versions alike; every other
-round runs them in reverse order, so that none is always the first after a pause. Prints
-images/s and the server's CPU ms per image for each cell, as the median over the rounds. `--cell
-RPC:PER_REQUEST:CLIENTS` adds a cell to the targets' own.
+A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path), this
+checkout with extra vae-serve flags (`--flags`), or the naive peer (`--naive`, bench/peers/). Each
+round starts every version in turn and runs the cells of the targets, so that the noise of a shared
+machine falls on all versions alike; every other round runs them in reverse order, so that none is
+always the first after a pause. Prints images/s and the server's CPU ms per image for each cell, as
+the median over the rounds. `--cell RPC:PER_REQUEST:CLIENTS` adds a cell to the targets' own.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import argparse
 import asyncio
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from bench import servers
 from bench.loadgen import closed_loop, process_tree_cpu_s
-from bench.suite import service_argv
+from bench.suite import naive_argv, service_argv
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from vae.v1 import vae_pb2_grpc
 
@@ -84,6 +86,14 @@ def tree_argv(tree: Path, argv: list[str]) -> list[str]:
     return [argv[0], "-c", run, *argv[3:]]
 
 
+def _tree_version(tree: Path, bundle: Path, port: int) -> list[str]:
+    return tree_argv(tree, service_argv(bundle, port))
+
+
+def _flags_version(bundle: Path, flags: list[str], port: int) -> list[str]:
+    return service_argv(bundle, port, *flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True)
@@ -91,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--flags", action="append", default=[], help='NAME="FLAGS": this checkout with these vae-serve flags'
     )
+    parser.add_argument("--naive", action="store_true", help="add the naive grpc.aio peer as a version")
     parser.add_argument(
         "--cell", type=parse_cell, action="append", default=[], help="RPC:PER_REQUEST:CLIENTS, a cell to add"
     )
@@ -99,26 +110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latent-dim", type=int, default=2)
     parser.add_argument("--stream-chunk", type=int, default=64, help="images per EncodeStream message")
     args = parser.parse_args(argv)
-    # name -> (the checkout to run, or None for this one; extra vae-serve flags)
-    versions: dict[str, tuple[Path | None, list[str]]] = {}
+    # name -> the server's command line for a port
+    versions: dict[str, Callable[[int], list[str]]] = {}
     for item in args.tree:
         name, path = item.split("=", 1)
-        versions[name] = (Path(path), [])
+        versions[name] = partial(_tree_version, Path(path), args.bundle)
     for item in args.flags:
         name, flags = item.split("=", 1)
-        versions[name] = (None, flags.split())
+        versions[name] = partial(_flags_version, args.bundle, flags.split())
+    if args.naive:
+        versions["naive"] = partial(naive_argv, args.bundle)
     if len(versions) < 2:
-        parser.error("name at least two versions (--tree, --flags)")
+        parser.error("name at least two versions (--tree, --flags, --naive)")
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
     cells = [*CELLS, *args.cell]
     order = list(versions.items())
     for round_index in range(args.rounds):
-        for name, (tree, flags) in order if round_index % 2 == 0 else reversed(order):
+        for name, argv_for in order if round_index % 2 == 0 else reversed(order):
             port = servers.free_port()
-            argv_ = service_argv(args.bundle, port, *flags)
-            if tree is not None:
-                argv_ = tree_argv(tree, argv_)
-            server = servers.start(name, argv_, port, Path("runs/bench/logs"))
+            server = servers.start(name, argv_for(port), port, Path("runs/bench/logs"))
             try:
                 measures = asyncio.run(
                     measure(server, cells, args.latent_dim, args.window, args.stream_chunk)
