@@ -9,8 +9,9 @@ once: so a worker that finishes a call takes the next FULL batch itself, without
 event loop. The event loop is woken only to answer the requests a call completed, or to hand out a
 partial batch, which it does once a turn, so that every request of the turn shares one call.
 
-While no batch is in flight a batch starts at once, so a lone request never waits; while another
-is, the oldest rows wait up to `max_queue_delay_s` for a full batch. A request larger than
+While no batch is in flight a batch starts at once, so a lone request never waits, and it is
+spread over the idle workers, a call each, so that it runs on every core. While a batch is in
+flight, the oldest rows wait up to `max_queue_delay_s` for a full batch. A request larger than
 `max_batch_size` is split into several items, which may run side by side; it is answered once, when
 the last of them has run. Rows of a cancelled request, or of one whose deadline has passed, are
 dropped before they run. If a call fails, every request with rows in it gets the error.
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -217,6 +218,9 @@ class Batcher:
             self._delay_timer.cancel()
             self._delay_timer = None
         with self._lock:
+            if len(self._pending) == 1 and not self._in_flight:
+                self._spread(self._pending.popleft())
+                return
             while self._pending and self._idle_workers > len(self._handed_out):
                 if self._in_flight and self._pending_rows < self.max_batch_size:
                     remaining = self._pending[0].enqueued_at + self._delay - time.monotonic()
@@ -228,6 +232,21 @@ class Batcher:
                 if batch:
                     self._handed_out.append(self._take(batch))
                     self._lock.notify()
+
+    def _spread(self, lone: _Item) -> None:
+        """Hand a lone item to the idle workers in equal parts, a call each (lock held, no batch in
+        flight): as one call, its rows would run on one core while the others wait."""
+        part_rows = math.ceil(len(lone.rows) / self._idle_workers)
+        parts = [
+            replace(lone, rows=lone.rows[start : start + part_rows], offset=lone.offset + start)
+            for start in range(0, len(lone.rows), part_rows)
+        ]
+        if lone.request.unanswered:  # 0: failed already
+            lone.request.unanswered += len(parts) - 1
+        self._pending.extend(parts)
+        while batch := self._collect(part_rows):
+            self._handed_out.append(self._take(batch))
+            self._lock.notify()
 
     def _deliver(self, serial: int, answered: list[_Request]) -> None:
         """On the event loop: the answers of the requests a batch completed, then the next dispatch."""
@@ -290,8 +309,10 @@ class Batcher:
         self._in_flight[self._batches_taken] = batch
         return self._batches_taken, batch
 
-    def _collect(self) -> list[_Item]:
-        """Up to max_batch_size rows from the head of the queue, skipping dead items (lock held)."""
+    def _collect(self, max_rows: int | None = None) -> list[_Item]:
+        """Up to `max_rows` (max_batch_size) rows from the head of the queue, skipping dead items
+        (lock held)."""
+        max_rows = max_rows or self.max_batch_size
         batch: list[_Item] = []
         expired: list[_Item] = []
         rows = 0
@@ -302,7 +323,7 @@ class Batcher:
             if alive and item.deadline is not None and now >= item.deadline:
                 expired.append(item)
                 alive = False
-            if alive and rows + len(item.rows) > self.max_batch_size:
+            if alive and rows + len(item.rows) > max_rows:
                 break
             self._pending.popleft()
             if item.request.queued:  # 0: written off already, when its caller cancelled

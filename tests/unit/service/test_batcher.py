@@ -173,6 +173,61 @@ def test_up_to_max_concurrent_batches_calls_run_side_by_side() -> None:
     np.testing.assert_array_equal(doubled, rows(8) * 2)
 
 
+def test_a_lone_request_is_spread_over_the_idle_workers_and_reassembled_in_order() -> None:
+    # Each call waits at a barrier for a second call: 5 rows as one call would never get through.
+    barrier = threading.Barrier(2, timeout=10)
+    calls: list[int] = []
+
+    def infer(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        barrier.wait()
+        return [batch * 2, batch.sum(axis=1)]
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(infer, max_queue_delay_s=30, max_concurrent_batches=2)
+        batcher.start()
+        result = await batcher.submit(rows(5))
+        await batcher.stop()
+        return result
+
+    doubled, sums = asyncio.run(scenario())
+    assert sorted(calls) == [2, 3]
+    np.testing.assert_array_equal(doubled, rows(5) * 2)
+    np.testing.assert_array_equal(sums, rows(5).sum(axis=1))
+
+
+def test_a_spread_request_gets_the_error_of_its_failed_part_and_the_batcher_goes_on() -> None:
+    def fails_on_three_rows(batch: Array) -> Sequence[Array]:
+        if len(batch) == 3:
+            raise RuntimeError("onnxruntime exploded")
+        return [batch * 2]
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(fails_on_three_rows, max_concurrent_batches=2)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(rows(5))  # parts of 3 and 2 rows
+        result = await batcher.submit(rows(4))
+        await batcher.stop()
+        return result
+
+    (doubled,) = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(4) * 2)
+
+
+def test_requests_that_arrive_together_share_one_call_rather_than_spread() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer, max_concurrent_batches=2)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(rows(2, 10 * i)) for i in range(3)))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == [6]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
 @pytest.mark.parametrize("worker_nice", [0, 5])
 def test_inference_runs_at_the_priority_asked_for_below_the_event_loop(worker_nice: int) -> None:
