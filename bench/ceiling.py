@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
 LAYOUTS = ("default", "1-thread", "per-core")
+Key = TypeVar("Key", bound=Hashable)
 Feed = dict[str, npt.NDArray[Any]]
 
 
@@ -111,6 +112,26 @@ def throughput(
     cpu = time.process_time() - cpu_start
     items = sum(counts)
     return Measured(layout, items / elapsed, 1000.0 * cpu / max(items, 1))
+
+
+def interleaved(
+    variants: Mapping[Key, list[Callable[[], int]]], duration_s: float, warmup_s: float, rounds: int = 3
+) -> dict[Key, Measured]:
+    """`throughput` of each variant in `rounds` windows, the variants taking turns (in reverse order
+    every other round), so that a slow spell of a shared machine falls on all of them alike rather
+    than on whichever ran in it. Per variant, its median window."""
+    windows: dict[Key, list[Measured]] = {key: [] for key in variants}
+    keys = list(variants)
+    for round_index in range(rounds):
+        for key in keys if round_index % 2 == 0 else keys[::-1]:
+            windows[key].append(throughput(variants[key], duration_s, warmup_s, str(key)))
+    return {key: median_window(measured) for key, measured in windows.items()}
+
+
+def median_window(windows: Sequence[Measured]) -> Measured:
+    """The window of median speed (the slower middle one of an even count)."""
+    ranked = sorted(windows, key=lambda measured: measured.items_per_s)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def graph_runner(session: ort.InferenceSession, feed: Feed) -> Callable[[], int]:

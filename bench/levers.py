@@ -1,7 +1,9 @@
 """The levers measured in-process, one at a time, each against the same baseline.
 
-Every function returns JSON-ready rows for docs/BENCHMARKS.md. The server-side levers (batching knobs,
-thread counts, uvloop) need a server restart and live in bench.suite.
+Every function returns JSON-ready rows for docs/BENCHMARKS.md. The variants of one lever are measured
+in interleaved rounds (`bench.ceiling.interleaved`): on a shared machine a single loop moves by 10-20%
+from one minute to the next, more than most levers do. The server-side levers (batching knobs, thread
+counts, uvloop) need a server restart and live in bench.suite.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from bench.ceiling import (
     decoder_feed,
     encoder_feed,
     graph_runner,
+    interleaved,
     load,
     session_options,
-    throughput,
 )
 from service.codec import from_tensor, images_as, to_tensor
 from vae.v1 import vae_pb2
@@ -50,25 +52,25 @@ def _micro_us(fn: Callable[[], object], repeat: int = 200) -> float:
 
 def batch_sizes(decoder: Path, encoder: Path, latent_dim: int, window_s: float) -> list[Row]:
     """Cost per image against rows per call, one 1-thread session per graph: what batching buys."""
-    out = []
+    variants = {}
     for graph, path in (("decoder", decoder), ("encoder", encoder)):
         session = load(path, session_options(1))
         for rows in (1, 4, 16, 64, 256, 512):
             feed = decoder_feed(rows, latent_dim) if graph == "decoder" else encoder_feed(rows)
-            measured = throughput([graph_runner(session, feed)], window_s, 0.1, graph)
-            out.append({"graph": graph, "rows": rows, **measured.summary()})
-    return out
+            variants[graph, rows] = [graph_runner(session, feed)]
+    measured = interleaved(variants, window_s, 0.1)
+    return [{"graph": graph, "rows": rows, **result.summary()} for (graph, rows), result in measured.items()]
 
 
 def optimization_levels(decoder: Path, latent_dim: int, rows: int, window_s: float) -> list[Row]:
     """Graph optimization level, one 1-thread session, decoder at `rows` a call."""
     feed = decoder_feed(rows, latent_dim)
-    out = []
-    for name, level in _LEVELS.items():
-        session = load(decoder, session_options(1, optimization=level))
-        measured = throughput([graph_runner(session, feed)], window_s, 0.2, name)
-        out.append({"level": name, "rows": rows, **measured.summary()})
-    return out
+    variants = {
+        name: [graph_runner(load(decoder, session_options(1, optimization=level)), feed)]
+        for name, level in _LEVELS.items()
+    }
+    measured = interleaved(variants, window_s, 0.2)
+    return [{"level": name, "rows": rows, **result.summary()} for name, result in measured.items()]
 
 
 def thread_pool_options(decoder: Path, latent_dim: int, window_s: float) -> list[Row]:
@@ -77,8 +79,7 @@ def thread_pool_options(decoder: Path, latent_dim: int, window_s: float) -> list
     Spinning keeps idle pool threads busy-waiting for the next call: lower latency in a tight loop,
     but CPU that the event loop's thread needs on a 2-core machine.
     """
-    out = []
-    variants: list[tuple[str, ort.SessionOptions]] = [
+    options: list[tuple[str, ort.SessionOptions]] = [
         ("default threads, spinning on (ORT default)", session_options(0, spinning=True)),
         ("default threads, spinning off", session_options(0, spinning=False)),
         (
@@ -87,14 +88,13 @@ def thread_pool_options(decoder: Path, latent_dim: int, window_s: float) -> list
         ),
         ("1 intra-op thread", session_options(1)),
     ]
-    for name, options in variants:
-        session = load(decoder, options)
+    variants = {}
+    for name, option in options:
+        session = load(decoder, option)
         for rows in (1, 64):
-            measured = throughput(
-                [graph_runner(session, decoder_feed(rows, latent_dim))], window_s, 0.2, name
-            )
-            out.append({"variant": name, "rows": rows, **measured.summary()})
-    return out
+            variants[name, rows] = [graph_runner(session, decoder_feed(rows, latent_dim))]
+    measured = interleaved(variants, window_s, 0.2)
+    return [{"variant": name, "rows": rows, **result.summary()} for (name, rows), result in measured.items()]
 
 
 def session_sharing(decoder: Path, latent_dim: int, window_s: float, threads: int) -> list[Row]:
@@ -103,20 +103,19 @@ def session_sharing(decoder: Path, latent_dim: int, window_s: float, threads: in
     onnxruntime's `run` may be called concurrently on one session; sharing saves the memory and the
     load time of the extra sessions, if it costs no speed.
     """
-    out = []
+    shared = load(decoder, session_options(1))
+    own = [shared] + [load(decoder, session_options(1)) for _ in range(threads - 1)]
+    variants = {}
     for rows in (1, 64, 256):
         feed = decoder_feed(rows, latent_dim)
-        shared = load(decoder, session_options(1))
-        own = [shared] + [load(decoder, session_options(1)) for _ in range(threads - 1)]
         for name, sessions in (("one shared session", [shared] * threads), ("a session per caller", own)):
-            measured = throughput([graph_runner(s, feed) for s in sessions], window_s, 0.2, name)
-            out.append({"variant": f"{threads} callers, {name}", "rows": rows, **measured.summary()})
-    return out
+            variants[f"{threads} callers, {name}", rows] = [graph_runner(s, feed) for s in sessions]
+    measured = interleaved(variants, window_s, 0.2)
+    return [{"variant": name, "rows": rows, **result.summary()} for (name, rows), result in measured.items()]
 
 
 def optimized_graph(decoder: Path, latent_dim: int, window_s: float) -> list[Row]:
     """ORT's optimized graph saved to disk and loaded with optimizations off: load time and speed."""
-    out = []
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "decoder.optimized.onnx"
         options = session_options(1)
@@ -127,22 +126,25 @@ def optimized_graph(decoder: Path, latent_dim: int, window_s: float) -> list[Row
             ("pre-optimized graph, optimizations off", optimized, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
         ]
         feed = decoder_feed(64, latent_dim)
+        runners, load_ms = {}, {}
         for name, path, level in variants:
             loads = []
             for _ in range(5):
                 start = time.perf_counter()
                 session = load(path, session_options(1, optimization=level))
                 loads.append(time.perf_counter() - start)
-            measured = throughput([graph_runner(session, feed)], window_s, 0.2, name)
-            out.append(
-                {
-                    "variant": name,
-                    "session_load_ms": round(1000 * statistics.median(loads), 2),
-                    "bytes": path.stat().st_size,
-                    **measured.summary(),
-                }
-            )
-    return out
+            runners[name] = [graph_runner(session, feed)]
+            load_ms[name] = round(1000 * statistics.median(loads), 2)
+        measured = interleaved(runners, window_s, 0.2)
+        return [
+            {
+                "variant": name,
+                "session_load_ms": load_ms[name],
+                "bytes": path.stat().st_size,
+                **measured[name].summary(),
+            }
+            for name, path, _ in variants
+        ]
 
 
 def wire_costs(latent_dim: int, decode_ms_per_image: float) -> list[Row]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.ceiling import decoder_feed, graph_runner, load, session_options, throughput
+from bench.ceiling import decoder_feed, graph_runner, interleaved, load, session_options
 from export.quantize import pixel_error, quantize_decoder
 
 # Both of `vae-export --quantize-decoder`'s methods, by the names the tables give them.
@@ -41,17 +41,21 @@ def speed_and_error(decoders: dict[str, Path], latent_dim: int, window_s: float)
     """Images a second at 64 rows (1 thread), file size, and the pixel error against float32
     (the figures vae-export records in model.json)."""
     reference = next(iter(decoders.values()))
+    feed = decoder_feed(64, latent_dim)
+    measured = interleaved(
+        {name: [graph_runner(load(path, session_options(1)), feed)] for name, path in decoders.items()},
+        window_s,
+        0.2,
+    )
     rows = []
     for name, path in decoders.items():
-        session = load(path, session_options(1))
-        measured = throughput([graph_runner(session, decoder_feed(64, latent_dim))], window_s, 0.2, name)
         drift = pixel_error(reference, path, latent_dim)
         rows.append(
             {
                 "decoder": name,
                 "bytes": path.stat().st_size,
                 "ops": sorted({node.op_type for node in _graph_nodes(path)}),
-                **measured.summary(),
+                **measured[name].summary(),
                 "max_abs_pixel_diff": drift["max_abs_pixel_diff"],
                 "mean_abs_pixel_diff": drift["mean_abs_pixel_diff"],
             }
