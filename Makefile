@@ -99,7 +99,7 @@ $(RUNS)/bench/bundle/model.json: | $(STAMP)
 	$(BIN)/vae-train --model vae --limit 512 --epochs 1 --no-progress --out $(RUNS)/bench/run
 	$(BIN)/vae-export $(RUNS)/bench/run --out $(RUNS)/bench/bundle
 
-bench: bench-setup $(BENCH_BUNDLE)/model.json ## the benchmark suite (10-13 min on 2 cores, run it on a quiet machine): docs/BENCHMARKS.md
+bench: bench-setup $(BENCH_BUNDLE)/model.json ## the benchmark suite (12-15 min on 2 cores, run it on a quiet machine): docs/BENCHMARKS.md
 	$(PY) -m bench.suite --bundle $(BENCH_BUNDLE) --work-dir $(RUNS)/bench --doc docs/BENCHMARKS.md
 
 clean: ## remove runs and caches (keeps .venv)
