@@ -92,8 +92,15 @@ def _check_output(path: Path | None, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{path}: no folder {path.parent} to write it in")
 
 
-def _sample(client: VaeClient, args: argparse.Namespace) -> None:
+def _check_image_output(args: argparse.Namespace) -> None:
+    """--out and --columns of the commands that write images."""
     _check_output(args.out, (".png", ".npy"))
+    if args.columns is not None and args.columns < 1:
+        raise InputError(f"--columns must be at least 1, got {args.columns}")
+
+
+def _sample(client: VaeClient, args: argparse.Namespace) -> None:
+    _check_image_output(args)
     result = client.sample(
         args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype=args.dtype
     )
@@ -128,7 +135,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _decode(client: VaeClient, args: argparse.Namespace) -> None:
-    _check_output(args.out, (".png", ".npy"))
+    _check_image_output(args)
     try:
         latents = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as error:

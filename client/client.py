@@ -38,6 +38,10 @@ Metadata = tuple[tuple[str, str], ...]
 RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 )
+# grpc.aio reports a request it could not send (the connection went, or the server had already ended
+# the call) as INTERNAL with these details, in place of the call's own status: a broken call, retried
+# as UNAVAILABLE is. The service's own INTERNAL says "internal error: <what>".
+GRPC_AIO_SEND_FAILED = "Internal error from Core"
 _OUTPUT_DTYPES: dict[str, int] = {"float32": codec.FLOAT32, "uint8": codec.UINT8}
 _DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -201,7 +205,9 @@ class _Retrier:
         # gRPC refuses a message over either side's size limit with RESOURCE_EXHAUSTED, as the server
         # does a full queue; but the same message would be refused again.
         too_large = "message larger than max" in details
-        if code not in RETRYABLE_CODES or too_large or self.failures >= self.policy.max_attempts:
+        broken = code == grpc.StatusCode.INTERNAL and details == GRPC_AIO_SEND_FAILED
+        retryable = (code in RETRYABLE_CODES or broken) and not too_large
+        if not retryable or self.failures >= self.policy.max_attempts:
             if too_large:
                 details += "; send fewer images per request (encode_stream takes them in batches)"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
@@ -370,6 +376,8 @@ class VaeClient:
                     if response.offset < delivered:
                         continue
                     result = sample_result(response, "SampleStream")
+                    # And its size the chunks': a retry on a replica of another default cuts the same.
+                    request.chunk_size = request.chunk_size or len(result.images)
                     delivered = result.offset + len(result.images)
                     retrier.failures = 0
                     yield result
@@ -583,6 +591,8 @@ class AsyncVaeClient:
                     if response.offset < delivered:
                         continue
                     result = sample_result(response, "SampleStream")
+                    # And its size the chunks': a retry on a replica of another default cuts the same.
+                    request.chunk_size = request.chunk_size or len(result.images)
                     delivered = result.offset + len(result.images)
                     retrier.failures = 0
                     yield result
@@ -612,38 +622,50 @@ class AsyncVaeClient:
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
         retrier = _Retrier("EncodeStream", self._settings.retry, self._settings.rng)
+
+        async def refill(requests: asyncio.Queue[Any]) -> None:
+            nonlocal exhausted
+            while not exhausted and len(pending) < max_in_flight:
+                chunk = await anext(source, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                request = encode_request(chunk)
+                pending.append(request)
+                requests.put_nowait(request)
+            if exhausted:
+                # End the request side now: the server may hold answers back until it knows no more come.
+                requests.put_nowait(None)
+
         while pending or not exhausted:
-            call = self._stub.EncodeStream(timeout=timeout_s, metadata=self._settings.metadata)
-            writing = True
+            # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
+            # comes from the read side: a write of our own after the server ended the call would fail
+            # with INTERNAL in place of the server's status (GRPC_AIO_SEND_FAILED).
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            for request in pending:
+                requests.put_nowait(request)
+            call = self._stub.EncodeStream(
+                _until_none(requests), timeout=timeout_s, metadata=self._settings.metadata
+            )
             try:
-                for request in pending:
-                    await call.write(request)
-                while pending or not exhausted:
-                    while not exhausted and len(pending) < max_in_flight:
-                        chunk = await anext(source, None)
-                        if chunk is None:
-                            exhausted = True
-                        else:
-                            pending.append(encode_request(chunk))
-                            await call.write(pending[-1])
-                    if exhausted and writing:
-                        await call.done_writing()
-                        writing = False
+                await refill(requests)
+                async for response in call:
                     if not pending:
-                        break
-                    response = await call.read()
-                    if response is grpc.aio.EOF:
-                        raise VaeClientError(
-                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
-                        )
+                        raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
                     retrier.failures = 0
                     yield encode_result(response, _encoder_of(await call.initial_metadata()))
+                    await refill(requests)
+                if pending:
+                    raise VaeClientError(
+                        "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
+                    )
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
             else:
                 continue
             finally:
+                requests.put_nowait(None)  # ends grpc's reading of the requests
                 call.cancel()
             self._settings.retries += 1
             await asyncio.sleep(pause)
@@ -656,6 +678,11 @@ class AsyncVaeClient:
         """
         message = await self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
         return ModelInfo.from_message(message)
+
+
+async def _until_none(requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    while (request := await requests.get()) is not None:
+        yield request
 
 
 async def _aiter(chunks: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
+from service import codec
 from training.idx import IdxFormatError, read_idx
 
 IMAGE_SIDE = 28
@@ -151,8 +152,7 @@ def as_uint8_images(images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     images = np.asarray(images).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
     if images.dtype == np.uint8:
         return images
-    scaled: npt.NDArray[np.uint8] = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return scaled
+    return codec.unit_to_bytes(np.clip(images, 0.0, 1.0))
 
 
 def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: int = 2) -> Image.Image:
@@ -161,6 +161,8 @@ def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: in
     count = len(tiles)
     if count == 0:
         raise ValueError("no images to draw")
+    if columns is not None and columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
     step = IMAGE_SIDE + padding

@@ -7,6 +7,7 @@ shares the message's memory instead of copying it; the arrays it returns are the
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -75,8 +76,23 @@ def images_as(images: npt.NDArray[np.float32], output_dtype: int) -> npt.NDArray
     if output_dtype in (vae_pb2.DATA_TYPE_UNSPECIFIED, FLOAT32):
         return images
     if output_dtype == UINT8:
-        scaled = np.multiply(images, 255.0, dtype=np.float32)
-        return np.rint(scaled, out=scaled).astype(np.uint8)
+        return unit_to_bytes(images)
     raise InvalidInput(
         f"output_dtype: unknown value {output_dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
     )
+
+
+def unit_to_bytes(images: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:
+    """Values in [0,1] as round(255 p), ties to even. In float64, where 255 p is exact for every
+    float32 p: float32's own product rounds onto or across k + 0.5 for some p, a level off."""
+    scaled = images.astype(np.float64)
+    scaled *= 255.0
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def bytes_to_unit(images: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+    """0-255 as k/255 in float32, correctly rounded as the training data's division makes them: so a
+    UINT8 image and its FLOAT32 twin are encoded alike. (k times float32(1/255) is an ulp off for
+    126 of the 256 values.)"""
+    floats: npt.NDArray[np.float32] = np.divide(images, np.float32(255), dtype=np.float32)
+    return floats

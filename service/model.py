@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from service import codec
 from service.batcher import Batcher, InferFn
 from service.bundle import IMAGE_SHAPE, ModelBundle
 from service.errors import InvalidInput
@@ -68,8 +69,7 @@ def images_to_float(images: npt.NDArray[np.generic], name: str = "images") -> Fl
     if shape[0] == 0:
         raise InvalidInput(f"{name}: empty batch; expected at least one image")
     if images.dtype == np.uint8:
-        scaled: Float32Array = np.multiply(images, np.float32(1 / 255), dtype=np.float32)
-        return scaled.reshape(-1, *IMAGE_SHAPE)
+        return codec.bytes_to_unit(images).reshape(-1, *IMAGE_SHAPE)
     floats = images.astype(np.float32, copy=False)
     low, high = float(floats.min()), float(floats.max())
     if not (np.isfinite(low) and np.isfinite(high)):

@@ -132,8 +132,8 @@ class Settings:
         if not 0 <= self.inference_nice <= 19:
             problems.append(f"inference_nice {self.inference_nice}: expected 0 to 19")
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
+                problems.append(f"{name} {getattr(self, name)}: expected a finite number, 0 or more")
         for name in ("max_batch_size", "max_samples"):  # a batch, and the largest Sample, must fit
             if self.max_queue_size < getattr(self, name):
                 problems.append(

@@ -79,7 +79,7 @@ def test_encode_takes_uint8_and_float32_inputs_in_one_call(
     vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
 ) -> None:
     np.save(tmp_path / "bytes.npy", digits[:3])
-    np.save(tmp_path / "floats.npy", np.multiply(digits[:3], np.float32(1 / 255), dtype=np.float32))
+    np.save(tmp_path / "floats.npy", digits[:3].astype(np.float32) / 255)  # as the training data is
     code = cli.main(
         [
             "encode",
@@ -135,6 +135,8 @@ def test_a_bad_input_file_exits_2_naming_it(
         (["encode", "--input", "{dir}/ok.npy", "--log-var-out", "{dir}/lv"], "lv: expected a .npy file"),
         (["sample", "--out", "{dir}/grid.jpg"], "grid.jpg: expected a .png or .npy file"),
         (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/nowhere/d.png"], "no folder"),
+        (["sample", "--columns", "-1", "--out", "{dir}/g.png"], "--columns must be at least 1, got -1"),
+        (["decode", "--input", "{dir}/ok.npy", "--columns", "0"], "--columns must be at least 1, got 0"),
     ],
 )
 def test_bad_arguments_and_latent_files_exit_2_before_any_call(

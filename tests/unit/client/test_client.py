@@ -16,6 +16,7 @@ from client.client import (
     TlsOptions,
     VaeClient,
     VaeClientError,
+    _Retrier,
     as_wire_images,
     sample_request,
 )
@@ -65,6 +66,18 @@ def test_the_async_client_retries_the_same_way() -> None:
             return client.retries
 
     assert asyncio.run(call()) == 2
+
+
+def aio_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_a_request_grpc_aio_could_not_send_is_retried_but_the_servers_internal_error_is_not() -> None:
+    retrier = _Retrier("EncodeStream", FAST, random.Random(0))
+    assert retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "Internal error from Core")) > 0
+    with pytest.raises(VaeClientError, match="internal error: KeyError") as error:
+        retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "internal error: KeyError"))
+    assert error.value.code == grpc.StatusCode.INTERNAL
 
 
 def test_images_go_on_the_wire_as_uint8_or_float32() -> None:

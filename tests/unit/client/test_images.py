@@ -136,6 +136,8 @@ def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
     assert grid.size == (4 * 30 + 2, 3 * 30 + 2)
     pixels = np.asarray(grid)
     assert pixels[2, 2] == 255 and pixels[0, 0] == 0
+    with pytest.raises(ValueError, match="columns must be at least 1, got 0"):
+        image_grid(images, columns=0)
     save_images(images, tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (4 * 30 + 2, 3 * 30 + 2)  # ceil(sqrt(10)) wide
     with pytest.raises(ValueError, match=r"\.png"):

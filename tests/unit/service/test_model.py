@@ -30,6 +30,13 @@ def test_uint8_images_become_floats_in_unit_range() -> None:
     assert floats.min() == 0.0 and floats.max() == 1.0
 
 
+def test_a_uint8_image_reaches_the_encoder_as_the_floats_of_its_float32_twin() -> None:
+    """k/255 correctly rounded, as the training data and a client's float images divide."""
+    every_byte = np.arange(256, dtype=np.uint8).repeat(4)[:784].reshape(1, 28, 28)
+    twin = every_byte.astype(np.float32) / np.float32(255)
+    assert images_to_float(every_byte).tobytes() == images_to_float(twin).tobytes()
+
+
 @pytest.mark.parametrize(
     ("images", "message"),
     [
