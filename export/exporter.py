@@ -173,7 +173,10 @@ def export_run(
         _Graph("encoder", ENCODER_FILE, _EncoderGraph(model).eval(), model.encode, *signatures["encoder"]),
         _Graph("decoder", DECODER_FILE, _DecoderGraph(model).eval(), model.decode, *signatures["decoder"]),
     ]
-    bundle_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, say
+        raise ExportError(f"{bundle_dir}: cannot make the bundle folder ({error})") from error
     # A stale model.json must not describe half-written graphs if the export fails midway.
     (bundle_dir / MODEL_JSON).unlink(missing_ok=True)
 

@@ -252,9 +252,17 @@ def spread_by_digit(
         "trace_by_digit": {str(digit): trace for digit, trace in sorted(traces.items())},
         "largest_digit": max(traces, key=lambda d: traces[d]),
         "smallest_digit": min(traces, key=lambda d: traces[d]),
-        "trace_ratio": largest / smallest if smallest > 0 else math.inf,
+        # None where a digit has one code or none apart (a tiny --limit): no spread to compare.
+        "trace_ratio": largest / smallest if smallest > 0 else None,
         "knn_accuracy": float(knn.score(codes, labels)),
     }
+
+
+def _standard_error(values: np.ndarray) -> float | None:
+    """The standard error of the mean; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    return float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
 # ---------------------------------------------------------------- one run
@@ -277,7 +285,9 @@ class Evaluator:
 
     def test_set(self, config: TrainConfig) -> tuple[str, Path | None, ImageSet]:
         dataset = self.dataset or config.dataset
-        data_dir = self.data_dir or (Path(config.data_dir) if config.data_dir else None)
+        # The run's folder holds the run's dataset: another dataset's test set needs --data-dir.
+        own_dir = Path(config.data_dir) if config.data_dir and dataset == config.dataset else None
+        data_dir = self.data_dir or own_dir
         if dataset == "mnist-5k":
             data_dir = None
         test = load_test_set(
@@ -345,7 +355,7 @@ class Evaluator:
                 "kl_nats": float(terms["kl"].mean()),
                 "iw_nll_nats": float(terms["iw_nll"].mean()),
                 "iw_samples": self.iw_samples,
-                "elbo_nats_stderr": float((terms["recon"] + terms["kl"]).std(ddof=1) / math.sqrt(len(test))),
+                "elbo_nats_stderr": _standard_error(terms["recon"] + terms["kl"]),
             }
         else:
             # The AE has no posterior, so no ELBO: its reconstruction NLL from the code is all there is.
@@ -474,14 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["evaluation"] = result
             save_metrics(run_dir, metrics)
             runs.append(result)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         parser.exit(2, f"vae-evaluate: error: {error}\n")
     report = {"command": command, "runs": runs}
-    text = json.dumps(report, indent=2)
+    text = json.dumps(report, indent=2, allow_nan=False)
+    print(text)  # first: the report is on stdout even if --json cannot be written
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        except OSError as error:
+            parser.exit(2, f"vae-evaluate: error: --json {args.json}: {error}\n")
     return 0
 
 

@@ -47,6 +47,8 @@ class ModelConfig:
             raise ValueError("decoder_channels and decoder_strides must have the same length")
         if self.decoder_channels[-1] != IMAGE_SHAPE[0]:
             raise ValueError(f"the last decoder layer must have {IMAGE_SHAPE[0]} channel(s)")
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails too
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

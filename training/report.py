@@ -93,7 +93,7 @@ ROWS: list[Row] = [
     (
         "**3. uneven spread**: largest / smallest digit spread (trace of covariance)",
         lambda r: (
-            f"{r['limitation_3_uneven_spread']['trace_ratio']:.2f} "
+            f"{_number(r['limitation_3_uneven_spread']['trace_ratio'])} "
             f"(digit {r['limitation_3_uneven_spread']['largest_digit']} / "
             f"digit {r['limitation_3_uneven_spread']['smallest_digit']})"
         ),

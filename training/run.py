@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +75,22 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        numbers = (
+            "beta",
+            "recon_weight",
+            "learning_rate",
+            "weight_decay",
+            "kl_warmup_epochs",
+            "encoder_augmentation",
+        )
+        not_finite = [
+            f"{name} {getattr(self, name)}" for name in numbers if not math.isfinite(getattr(self, name))
+        ]
+        if not_finite:
+            raise ValueError(f"expected finite numbers, got {', '.join(not_finite)}")
+        if self.recon_weight <= 0:
+            # A weight of 0 or less would train the decoder away from the images.
+            raise ValueError(f"recon_weight must be positive, got {self.recon_weight}")
         if self.likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}")
         if self.lr_schedule not in ("constant", "cosine", "onecycle"):
@@ -112,10 +131,13 @@ class TrainConfig:
 
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
-    """Start a run: its config, and no weights until it ends (so a run cut short by a Ctrl-C or a
-    divergence never pairs this config with the weights of an earlier run in the same folder)."""
+    """Start a run: its config, and no weights, metrics or figures until it makes them (so a run cut
+    short by a Ctrl-C or a divergence never pairs this config with those of an earlier run in the
+    same folder)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for stale in (CHECKPOINT_FILE, METRICS_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / FIGURES_DIR, ignore_errors=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
@@ -127,16 +149,32 @@ def load_config(run_dir: Path) -> TrainConfig:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module) -> None:
+    """Written whole to a temporary file and renamed: an interrupted save leaves no torn checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), run_dir / CHECKPOINT_FILE)
+    tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(run_dir / CHECKPOINT_FILE)
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, nn.Module]:
-    """The run's config and its model with trained weights, in eval mode."""
+    """The run's config and its model with trained weights, in eval mode.
+
+    Raises FileNotFoundError for a run without weights, ValueError for weights that are not a
+    state_dict of the model config.json describes.
+    """
     config = load_config(run_dir)
     model = build_model(config.model)
-    state = torch.load(run_dir / CHECKPOINT_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; vae-train writes it when the run ends")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"{path}: not the weights of the model {CONFIG_FILE} describes ({first_line})"
+        ) from error
     return config, model.to(device).eval()
 
 

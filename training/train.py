@@ -39,9 +39,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available (use --device cpu or auto)")
+    unknown = ValueError(f"unknown device {name!r}: expected auto, cpu or cuda[:N]")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}: expected auto, cpu or cuda[:N]")
-    return torch.device(name)
+        raise unknown
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # cuda:x, say
+        raise unknown from error
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def kl_weight(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -385,7 +392,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             kind=args.model, latent_dim=args.latent_dim, batch_norm=args.batch_norm, dropout=args.dropout
         ),
         dataset=args.dataset,
-        data_dir=str(args.data_dir) if args.data_dir else None,
+        # Absolute, so that vae-evaluate finds the data from any working directory.
+        data_dir=str(args.data_dir.resolve()) if args.data_dir else None,
         limit=args.limit,
         validation_fraction=args.validation_fraction,
         likelihood=args.likelihood,
@@ -411,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # the last: a diverged run
+    except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
     print(json.dumps(summary, indent=2))

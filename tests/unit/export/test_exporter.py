@@ -188,6 +188,9 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
     assert (ModelBundle.load(out).spec.name, ModelBundle.load(out).spec.version) == ("digits", "2.0")
     assert export_main([str(tmp_path / "no-such-run"), "--out", str(tmp_path / "other")]) == 1
     assert "config.json: not found" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert export_main([str(vae_run_dir), "--out", str(tmp_path / "a-file")]) == 1
+    assert "a-file: cannot make the bundle folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), "--quantize-decoder", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err

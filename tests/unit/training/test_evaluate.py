@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,3 +162,58 @@ def test_a_missing_test_file_is_a_clear_error(
         main([str(runs["vae"]), "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-figures"])
     assert exit_info.value.code == 2
     assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_the_test_set_of_another_dataset_is_not_read_from_the_runs_folder() -> None:
+    """The run's folder holds its own dataset's files: scoring them as Fashion-MNIST would mislabel them."""
+    config = TrainConfig(dataset="mnist", data_dir="/where/it/trained")
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="'fashion-mnist' reads IDX files: pass --data-dir"):
+        Evaluator("fashion-mnist", None, None, 1, 0, cpu).test_set(config)
+
+
+def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One image: no standard error; digits with one code or none apart: no spread ratio."""
+    argv = [str(runs["vae"]), "--limit", "1", "--iw-samples", "2", "--device", "cpu", "--no-figures"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out  # which json.loads would accept
+    (run,) = json.loads(out)["runs"]
+    assert run["elbo_nats_stderr"] is None
+    assert run["limitation_3_uneven_spread"]["trace_ratio"] is None
+
+
+def test_a_json_path_that_cannot_be_written_is_an_error_after_the_report_is_printed(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(runs["ae"]), "--limit", "20", "--device", "cpu", "--no-figures", "--json", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["runs"][0]["test_set"]["images"] == 20
+    assert f"--json {tmp_path}" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda path: path.write_bytes(path.read_bytes()[:1000]), "not the weights of the model"),
+        (lambda path: torch.save({"step": 1}, path), "not the weights of the model"),
+        (lambda path: torch.save(Path("x"), path), "not the weights of the model"),  # not a state_dict
+        (lambda path: path.unlink(), "checkpoint.pt: not found"),
+    ],
+    ids=["truncated", "another dict", "not a dict", "missing"],
+)
+def test_a_broken_checkpoint_is_a_clear_error_naming_it(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, message: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs["ae"], run)
+    damage(run / "checkpoint.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--limit", "20", "--device", "cpu", "--no-figures"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unit.training.test_data import fake_mnist, write_idx
 from training.models import ModelConfig, build_model
 from training.run import TrainConfig, load_config, load_metrics, load_run, save_config
 from training.train import (
@@ -46,10 +47,14 @@ def test_a_tiny_run_writes_the_run_directory_and_its_loss_falls(tmp_path: Path) 
     assert not model.training
 
 
-def test_a_new_run_in_the_folder_of_an_old_one_keeps_none_of_its_weights(tmp_path: Path) -> None:
+def test_a_new_run_in_the_folder_of_an_old_one_keeps_none_of_its_weights_metrics_or_figures(
+    tmp_path: Path,
+) -> None:
     train(tiny(), tmp_path, progress=False)
-    save_config(tmp_path, tiny(seed=7))  # how every run starts; cut short here, it leaves no weights
-    assert not (tmp_path / "checkpoint.pt").exists()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "manifold.png").write_bytes(b"the old run's")
+    save_config(tmp_path, tiny(seed=7))  # how every run starts; cut short here, it leaves nothing old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
@@ -107,11 +112,45 @@ def test_the_command_line_trains_and_prints_the_final_losses(
     assert config.model.kind == "ae" and config.model.latent_dim == 3
 
 
+def test_a_relative_data_dir_is_kept_absolute_so_the_run_evaluates_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels, labels = fake_mnist(64, seed=0)
+    write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", labels)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "mnist", "--data-dir", "mnist", "--epochs", "1", "--limit", "64", "--device", "cpu"]
+    assert main([*argv, "--no-progress", "--out", "run"]) == 0
+    assert load_config(tmp_path / "run").data_dir == str(tmp_path / "mnist")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "cuda:x"] if torch.cuda.is_available() else ["--device", "cuda"], "device 'cuda"),
+    ],
+)
+def test_a_device_that_cannot_be_used_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--epochs", "1", "--limit", "64", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_options_that_do_not_work_together_are_refused() -> None:
     with pytest.raises(ValueError, match="ema_decay cannot be combined with batch_norm"):
         TrainConfig(model=ModelConfig(batch_norm=True), ema_decay=0.99)
     with pytest.raises(ValueError, match="encoder_augmentation must not be negative"):
         TrainConfig(encoder_augmentation=-1.0)
+    with pytest.raises(ValueError, match="expected finite numbers, got beta nan"):
+        TrainConfig(beta=math.nan)
+    with pytest.raises(ValueError, match="recon_weight must be positive, got -1000"):
+        TrainConfig(likelihood="gaussian", recon_weight=-1000.0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got -0.5"):
+        ModelConfig(dropout=-0.5)
 
 
 def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,6 +158,11 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFix
         main(["--epochs", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "epochs" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--epochs", "1", "--limit", "64", "--no-progress", "--out", str(tmp_path / "a-file")])
+    assert exit_info.value.code == 2
+    assert "a-file" in capsys.readouterr().err
 
 
 def test_random_shifts_move_each_image_without_changing_its_ink() -> None:
