@@ -78,7 +78,7 @@ demo: train evaluate export ## the main job: train, evaluate, export, serve, cal
 	$(BIN)/vae-client sample --target $(DEMO_TARGET) -n 64 --seed 1 --out $(RUNS)/grid.png; \
 	$(BIN)/vae-client info --target $(DEMO_TARGET); \
 	kill -TERM $$server; wait $$server; trap - EXIT; \
-	echo "demo: samples in $(RUNS)/grid.png; the service stopped cleanly"
+	echo "demo: samples in $(RUNS)/grid.png, the evaluation's figures in $(AE_RUN)/figures and $(VAE_RUN)/figures; the service stopped cleanly"
 
 BENCH_VENV := bench/.venv
 # The bundle to benchmark: the demo's when there is one, else a quick one (speed does not depend on training).

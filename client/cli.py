@@ -122,13 +122,13 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         for start in range(0, len(images), args.batch_size)
     )
     results = list(client.encode_stream(chunks))
+    log_vars = [result.log_var for result in results]
+    if args.log_var_out is not None and any(log_var is None for log_var in log_vars):
+        raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     mean = np.concatenate([result.mean for result in results])
     np.save(args.out, mean)
     print(f"wrote {args.out}: mean {list(mean.shape)}")
     if args.log_var_out is not None:
-        log_vars = [result.log_var for result in results]
-        if any(log_var is None for log_var in log_vars):
-            raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
         log_var = np.concatenate([lv for lv in log_vars if lv is not None])
         np.save(args.log_var_out, log_var)
         print(f"wrote {args.log_var_out}: log_var {list(log_var.shape)}")

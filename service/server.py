@@ -98,10 +98,11 @@ class VaeServer:
             raise OSError(f"cannot bind the metrics port {settings.metrics_port}: {error}") from error
         self.metrics_port = self._metrics_http.port
         log.info(
-            "gRPC (%s) on %s:%d, metrics (plain HTTP) on :%d/metrics",
+            "gRPC (%s) on %s:%d, metrics (plain HTTP) on %s:%d/metrics",
             settings.tls_mode,
             settings.host,
             self.port,
+            settings.metrics_host or settings.host,
             self.metrics_port,
         )
 

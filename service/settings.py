@@ -192,10 +192,11 @@ class Settings:
                     default = kind(environ[env])
                 except ValueError:
                     parser.error(f"{env}={environ[env]!r}: expected a value of type {kind.__name__}")
+            shown = "" if default in (None, "", dataclasses.MISSING) else f"; default {default}"
             options: dict[str, Any] = {
                 "type": kind,
                 "default": default,
-                "help": f"{f.metadata['help']} [{env}]",
+                "help": f"{f.metadata['help']} [{env}{shown}]".replace("%", "%%"),
             }
             if default is dataclasses.MISSING:
                 options["required"] = True

@@ -107,6 +107,21 @@ def test_a_refused_call_exits_1_with_the_servers_message(
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
+def test_asking_an_ae_for_log_variances_writes_no_file(
+    ae_bundle: Path,
+    start_server_thread: Callable[..., ServerThread],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    server = start_server_thread(ae_bundle)
+    np.save(tmp_path / "images.npy", np.zeros((3, 28, 28), np.uint8))
+    argv = ["encode", "--target", server.target, "--input", str(tmp_path / "images.npy")]
+    code = cli.main([*argv, "--out", str(tmp_path / "mean.npy"), "--log-var-out", str(tmp_path / "lv.npy")])
+    assert code == 2
+    assert "the served model is an AE, which has no log-variance" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images.npy"]
+
+
 def test_a_bad_input_file_exits_2_naming_it(
     vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

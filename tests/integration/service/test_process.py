@@ -23,7 +23,7 @@ GRACE_S = 20.0
 # Generous: the machine may be shared with benchmarks; a healthy server answers within a second.
 WAIT_S = 60.0
 # What vae-serve logs once it has bound its ports (asked for port 0: the kernel chose them).
-BOUND = r"gRPC \(plaintext\) on 127\.0\.0\.1:(\d+), metrics \(plain HTTP\) on :(\d+)/metrics"
+BOUND = r"gRPC \(plaintext\) on 127\.0\.0\.1:(\d+), metrics \(plain HTTP\) on 127\.0\.0\.1:(\d+)/metrics"
 
 
 def serve_command(bundle: Path, *flags: str) -> list[str]:
