@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import ceiling, servers, targets
@@ -28,23 +28,30 @@ from service.settings import Settings
 WARMUP_S = 0.3
 
 
-def model_window(settings: Settings, per_request: int, concurrency: int, window_s: float) -> targets.Measure:
-    """Images a second of `concurrency` clients each sampling `per_request` images in a loop."""
+def model_window(
+    settings: Settings,
+    per_request: int,
+    concurrency: int,
+    window_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> targets.Measure:
+    """Images a second of `concurrency` clients each sampling `per_request` images in a loop: the
+    requests answered inside the window that follows the warm-up."""
 
     async def measure() -> float:
         model = build_model(settings, ServiceMetrics.create())
         model.start()
-        opens = time.perf_counter() + WARMUP_S
+        opens = clock() + WARMUP_S
         closes = opens + window_s
         made = 0
 
         async def client(index: int) -> None:
             nonlocal made
             seed = index << 32
-            while time.perf_counter() < closes:
+            while clock() < closes:
                 seed += 1
                 await model.sample(per_request, seed, 1.0)
-                if opens <= time.perf_counter() < closes:
+                if opens <= clock() < closes:
                     made += per_request
 
         await asyncio.gather(*(client(index) for index in range(concurrency)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -11,12 +12,18 @@ from bench import model_alone
 from service.settings import Settings
 
 
-def test_a_window_counts_whole_requests_answered_within_it(vae_bundle: Path) -> None:
+def test_a_window_counts_the_requests_answered_within_it_and_none_of_the_warm_up(
+    vae_bundle: Path,
+) -> None:
+    """A clock that moves 0.125 s at each look; the window is [0.3, 0.7). The one client's requests
+    are answered at 0.25 (in the warm-up), 0.5 (inside) and 0.75 (late); at 0.875 it stops."""
+    assert model_alone.WARMUP_S == 0.3
+    ticks = itertools.count(0.0, 0.125)
     settings = Settings.from_args(["--model-dir", str(vae_bundle), "--max-concurrent-batches", "1"], {})
-    images_per_s = model_alone.model_window(settings, per_request=8, concurrency=2, window_s=0.5)()
-    images = round(images_per_s * 0.5)
-    assert images > 0
-    assert images % 8 == 0
+    window = model_alone.model_window(
+        settings, per_request=8, concurrency=1, window_s=0.4, clock=ticks.__next__
+    )
+    assert window() == 1 * 8 / 0.4
 
 
 def test_each_round_measures_both_sides_and_the_median_ratio_is_reported(

@@ -223,6 +223,34 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
     wait_for_metric(server, "vae_requests_total", {"rpc": "Sample", "code": "DEADLINE_EXCEEDED"}, 1)
 
 
+def test_the_calls_deadline_goes_with_its_rows_into_the_batcher(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """So that a worker skips rows whose deadline has passed even before gRPC cancels their call."""
+    server = start_server_thread(vae_bundle)
+    model = server.server.model
+    assert model is not None
+    deadlines: list[float | None] = []
+    sample = model.sample
+
+    async def recording(
+        num_samples: int, seed: int | None, temperature: float, deadline: float | None = None
+    ) -> Any:
+        deadlines.append(deadline)
+        return await sample(num_samples, seed, temperature, deadline)
+
+    model.sample = recording  # type: ignore[method-assign]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        sent = time.monotonic()
+        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1), timeout=20)
+        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
+    (with_timeout, without) = deadlines
+    # About 20 s from when it was sent: gRPC carries the deadline on its own clock.
+    assert with_timeout is not None and sent + 15 < with_timeout < sent + 25
+    assert without is None
+
+
 def test_a_cancelled_request_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
@@ -244,8 +272,10 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         request = vae_pb2.SampleRequest(num_samples=3000, seed=1, output_dtype=UINT8)
         busy, queued = queue_behind_busy_batch(server, stub, request)
-        code = code_of(lambda: stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2)))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as refused:  # UINT8: an answer under the client's 4 MB
+            stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2, output_dtype=UINT8))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in (refused.value.details() or "")
         busy.result(timeout=30)
         assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]
 

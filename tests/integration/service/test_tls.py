@@ -145,12 +145,14 @@ def test_vae_client_info_with_ca_cert_works_over_tls(
     assert json.loads(capsys.readouterr().out)["name"] == "tiny-vae"
 
 
-def test_a_plaintext_client_is_refused_by_the_tls_port(tls_server: ServerThread) -> None:
+def test_a_plaintext_client_is_refused_by_the_tls_port(tls_server: ServerThread, pki: Pki) -> None:
     assert refusal(tls_server.target, None) == grpc.StatusCode.UNAVAILABLE
+    assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"  # up
 
 
-def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server: ServerThread) -> None:
+def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server: ServerThread, pki: Pki) -> None:
     assert refusal(tls_server.target, TlsOptions()) == grpc.StatusCode.UNAVAILABLE  # system roots only
+    assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"
 
 
 def test_mutual_tls_serves_only_clients_with_a_certificate_from_the_ca(

@@ -36,8 +36,9 @@ def test_a_vae_bundle_describes_itself(vae_bundle: Path, vae_run_dir: Path) -> N
         assert graph["sha256"] == sha256_of(vae_bundle / graph["file"])
         assert graph["precision"] == "float32"
     assert "decoder_quantization" not in spec["export"]
-    for diff in spec["export"]["parity_max_abs_diff"].values():
-        assert 0 <= diff < PARITY_TOLERANCE
+    parity = spec["export"]["parity_max_abs_diff"]
+    assert set(parity) == {"encoder", "decoder"}
+    assert all(0 <= diff < PARITY_TOLERANCE for diff in parity.values())
     assert {"torch_version", "onnx_version"} <= set(spec["export"])
 
 
