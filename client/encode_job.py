@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +43,7 @@ from client.client import ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClie
 from client.encodings import (
     FORMAT_VERSION,
     INPUTS_LIST,
+    LOCK,
     MANIFEST,
     REJECTED_LIST,
     EncodingsError,
@@ -69,6 +71,18 @@ PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
 
 class JobError(Exception):
     """The job refuses to run as asked (a resume that would mix outputs, a non-empty directory...)."""
+
+
+@contextlib.contextmanager
+def writing(directory: Path) -> Iterator[None]:
+    """Hold `directory` for one writer: a second job (a Kubernetes Indexed Job may run two pods for
+    one index) or a merge on the same folder is refused instead of deleting the first one's files."""
+    with (directory / LOCK).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(f"{directory}: another vae-encode-job is writing there; wait for it") from None
+        yield
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,15 @@ def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], t
             )
 
 
+def refuse_unsplit_output(output: Path) -> None:
+    """A split job writes its part beside other parts, never into the output of an unsplit job,
+    which read_encodings would go on returning (and a merge would overwrite)."""
+    if (output / MANIFEST).is_file() and "merged_from" not in read_manifest(output):
+        raise JobError(
+            f"{output} holds the output of a job that was not split; choose another --output for a split job"
+        )
+
+
 def prepare_output(
     directory: Path, settings: JobSettings, source: ImageInput, manifest: dict[str, Any], target: str
 ) -> dict[str, Any]:
@@ -219,7 +242,7 @@ def prepare_output(
     elif directory.is_dir():
         # --resume may start over on what a run killed before its first manifest left, and nothing
         # else: without a manifest, no other file here is the job's to delete.
-        present = sorted(path.name for path in directory.iterdir())
+        present = sorted(path.name for path in directory.iterdir() if path.name != LOCK)
         foreign = [name for name in present if name not in _BEFORE_MANIFEST]
         if foreign or (present and not settings.resume):
             shown = ", ".join((foreign or present)[:3])
@@ -303,13 +326,18 @@ class EncodeJob:
         rows = split_rows(len(images), settings.num_shards, settings.shard_index)
         directory = settings.output
         if settings.num_shards > 1:
+            refuse_unsplit_output(settings.output)
             directory = directory / part_directory_name(settings.shard_index, settings.num_shards)
         for name, reason in source.rejected:
             print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
 
-        with VaeClient(
-            settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
-        ) as client:
+        directory.mkdir(parents=True, exist_ok=True)
+        with (
+            VaeClient(
+                settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
+            ) as client,
+            writing(directory),
+        ):
             model = model_record(client.model_info())
             manifest = new_manifest(settings, source, rows, model)
             manifest = prepare_output(directory, settings, source, manifest, settings.target)
@@ -356,6 +384,11 @@ class EncodeJob:
                 # Each answer says which encoder made it: a stream that reconnected, or a round-robin
                 # channel during a rolling update, may reach another model. Never mix two in one output.
                 self._check_encoder(result.encoder_sha256, model, start)
+                if result.mean.shape != (stop - start, model["latent_dim"]):
+                    raise JobError(
+                        f"rows [{start}, {stop}): the service answered means of shape "
+                        f"{list(result.mean.shape)}, expected {[stop - start, model['latent_dim']]}"
+                    )
                 means.append(result.mean)
                 log_vars.append(result.log_var)
                 if len(means) == 1:
@@ -485,9 +518,13 @@ def merge_main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the --output of the split job")
     args = parser.parse_args(argv)
     try:
-        manifest = merged_manifest(args.output)
-        write_manifest(args.output, manifest)
-    except (EncodingsError, OSError) as error:
+        if not args.output.is_dir():
+            raise JobError(f"{args.output}: no such folder")
+        refuse_unsplit_output(args.output)
+        with writing(args.output):
+            manifest = merged_manifest(args.output)
+            write_manifest(args.output, manifest)
+    except (JobError, EncodingsError, OSError) as error:
         print(f"vae-encode-job merge: {error}", file=sys.stderr)
         return 2
     parts = len(manifest["merged_from"])

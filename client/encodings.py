@@ -6,6 +6,7 @@ One job's output directory:
     shard-00000.npz     `index` int64 [n] (input row numbers), `mean` and `log_var` float32 [n,D]
     shard-00001.npz     ...
     inputs.txt          for a folder of PNGs: the file name of each input row, in row order
+    .lock               held by the job writing the directory, so that no second one writes beside it
     rejected.txt        for a folder of PNGs read with --skip-bad: each file left out, and why
 
 The manifest is the commit point: a shard exists once the manifest lists it. Every file is written
@@ -35,6 +36,7 @@ import numpy.typing as npt
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held by the one job (or merge) writing the directory
 INPUTS_LIST = "inputs.txt"
 REJECTED_LIST = "rejected.txt"
 _PART_NAME = re.compile(r"^part-(\d{5})-of-(\d{5})$")
@@ -161,11 +163,39 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise EncodingsError(f"{path}: no manifest; is {directory} the output of vae-encode-job?") from None
     except (OSError, ValueError) as error:
         raise EncodingsError(f"{path}: not a readable JSON manifest ({error})") from error
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise EncodingsError(
-            f"{path}: format_version {manifest.get('format_version')!r}; this reader knows {FORMAT_VERSION}"
-        )
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise EncodingsError(f"{path}: format_version {version!r}; this reader knows {FORMAT_VERSION}")
+    try:
+        _check_shard_list(path, manifest)
+    except (KeyError, TypeError, ValueError) as error:
+        raise EncodingsError(f"{path}: a malformed manifest ({type(error).__name__}: {error})") from error
     return manifest
+
+
+def _check_shard_list(path: Path, manifest: dict[str, Any]) -> None:
+    """The shards cover the range's rows in order from its start, with no gap and no overlap, and
+    all of them exactly when the manifest says complete. A job's own shards are its numbered files of
+    rows_per_shard rows each (the last one shorter), which is where a resume goes on from."""
+    first, last = int(manifest["range"]["start"]), int(manifest["range"]["stop"])
+    per_shard = int(manifest["rows_per_shard"])
+    merged = "merged_from" in manifest
+    row = first
+    for number, entry in enumerate(manifest["shards"]):
+        start, stop = int(entry["start"]), int(entry["stop"])
+        expected = (row, stop) if merged else (row, min(row + per_shard, last))
+        file = entry["file"] if merged else shard_file_name(number)
+        if (start, stop) != expected or not start < stop <= last or entry["file"] != file:
+            raise EncodingsError(
+                f"{path}: shard {number} is {entry['file']} with rows [{start}, {stop}), expected {file}"
+                f" with rows [{expected[0]}, {expected[1]}): the manifest was edited or is corrupt"
+            )
+        row = stop
+    if bool(manifest["complete"]) != (row == last):
+        raise EncodingsError(
+            f"{path}: says complete={manifest['complete']} with rows [{first}, {row}) of [{first}, {last})"
+            " listed: the manifest was edited or is corrupt"
+        )
 
 
 def _shard_data(directory: Path, entry: dict[str, Any]) -> bytes:
@@ -297,5 +327,11 @@ def read_encodings(directory: Path | str) -> Encodings:
     """
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
-        return _concatenate(directory, read_manifest(directory))
+        manifest = read_manifest(directory)
+        if "merged_from" not in manifest and part_directories(directory):
+            raise EncodingsError(
+                f"{directory}: holds both an unsplit job's {MANIFEST} and the parts of a split job; "
+                "move one of them elsewhere"
+            )
+        return _concatenate(directory, manifest)
     return _concatenate(directory, merged_manifest(directory))

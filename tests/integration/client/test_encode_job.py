@@ -176,19 +176,19 @@ def test_each_input_format_gives_the_same_encodings(
     assert read_manifest(tmp_path / "out")["input"]["format"] == kind
 
 
-def test_float_images_in_0_1_encode_like_their_uint8_originals(
+def test_float_images_in_0_1_encode_exactly_like_their_uint8_originals(
     vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
 ) -> None:
+    """The service reads a byte k as k/255, the float its twin holds."""
     run_job(vae_server.target, inputs["npy-float"], tmp_path / "out")
-    np.testing.assert_allclose(
-        read_encodings(tmp_path / "out").mean, read_encodings(uninterrupted).mean, atol=1e-5
-    )
+    np.testing.assert_array_equal(read_encodings(tmp_path / "out").mean, read_encodings(uninterrupted).mean)
 
 
 def test_the_output_is_shards_and_a_manifest_and_a_rerun_is_refused(
     vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path
 ) -> None:
-    assert sorted(files(uninterrupted)) == ["manifest.json"] + [f"shard-0000{i}.npz" for i in range(5)]
+    shards = [f"shard-0000{i}.npz" for i in range(5)]
+    assert sorted(files(uninterrupted)) == [".lock", "manifest.json", *shards]
     manifest = json.loads((uninterrupted / "manifest.json").read_text())
     assert manifest["complete"] and manifest["rows"] == 600
     assert manifest["model"]["name"] == "tiny-vae"
@@ -361,6 +361,37 @@ def test_split_runs_merged_equal_one_run(
         np.testing.assert_array_equal(got.mean, expected.mean)
         np.testing.assert_array_equal(got.log_var, expected.log_var)
         assert main(["merge", "--output", str(output)]) == 0
+
+
+def test_a_split_job_refuses_the_output_of_an_unsplit_one_and_merge_leaves_it_alone(
+    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    """Else read_encodings would go on returning the unsplit job's rows, and merge would replace them."""
+    output = tmp_path / "out"
+    shutil.copytree(uninterrupted, output)
+    with pytest.raises(JobError, match="holds the output of a job that was not split"):
+        run_job(vae_server.target, inputs["npy-4d"], output, shard_index=0, num_shards=2)
+    assert main(["merge", "--output", str(output)]) == 2
+    assert files(output) == files(uninterrupted)
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    """As when Kubernetes runs two pods for one index: the second would delete the first one's files."""
+    output = tmp_path / "out"
+    first = paused_job(vae_server.target, inputs["npy"], output, "before-rename:2")
+    first.wait_for_pause()
+    with pytest.raises(JobError, match="another vae-encode-job is writing there"):
+        run_job(vae_server.target, inputs["npy"], output, resume=True)
+    code, log = first.carry_on()
+    assert code == 0, log
+    assert files(output) == files(uninterrupted)
+    assert run_job(vae_server.target, inputs["npy"], output, resume=True).rows_resumed == 600  # lock released
 
 
 def encoded_rows(server: ServerThread) -> float:

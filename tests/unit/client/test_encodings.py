@@ -121,8 +121,38 @@ def test_read_encodings_returns_every_row_in_order(tmp_path: Path) -> None:
 
 
 def test_read_encodings_refuses_an_unfinished_output(tmp_path: Path) -> None:
-    write_output(tmp_path, 0, 8, 4, 10, complete=False)
-    with pytest.raises(EncodingsError, match=r"8 of 8 rows.*--resume"):
+    manifest = write_output(tmp_path, 0, 8, 4, 10)
+    write_manifest(tmp_path, {**manifest, "shards": manifest["shards"][:1], "complete": False})
+    with pytest.raises(EncodingsError, match=r"4 of 8 rows.*--resume"):
+        read_encodings(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda shards: shards[:1] + shards[2:], r"shard 1 is shard-00002.npz with rows \[8, 10\), expected"),
+        (lambda shards: shards[:2] + shards[1:], r"shard 2 is shard-00001.npz with rows \[4, 8\), expected"),
+        (lambda shards: shards[::-1], r"shard 0 is shard-00002.npz"),
+        (lambda shards: shards[:2], r"says complete=True with rows \[0, 8\) of \[0, 10\)"),
+    ],
+    ids=["a shard left out", "a shard twice", "out of order", "complete too soon"],
+)
+def test_a_manifest_whose_shards_do_not_cover_its_rows_once_each_in_order_is_refused(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    write_manifest(tmp_path, {**manifest, "shards": edit(manifest["shards"])})
+    with pytest.raises(EncodingsError, match=message):
+        read_encodings(tmp_path)
+
+
+def test_a_manifest_missing_a_field_is_refused_as_malformed(tmp_path: Path) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    del manifest["rows_per_shard"]
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(
+        EncodingsError, match=r"manifest.json: a malformed manifest \(KeyError: 'rows_per_shard'\)"
+    ):
         read_encodings(tmp_path)
 
 
