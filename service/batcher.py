@@ -147,6 +147,8 @@ class Batcher:
             self._stopping = True
             stranded = [*self._pending, *(item for batch in self._in_flight.values() for item in batch)]
             failed = _failed(stranded, ModelNotReady(f"the {self.name} batcher stopped"))
+            for item in self._pending:  # off the queue's count now, not again when a caller cancels
+                item.request.queued = 0
             self._pending.clear()
             self._pending_rows = 0
             self._handed_out.clear()
@@ -339,16 +341,22 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[_Item]) -> Sequence[Array] | Exception:
-        """One call of `infer` on the batch's rows: its outputs, or the error it raised."""
-        inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
-        self._batch_size.observe(len(inputs))
-        started = time.perf_counter()
+        """One call of `infer` on the batch's rows: its outputs, or the error anything on the way raised
+        (a MemoryError, outputs of the wrong length), which fails the batch's requests and not the worker."""
         try:
-            return self._infer(inputs)
+            inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
+            self._batch_size.observe(len(inputs))
+            started = time.perf_counter()
+            try:
+                outputs = self._infer(inputs)
+            finally:
+                self._inference.observe(time.perf_counter() - started)
+            if any(len(output) != len(inputs) for output in outputs):
+                lengths = [len(output) for output in outputs]
+                raise RuntimeError(f"the {self.name} graph answered {lengths} rows for {len(inputs)}")
+            return outputs
         except Exception as error:
             return error
-        finally:
-            self._inference.observe(time.perf_counter() - started)
 
 
 def _lower_priority(nice: int) -> None:

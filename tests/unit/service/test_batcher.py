@@ -532,6 +532,49 @@ def test_a_split_request_fails_once_with_the_error_of_its_failed_part_and_the_ba
     np.testing.assert_array_equal(doubled, rows(3) * 2)
 
 
+def test_outputs_of_the_wrong_length_fail_their_batch_and_the_worker_goes_on() -> None:
+    """Whatever goes wrong around the call fails its requests; a dead worker would hang the rest."""
+    calls: list[int] = []
+
+    def one_row_short_the_first_time(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        return [batch[:-1] * 2] if len(calls) == 1 else [batch * 2]
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(one_row_short_the_first_time)
+        batcher.start()
+        with pytest.raises(RuntimeError, match=r"the decoder graph answered \[2\] rows for 3"):
+            await asyncio.wait_for(batcher.submit(rows(3)), 10)
+        result = await asyncio.wait_for(batcher.submit(rows(2)), 10)
+        await batcher.stop()
+        return result
+
+    (doubled,) = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(2) * 2)
+
+
+def test_a_caller_cancelled_after_a_stop_leaves_the_queue_depth_at_zero() -> None:
+    gate = threading.Event()
+
+    async def scenario() -> int:
+        infer = Doubler(gate)
+        batcher = make_batcher(infer, max_queue_delay_s=10)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1)))
+        await until(infer.entered.is_set, "the first call to begin")
+        queued = asyncio.ensure_future(batcher.submit(rows(3)))  # waits behind the running call
+        await until(lambda: batcher.queue_depth == 3, "the rows to queue")
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0)  # stop() has failed the queued request; its caller has not resumed
+        queued.cancel()
+        gate.set()
+        await stopping
+        await asyncio.gather(running, queued, return_exceptions=True)
+        return batcher.queue_depth
+
+    assert asyncio.run(scenario()) == 0
+
+
 def test_a_split_request_whose_deadline_passes_between_its_parts_gets_deadline_exceeded() -> None:
     first_part_running, gate = threading.Event(), threading.Event()
     calls: list[int] = []
