@@ -104,8 +104,9 @@ def targets(results: Results) -> str:
                 row["target"],
                 row["ours_median"],
                 row["theirs_median"],
-                row["ratio_median"],
-                f"{_cell(row['ratio_low'])}-{_cell(row['ratio_high'])}",
+                # Three decimals: 1.4948 must not print as the 1.50 of a goal it misses.
+                f"{row['ratio_median']:.3f}",
+                f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}",
                 f"{row['rounds_met']} of {row['rounds']}",
                 f">= {row['goal']}",
                 row["met"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from itertools import groupby
 
@@ -34,3 +35,18 @@ def test_a_variant_is_reported_by_its_median_window_not_its_best_or_its_worst() 
 
     assert ceiling.median_window(windows).items_per_s == 1000.0
     assert ceiling.median_window(windows[:2]).items_per_s == 900.0
+
+
+def _sleeper(seconds: float) -> Callable[[], int]:
+    def run() -> int:
+        time.sleep(seconds)
+        return 1
+
+    return run
+
+
+def test_side_by_side_threads_are_each_timed_to_their_own_last_call() -> None:
+    """A 10 ms loop beside a 190 ms one, for 0.2 s: about 100 + 5 calls a second. Timed to the slow
+    one's second call, which ends at 0.38 s, the fast one would seem to make only 53."""
+    measured = ceiling.throughput([_sleeper(0.01), _sleeper(0.19)], duration_s=0.2, warmup_s=0.0)
+    assert 80 < measured.items_per_s < 110

@@ -64,7 +64,7 @@ def test_the_targets_table_shows_the_median_ratio_its_range_and_the_verdict(tmp_
 
     table = report.targets(results)
 
-    assert "| Sample 64/req | 91.0 | 100 | 0.91 | 0.85-0.93 | 2 of 3 | >= 0.9 | yes |" in table
+    assert "| Sample 64/req | 91.0 | 100 | 0.910 | 0.850-0.930 | 2 of 3 | >= 0.9 | yes |" in table
     assert "| resident memory after warm-up (MB) | 300 | - | - | - | - | < 250 MB | no |" in table
 
 
