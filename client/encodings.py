@@ -168,7 +168,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise EncodingsError(f"{path}: format_version {version!r}; this reader knows {FORMAT_VERSION}")
     try:
         _check_shard_list(path, manifest)
-    except (KeyError, TypeError, ValueError) as error:
+    except EncodingsError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:  # a field missing, or of the wrong kind
         raise EncodingsError(f"{path}: a malformed manifest ({type(error).__name__}: {error})") from error
     return manifest
 
