@@ -639,8 +639,8 @@ class AsyncVaeClient:
 
         while pending or not exhausted:
             # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
-            # comes from the read side: a write of our own after the server ended the call would fail
-            # with INTERNAL in place of the server's status (GRPC_AIO_SEND_FAILED).
+            # comes from the read side. A request still being written when the server ends the call
+            # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
             requests: asyncio.Queue[Any] = asyncio.Queue()
             for request in pending:
                 requests.put_nowait(request)

@@ -74,14 +74,18 @@ class JobError(Exception):
 
 
 @contextlib.contextmanager
-def writing(directory: Path) -> Iterator[None]:
-    """Hold `directory` for one writer: a second job (a Kubernetes Indexed Job may run two pods for
-    one index) or a merge on the same folder is refused instead of deleting the first one's files."""
+def writing(directory: Path, log: TextIO) -> Iterator[None]:
+    """Hold `directory` for one writer. A second job on the same folder (a Kubernetes Indexed Job may
+    run two pods for one index), or a merge, waits for the first to end, and then goes on from what
+    it committed, instead of deleting the first one's files under it."""
     with (directory / LOCK).open("a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise JobError(f"{directory}: another vae-encode-job is writing there; wait for it") from None
+            print(f"vae-encode-job: waiting for the other job writing {directory}", file=log, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as error:  # a volume without locks: as before there were any
+            print(f"vae-encode-job: cannot lock {directory} ({error}); run one job there at a time", file=log)
         yield
 
 
@@ -336,7 +340,7 @@ class EncodeJob:
             VaeClient(
                 settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
             ) as client,
-            writing(directory),
+            writing(directory, self.log),
         ):
             model = model_record(client.model_info())
             manifest = new_manifest(settings, source, rows, model)
@@ -521,7 +525,7 @@ def merge_main(argv: Sequence[str]) -> int:
         if not args.output.is_dir():
             raise JobError(f"{args.output}: no such folder")
         refuse_unsplit_output(args.output)
-        with writing(args.output):
+        with writing(args.output, sys.stderr):
             manifest = merged_manifest(args.output)
             write_manifest(args.output, manifest)
     except (JobError, EncodingsError, OSError) as error:

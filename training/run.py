@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +134,10 @@ def save_config(run_dir: Path, config: TrainConfig) -> None:
     short by a Ctrl-C or a divergence never pairs this config with those of an earlier run in the
     same folder)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (CHECKPOINT_FILE, METRICS_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / FIGURES_DIR, ignore_errors=True)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if (run_dir / CONFIG_FILE).is_file():  # an earlier run's folder; any other keeps its files
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / FIGURES_DIR, ignore_errors=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
@@ -170,7 +170,7 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainCo
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except Exception as error:  # whatever torch makes of a file that is not such a state_dict
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
             f"{path}: not the weights of the model {CONFIG_FILE} describes ({first_line})"

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -375,23 +376,30 @@ def test_a_split_job_refuses_the_output_of_an_unsplit_one_and_merge_leaves_it_al
     assert files(output) == files(uninterrupted)
 
 
-def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(
+def test_a_second_job_on_the_same_output_waits_for_the_first_and_goes_on_from_it(
     vae_server: ServerThread,
     inputs: dict[str, Path],
     uninterrupted: Path,
     tmp_path: Path,
     paused_job: Callable[..., PausedJob],
 ) -> None:
-    """As when Kubernetes runs two pods for one index: the second would delete the first one's files."""
+    """As when Kubernetes runs two pods for one index: the second must not delete the first one's
+    files under it, nor fail the index; once the first ends, it finds the work done."""
     output = tmp_path / "out"
     first = paused_job(vae_server.target, inputs["npy"], output, "before-rename:2")
     first.wait_for_pause()
-    with pytest.raises(JobError, match="another vae-encode-job is writing there"):
-        run_job(vae_server.target, inputs["npy"], output, resume=True)
+    second: list[JobSummary] = []
+    waiting = threading.Thread(
+        target=lambda: second.append(run_job(vae_server.target, inputs["npy"], output, resume=True))
+    )
+    waiting.start()
+    waiting.join(timeout=2)
+    assert waiting.is_alive()  # it waits on the lock while the first job is paused mid-write
     code, log = first.carry_on()
     assert code == 0, log
+    waiting.join(timeout=60)
+    assert (second[0].rows, second[0].rows_resumed) == (0, 600)
     assert files(output) == files(uninterrupted)
-    assert run_job(vae_server.target, inputs["npy"], output, resume=True).rows_resumed == 600  # lock released
 
 
 def encoded_rows(server: ServerThread) -> float:

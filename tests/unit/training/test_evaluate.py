@@ -203,9 +203,11 @@ def test_a_json_path_that_cannot_be_written_is_an_error_after_the_report_is_prin
         (lambda path: path.write_bytes(path.read_bytes()[:1000]), "not the weights of the model"),
         (lambda path: torch.save({"step": 1}, path), "not the weights of the model"),
         (lambda path: torch.save(Path("x"), path), "not the weights of the model"),  # not a state_dict
+        (lambda path: torch.save(torch.zeros(3), path), "not the weights of the model"),
+        (lambda path: path.write_bytes(b"not a checkpoint at all"), "not the weights of the model"),
         (lambda path: path.unlink(), "checkpoint.pt: not found"),
     ],
-    ids=["truncated", "another dict", "not a dict", "missing"],
+    ids=["truncated", "another dict", "not a dict", "a tensor", "not torch's", "missing"],
 )
 def test_a_broken_checkpoint_is_a_clear_error_naming_it(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, message: str

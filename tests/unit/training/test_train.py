@@ -57,6 +57,13 @@ def test_a_new_run_in_the_folder_of_an_old_one_keeps_none_of_its_weights_metrics
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
 
 
+def test_a_run_in_a_folder_that_held_no_run_leaves_its_files_alone(tmp_path: Path) -> None:
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "diagram.png").write_bytes(b"someone's")
+    save_config(tmp_path, tiny())
+    assert (tmp_path / "figures" / "diagram.png").read_bytes() == b"someone's"
+
+
 def test_the_same_seed_gives_the_same_weights(tmp_path: Path) -> None:
     config = tiny(limit=256)
     train(config, tmp_path / "a", progress=False)
