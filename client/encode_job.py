@@ -48,6 +48,7 @@ from client.encodings import (
     REJECTED_LIST,
     EncodingsError,
     RowRange,
+    create_directory,
     manifest_bytes,
     merged_manifest,
     part_directory_name,
@@ -254,7 +255,7 @@ def prepare_output(
                 f"{directory} is not empty and holds no manifest (it holds {shown}); "
                 "choose an empty or new --output"
             )
-    directory.mkdir(parents=True, exist_ok=True)
+    create_directory(directory)
     # Files of a run killed before it committed them; the manifest does not list them.
     listed = {entry["file"] for entry in manifest["shards"]}
     for stale in directory.iterdir():
@@ -335,7 +336,7 @@ class EncodeJob:
         for name, reason in source.rejected:
             print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
 
-        directory.mkdir(parents=True, exist_ok=True)
+        create_directory(directory)
         with (
             VaeClient(
                 settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry

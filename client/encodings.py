@@ -117,6 +117,14 @@ def write_atomic(path: Path, data: bytes, before_rename: Callable[[], None] | No
     fsync_directory(path.parent)
 
 
+def create_directory(directory: Path) -> None:
+    """`mkdir -p`, with each folder it creates made durable in its parent, as the files in it are."""
+    missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):
+        fsync_directory(folder.parent)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename in `directory` durable (POSIX: the directory entry lives in the directory)."""
     descriptor = os.open(directory, os.O_RDONLY)

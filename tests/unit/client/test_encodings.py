@@ -15,6 +15,7 @@ import pytest
 from client.encodings import (
     MANIFEST,
     EncodingsError,
+    create_directory,
     merged_manifest,
     part_directory_name,
     read_encodings,
@@ -108,6 +109,19 @@ def test_a_crash_before_the_rename_leaves_the_old_file_whole(tmp_path: Path) -> 
     write_atomic(path, b"new")
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_new_output_folder_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr("client.encodings.fsync_directory", synced.append)
+    create_directory(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert synced == [tmp_path, tmp_path / "a"]  # each new entry, outermost first
+    synced.clear()
+    create_directory(tmp_path / "a" / "b")
+    assert synced == []
 
 
 def test_read_encodings_returns_every_row_in_order(tmp_path: Path) -> None:
