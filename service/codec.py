@@ -44,19 +44,28 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
         )
     shape = tuple(tensor.shape)
     if any(size < 0 for size in shape):
-        raise InvalidInput(f"{name}: shape {list(shape)} has a negative dimension")
+        raise InvalidInput(f"{name}: shape {shape_text(shape)} has a negative dimension")
     # Python ints: a product of int64 sizes could wrap around and match a short `data`.
     count = math.prod(shape)
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidInput(
-            f"{name}: shape {list(shape)} of {_dtype_name(tensor.dtype)} needs {expected} bytes, "
+            f"{name}: shape {shape_text(shape)} of {_dtype_name(tensor.dtype)} needs {expected} bytes, "
             f"got {len(tensor.data)}"
         )
     try:
         return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     except ValueError as error:  # more dimensions than numpy takes, or an empty one too large to index
-        raise InvalidInput(f"{name}: shape {list(shape)} is not a valid array shape ({error})") from None
+        problem = f"{name}: shape {shape_text(shape)} is not a valid array shape ({error})"
+        raise InvalidInput(problem) from None
+
+
+def shape_text(shape: tuple[int, ...], most: int = 8) -> str:
+    """A shape for an error message, cut after `most` sizes: the message travels in the status's
+    trailing metadata, which clients cap (16 KiB by default)."""
+    if len(shape) <= most:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:most]))}, ...] ({len(shape)} dimensions)"
 
 
 def _dtype_name(dtype: int) -> str:

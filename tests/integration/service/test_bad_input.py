@@ -70,6 +70,11 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
         encode(tensor([1] * 65, dtype=codec.UINT8, data=b"\0")),
         "is not a valid array shape",
     ),
+    # The message travels in trailing metadata, which the client caps at 16 KiB: it must stay short.
+    "images of ten thousand dimensions": (
+        encode(tensor([1] * 10_000, data=b"\0" * 4)),
+        "[1, 1, 1, 1, 1, 1, 1, 1, ...] (10000 dimensions) is not a valid array shape",
+    ),
     "latents of no elements but dimensions too large to index": (
         decode(tensor([2**62, 0], data=b"")),
         "is not a valid array shape",
