@@ -8,9 +8,10 @@ that also records the request metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -37,6 +38,9 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
 ENCODE_STREAM_LOOKAHEAD = 4
 # SampleStream: chunks being decoded ahead of the one being sent.
 SAMPLE_STREAM_LOOKAHEAD = 2
+# And at most this share of the encoder's queue in rows (a larger request runs alone): a stream of
+# big requests must not fill the queue, and be refused, by itself.
+ENCODE_STREAM_QUEUE_SHARE = 4
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -197,18 +201,19 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         # Before any answer: which encoder made them (a job checks it after every reconnect).
         await context.send_initial_metadata(((codec.ENCODER_SHA256_METADATA, model.spec.encoder.sha256),))
 
-        async def encode(request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
-            images = _images_of(request)
+        async def encode(images: np.ndarray[Any, np.dtype[np.float32]]) -> vae_pb2.EncodeResponse:
             encoding = await model.encode(images, deadline_after(context.time_remaining()))
             self._count_items("EncodeStream", len(images))
             return _encode_response(encoding.mean, encoding.log_var)
 
-        async def calls() -> AsyncIterator[Awaitable[vae_pb2.EncodeResponse]]:
+        async def calls() -> AsyncIterator[tuple[int, Callable[[], Awaitable[vae_pb2.EncodeResponse]]]]:
             requests = aiter(request_iterator)
             while (request := await self._next_unless_draining(requests)) is not None:
-                yield encode(request)
+                images = _images_of(request)
+                yield len(images), functools.partial(encode, images)
 
-        async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD):
+        max_rows = model.encoder.max_queue_size // ENCODE_STREAM_QUEUE_SHARE
+        async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD, max_rows):
             yield response
 
     async def _next_unless_draining(self, requests: AsyncIterator[Request]) -> Request | None:
@@ -259,11 +264,12 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                 offset=offset,
             )
 
-        async def chunks() -> AsyncIterator[Awaitable[vae_pb2.SampleResponse]]:
+        async def chunks() -> AsyncIterator[tuple[int, Callable[[], Awaitable[vae_pb2.SampleResponse]]]]:
             for offset in range(0, len(latents), chunk):
-                yield decode(offset)
+                yield len(latents[offset : offset + chunk]), functools.partial(decode, offset)
 
-        async for response in _in_order(chunks(), SAMPLE_STREAM_LOOKAHEAD):
+        # Bounded by the lookahead alone: a Sample, all its chunks together, fits the queue.
+        async for response in _in_order(chunks(), SAMPLE_STREAM_LOOKAHEAD, model.decoder.max_queue_size):
             yield response
 
 
@@ -289,17 +295,22 @@ def _encode_response(
     return vae_pb2.EncodeResponse(mean=codec.to_tensor(mean), log_var=codec.to_tensor(log_var))
 
 
-async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -> AsyncIterator[Response]:
+async def _in_order(
+    calls: AsyncIterable[tuple[int, Callable[[], Awaitable[Response]]]], lookahead: int, max_rows: int
+) -> AsyncIterator[Response]:
     """Yield the calls' results in the order the calls came, as soon as each is ready.
 
-    A reader task takes calls from `calls` and starts them while fewer than `lookahead` are started
-    and not yet answered; reading and answering run concurrently, so a client that waits for each
-    answer before sending its next request (ping-pong) is served as well as one that streams ahead.
+    `calls` gives each call's rows and a function that starts it. A reader task starts them while
+    fewer than `lookahead` calls, and at most `max_rows` rows, are started and not yet answered (a
+    larger call starts once it would be alone). Reading and answering run concurrently, so a client
+    that waits for each answer before sending its next request (ping-pong) is served as well as one
+    that streams ahead.
     """
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(lookahead)
+    rows = _RowBudget(max_rows)
     # Unbounded, but never holds more than `lookahead` calls: the semaphore bounds it.
-    started: asyncio.Queue[asyncio.Future[Response] | None] = asyncio.Queue()
+    started: asyncio.Queue[tuple[int, asyncio.Future[Response]] | None] = asyncio.Queue()
 
     async def read() -> None:
         iterator = aiter(calls)
@@ -309,26 +320,50 @@ async def _in_order(calls: AsyncIterable[Awaitable[Response]], lookahead: int) -
                 call = await anext(iterator, None)
                 if call is None:
                     break
-                started.put_nowait(asyncio.ensure_future(call))
+                count, start = call
+                await rows.take(count)
+                started.put_nowait((count, asyncio.ensure_future(start())))
         except Exception as error:  # the request stream broke: the answerer raises it in its turn
             failed: asyncio.Future[Response] = loop.create_future()
             failed.set_exception(error)
-            started.put_nowait(failed)
+            started.put_nowait((0, failed))
             return
         started.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
     try:
-        while (future := await started.get()) is not None:
+        while (next_call := await started.get()) is not None:
+            count, future = next_call
             result = await future
             slots.release()
+            rows.give(count)
             yield result
     finally:
         reader.cancel()
         while not started.empty():
             pending = started.get_nowait()
             if pending is not None:
-                pending.cancel()
+                pending[1].cancel()
+
+
+class _RowBudget:
+    """The rows a stream has started and not yet answered: at most `limit`, or one call alone.
+    Taken by one reader at a time, so calls start in their order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._given = asyncio.Event()
+
+    async def take(self, rows: int) -> None:
+        while self.held and self.held + rows > self.limit:
+            self._given.clear()
+            await self._given.wait()
+        self.held += rows
+
+    def give(self, rows: int) -> None:
+        self.held -= rows
+        self._given.set()
 
 
 # A client cancels its call at its own deadline, which falls before the server's by the time the

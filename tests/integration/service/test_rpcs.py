@@ -179,6 +179,20 @@ def test_encode_stream_answers_every_request_in_order(stub: vae_pb2_grpc.VaeServ
     assert [a.mean.data for a in answers] == expected
 
 
+def test_a_stream_of_requests_larger_than_a_share_of_the_queue_is_not_refused_on_an_idle_server(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    """Four requests of 40 rows in flight would be 160 rows in a queue of 64: the stream's own
+    lookahead must not fill the queue."""
+    server = start_server_thread(vae_bundle, max_queue_size=64, max_samples=64)
+    with grpc.insecure_channel(server.target) as channel:
+        small = vae_pb2_grpc.VaeServiceStub(channel)
+        images = digits(small, 40)
+        requests = [vae_pb2.EncodeRequest(images=codec.to_tensor(images))] * 6
+        answers = list(small.EncodeStream(iter(requests), timeout=60))
+    assert len(answers) == 6 and len({a.mean.data for a in answers}) == 1
+
+
 def test_an_ae_bundle_encodes_to_mean_alone(
     ae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:

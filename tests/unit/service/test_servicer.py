@@ -4,7 +4,8 @@ and what a stream's metrics record."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -21,31 +22,50 @@ from service.servicer import (
 )
 
 
-def test_streamed_calls_are_answered_in_order_with_at_most_lookahead_started_and_unanswered() -> None:
-    async def scenario() -> tuple[list[int], int]:
-        started = answered = most_outstanding = 0
+def _run_stream(sizes: list[int], lookahead: int, max_rows: int) -> tuple[list[int], int, list[int]]:
+    """Stream calls of `sizes` rows through _in_order: the answers, the most calls started and not
+    yet answered, and the rows that were so at each start."""
+
+    async def scenario() -> tuple[list[int], int, list[int]]:
+        outstanding: dict[int, int] = {}
+        most_calls, rows_at_start = 0, []
 
         async def call(i: int) -> int:
-            nonlocal started, most_outstanding
-            started += 1
-            most_outstanding = max(most_outstanding, started - answered)
+            nonlocal most_calls
+            outstanding[i] = sizes[i]
+            most_calls = max(most_calls, len(outstanding))
+            rows_at_start.append(sum(outstanding.values()))
             for _ in range(3 - i % 3):  # later calls of each group of three finish first
                 await asyncio.sleep(0)
             return i
 
-        async def calls() -> AsyncIterator[Coroutine[Any, Any, int]]:
-            for i in range(12):
-                yield call(i)
+        async def calls() -> AsyncIterator[tuple[int, Callable[[], Coroutine[Any, Any, int]]]]:
+            for i, size in enumerate(sizes):
+                yield size, functools.partial(call, i)
 
         results = []
-        async for result in _in_order(calls(), lookahead=3):
-            answered += 1
+        async for result in _in_order(calls(), lookahead=lookahead, max_rows=max_rows):
+            del outstanding[result]
             results.append(result)
-        return results, most_outstanding
+        return results, most_calls, rows_at_start
 
-    results, most_outstanding = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_streamed_calls_are_answered_in_order_with_at_most_lookahead_started_and_unanswered() -> None:
+    results, most_calls, _ = _run_stream([1] * 12, lookahead=3, max_rows=100)
     assert results == list(range(12))
-    assert most_outstanding == 3
+    assert most_calls == 3
+
+
+def test_a_stream_of_large_calls_holds_at_most_max_rows_or_one_call() -> None:
+    """So that a stream of big requests cannot fill the batcher's queue, and be refused, by itself."""
+    sizes = [3, 3, 3, 10, 1, 1, 6, 2]
+    results, _, rows_at_start = _run_stream(sizes, lookahead=4, max_rows=6)
+    assert results == list(range(len(sizes)))
+    for size, rows in zip(sizes, rows_at_start, strict=True):
+        assert rows <= 6 or rows == size  # within the budget, or alone
+    assert max(rows_at_start) == 10  # the call larger than the budget still ran
 
 
 def test_each_domain_error_has_its_status_code() -> None:
