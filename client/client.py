@@ -150,6 +150,8 @@ class ModelInfo:
     encoder_sha256: str
     decoder_sha256: str
     decoder_precision: str
+    max_request_rows: int
+    """The most rows one Encode or Decode request may carry; 0 from a server that does not say."""
 
     @classmethod
     def from_message(cls, message: vae_pb2.ModelInfo) -> ModelInfo:
@@ -166,6 +168,7 @@ class ModelInfo:
             decoder_sha256=message.decoder_sha256,
             # A server from before the field sends nothing: its decoders were all float32.
             decoder_precision=message.decoder_precision or "float32",
+            max_request_rows=message.max_request_rows,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -343,7 +343,14 @@ class EncodeJob:
             ) as client,
             writing(directory, self.log),
         ):
-            model = model_record(client.model_info())
+            info = client.model_info()
+            if 0 < info.max_request_rows < settings.batch_size:
+                most = info.max_request_rows
+                raise JobError(
+                    f"--batch-size {settings.batch_size} is more than {settings.target} takes in one "
+                    f"request ({most} rows); pass --batch-size {most} or less"
+                )
+            model = model_record(info)
             manifest = new_manifest(settings, source, rows, model)
             manifest = prepare_output(directory, settings, source, manifest, settings.target)
             resumed = sum(entry["stop"] - entry["start"] for entry in manifest["shards"])

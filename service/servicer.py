@@ -12,10 +12,12 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from service import codec
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ServiceError
@@ -109,28 +111,29 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     # --- unary -----------------------------------------------------------------------------------
 
     async def Encode(  # noqa: N802 (gRPC's method names)
-        self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.EncodeRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.EncodeResponse:
         return await _observe(self, "Encode", context, self._encode(request, context))
 
     async def _encode(
-        self, request: vae_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.EncodeRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.EncodeResponse:
         model = self._ready_model()
-        images = _images_of(request)
+        images = _images_of(_parsed(request))
         encoding = await model.encode(images, deadline_after(context.time_remaining()))
         self._count_items("Encode", len(images))
         return _encode_response(encoding.mean, encoding.log_var)
 
     async def Decode(  # noqa: N802
-        self, request: vae_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.DecodeRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.DecodeResponse:
         return await _observe(self, "Decode", context, self._decode(request, context))
 
     async def _decode(
-        self, request: vae_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.DecodeRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.DecodeResponse:
         model = self._ready_model()
+        request = _parsed(request)
         codec.check_output_dtype(request.output_dtype)
         if not request.HasField("latents"):
             raise InvalidInput(f"latents: missing; expected a FLOAT32 Tensor [N, {model.spec.latent_dim}]")
@@ -140,14 +143,15 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         return vae_pb2.DecodeResponse(images=_images_tensor(images, request.output_dtype))
 
     async def Sample(  # noqa: N802
-        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.SampleRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.SampleResponse:
         return await _observe(self, "Sample", context, self._sample(request, context))
 
     async def _sample(
-        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.SampleRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.SampleResponse:
         model = self._ready_model()
+        request = _parsed(request)
         codec.check_output_dtype(request.output_dtype)
         samples = await model.sample(
             request.num_samples,
@@ -163,12 +167,13 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         )
 
     async def GetModelInfo(  # noqa: N802
-        self, request: vae_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.GetModelInfoRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> vae_pb2.ModelInfo:
-        return await _observe(self, "GetModelInfo", context, self._model_info())
+        return await _observe(self, "GetModelInfo", context, self._model_info(request))
 
-    async def _model_info(self) -> vae_pb2.ModelInfo:
+    async def _model_info(self, request: vae_pb2.GetModelInfoRequest | Malformed) -> vae_pb2.ModelInfo:
         model = self._ready_model()
+        _parsed(request)
         spec = model.spec
         return vae_pb2.ModelInfo(
             name=spec.name,
@@ -182,12 +187,15 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             encoder_sha256=spec.encoder.sha256,
             decoder_sha256=spec.decoder.sha256,
             decoder_precision=spec.decoder.precision,
+            max_request_rows=model.encoder.max_queue_size,
         )
 
     # --- streams ---------------------------------------------------------------------------------
 
     async def EncodeStream(  # noqa: N802
-        self, request_iterator: AsyncIterable[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterable[vae_pb2.EncodeRequest | Malformed],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[vae_pb2.EncodeResponse]:
         async for response in _observe_stream(
             self, "EncodeStream", context, self._encode_stream(request_iterator, context)
@@ -195,7 +203,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             yield response
 
     async def _encode_stream(
-        self, request_iterator: AsyncIterable[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterable[vae_pb2.EncodeRequest | Malformed],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[vae_pb2.EncodeResponse]:
         model = self._ready_model()
         # Before any answer: which encoder made them (a job checks it after every reconnect).
@@ -209,7 +219,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         async def calls() -> AsyncIterator[tuple[int, Callable[[], Awaitable[vae_pb2.EncodeResponse]]]]:
             requests = aiter(request_iterator)
             while (request := await self._next_unless_draining(requests)) is not None:
-                images = _images_of(request)
+                images = _images_of(_parsed(request))
                 yield len(images), functools.partial(encode, images)
 
         max_rows = model.encoder.max_queue_size // ENCODE_STREAM_QUEUE_SHARE
@@ -236,7 +246,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         return next_request.result()
 
     async def SampleStream(  # noqa: N802
-        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.SampleRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vae_pb2.SampleResponse]:
         async for response in _observe_stream(
             self, "SampleStream", context, self._sample_stream(request, context)
@@ -244,9 +254,10 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             yield response
 
     async def _sample_stream(
-        self, request: vae_pb2.SampleRequest, context: grpc.aio.ServicerContext
+        self, request: vae_pb2.SampleRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vae_pb2.SampleResponse]:
         model = self._ready_model()
+        request = _parsed(request)
         codec.check_output_dtype(request.output_dtype)
         # Drawn whole and then cut, so the chunks concatenate to exactly the unary Sample's answer.
         latents, used_seed = model.sample_latents(request.num_samples, _seed_of(request), request.temperature)
@@ -271,6 +282,59 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         # Bounded by the lookahead alone: a Sample, all its chunks together, fits the queue.
         async for response in _in_order(chunks(), SAMPLE_STREAM_LOOKAHEAD, model.decoder.max_queue_size):
             yield response
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse, handed to its method (see `add_to_server`), so that it
+    is refused as bad input, INVALID_ARGUMENT, and counted, as any other."""
+
+    message: str
+    error: str
+
+
+def _parsed(request: Request | Malformed) -> Request:
+    if isinstance(request, Malformed):
+        raise InvalidInput(f"the request is not a valid {request.message} message ({request.error})")
+    return request
+
+
+def _parse_as(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError as error:
+            return Malformed(message.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+# Each RPC's handler kind, by whether its requests and its responses stream.
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: VaeServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` as the generated `add_VaeServiceServicer_to_server` does, except that a
+    request that does not parse reaches its method as Malformed. (Where gRPC parses it, the call
+    ends UNKNOWN, with a traceback in the log, before the method could count it.)"""
+    service = vae_pb2.DESCRIPTOR.services_by_name["VaeService"]
+    handlers = {}
+    for method in service.methods:
+        request: type[Message] = getattr(vae_pb2, method.input_type.name)
+        response: type[Message] = getattr(vae_pb2, method.output_type.name)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_parse_as(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -446,4 +510,4 @@ def _record(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: flo
     metrics.request_duration.labels(rpc).observe(time.perf_counter() - started)
 
 
-__all__ = ["STATUS_CODES", "VaeServicer", "status_code_of"]
+__all__ = ["STATUS_CODES", "Malformed", "VaeServicer", "add_to_server", "status_code_of"]

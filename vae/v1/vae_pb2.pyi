@@ -86,7 +86,9 @@ class EncodeRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def images(self) -> Global___Tensor:
-        """Images [N,1,28,28] (or [N,28,28]): FLOAT32 in [0,1] or UINT8 in 0-255. N >= 1."""
+        """Images [N,1,28,28] (or [N,28,28]): FLOAT32 in [0,1] or UINT8 in 0-255. N from 1 to
+        ModelInfo.max_request_rows.
+        """
 
     def __init__(
         self,
@@ -143,7 +145,9 @@ class DecodeRequest(_message.Message):
     """The dtype of the returned images; unset means FLOAT32."""
     @_builtins.property
     def latents(self) -> Global___Tensor:
-        """Latent codes [N,D], FLOAT32, finite, each |z| at most 1e6. N >= 1; D is the model's latent_dim."""
+        """Latent codes [N,D], FLOAT32, finite, each |z| at most 1e6. N from 1 to
+        ModelInfo.max_request_rows; D is the model's latent_dim.
+        """
 
     def __init__(
         self,
@@ -297,6 +301,7 @@ class ModelInfo(_message.Message):
     ENCODER_SHA256_FIELD_NUMBER: _builtins.int
     DECODER_SHA256_FIELD_NUMBER: _builtins.int
     DECODER_PRECISION_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_ROWS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The bundle's name, from model.json."""
     version: _builtins.str
@@ -318,6 +323,10 @@ class ModelInfo(_message.Message):
     """How the decoder's weights are stored: "float32", or "int8-dynamic" / "int8-static" for a
     bundle exported with `vae-export --quantize-decoder` (its pixels differ slightly).
     """
+    max_request_rows: _builtins.int
+    """The most images or latent codes that one Encode or Decode request (or one EncodeStream
+    message) may carry: the server's queue size.
+    """
     @_builtins.property
     def image_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The shape of one image: [1, 28, 28]."""
@@ -336,10 +345,11 @@ class ModelInfo(_message.Message):
         encoder_sha256: _builtins.str = ...,
         decoder_sha256: _builtins.str = ...,
         decoder_precision: _builtins.str = ...,
+        max_request_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoder_precision", b"decoder_precision", "decoder_sha256", b"decoder_sha256", "encoder_sha256", b"encoder_sha256", "execution_provider", b"execution_provider", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_samples", b"max_samples", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoder_precision", b"decoder_precision", "decoder_sha256", b"decoder_sha256", "encoder_sha256", b"encoder_sha256", "execution_provider", b"execution_provider", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "max_batch_size", b"max_batch_size", "max_request_rows", b"max_request_rows", "max_samples", b"max_samples", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

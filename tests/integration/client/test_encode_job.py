@@ -342,6 +342,16 @@ def test_a_resume_with_different_input_is_refused(
         run_job(vae_server.target, other, output, resume=True)
 
 
+def test_a_batch_size_larger_than_a_request_may_carry_is_refused_before_any_request(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(
+        JobError, match=r"--batch-size 5000 is more than .* takes in one request \(4096 rows\)"
+    ):
+        run_job(vae_server.target, inputs["npy"], tmp_path / "out", batch_size=5000)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_split_runs_merged_equal_one_run(
     vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
 ) -> None:

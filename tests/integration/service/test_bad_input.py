@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 from service import codec
+from tests.conftest import ServerThread
+from tests.integration.service.test_metrics import scrape, value
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 Call = Callable[[vae_pb2_grpc.VaeServiceStub], Any]
@@ -144,3 +147,37 @@ def test_the_server_still_answers_after_every_bad_input(stub: vae_pb2_grpc.VaeSe
             call(stub)
     response = stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
     assert list(response.images.shape) == [2, 1, 28, 28]
+
+
+CORRUPT = b"\xff\xff\xff"  # not a protobuf message of any type: a field tag with no end
+
+
+@pytest.mark.parametrize(
+    ("rpc", "message"),
+    [
+        ("Encode", "EncodeRequest"),
+        ("Decode", "DecodeRequest"),
+        ("Sample", "SampleRequest"),
+        ("GetModelInfo", "GetModelInfoRequest"),
+        ("SampleStream", "SampleRequest"),
+        ("EncodeStream", "EncodeRequest"),
+    ],
+)
+def test_a_request_that_is_not_a_valid_message_is_invalid_argument_and_counted(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread], rpc: str, message: str
+) -> None:
+    server = start_server_thread(vae_bundle)
+    method = f"/vae.v1.VaeService/{rpc}"
+    good = vae_pb2.EncodeRequest(images=tensor([1, 1, 28, 28])).SerializeToString()
+    with grpc.insecure_channel(server.target) as channel:  # bytes as they are, no serializer
+        calls: dict[str, Callable[[], Any]] = {
+            "SampleStream": lambda: list(channel.unary_stream(method)(CORRUPT, timeout=30)),
+            "EncodeStream": lambda: list(channel.stream_stream(method)(iter([good, CORRUPT]), timeout=30)),
+        }
+        with pytest.raises(grpc.RpcError) as raised:
+            calls.get(rpc, lambda: channel.unary_unary(method)(CORRUPT, timeout=30))()
+        error: grpc.Call = raised.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"the request is not a valid vae.v1.{message} message" in (error.details() or "")
+        counted = scrape(server)
+        assert value(counted, "vae_requests_total", rpc=rpc, code="INVALID_ARGUMENT") == 1

@@ -32,7 +32,7 @@ def test_model_info_describes_the_bundle(stub: vae_pb2_grpc.VaeServiceStub, vae_
     assert (info.name, info.version, info.kind, info.latent_dim) == ("tiny-vae", spec["version"], "vae", 2)
     assert list(info.image_shape) == [1, 28, 28]
     assert info.execution_provider == "CPUExecutionProvider"
-    assert (info.max_batch_size, info.max_samples) == (16, 1024)
+    assert (info.max_batch_size, info.max_samples, info.max_request_rows) == (16, 1024, 4096)
     assert info.encoder_sha256 == spec["graphs"]["encoder"]["sha256"]
     assert info.decoder_sha256 == spec["graphs"]["decoder"]["sha256"]
     assert info.decoder_precision == "float32"
