@@ -155,9 +155,10 @@ def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
             f"{images_path}: expected uint8 images of shape [N,28,28], "
             f"got {pixels.dtype} {list(pixels.shape)}"
         )
-    if labels.ndim != 1 or len(labels) != len(pixels):
+    if labels.ndim != 1 or len(labels) != len(pixels) or labels.dtype != np.uint8:
         raise IdxFormatError(
-            f"{labels_path}: expected {len(pixels)} labels (one per image), got shape {list(labels.shape)}"
+            f"{labels_path}: expected {len(pixels)} uint8 labels (one per image), "
+            f"got {labels.dtype} {list(labels.shape)}"
         )
     return _image_set(pixels, labels, labels_path)
 

@@ -285,6 +285,12 @@ class Evaluator:
 
     def test_set(self, config: TrainConfig) -> tuple[str, Path | None, ImageSet]:
         dataset = self.dataset or config.dataset
+        if config.dataset == "mnist" and dataset == "mnist-5k":
+            raise ValueError(
+                "this run trained on mnist, whose training images include every mnist-5k image: "
+                "mnist-5k's held-out split is not held out from it. Evaluate it on mnist's test set "
+                "(the default)"
+            )
         # The run's folder holds the run's dataset: another dataset's test set needs --data-dir.
         own_dir = Path(config.data_dir) if config.data_dir and dataset == config.dataset else None
         data_dir = self.data_dir or own_dir
@@ -365,6 +371,7 @@ class Evaluator:
                 "kl_nats": None,
                 "iw_nll_nats": None,
                 "iw_samples": None,
+                "elbo_nats_stderr": None,
             }
 
         classifier = self.classifier(config, train, test, test_name)

@@ -40,7 +40,11 @@ def plane(codes: np.ndarray) -> tuple[np.ndarray, str, str]:
 
 def draw_scatter(axes: Axes, codes: np.ndarray, labels: np.ndarray, title: str) -> None:
     points, x_label, y_label = plane(codes)
-    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap=DIGIT_COLOURS, s=4, vmin=-0.5, vmax=9.5)
+    # In a fixed shuffled order: drawn digit by digit, the last digit would cover the others.
+    order = np.random.default_rng(0).permutation(len(points))
+    scatter = axes.scatter(
+        points[order, 0], points[order, 1], c=labels[order], cmap=DIGIT_COLOURS, s=4, vmin=-0.5, vmax=9.5
+    )
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_title(title)
@@ -80,10 +84,17 @@ def image_grid(images: np.ndarray, columns: int, path: Path, title: str) -> Path
     return _save(figure, path)
 
 
+def manifold_edge(side: int, span: float) -> float:
+    """Where a manifold's axes end, so that each tile is centred on the point it was decoded from
+    (`side` points from -span to span): half a step beyond the outer ones."""
+    return span + span / (side - 1)
+
+
 def manifold(images: np.ndarray, side: int, span: float, path: Path, title: str) -> Path:
     """Images decoded from a side x side grid over [-span, span]^2, z2 growing upwards."""
     figure, axes = plt.subplots(figsize=(6.5, 6.5))
-    axes.imshow(tile(images, side), cmap="gray_r", vmin=0.0, vmax=1.0, extent=(-span, span, -span, span))
+    edge = manifold_edge(side, span)
+    axes.imshow(tile(images, side), cmap="gray_r", vmin=0.0, vmax=1.0, extent=(-edge, edge, -edge, edge))
     axes.set_xlabel("z1")
     axes.set_ylabel("z2")
     axes.set_title(title)

@@ -9,6 +9,7 @@ module, so it must stay free of torch.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def read_idx(path: Path) -> np.ndarray:
         )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: numpy's int64 product could wrap to 0
     actual = len(data) - header_size
     if actual != expected:
         problem = "truncated" if actual < expected else "has trailing bytes"

@@ -94,7 +94,17 @@ def test_labels_that_do_not_match_the_images_are_an_error(tmp_path: Path) -> Non
     pixels, labels = fake_mnist(20, seed=3)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:19])
-    with pytest.raises(IdxFormatError, match="expected 20 labels"):
+    with pytest.raises(IdxFormatError, match="expected 20 uint8 labels"):
+        load_test_set("mnist", tmp_path)
+
+
+def test_labels_of_another_type_are_an_error_not_cut_to_integers(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(20, seed=3)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
+    floats = (labels + 0.7).astype(">f4")  # IDX type 0x0D, big-endian
+    header = bytes([0, 0, 0x0D, 1]) + np.array([20], dtype=">u4").tobytes()
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(header + floats.tobytes())
+    with pytest.raises(IdxFormatError, match=r"expected 20 uint8 labels \(one per image\), got float32"):
         load_test_set("mnist", tmp_path)
 
 

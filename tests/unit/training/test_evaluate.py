@@ -23,6 +23,7 @@ from training.evaluate import (
     spread_by_digit,
     vae_likelihood,
 )
+from training.figures import manifold_edge
 from training.models import VAE, ModelConfig
 from training.report import BEGIN, END, write_note
 from training.run import TrainConfig, load_metrics, load_run
@@ -172,6 +173,12 @@ def test_the_test_set_of_another_dataset_is_not_read_from_the_runs_folder() -> N
         Evaluator("fashion-mnist", None, None, 1, 0, cpu).test_set(config)
 
 
+def test_a_run_trained_on_mnist_is_not_scored_on_mnist_5k_whose_images_it_trained_on() -> None:
+    config = TrainConfig(dataset="mnist", data_dir="/where/it/trained")
+    with pytest.raises(ValueError, match="mnist-5k's held-out split is not held out from it"):
+        Evaluator("mnist-5k", None, None, 1, 0, torch.device("cpu")).test_set(config)
+
+
 def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,3 +226,22 @@ def test_a_broken_checkpoint_is_a_clear_error_naming_it(
         main([str(run), "--limit", "20", "--device", "cpu", "--no-figures"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_each_manifold_tile_is_centred_on_the_point_it_was_decoded_from() -> None:
+    side, span = 15, 3.0
+    edge = manifold_edge(side, span)
+    tile_width = 2 * edge / side
+    centres = -edge + tile_width * (np.arange(side) + 0.5)
+    np.testing.assert_allclose(centres, np.linspace(-span, span, side))
+
+
+def test_the_ae_and_the_vae_report_the_same_keys(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """So that a reader of the JSON can take any key from either; what an AE lacks is null."""
+    argv = [str(runs["ae"]), str(runs["vae"]), "--limit", "20", "--iw-samples", "2", "--device", "cpu"]
+    assert main([*argv, "--no-figures"]) == 0
+    ae, vae = json.loads(capsys.readouterr().out)["runs"]
+    assert ae.keys() == vae.keys()
+    assert ae["elbo_nats"] is None and ae["elbo_nats_stderr"] is None

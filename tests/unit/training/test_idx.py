@@ -68,6 +68,13 @@ def test_trailing_bytes_are_an_error(tmp_path: Path, images: np.ndarray) -> None
         read_idx(path)
 
 
+def test_a_header_whose_sizes_multiply_past_64_bits_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "huge-idx4-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + np.array([65536] * 4, dtype=">u4").tobytes())
+    with pytest.raises(IdxFormatError, match=f"{path}: truncated"):
+        read_idx(path)
+
+
 def test_a_wrong_magic_number_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "image.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
