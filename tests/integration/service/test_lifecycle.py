@@ -314,3 +314,31 @@ def test_the_served_model_pins_each_inference_thread_where_it_has_one_cpu_per_th
                 assert os.sched_getaffinity(workers[f"{graph}-{index}"]) == {cpu}
         else:
             assert os.sched_getaffinity(workers[f"{graph}-0"]) == set(cpus)
+
+
+def test_the_calls_deadline_reaches_the_batchers_themselves(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    """Each RPC's deadline goes with its rows into the graph's batcher, which drops them once it passed."""
+    server = start_server_thread(vae_bundle)
+    model = server.server.model
+    seen: dict[str, list[float | None]] = {"encoder": [], "decoder": []}
+    for name in seen:
+        batcher = getattr(model, name)
+        submit = batcher.submit
+
+        async def recording(
+            rows: Any, deadline: float | None = None, _submit: Any = submit, _name: str = name
+        ) -> Any:
+            seen[_name].append(deadline)
+            return await _submit(rows, deadline)
+
+        batcher.submit = recording
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        sent = time.monotonic()
+        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1), timeout=20)
+        stub.Encode(encode_request(np.zeros((2, 28, 28), np.uint8)), timeout=20)
+    for name, deadlines in seen.items():
+        (deadline,) = deadlines
+        assert deadline is not None and sent + 15 < deadline < sent + 25, name

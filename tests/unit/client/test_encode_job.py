@@ -10,18 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client import encode_job
+from client.client import EncodeResult
 from client.encode_job import (
     EncodeJob,
     JobError,
     JobSettings,
     Progress,
     build_parser,
+    main,
     new_manifest,
     parse_pause_at,
     prepare_output,
 )
 from client.encodings import MANIFEST, read_manifest, sha256_bytes, shard_bytes, split_rows, write_manifest
 from client.images import ImageInput
+from tests.conftest import free_port
 
 MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
 
@@ -187,3 +191,46 @@ def test_progress_draws_a_bar_on_a_terminal_and_logs_lines_otherwise() -> None:
     progress.update(40)
     progress.close()
     assert lines.getvalue().startswith("vae-encode-job: 40/100 rows, ") and "\r" not in lines.getvalue()
+
+
+def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the_index(
+    tmp_path: Path,
+) -> None:
+    """Exit 2 (bad input or arguments) fails a Kubernetes index for good; an outage must not."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--input", str(tmp_path / "x.npy")]
+    assert (
+        main([*argv, "--output", str(tmp_path / "out"), "--attempts", "1", "--timeout", "2", "--no-progress"])
+        == 1
+    )
+
+
+class WrongWidth:
+    """A client whose service answers one column short."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.retries = 0
+
+    def __enter__(self) -> WrongWidth:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def model_info(self) -> Any:
+        return type("Info", (), {**MODEL, "max_request_rows": 0})()
+
+    def encode_stream(self, requests: Any, max_in_flight: int) -> Any:
+        for images in requests:
+            yield EncodeResult(np.zeros((len(images), 1), np.float32), None, str(MODEL["encoder_sha256"]))
+
+
+def test_answers_of_the_wrong_shape_stop_the_job_before_a_shard_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", WrongWidth)
+    settings = JobSettings(target="t", input=tmp_path / "x.npy", output=tmp_path / "out", progress_bar=False)
+    with pytest.raises(JobError, match=r"means of shape \[4, 1\], expected \[4, 2\]"):
+        EncodeJob(settings, log=io.StringIO()).run()
+    assert not list((tmp_path / "out").glob("shard-*"))

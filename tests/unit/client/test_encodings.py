@@ -234,3 +234,45 @@ def test_parts_that_read_the_input_from_different_paths_are_joined(tmp_path: Pat
     write_manifest(part, manifest)
     with pytest.raises(EncodingsError, match="part-00001-of-00002: its input differs"):
         read_encodings(tmp_path)
+
+
+def test_a_split_output_with_an_unfinished_part_is_refused_not_read_short(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 2)
+    part = tmp_path / "part-00001-of-00002"
+    manifest = json.loads((part / MANIFEST).read_text())
+    write_manifest(part, {**manifest, "shards": manifest["shards"][:1], "complete": False})
+    with pytest.raises(EncodingsError, match="part-00001-of-00002: unfinished"):
+        read_encodings(tmp_path)
+
+
+def test_parts_of_two_different_splits_are_not_joined(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 2)
+    write_parts(tmp_path, 10, 3)
+    with pytest.raises(EncodingsError, match=r"split in different ways: \[2, 3\]"):
+        read_encodings(tmp_path)
+
+
+def test_a_manifest_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    write_manifest(tmp_path, {**manifest, "format_version": 2})
+    with pytest.raises(EncodingsError, match="format_version 2; this reader knows 1"):
+        read_encodings(tmp_path)
+
+
+def test_a_shard_whose_rows_differ_from_its_manifest_entry_is_refused(tmp_path: Path) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    # A well-formed shard with a valid checksum, but of rows 100-103.
+    index = np.arange(100, 104, dtype=np.int64)
+    data = shard_bytes(index, np.zeros((4, 2), np.float32), np.zeros((4, 2), np.float32))
+    (tmp_path / "shard-00001.npz").write_bytes(data)
+    manifest["shards"][1]["sha256"] = sha256_bytes(data)
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(EncodingsError, match=r"rows differ from the manifest's \[4, 8\)"):
+        read_encodings(tmp_path)
+
+
+def test_an_unsplit_output_with_parts_beside_it_is_refused(tmp_path: Path) -> None:
+    write_output(tmp_path, 0, 10, 4, 10)
+    write_parts(tmp_path, 10, 2)
+    with pytest.raises(EncodingsError, match="holds both an unsplit job's"):
+        read_encodings(tmp_path)

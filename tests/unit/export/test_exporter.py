@@ -195,3 +195,30 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
     with pytest.raises(SystemExit):
         export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), "--quantize-decoder", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
+    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+    original = exporter._example_input
+
+    def spy(graph, batch_size, latent_dim, seed):  # type: ignore[no-untyped-def]
+        seen.append((graph, batch_size))
+        return original(graph, batch_size, latent_dim, seed)
+
+    monkeypatch.setattr(exporter, "_example_input", spy)
+    export_run(vae_run_dir, tmp_path / "bundle")
+    for graph in ("encoder", "decoder"):
+        assert {b for g, b in seen if g == graph} >= {1, 7, 256, exporter.TRACE_BATCH_SIZE}
+
+
+def test_a_failed_export_over_an_old_bundle_leaves_no_model_json(
+    vae_bundle: Path, vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(vae_bundle, bundle)
+    monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
+    with pytest.raises(ExportError):
+        export_run(vae_run_dir, bundle)
+    assert not (bundle / "model.json").exists()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
+import pytest
 
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
@@ -116,3 +117,35 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
     requests = servicer.metrics.registry.get_sample_value
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "CANCELLED"}) == 1
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "OK"}) is None
+
+
+def test_a_stream_that_fails_cancels_the_calls_it_started_ahead() -> None:
+    cancelled: list[int] = []
+
+    async def scenario() -> None:
+        forever = asyncio.Event()
+
+        async def call(i: int) -> int:
+            if i == 0:
+                await asyncio.sleep(0)
+                raise RuntimeError("first call failed")
+            try:
+                await forever.wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+            return i
+
+        async def calls() -> AsyncIterator[Any]:
+            for i in range(3):
+                yield 1, functools.partial(call, i)
+
+        with pytest.raises(RuntimeError, match="first call failed"):
+            async for _ in _in_order(calls(), lookahead=3, max_rows=100):
+                pass
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert sorted(cancelled) == [1, 2]  # now, not when the loop shuts down
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert sorted(cancelled) == [1, 2]

@@ -53,3 +53,20 @@ def test_the_vae_loss_is_recon_plus_beta_times_kl_averaged_over_the_batch() -> N
     torch.testing.assert_close(terms.total, terms.recon + 0.5 * terms.kl)
     ae_terms = ae_loss(logits, images)
     torch.testing.assert_close(ae_terms.total, terms.recon)
+
+
+def test_the_bernoulli_term_scores_grey_and_black_pixels_too() -> None:
+    p, x = 0.25, 0.3
+    logits = torch.full((2, 1, 28, 28), math.log(p / (1 - p)))
+    images = torch.full((2, 1, 28, 28), x)
+    expected = torch.full((2,), -784 * (x * math.log(p) + (1 - x) * math.log(1 - p)))
+    torch.testing.assert_close(bernoulli_nll(logits, images), expected)
+
+
+def test_the_gaussian_likelihood_uses_the_recon_weight_asked_for() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits, images = torch.randn(3, 1, 28, 28, generator=g), torch.rand(3, 1, 28, 28, generator=g)
+    mean, log_var = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
+    terms = vae_loss(logits, images, mean, log_var, likelihood="gaussian", recon_weight=10.0)
+    torch.testing.assert_close(terms.recon, gaussian_recon(logits, images, 10.0).mean())
+    torch.testing.assert_close(terms.total, terms.recon + gaussian_kl(mean, log_var).mean())
