@@ -31,7 +31,7 @@ from vae.v1 import vae_pb2
 SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 # The overall health of the server is the empty service name (grpc.health.v1).
 OVERALL = ""
-# Room for 10,700 FLOAT32 or 42,800 UINT8 images: above any request the queue takes (4,096 rows by default).
+# Room for 10,700 FLOAT32 or 42,800 UINT8 images; a request carries at most --max-queue-size (4,096).
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # On a drain, how long the last answers get to reach their clients before the connections close.
 ANSWERS_LEAVE_S = 0.2
