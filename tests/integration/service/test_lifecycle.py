@@ -128,6 +128,20 @@ def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> g
     return busy
 
 
+def hold_decoder(server: ServerThread) -> threading.Event:
+    """Make the decoder's calls wait, whatever the CPU's speed, until the returned event is set."""
+    release = threading.Event()
+    decoder = server.server.model.decoder  # type: ignore[union-attr]
+    infer = decoder._infer
+
+    def held(inputs: np.ndarray) -> Any:
+        release.wait(30)
+        return infer(inputs)
+
+    decoder._infer = held
+    return release
+
+
 def queue_behind_busy_batch(
     server: ServerThread,
     stub: vae_pb2_grpc.VaeServiceStub,
@@ -209,13 +223,17 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
     server = start_busy_server(vae_bundle, start_server_thread)
+    release = hold_decoder(server)  # the busy batch outlasts the deadline on any CPU
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         request = vae_pb2.SampleRequest(num_samples=3, seed=1)
         # Long enough for a loaded server to take the call in and queue its rows (a call whose
-        # deadline passes before its handler runs never reaches the queue), short of the busy batch.
-        busy, pending = queue_behind_busy_batch(server, stub, request, timeout=0.2)
-        assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
+        # deadline passes before its handler runs never reaches the queue).
+        try:
+            busy, pending = queue_behind_busy_batch(server, stub, request, timeout=2)
+            assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            release.set()
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)  # the batcher has looked at the expired rows
     assert decoder_rows_run(server) == BUSY_ROWS
