@@ -642,85 +642,79 @@ def test_batch_metrics_are_recorded_per_graph() -> None:
     assert registry.get_sample_value("vae_queue_depth", {"graph": "encoder"}) == 0
 
 
-def test_while_a_batch_runs_partial_requests_wait_and_merge_into_one_call() -> None:
-    gate = threading.Event()
-    calls: list[int] = []
+class FirstCallHeld:
+    """Inference (x -> 2x) that records the rows of every call and holds the first one until
+    `release` is set: a batch in flight, for as long as the test needs."""
 
-    def infer(batch: Array) -> Sequence[Array]:
-        calls.append(len(batch))
-        if len(calls) == 1:
-            gate.wait(10)
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.release = threading.Event()
+
+    def __call__(self, batch: Array) -> Sequence[Array]:
+        self.calls.append(len(batch))
+        if len(self.calls) == 1:
+            self.release.wait(20)
         return [batch * 2]
+
+
+def test_while_a_batch_runs_partial_requests_wait_and_merge_into_one_call() -> None:
+    infer = FirstCallHeld()
 
     async def scenario() -> None:
         batcher = make_batcher(infer, max_queue_delay_s=30, max_concurrent_batches=2)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(1)))
-        await until(lambda: calls, "the first call")
+        await until(lambda: infer.calls, "the first call")
         second = asyncio.ensure_future(batcher.submit(rows(2)))
-        await asyncio.sleep(0.05)  # several loop turns: a second idle worker must NOT take these rows
+        await asyncio.sleep(0.05)  # several loop turns: the idle second worker must not take these rows
         third = asyncio.ensure_future(batcher.submit(rows(2, 50)))
         await asyncio.sleep(0.05)
-        assert calls == [1], calls
-        gate.set()
+        assert infer.calls == [1]
+        infer.release.set()
         await asyncio.wait_for(asyncio.gather(first, second, third), 10)
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert calls == [1, 4]
+    assert infer.calls == [1, 4]
 
 
 def test_partial_rows_behind_a_long_batch_run_once_the_delay_has_passed() -> None:
-    gate = threading.Event()
-    calls: list[int] = []
-
-    def infer(batch: Array) -> Sequence[Array]:
-        calls.append(len(batch))
-        if len(calls) == 1:
-            gate.wait(20)
-        return [batch * 2]
+    infer = FirstCallHeld()
 
     async def scenario() -> None:
         batcher = make_batcher(infer, max_queue_delay_s=0.2, max_concurrent_batches=2)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(1)))
-        await until(lambda: calls, "the first call")
+        await until(lambda: infer.calls, "the first call")
         (doubled,) = await asyncio.wait_for(batcher.submit(rows(3)), 10)  # while the first is still held
         np.testing.assert_array_equal(doubled, rows(3) * 2)
-        gate.set()
+        infer.release.set()
         await first
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert calls == [1, 3]
+    assert infer.calls == [1, 3]
 
 
-def test_a_request_cancelled_while_its_call_runs_does_not_stop_the_others_of_the_batch_being_answered() -> (
-    None
-):
+def test_a_request_cancelled_while_its_call_runs_does_not_stop_its_batch_mates_being_answered() -> None:
     gate = threading.Event()
-    calls: list[int] = []
-
-    def infer(batch: Array) -> Sequence[Array]:
-        calls.append(len(batch))
-        gate.wait(10)
-        return [batch * 2]
+    infer = Doubler(gate)
 
     async def scenario() -> None:
         batcher = make_batcher(infer, max_queue_delay_s=0)
         batcher.start()
         first, second = (asyncio.ensure_future(batcher.submit(rows(2, 10 * i))) for i in range(2))
-        await until(lambda: calls, "the shared call")
+        await until(infer.entered.is_set, "the shared call")
         first.cancel()
         await asyncio.sleep(0)
         gate.set()
-        (doubled,) = await asyncio.wait_for(second, 10)
+        doubled, _ = await asyncio.wait_for(second, 10)
         np.testing.assert_array_equal(doubled, rows(2, 10) * 2)
         await asyncio.wait_for(batcher.submit(rows(1)), 10)  # and the batcher goes on
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert calls == [4, 1]
+    assert infer.calls == [4, 1]
 
 
 def test_queue_wait_records_how_long_rows_waited() -> None:
