@@ -6,11 +6,13 @@
     vae-encode-job merge --output out/
 
 The input is an IDX file (gzipped or raw), a .npy array ([N,28,28] or [N,1,28,28], uint8 0-255 or
-float 0-1) or a folder of 28x28 grey PNGs read in name order. The rows stream over one EncodeStream
-call with at most `--max-in-flight` requests unanswered; the answers are written as numbered shards
-and committed one by one in the manifest (see client/encodings.py), so that a job killed at any
-moment and run again with `--resume` ends with every row exactly once, the same bytes as a run that
-was never interrupted. A resume refuses an output written from other input or by another model.
+float 0-1) or a folder of 28x28 grey PNGs read in name order; a raw IDX or .npy file of uint8 or
+float32 is memory-mapped (client/images.py), so that its size is not bounded by memory. The rows
+stream over one EncodeStream call with at most `--max-in-flight` requests unanswered; the answers are
+written as numbered shards and committed one by one in the manifest (see client/encodings.py), so
+that a job killed at any moment and run again with `--resume` ends with every row exactly once, the
+same bytes as a run that was never interrupted. A resume refuses an output written from other input
+or by another model.
 
 `--shard-index I --num-shards N` (I defaults to $JOB_COMPLETION_INDEX, as a Kubernetes Indexed Job
 sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-I-of-N/; `client.read_encodings`

@@ -3,6 +3,11 @@
 Every reader returns a batch [N,1,28,28] that can go on the wire as it is: uint8 0-255 stays uint8
 (4x fewer bytes than float32), floats in [0,1] become float32. Anything else is refused with an
 `InputError` that names the file and what was expected.
+
+A .npy array or a raw IDX file is memory-mapped, not read, when it is already uint8 or float32 (a
+float64 array is converted in memory): a data set larger than memory can be encoded, its pages
+read as the job reaches them. A gzipped IDX file is decompressed into memory. A mapped file must not
+be cut short while it is read (the kernel ends the reader with SIGBUS); replacing it is safe.
 """
 
 from __future__ import annotations
@@ -55,18 +60,30 @@ def as_image_batch(array: npt.NDArray[Any], source: str) -> npt.NDArray[Any]:
     if not np.issubdtype(array.dtype, np.floating):
         raise InputError(f"{source}: dtype {array.dtype}: {expected}")
     array = array.astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        raise InputError(f"{source}: holds NaN or Inf: {expected}")
-    low, high = float(array.min()), float(array.max())
-    if low < 0.0 or high > 1.0:
-        raise InputError(f"{source}: values from {low:g} to {high:g}: float images must lie in [0, 1]")
+    _check_pixel_range(array, source, expected)
     return array
 
 
+# Rows checked at a time, so that checking a mapped file needs no temporary as large as the file.
+_CHECK_ROWS = 4096
+
+
+def _check_pixel_range(array: npt.NDArray[np.float32], source: str, expected: str) -> None:
+    """Refuse NaN, Inf and values outside [0, 1], naming the range found."""
+    low, high = math.inf, -math.inf
+    for start in range(0, len(array), _CHECK_ROWS):
+        block = array[start : start + _CHECK_ROWS]
+        if not np.isfinite(block).all():
+            raise InputError(f"{source}: holds NaN or Inf: {expected}")
+        low, high = min(low, float(block.min())), max(high, float(block.max()))
+    if low < 0.0 or high > 1.0:
+        raise InputError(f"{source}: values from {low:g} to {high:g}: float images must lie in [0, 1]")
+
+
 def read_npy_images(path: Path) -> npt.NDArray[Any]:
-    """A .npy array of images, checked by `as_image_batch`."""
+    """A .npy array of images, mapped read-only and checked by `as_image_batch`."""
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable .npy array ({error})") from error
     if not isinstance(array, np.ndarray):
@@ -77,7 +94,7 @@ def read_npy_images(path: Path) -> npt.NDArray[Any]:
 def read_idx_images(path: Path) -> npt.NDArray[Any]:
     """An IDX image file (gzipped or raw) such as train-images-idx3-ubyte.gz."""
     try:
-        array = read_idx(path)
+        array = read_idx(path, mmap=True)
     except IdxFormatError as error:
         raise InputError(str(error)) from error
     return as_image_batch(array, str(path))

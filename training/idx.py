@@ -32,44 +32,67 @@ class IdxFormatError(ValueError):
     """A file that is not a valid IDX file; the message names the file and what was wrong."""
 
 
-def read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path, *, mmap: bool = False) -> np.ndarray:
     """The array stored in an IDX file (gzipped or raw), with the type and shape from its header.
 
-    The result is in native byte order (uint8 for the MNIST files). Raises IdxFormatError for a
-    file that is missing its header, has an unknown type, or holds fewer or more bytes than its
-    header promises.
+    The result is in native byte order (uint8 for the MNIST files). With `mmap`, a raw (not gzipped)
+    uint8 file is mapped read-only instead of read, so that a data set larger than memory can be
+    encoded; its pages are read as they are used. Raises IdxFormatError for a file that is missing
+    its header, has an unknown type, or holds fewer or more bytes than its header promises.
     """
     path = Path(path)
+    if mmap and not _is_gzipped(path):
+        with path.open("rb") as file:
+            head = file.read(_LONGEST_HEADER)
+        shape, dtype, header_size = _parse_header(path, head, path.stat().st_size)
+        if dtype.itemsize == 1 and math.prod(shape) > 0:  # numpy cannot map an empty range
+            return np.memmap(path, dtype=dtype, mode="r", offset=header_size, shape=shape)
     data = _read_bytes(path)
-    if len(data) < 4:
-        raise IdxFormatError(f"{path}: {len(data)} bytes is too short for an IDX header (needs at least 4)")
-    if data[0] != 0 or data[1] != 0:
+    shape, dtype, header_size = _parse_header(path, data, len(data))
+    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+_LONGEST_HEADER = 4 + 4 * 255
+
+
+def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, big-endian dtype, header bytes) from the start of a file of `file_size` bytes."""
+    if file_size < 4:
+        raise IdxFormatError(f"{path}: {file_size} bytes is too short for an IDX header (needs at least 4)")
+    if head[0] != 0 or head[1] != 0:
         raise IdxFormatError(
-            f"{path}: wrong magic number 0x{data[:4].hex()}: an IDX file starts with two zero bytes"
+            f"{path}: wrong magic number 0x{head[:4].hex()}: an IDX file starts with two zero bytes"
         )
-    type_code, ndim = data[2], data[3]
+    type_code, ndim = head[2], head[3]
     if type_code not in IDX_DTYPES:
         known = ", ".join(f"0x{code:02x}" for code in IDX_DTYPES)
         raise IdxFormatError(f"{path}: unknown IDX data type 0x{type_code:02x} (expected one of {known})")
     if ndim == 0:
         raise IdxFormatError(f"{path}: the header declares 0 dimensions")
     header_size = 4 + 4 * ndim
-    if len(data) < header_size:
+    if file_size < header_size:
         raise IdxFormatError(
-            f"{path}: truncated header: {ndim} dimensions need {header_size} bytes, the file has {len(data)}"
+            f"{path}: truncated header: {ndim} dimensions need {header_size} bytes, the file has {file_size}"
         )
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
     expected = math.prod(shape) * dtype.itemsize  # Python ints: numpy's int64 product could wrap to 0
-    actual = len(data) - header_size
+    actual = file_size - header_size
     if actual != expected:
         problem = "truncated" if actual < expected else "has trailing bytes"
         raise IdxFormatError(
             f"{path}: {problem}: the header declares shape {shape} of {dtype.name} "
             f"({expected} data bytes), the file has {actual}"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
+    return shape, dtype, header_size
+
+
+def _is_gzipped(path: Path) -> bool:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such IDX file")
+    with path.open("rb") as file:
+        return file.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import client.images
+from client.encode_job import fingerprint
 from client.images import InputError, image_grid, read_images, read_png_folder, save_images
 
 
@@ -77,6 +79,46 @@ def test_a_npy_that_is_not_images_is_refused_with_what_was_expected(
         read_images(path)
     assert str(path) in str(error.value)
     assert expected in str(error.value)
+
+
+def test_nan_or_out_of_range_pixels_are_found_in_any_block_of_a_large_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client.images, "_CHECK_ROWS", 4)  # the checks run 4 rows at a time
+    images = np.full((10, 28, 28), 0.5, np.float32)
+    for row, value, expected in [(9, np.nan, "NaN or Inf"), (5, 1.5, "values from 0.5 to 1.5")]:
+        bad = images.copy()
+        bad[row, 3, 3] = value
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(InputError, match=expected):
+            read_images(tmp_path / "bad.npy")
+
+
+def anonymous_memory_bytes() -> int:
+    """This process's resident memory that is not a mapped file (RssAnon in /proc/self/status)."""
+    status = Path("/proc/self/status").read_text()
+    kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))
+    return int(kilobytes) * 1024
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("big.npy", np.uint8), ("big.npy", np.float32), ("big-idx3-ubyte", np.uint8)]
+)
+def test_a_large_npy_or_raw_idx_file_is_read_and_fingerprinted_without_holding_it_in_memory(
+    tmp_path: Path, name: str, dtype: type
+) -> None:
+    size = 64 * 1024 * 1024
+    images: np.ndarray = np.zeros((size // (784 * np.dtype(dtype).itemsize), 28, 28), dtype)
+    if name.endswith(".npy"):
+        np.save(tmp_path / name, images)
+    else:
+        (tmp_path / name).write_bytes(idx_bytes(images))
+    del images
+    before = anonymous_memory_bytes()
+    source = read_images(tmp_path / name)  # floats are checked for NaN and range: every page read
+    fingerprint(source.images)
+    assert anonymous_memory_bytes() - before < size // 4
+    np.testing.assert_array_equal(source.images[-1], np.zeros((1, 28, 28), dtype))
 
 
 def test_a_file_that_is_not_idx_is_refused_by_name(tmp_path: Path) -> None:
