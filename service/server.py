@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.bundle import IMAGE_SHAPE
 from service.metrics import MetricsHttpServer, ServiceMetrics
 from service.model import BatchingSettings, VaeModel
 from service.runtime import ThreadSettings
@@ -31,8 +33,19 @@ from vae.v1 import vae_pb2
 SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 # The overall health of the server is the empty service name (grpc.health.v1).
 OVERALL = ""
-# Room for 10,700 FLOAT32 or 42,800 UINT8 images; a request carries at most --max-queue-size (4,096).
-MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# The largest message a client may send. A request may carry --max-queue-size rows
+# (ModelInfo.max_request_rows), and FLOAT32 images are the largest rows; the floor, room for 10,700
+# of them, leaves the default queue of 4,096 room for latents of up to 2,000 dimensions.
+MIN_MESSAGE_BYTES = 32 * 1024 * 1024
+FLOAT32_IMAGE_BYTES = 4 * math.prod(IMAGE_SHAPE)
+MESSAGE_FRAMING_BYTES = 1024 * 1024
+
+
+def max_message_bytes(max_queue_size: int) -> int:
+    """Room for a request of `max_queue_size` FLOAT32 images, and never less than the floor."""
+    return max(MIN_MESSAGE_BYTES, max_queue_size * FLOAT32_IMAGE_BYTES + MESSAGE_FRAMING_BYTES)
+
+
 # On a drain, how long the last answers get to reach their clients before the connections close.
 ANSWERS_LEAVE_S = 0.2
 
@@ -57,7 +70,7 @@ class VaeServer:
         """Bind and start serving health (NOT_SERVING), reflection and /metrics; the model comes later."""
         settings = self.settings
         options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes(settings.max_queue_size)),
             ("grpc.max_send_message_length", -1),
             # Without this two servers could bind the same port on Linux and split its traffic.
             ("grpc.so_reuseport", 0),

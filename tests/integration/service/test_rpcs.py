@@ -193,6 +193,20 @@ def test_a_stream_of_requests_larger_than_a_share_of_the_queue_is_not_refused_on
     assert len(answers) == 6 and len({a.mean.data for a in answers}) == 1
 
 
+def test_a_request_of_max_request_rows_float32_images_is_received_whatever_the_queue_size(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    """11,000 FLOAT32 images are 34.5 MB: more than the default message limit of 32 MiB."""
+    rows = 11_000
+    server = start_server_thread(vae_bundle, max_queue_size=rows)
+    images = np.random.default_rng(0).random((rows, 1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        big = vae_pb2_grpc.VaeServiceStub(channel)
+        assert big.GetModelInfo(vae_pb2.GetModelInfoRequest()).max_request_rows == rows
+        answer = big.Encode(vae_pb2.EncodeRequest(images=codec.to_tensor(images)), timeout=120)
+    assert array(answer.mean).shape[0] == rows
+
+
 def test_an_ae_bundle_encodes_to_mean_alone(
     ae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:
