@@ -27,7 +27,11 @@ from client.images import InputError, read_images, save_images
 DEFAULT_TARGET = "localhost:50051"
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser, default_timeout_s: float = 30.0) -> None:
+def add_connection_arguments(
+    parser: argparse.ArgumentParser,
+    default_timeout_s: float = 30.0,
+    timeout_help: str = "deadline of each unary call; an encode stream has none",
+) -> None:
     """The flags that say where the server is and how to reach it, shared by every client command."""
     group = parser.add_argument_group("connection")
     group.add_argument(
@@ -40,7 +44,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser, default_timeout_s:
         type=float,
         default=default_timeout_s,
         metavar="SECONDS",
-        help=f"deadline of each unary call (default {default_timeout_s:g}); an encode stream has none",
+        help=f"{timeout_help} (default {default_timeout_s:g})",
     )
     group.add_argument("--tls", action="store_true", help="use TLS (system root certificates by default)")
     group.add_argument(

@@ -15,12 +15,14 @@ same bytes as a run that was never interrupted. A resume refuses an output writt
 or by another model.
 
 `--shard-index I --num-shards N` (I defaults to $JOB_COMPLETION_INDEX, as a Kubernetes Indexed Job
-sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-I-of-N/; `client.read_encodings`
-joins the parts, and `vae-encode-job merge --output OUTPUT` writes one manifest that lists them.
+sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-0000I-of-0000N/;
+`client.read_encodings` joins the parts, and `vae-encode-job merge --output OUTPUT` writes one
+manifest that lists them.
 
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
 stops the job with the server's message. Exit status: 0 done, 1 the service failed the job, 2 bad
-arguments, input or output directory.
+arguments, input or output directory, or a model other than the one the output was begun with (a
+rolling update reached mid-job): running again cannot help until the output or the model changes.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""`vae-healthcheck`: exit 0 when the server's grpc.health.v1 service says SERVING, 1 otherwise.
+"""`vae-healthcheck`: exit 0 when the server's grpc.health.v1 service says SERVING, 1 otherwise, 2
+for bad arguments (a certificate file that cannot be read).
 
-Used by the Docker HEALTHCHECK (one quick Check) and by `make demo` (`--wait 60`: block until the
+Used by the Docker HEALTHCHECK (one quick Check) and by `make demo` (`--wait 30`: block until the
 freshly started server turns SERVING). `--wait` watches the status with the health service's Watch
 stream and `wait_for_ready`, so it needs no polling loop: the call waits for the server to accept
 connections and then for the status to change.
 
-    vae-healthcheck --target localhost:50051 --wait 60
+    vae-healthcheck --target localhost:50051 --wait 30
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vae-healthcheck", description="Exit 0 when the gRPC health service reports SERVING."
     )
-    add_connection_arguments(parser, default_timeout_s=5.0)
+    add_connection_arguments(
+        parser, default_timeout_s=5.0, timeout_help="deadline of the one Check call (not used with --wait)"
+    )
     parser.add_argument(
         "--service", default="", help="the service name to check (default: the server as a whole)"
     )
@@ -85,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     what = f"{args.target}" + (f" service {args.service!r}" if args.service else "")
-    channel = open_channel(args)
+    try:
+        channel = open_channel(args)
+    except (OSError, ValueError) as error:  # an unreadable certificate, a key without its certificate
+        parser.exit(2, f"vae-healthcheck: {error}\n")
     try:
         if args.wait > 0:
             status = wait_for_serving(channel, args.service, args.wait)

@@ -2,9 +2,11 @@
 
 Two of onnxruntime's methods, both keeping the graph's float32 input and output, so the service and
 its clients see no difference but the pixels:
-- `int8-dynamic`: int8 weights, activations quantized per call;
-- `int8-static`: int8 weights per channel and uint8 activations, with scales calibrated on points of
-  the prior that Sample draws from (quantize/dequantize pairs around the float operators).
+- `int8-dynamic`: the dense layer only (MatMul, Gemm) with int8 weights and activations quantized
+  per call; the convolutions stay float32, as onnxruntime's ConvInteger is slower than its Conv;
+- `int8-static`: every operator it can, int8 weights per channel and uint8 activations, with scales
+  calibrated on points of the prior that Sample draws from (quantize/dequantize pairs around the float
+  operators).
 
 An option, never the default: on the CPU measured (docs/BENCHMARKS.md, the int8 lever) neither is
 faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk, and its

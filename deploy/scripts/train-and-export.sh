@@ -1,6 +1,7 @@
 #!/bin/sh
 # The trainer image's entry point (docker compose's `trainer` service): train a model, export it, and
-# publish the bundle into $BUNDLE_DIR in one rename, so that the server never sees half a bundle.
+# publish the bundle into $BUNDLE_DIR by renaming whole folders, so that the server never sees half a
+# bundle (between the two renames, for a moment, it sees none: a start then fails and is retried).
 # Settings come from the environment; arguments are passed on to vae-train.
 set -eu
 

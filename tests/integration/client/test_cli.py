@@ -194,6 +194,16 @@ def test_healthcheck_exits_1_with_a_message_when_nobody_or_nothing_serves(
     assert "no answer within 0.5 s" in capsys.readouterr().err
 
 
+def test_healthcheck_exits_2_naming_a_certificate_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "ca.crt"
+    with pytest.raises(SystemExit) as stopped:
+        healthcheck.main(["--target", f"127.0.0.1:{free_port()}", "--ca-cert", str(missing)])
+    assert stopped.value.code == 2
+    assert str(missing) in capsys.readouterr().err
+
+
 def test_healthcheck_reports_a_draining_server_as_not_serving(
     vae_bundle: Path, start_server_thread: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
 ) -> None:
