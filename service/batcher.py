@@ -46,15 +46,21 @@ InferFn = Callable[[Array], Sequence[Array]]
 class _Request:
     """The rows of one `submit`, split into items of at most max_batch_size rows, answered once."""
 
-    # Set only on the event loop. Worker threads read `done()` to skip cancelled rows: a stale
-    # answer costs at most running rows whose answer is then dropped.
-    future: asyncio.Future[list[Array]]
+    future: asyncio.Future[list[Array]]  # set only on the event loop
     rows: int
+    enqueued_at: float
+    deadline: float | None  # time.monotonic(); None means no deadline
     # The rest is written by whoever holds the batcher's lock.
-    unanswered: int  # items not yet run; 0 once the request is answered or has failed
+    unanswered: int  # items not yet run; 0 once the request is answered, has failed or was cancelled
     queued: int  # rows still counted in the queue: 0 once taken, or once its caller cancelled
     outputs: list[Array] | None = None
     error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Still waiting for its rows to run. A cancel marks the future done before the caller's
+        handler zeroes `unanswered`; the workers read both, a stale read costing one dropped answer."""
+        return self.unanswered > 0 and not self.future.done()
 
 
 @dataclass
@@ -62,8 +68,6 @@ class _Item:
     rows: Array
     request: _Request
     offset: int  # of these rows among the request's
-    enqueued_at: float
-    deadline: float | None  # time.monotonic(); None means no deadline
 
 
 class Batcher:
@@ -125,12 +129,10 @@ class Batcher:
 
     def start(self) -> None:
         """Start the worker threads, and return once they are ready; answers are delivered to the
-        running event loop."""
-        if self._threads:
-            return
+        running event loop. A batcher starts once: a model reload builds new ones."""
+        if self._threads or self._stopping:
+            raise RuntimeError(f"the {self.name} batcher starts once")
         self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        self._idle_workers = 0
         for index in range(self._workers):
             thread = threading.Thread(
                 target=self._work, args=(index,), name=f"{self.name}-{index}", daemon=True
@@ -173,10 +175,13 @@ class Batcher:
             raise InvalidInput("expected at least one row")
         if count > self.max_queue_size:
             raise InvalidInput(f"{count} rows is more than one request may send here ({self.max_queue_size})")
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
         request = _Request(
-            loop.create_future(), count, unanswered=math.ceil(count / self.max_batch_size), queued=count
+            asyncio.get_running_loop().create_future(),
+            count,
+            time.monotonic(),
+            deadline,
+            unanswered=math.ceil(count / self.max_batch_size),
+            queued=count,
         )
         with self._lock:
             if not self._threads or self._stopping:
@@ -187,25 +192,26 @@ class Batcher:
                     "waiting); retry with backoff"
                 )
             for start in range(0, count, self.max_batch_size):
-                item = _Item(rows[start : start + self.max_batch_size], request, start, now, deadline)
-                self._pending.append(item)
+                self._pending.append(_Item(rows[start : start + self.max_batch_size], request, start))
             self._pending_rows += count
-        self._schedule_dispatch(loop)
+        self._schedule_dispatch()
         try:
             return await request.future
         except asyncio.CancelledError:
-            # The future is cancelled too, so the workers skip its rows; they stop counting against
-            # the queue (its limit, its depth) now, not when a worker reaches them.
+            # The workers skip its rows from now on; they stop counting against the queue (its
+            # limit, its depth) now, not when a worker reaches them.
             with self._lock:
                 self._pending_rows -= request.queued
                 request.queued = 0
+                request.unanswered = 0
             raise
 
-    def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _schedule_dispatch(self) -> None:
         """Dispatch once per turn of the loop, after every request and answer of this turn."""
         if not self._dispatch_scheduled:
+            assert self._loop is not None, "submit() needs a started batcher"
             self._dispatch_scheduled = True
-            loop.call_soon(self._dispatch)
+            self._loop.call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         """On the event loop: hand batches to idle workers, following the delay rule.
@@ -225,10 +231,11 @@ class Batcher:
                 return
             while self._pending and self._idle_workers > len(self._handed_out):
                 if self._in_flight and self._pending_rows < self.max_batch_size:
-                    remaining = self._pending[0].enqueued_at + self._delay - time.monotonic()
+                    remaining = self._pending[0].request.enqueued_at + self._delay - time.monotonic()
                     if remaining > 0:
-                        loop = asyncio.get_running_loop()
-                        self._delay_timer = loop.call_later(remaining, self._schedule_dispatch, loop)
+                        self._delay_timer = asyncio.get_running_loop().call_later(
+                            remaining, self._schedule_dispatch
+                        )
                         return
                 batch = self._collect()
                 if batch:
@@ -255,7 +262,7 @@ class Batcher:
         with self._lock:
             self._in_flight.pop(serial, None)
         _answer(answered)
-        self._schedule_dispatch(asyncio.get_running_loop())
+        self._schedule_dispatch()
 
     # --- the worker threads ----------------------------------------------------------------------
 
@@ -287,10 +294,11 @@ class Batcher:
                     return
 
     def _next_batch(self) -> tuple[int, list[_Item]] | None:
-        """The batch the loop handed out, or a full batch straight from the queue; None once stopping.
+        """The batch the loop handed out, or one straight from the queue once a batch's worth of rows
+        waits there; None once stopping.
 
-        A worker that has just finished a call takes a full batch at once, without a trip through
-        the event loop: with batches of max_batch_size, the cores never wait for the loop.
+        A worker that has just finished a call takes the next batch at once, without a trip through
+        the event loop: while the queue holds max_batch_size rows, the cores never wait for the loop.
         """
         with self._lock:
             while not self._stopping:
@@ -321,18 +329,19 @@ class Batcher:
         now = time.monotonic()
         while self._pending:
             item = self._pending[0]
-            alive = not item.request.future.done()  # done here means cancelled by its caller
-            if alive and item.deadline is not None and now >= item.deadline:
+            request = item.request
+            alive = request.alive
+            if alive and request.deadline is not None and now >= request.deadline:
                 expired.append(item)
                 alive = False
             if alive and rows + len(item.rows) > max_rows:
                 break
             self._pending.popleft()
-            if item.request.queued:  # 0: written off already, when its caller cancelled
-                item.request.queued -= len(item.rows)
+            if request.queued:  # 0: written off already, when its caller cancelled
+                request.queued -= len(item.rows)
                 self._pending_rows -= len(item.rows)
             if alive:
-                self._queue_wait.observe(now - item.enqueued_at)
+                self._queue_wait.observe(now - request.enqueued_at)
                 batch.append(item)
                 rows += len(item.rows)
         if expired and self._loop is not None:

@@ -82,13 +82,8 @@ def check_output_dtype(output_dtype: int) -> None:
 
 def images_as(images: npt.NDArray[np.float32], output_dtype: int) -> npt.NDArray[np.generic]:
     """Images in [0,1] as the dtype a request asked for: FLOAT32 as they are, UINT8 as round(255 p)."""
-    if output_dtype in (vae_pb2.DATA_TYPE_UNSPECIFIED, FLOAT32):
-        return images
-    if output_dtype == UINT8:
-        return unit_to_bytes(images)
-    raise InvalidInput(
-        f"output_dtype: unknown value {output_dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
-    )
+    check_output_dtype(output_dtype)
+    return unit_to_bytes(images) if output_dtype == UINT8 else images
 
 
 def unit_to_bytes(images: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:

@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    max_batch_size: int = 16
-    max_queue_delay_s: float = 0.002
-    max_queue_size: int = 4096
-    max_samples: int = 1024
-    max_concurrent_batches: int = 1
-    worker_nice: int = 0
-    worker_cpus: tuple[int, ...] = ()
+    """What the batchers and Sample are held to; vae-serve's flags (service/settings.py) fill it."""
+
+    max_batch_size: int
+    max_queue_delay_s: float
+    max_queue_size: int
+    max_samples: int
+    max_concurrent_batches: int
+    worker_nice: int
+    worker_cpus: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -56,26 +58,26 @@ def deadline_after(seconds: float | None) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
-def images_to_float(images: npt.NDArray[np.generic], name: str = "images") -> Float32Array:
+def images_to_float(images: npt.NDArray[np.generic]) -> Float32Array:
     """Images [N,1,28,28] or [N,28,28], FLOAT32 in [0,1] or UINT8, as float32 [N,1,28,28]."""
     shape = images.shape
     if not (
         (len(shape) == 4 and shape[1:] == IMAGE_SHAPE) or (len(shape) == 3 and shape[1:] == IMAGE_SHAPE[1:])
     ):
         raise InvalidInput(
-            f"{name}: shape {list(shape)}; expected [N, {', '.join(map(str, IMAGE_SHAPE))}] "
+            f"images: shape {list(shape)}; expected [N, {', '.join(map(str, IMAGE_SHAPE))}] "
             f"or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
         )
     if shape[0] == 0:
-        raise InvalidInput(f"{name}: empty batch; expected at least one image")
+        raise InvalidInput("images: empty batch; expected at least one image")
     if images.dtype == np.uint8:
         return codec.bytes_to_unit(images).reshape(-1, *IMAGE_SHAPE)
     floats = images.astype(np.float32, copy=False)
     low, high = float(floats.min()), float(floats.max())
     if not (np.isfinite(low) and np.isfinite(high)):
-        raise InvalidInput(f"{name}: contains NaN or Inf; expected pixel values in [0, 1]")
+        raise InvalidInput("images: contains NaN or Inf; expected pixel values in [0, 1]")
     if low < 0.0 or high > 1.0:
-        raise InvalidInput(f"{name}: values span [{low:g}, {high:g}]; expected pixel values in [0, 1]")
+        raise InvalidInput(f"images: values span [{low:g}, {high:g}]; expected pixel values in [0, 1]")
     return floats.reshape(-1, *IMAGE_SHAPE)
 
 
@@ -86,24 +88,22 @@ MAX_ABS_LATENT = 1e6
 MAX_TEMPERATURE = 1e5
 
 
-def latents_to_float(
-    latents: npt.NDArray[np.generic], latent_dim: int, name: str = "latents"
-) -> Float32Array:
-    """Latent codes [N,D], FLOAT32 and finite."""
+def checked_latents(latents: npt.NDArray[np.generic], latent_dim: int) -> Float32Array:
+    """`latents` once checked to be codes the decoder takes: [N,D], FLOAT32, finite, not too large."""
     if latents.dtype != np.float32:
-        raise InvalidInput(f"{name}: dtype {latents.dtype}; expected DATA_TYPE_FLOAT32")
+        raise InvalidInput(f"latents: dtype {latents.dtype}; expected DATA_TYPE_FLOAT32")
     if latents.ndim != 2 or latents.shape[1] != latent_dim:
-        raise InvalidInput(f"{name}: shape {list(latents.shape)}; expected [N, {latent_dim}]")
+        raise InvalidInput(f"latents: shape {list(latents.shape)}; expected [N, {latent_dim}]")
     if latents.shape[0] == 0:
-        raise InvalidInput(f"{name}: empty batch; expected at least one latent code")
+        raise InvalidInput("latents: empty batch; expected at least one latent code")
     if not np.isfinite(latents).all():
-        raise InvalidInput(f"{name}: contains NaN or Inf; expected finite values")
+        raise InvalidInput("latents: contains NaN or Inf; expected finite values")
     largest = float(np.abs(latents).max())
     if largest > MAX_ABS_LATENT:
         raise InvalidInput(
-            f"{name}: |z| reaches {largest:g}; expected at most {MAX_ABS_LATENT:g} (the prior is N(0, I))"
+            f"latents: |z| reaches {largest:g}; expected at most {MAX_ABS_LATENT:g} (the prior is N(0, I))"
         )
-    return latents.astype(np.float32, copy=False)
+    return latents.astype(np.float32, copy=False)  # for the type checker: float32 already
 
 
 def draw_latents(num_samples: int, latent_dim: int, seed: int, temperature: float) -> Float32Array:

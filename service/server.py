@@ -58,7 +58,7 @@ class VaeServer:
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else ServiceMetrics.create()
-        self.servicer = VaeServicer(self.metrics, settings.max_batch_size, settings.max_samples)
+        self.servicer = VaeServicer(self.metrics)
         self.health = health.aio.HealthServicer()
         self.model: VaeModel | None = None
         self.port = 0
@@ -145,7 +145,8 @@ class VaeServer:
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain, give in-flight requests `grace_s` (default: the settings'), then stop everything."""
+        """Drain, give in-flight requests `grace_s` (default: the settings'), then stop everything.
+        Calls that end just inside the grace get up to ANSWERS_LEAVE_S more for their answers to leave."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
         ends = loop.time() + grace
@@ -171,7 +172,7 @@ class VaeServer:
         and drop what was not yet sent, the last answer included. So GOAWAY comes after the answers.
         """
         try:
-            await asyncio.wait_for(self.servicer.answered(), grace)
+            await asyncio.wait_for(self.servicer.wait_until_idle(), grace)
         except TimeoutError:
             return  # gRPC's own grace (what is left of it) cancels what still runs
         await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))

@@ -1,8 +1,8 @@
 """vae.v1.VaeService on grpc.aio: requests -> arrays -> the model -> responses.
 
 Each method is thin: it decodes tensors with the codec, awaits one call of the model, and builds the
-response. Domain errors become status codes in one table, `STATUS_CODES`, applied by one decorator
-that also records the request metrics.
+response. Domain errors become status codes in one table, `STATUS_CODES`, applied by `_observe` and
+`_observe_stream`, which wrap every method and also record the request metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from service import codec
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ServiceError
 from service.metrics import ServiceMetrics
-from service.model import VaeModel, deadline_after, images_to_float, latents_to_float
+from service.model import VaeModel, checked_latents, deadline_after, images_to_float
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
 # EncodeStream: how many requests of one stream may be in the batcher at once, so that a fast
 # client cannot queue without bound, while a few in flight still fill batches.
 ENCODE_STREAM_LOOKAHEAD = 4
+# And at most this fraction of the encoder's queue in rows (a larger request runs alone): a stream
+# of big requests must not fill the queue, and be refused, by itself.
+ENCODE_STREAM_QUEUE_FRACTION = 0.25
 # SampleStream: chunks being decoded ahead of the one being sent.
 SAMPLE_STREAM_LOOKAHEAD = 2
-# And at most this share of the encoder's queue in rows (a larger request runs alone): a stream of
-# big requests must not fill the queue, and be refused, by itself.
-ENCODE_STREAM_QUEUE_SHARE = 4
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -61,14 +61,12 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     """The six RPCs of the contract; refuses requests (UNAVAILABLE) until a model is attached, and
     again once draining starts."""
 
-    def __init__(self, metrics: ServiceMetrics, max_batch_size: int, max_samples: int) -> None:
+    def __init__(self, metrics: ServiceMetrics) -> None:
         self.model: VaeModel | None = None
         self._draining = asyncio.Event()
         # Set when a drain's grace period has run out: gRPC cuts what still runs, with UNAVAILABLE.
         self.grace_over = False
         self.metrics = metrics
-        self._max_batch_size = max_batch_size
-        self._max_samples = max_samples
         # Calls being answered: a drain waits for them before gRPC closes the connections.
         self._calls = 0
         self._no_calls = asyncio.Event()
@@ -85,7 +83,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         """From now on new requests get UNAVAILABLE, and so does a stream waiting for its next one."""
         self._draining.set()
 
-    async def answered(self) -> None:
+    async def wait_until_idle(self) -> None:
         """Return once no call is being answered."""
         await self._no_calls.wait()
 
@@ -137,7 +135,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         codec.check_output_dtype(request.output_dtype)
         if not request.HasField("latents"):
             raise InvalidInput(f"latents: missing; expected a FLOAT32 Tensor [N, {model.spec.latent_dim}]")
-        latents = latents_to_float(codec.from_tensor(request.latents, "latents"), model.spec.latent_dim)
+        latents = checked_latents(codec.from_tensor(request.latents, "latents"), model.spec.latent_dim)
         images = await model.decode(latents, deadline_after(context.time_remaining()))
         self._count_items("Decode", len(latents))
         return vae_pb2.DecodeResponse(images=_images_tensor(images, request.output_dtype))
@@ -182,8 +180,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             latent_dim=spec.latent_dim,
             image_shape=spec.image_shape,
             execution_provider=model.execution_provider,
-            max_batch_size=self._max_batch_size,
-            max_samples=self._max_samples,
+            max_batch_size=model.batching.max_batch_size,
+            max_samples=model.batching.max_samples,
             encoder_sha256=spec.encoder.sha256,
             decoder_sha256=spec.decoder.sha256,
             decoder_precision=spec.decoder.precision,
@@ -222,7 +220,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                 images = _images_of(_parsed(request))
                 yield len(images), functools.partial(encode, images)
 
-        max_rows = model.encoder.max_queue_size // ENCODE_STREAM_QUEUE_SHARE
+        max_rows = int(model.encoder.max_queue_size * ENCODE_STREAM_QUEUE_FRACTION)
         async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD, max_rows):
             yield response
 
@@ -230,7 +228,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         """A stream's next request, None at its end, or ModelNotReady once draining starts, even while
         it waits: the drain answers what is in flight and sends the rest elsewhere, instead of being
         held open for its whole grace period by a job's stream that has nothing more to send yet."""
-        self._ready_model()
+        if self.draining:
+            raise ModelNotReady(SHUTTING_DOWN)
         next_request = asyncio.ensure_future(anext(requests, None))
         drain = asyncio.ensure_future(self._draining.wait())
         try:
@@ -261,7 +260,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         codec.check_output_dtype(request.output_dtype)
         # Drawn whole and then cut, so the chunks concatenate to exactly the unary Sample's answer.
         latents, used_seed = model.sample_latents(request.num_samples, _seed_of(request), request.temperature)
-        chunk = request.chunk_size or self._max_batch_size
+        chunk = request.chunk_size or model.batching.max_batch_size
         deadline = deadline_after(context.time_remaining())
 
         async def decode(offset: int) -> vae_pb2.SampleResponse:
@@ -387,7 +386,8 @@ async def _in_order(
                 count, start = call
                 await rows.take(count)
                 started.put_nowait((count, asyncio.ensure_future(start())))
-        except Exception as error:  # the request stream broke: the answerer raises it in its turn
+        except Exception as error:  # reading or checking the next request failed (bad input, a drain,
+            # a broken stream): the answerer raises it in its turn
             failed: asyncio.Future[Response] = loop.create_future()
             failed.set_exception(error)
             started.put_nowait((0, failed))
@@ -465,7 +465,7 @@ async def _observe(
     finally:
         servicer._call_ended()
         if code is not None:
-            _record(servicer, rpc, code, started)
+            _count_request(servicer, rpc, code, started)
 
 
 async def _observe_stream(
@@ -487,7 +487,7 @@ async def _observe_stream(
     finally:
         servicer._call_ended()
         if code is not None:
-            _record(servicer, rpc, code, started)
+            _count_request(servicer, rpc, code, started)
 
 
 async def _abort(
@@ -500,11 +500,11 @@ async def _abort(
     else:
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-    _record(servicer, rpc, code, started)
+    _count_request(servicer, rpc, code, started)
     await context.abort(code, message)
 
 
-def _record(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:
+def _count_request(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:
     metrics = servicer.metrics
     metrics.requests.labels(rpc, code.name).inc()
     metrics.request_duration.labels(rpc).observe(time.perf_counter() - started)

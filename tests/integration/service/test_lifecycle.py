@@ -196,7 +196,7 @@ def test_a_drain_ends_an_encode_stream_once_it_has_answered_what_it_started(
             next(stream)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (ended.value.details() or "")
-        server.call(asyncio.wait_for(server.server.servicer.answered(), 10))  # nothing holds the drain
+        server.call(asyncio.wait_for(server.server.servicer.wait_until_idle(), 10))  # nothing holds the drain
 
 
 def test_a_drain_ends_an_encode_stream_that_waits_for_its_next_request_at_once(
@@ -215,7 +215,7 @@ def test_a_drain_ends_an_encode_stream_that_waits_for_its_next_request_at_once(
             next(stream)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (ended.value.details() or "")
-        server.call(asyncio.wait_for(server.server.servicer.answered(), 10))
+        server.call(asyncio.wait_for(server.server.servicer.wait_until_idle(), 10))
         requests.put(None)
 
 

@@ -532,6 +532,27 @@ def test_a_split_request_fails_once_with_the_error_of_its_failed_part_and_the_ba
     np.testing.assert_array_equal(doubled, rows(3) * 2)
 
 
+def test_the_parts_of_a_split_request_left_after_one_failed_are_not_run() -> None:
+    calls: list[int] = []
+
+    def fails_on_the_first_call(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("onnxruntime exploded")
+        return [batch * 2]
+
+    async def scenario() -> None:
+        batcher = make_batcher(fails_on_the_first_call, max_queue_delay_s=0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(rows(24))  # parts of 8: the worker takes the next one itself
+        await batcher.submit(rows(3))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls == [8, 3]
+
+
 def test_outputs_of_the_wrong_length_fail_their_batch_and_the_worker_goes_on() -> None:
     """Whatever goes wrong around the call fails its requests; a dead worker would hang the rest."""
     calls: list[int] = []
@@ -615,6 +636,19 @@ def test_a_stopped_batcher_refuses_new_rows_as_not_ready() -> None:
 
     asyncio.run(scenario())
     assert infer.calls == []
+
+
+def test_a_batcher_starts_once_even_after_a_stop() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(Doubler())
+        batcher.start()
+        with pytest.raises(RuntimeError, match="starts once"):
+            batcher.start()
+        await batcher.stop()
+        with pytest.raises(RuntimeError, match="starts once"):
+            batcher.start()
+
+    asyncio.run(scenario())
 
 
 def test_batch_metrics_are_recorded_per_graph() -> None:

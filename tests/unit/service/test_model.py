@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidInput
-from service.model import draw_latents, images_to_float, latents_to_float
+from service.model import checked_latents, draw_latents, images_to_float
 
 
 def test_the_same_seed_draws_the_same_bytes() -> None:
@@ -65,5 +65,5 @@ def test_bad_images_are_refused(images: np.ndarray, message: str) -> None:
 )
 def test_bad_latents_are_refused(latents: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidInput) as error:
-        latents_to_float(latents, latent_dim=2)
+        checked_latents(latents, latent_dim=2)
     assert message in str(error.value)

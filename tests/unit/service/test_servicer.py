@@ -101,7 +101,7 @@ def test_a_call_cut_when_a_drains_grace_period_ran_out_counts_as_unavailable_as_
 
 def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> None:
     """gRPC closes a stream's generator when its client goes away while an answer is being written."""
-    servicer = VaeServicer(ServiceMetrics.create(process=False), max_batch_size=16, max_samples=16)
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
 
     async def answers() -> AsyncIterator[int]:
         for i in range(3):
@@ -111,7 +111,7 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
         stream = _observe_stream(servicer, "EncodeStream", _Remaining(None), answers())
         assert await anext(stream) == 0
         await stream.aclose()  # what gRPC does to a stream whose client went away
-        await asyncio.wait_for(servicer.answered(), 10)  # and the drain does not wait for it
+        await asyncio.wait_for(servicer.wait_until_idle(), 10)  # and the drain does not wait for it
 
     asyncio.run(scenario())
     requests = servicer.metrics.registry.get_sample_value
