@@ -117,7 +117,12 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_output(args.out, (".npy",))
     _check_output(args.log_var_out, (".npy",))
-    inputs = [read_images(path).images for path in args.input]
+    inputs = []
+    for path in args.input:
+        source = read_images(path, skip_bad=args.skip_bad)
+        for name, reason in source.rejected:
+            print(f"vae-client: skipped {name}: {reason}", file=sys.stderr)
+        inputs.append(source.images)
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
     chunks = (
@@ -173,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, default=64, help="how many images (default 64)")
     sample.add_argument("--seed", type=int, help="the seed (default: the server picks one and says which)")
     sample.add_argument("--temperature", type=float, default=1.0, help="the prior's std (default 1)")
-    sample.add_argument("--dtype", choices=["float32", "uint8"], default="uint8", help="images on the wire")
-    sample.add_argument("--columns", type=int, help="images per row of the grid")
+    sample.add_argument(
+        "--dtype", choices=["float32", "uint8"], default="uint8", help="images on the wire (default uint8)"
+    )
+    sample.add_argument("--columns", type=int, help="images per row of the grid (default: a square grid)")
     sample.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
     sample.set_defaults(run=_sample)
 
@@ -185,12 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", type=Path, required=True, help="the means [N,D] as .npy")
     encode.add_argument("--log-var-out", type=Path, help="also write the log-variances [N,D] here")
     encode.add_argument("--batch-size", type=int, default=256, help="images per request (default 256)")
+    encode.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out the files of a PNG folder that are not 28x28 grey images, naming each on stderr",
+    )
     encode.set_defaults(run=_encode)
 
     decode = command("decode", "decode latent codes [N,D] from a .npy file to images")
     decode.add_argument("--input", type=Path, required=True, help="latents.npy, float [N,D]")
-    decode.add_argument("--dtype", choices=["float32", "uint8"], default="float32", help="images on the wire")
-    decode.add_argument("--columns", type=int, help="images per row of the grid")
+    decode.add_argument(
+        "--dtype",
+        choices=["float32", "uint8"],
+        default="float32",
+        help="images on the wire (default float32)",
+    )
+    decode.add_argument("--columns", type=int, help="images per row of the grid (default: a square grid)")
     decode.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
     decode.set_defaults(run=_decode)
 

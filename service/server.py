@@ -111,7 +111,7 @@ class VaeServer:
             raise OSError(f"cannot bind the metrics port {settings.metrics_port}: {error}") from error
         self.metrics_port = self._metrics_http.port
         log.info(
-            "gRPC (%s) on %s:%d, metrics (plain HTTP) on %s:%d/metrics",
+            "gRPC (%s) on %s:%d, metrics (plain HTTP) on %s:%d/metrics; NOT_SERVING until the model loads",
             settings.tls_mode,
             settings.host,
             self.port,

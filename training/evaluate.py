@@ -43,7 +43,7 @@ from training.data import DATASETS, ImageSet, load_test_set, load_training_split
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
 from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics
-from training.train import resolve_device
+from training.train import DefaultsHelpFormatter, resolve_device
 
 RANDOM_POINTS = 1_000
 BATCH_SIZE = 500
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vae-evaluate",
         description="Evaluate run directories on a test set: the ELBO, an importance-weighted -log p(x), "
         "the essay's three limitations measured, and figures in RUN_DIR/figures/. JSON on stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument(

@@ -309,13 +309,22 @@ def _result(model: nn.Module, averaged: AveragedModel | None) -> nn.Module:
     return result
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one to show (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="vae-train",
         description="Train the VAE (or the plain AE) and write a run directory: config.json, "
         "checkpoint.pt (a weights-only state_dict) and metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", choices=("vae", "ae"), default=defaults.model.kind, help="what to train")
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset, help="training data")

@@ -97,6 +97,30 @@ def test_encode_takes_uint8_and_float32_inputs_in_one_call(
     np.testing.assert_array_equal(mean[:3], mean[3:])  # the same images, as bytes and as [0,1] floats
 
 
+def test_encode_skip_bad_leaves_out_the_bad_files_of_a_png_folder_and_names_them(
+    vae_server: ServerThread, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(digits[i, 0]).save(folder / f"digit-{i}.png")
+    Image.new("RGB", (28, 28)).save(folder / "colour.png")
+    command = [
+        "encode",
+        "--target",
+        vae_server.target,
+        "--input",
+        str(folder),
+        "--out",
+        str(tmp_path / "m.npy"),
+    ]
+    assert cli.main(command) == 2
+    assert "pass --skip-bad" in capsys.readouterr().err
+    assert cli.main([*command, "--skip-bad"]) == 0
+    assert "skipped colour.png" in capsys.readouterr().err
+    assert np.load(tmp_path / "m.npy").shape == (2, 2)
+
+
 def test_a_refused_call_exits_1_with_the_servers_message(
     vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
