@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             version=args.version,
             quantize_decoder=args.quantize_decoder,
         )
-    except (ExportError, BundleError) as error:
+    except (ExportError, BundleError, ValueError, OSError) as error:  # a broken metrics.json, a full disk
         print(f"vae-export: {error}", file=sys.stderr)
         return 1
     summary = {

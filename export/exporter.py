@@ -47,7 +47,7 @@ from service.bundle import (
 )
 from service.errors import BundleError
 from training.models import VAE, AutoEncoder
-from training.run import load_metrics, load_run
+from training.run import load_metrics, load_run, write_text_atomic
 
 # Pinned so that a bundle's graphs do not change with the torch version; recorded in model.json.
 OPSET = 18
@@ -164,8 +164,6 @@ def export_run(
         config, model = load_run(run_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
-    if not isinstance(model, AutoEncoder | VAE):
-        raise ExportError(f"{run_dir}: expected an AutoEncoder or a VAE, got {type(model).__name__}")
     kind = config.model.kind
     latent_dim = config.model.latent_dim
     signatures = expected_signatures(kind, latent_dim)
@@ -219,9 +217,7 @@ def export_run(
             **({"decoder_quantization": quantization} if quantization else {}),
         },
     )
-    tmp = bundle_dir / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(bundle.to_dict(), indent=2) + "\n")
-    tmp.replace(bundle_dir / MODEL_JSON)
+    write_text_atomic(bundle_dir / MODEL_JSON, json.dumps(bundle.to_dict(), indent=2) + "\n")
     # The consumer's own loader is the final word on whether the bundle is valid.
     ModelBundle.load(bundle_dir)
     return bundle

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -109,12 +108,6 @@ def load_test_set(
     if limit is not None and limit < len(test):
         test = test.subset(np.sort(np.random.default_rng(SPLIT_SEED + 2).permutation(len(test))[:limit]))
     return test
-
-
-def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Consecutive slices of at most batch_size rows."""
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
 
 
 def mnist_5k_path() -> Path:

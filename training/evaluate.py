@@ -42,7 +42,7 @@ from training import figures
 from training.data import DATASETS, ImageSet, load_test_set, load_training_splits
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
-from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics
+from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics, write_text_atomic
 from training.train import DefaultsHelpFormatter, resolve_device
 
 RANDOM_POINTS = 1_000
@@ -326,8 +326,6 @@ class Evaluator:
     def evaluate(self, run_dir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         config, model = load_run(run_dir, self.device)
-        if not isinstance(model, AutoEncoder | VAE):
-            raise TypeError(f"{run_dir}: expected an AE or a VAE, got {type(model).__name__}")
         test_name, test_dir, test = self.test_set(config)
         train, _ = load_training_splits(
             config.dataset,
@@ -499,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
+            write_text_atomic(args.json, text + "\n")
         except OSError as error:
             parser.exit(2, f"vae-evaluate: error: --json {args.json}: {error}\n")
     return 0

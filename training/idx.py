@@ -26,6 +26,8 @@ IDX_DTYPES: dict[int, np.dtype[np.generic]] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# Four bytes, then a uint32 for each of at most 255 dimensions.
+_LONGEST_HEADER = 4 + 4 * 255
 
 
 class IdxFormatError(ValueError):
@@ -51,9 +53,6 @@ def read_idx(path: Path, *, mmap: bool = False) -> np.ndarray:
     shape, dtype, header_size = _parse_header(path, data, len(data))
     array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
     return array.astype(dtype.newbyteorder("="))
-
-
-_LONGEST_HEADER = 4 + 4 * 255
 
 
 def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -11,6 +11,7 @@ VAE share every layer but the encoder's head: the VAE adds a second head for the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +48,15 @@ class ModelConfig:
             raise ValueError("decoder_channels and decoder_strides must have the same length")
         if self.decoder_channels[-1] != IMAGE_SHAPE[0]:
             raise ValueError(f"the last decoder layer must have {IMAGE_SHAPE[0]} channel(s)")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:  # padding kernel_size // 2 keeps the side
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        features = _feature_shape(self)[1]
+        side = features * math.prod(self.decoder_strides)
+        if side != IMAGE_SHAPE[1]:
+            raise ValueError(
+                f"decoder_strides {list(self.decoder_strides)} grow the encoder's {features}x{features} "
+                f"features to {side}x{side} images; expected {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}"
+            )
         if not 0.0 <= self.dropout < 1.0:  # NaN fails too
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

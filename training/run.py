@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from training.models import ModelConfig, build_model
+from training.models import VAE, AutoEncoder, ModelConfig, build_model
 
 Likelihood = Literal["bernoulli", "gaussian"]
 LrSchedule = Literal["constant", "cosine", "onecycle"]
@@ -138,7 +138,7 @@ def save_config(run_dir: Path, config: TrainConfig) -> None:
     if (run_dir / CONFIG_FILE).is_file():  # an earlier run's folder; any other keeps its files
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / FIGURES_DIR, ignore_errors=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_config(run_dir: Path) -> TrainConfig:
@@ -156,7 +156,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module) -> None:
     tmp.replace(run_dir / CHECKPOINT_FILE)
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, nn.Module]:
+def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainConfig, AutoEncoder | VAE]:
     """The run's config and its model with trained weights, in eval mode.
 
     Raises FileNotFoundError for a run without weights, ValueError for weights that are not a
@@ -187,8 +187,13 @@ def load_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def save_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Written whole to a temporary file and renamed, so a reader never sees half a file."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(run_dir / METRICS_FILE)
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Written whole to a temporary file beside `path` and renamed over it: a reader, or a crash,
+    never sees half a file, and the file it replaces stays whole until then."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -164,7 +164,7 @@ def training_loss(
 
 @torch.no_grad()
 def validation_losses(
-    model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device, seed: int = 0
+    model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device
 ) -> dict[str, float]:
     """Mean loss, reconstruction and KL over `images`, with beta = 1 (the negative ELBO for the VAE).
 
@@ -172,7 +172,7 @@ def validation_losses(
     same and validation leaves the training's random stream alone.
     """
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(0)
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
     for start in range(0, len(images), EVAL_BATCH_SIZE):
         x = torch.from_numpy(images[start : start + EVAL_BATCH_SIZE]).to(device)
@@ -207,15 +207,12 @@ def train(
         config.dataset, data_dir, validation_fraction=config.validation_fraction, limit=config.limit
     )
     torch.manual_seed(config.seed)
-    shuffle = torch.Generator().manual_seed(config.seed)
+    data_rng = torch.Generator().manual_seed(config.seed)
     model = build_model(config.model).to(torch_device)
-    optimizer: torch.optim.Optimizer
-    if config.weight_decay > 0:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # With weight_decay 0 this is Adam, to the bit.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     # Buffers too, so that batch norm's running statistics belong to the averaged weights.
     averaged = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
@@ -223,8 +220,7 @@ def train(
         else None
     )
     images = torch.from_numpy(train_set.images)
-    # A last batch of one image is dropped: batch norm cannot normalise a single row.
-    steps_per_epoch = max(1, len(images) // config.batch_size + (len(images) % config.batch_size > 1))
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
     scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
     save_config(out_dir, config)
 
@@ -240,7 +236,7 @@ def train(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(images), generator=shuffle)
+        order = torch.randperm(len(images), generator=data_rng)
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
         seen = 0
         bar = tqdm(
@@ -254,12 +250,12 @@ def train(
         beta = config.beta
         for index in bar:
             batch = images[order[index * config.batch_size : (index + 1) * config.batch_size]]
-            x = random_shift(batch, config.shift_pixels, shuffle)
+            x = random_shift(batch, config.shift_pixels, data_rng)
             if config.binarize:
-                x = dynamic_binarize(x, shuffle)
+                x = dynamic_binarize(x, data_rng)
             x = x.to(torch_device)
             beta = kl_weight(config, step, steps_per_epoch)
-            terms, loss = training_loss(model, x, config, beta, shuffle)
+            terms, loss = training_loss(model, x, config, beta, data_rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -295,7 +291,7 @@ def train(
         bar.set_postfix(loss=f"{record['train_loss']:.2f}", val=f"{record['val_loss']:.2f}")
         bar.close()
     metrics["train_seconds"] = time.perf_counter() - started
-    metrics["final"] = dict(history[-1]) if history else {}
+    metrics["final"] = dict(history[-1])
     save_checkpoint(out_dir, _result(model, averaged).cpu())
     save_metrics(out_dir, metrics)
     return metrics

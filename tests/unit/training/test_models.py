@@ -37,3 +37,21 @@ def test_the_config_survives_a_json_round_trip_and_rejects_bad_values() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="latent_dim"):
         ModelConfig(latent_dim=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kernel_size": 4}, "kernel_size must be odd"),
+        (
+            {"decoder_strides": (1, 2, 1, 1)},
+            r"grow the encoder's 7x7 features to 14x14 images; expected 28x28",
+        ),
+        ({"encoder_strides": (2, 2, 2, 1)}, r"4x4 features to 16x16"),
+    ],
+)
+def test_a_config_whose_layers_cannot_make_28x28_images_is_refused_before_any_training(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**options)  # type: ignore[arg-type]
