@@ -30,7 +30,7 @@ DEFAULT_TARGET = "localhost:50051"
 def add_connection_arguments(
     parser: argparse.ArgumentParser,
     default_timeout_s: float = 30.0,
-    timeout_help: str = "deadline of each unary call; an encode stream has none",
+    timeout_help: str = "deadline of each attempt of a call; an encode stream has none",
 ) -> None:
     """The flags that say where the server is and how to reach it, shared by every client command."""
     group = parser.add_argument_group("connection")
@@ -117,6 +117,8 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_output(args.out, (".npy",))
     _check_output(args.log_var_out, (".npy",))
+    if args.log_var_out is not None and client.model_info().kind != "vae":
+        raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     inputs = []
     for path in args.input:
         source = read_images(path, skip_bad=args.skip_bad)

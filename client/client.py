@@ -218,7 +218,7 @@ class _Retrier:
 
 
 @dataclass
-class _Channel:
+class _Settings:
     """What both clients share: the channel's settings and the retry counter."""
 
     target: str
@@ -247,6 +247,32 @@ class _Channel:
     def timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
 
+    def open(self, grpc_module: Any) -> Any:
+        """A channel from `grpc_module` (grpc or grpc.aio) with these settings."""
+        if self.tls is None:
+            return grpc_module.insecure_channel(self.target, options=self.options())
+        return grpc_module.secure_channel(self.target, self.tls.credentials(), options=self.options())
+
+
+@dataclass
+class _SampleResume:
+    """What a SampleStream retry must ask for so that the caller sees each image once."""
+
+    request: vae_pb2.SampleRequest
+    delivered: int = 0
+
+    def accept(self, response: vae_pb2.SampleResponse) -> SampleResult | None:
+        """The chunk to yield, or None for one a retried stream had already delivered."""
+        # The first answer fixes the seed and the chunk size, so a retry (maybe on a replica of
+        # another default chunk size) redraws and cuts the same images.
+        self.request.seed = response.seed
+        if response.offset < self.delivered:
+            return None
+        result = sample_result(response, "SampleStream")
+        self.request.chunk_size = self.request.chunk_size or len(result.images)
+        self.delivered = result.offset + len(result.images)
+        return result
+
 
 class VaeClient:
     """A synchronous client of VaeService.
@@ -254,8 +280,10 @@ class VaeClient:
     >>> with VaeClient("localhost:50051") as client:  # doctest: +SKIP
     ...     grid = client.sample(16, seed=1).images  # [16,1,28,28] float32 in [0,1]
 
-    Every call takes `timeout_s` (the deadline of each attempt; None means the client's default) and
-    is retried as `retry` says. `retries` counts the retries made so far, for reports.
+    Every call takes `timeout_s` (the deadline of each attempt; None means the client's default, but
+    no deadline for `encode_stream`, whose length is the input's) and is retried as `retry` says, so
+    a call may take up to `retry.max_attempts` times its deadline, plus the pauses. `retries` counts
+    the retries made so far, for reports.
     """
 
     def __init__(
@@ -268,12 +296,10 @@ class VaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _Channel(target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes)
-        options = self._settings.options()
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        self._settings = _Settings(
+            target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
+        )
+        self._channel = self._settings.open(grpc)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     @property
@@ -367,23 +393,16 @@ class VaeClient:
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
         retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
-        delivered = 0
+        resume = _SampleResume(request)
         while True:
             call = self._stub.SampleStream(
                 request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
             )
             try:
                 for response in call:
-                    # The first answer fixes the seed, so a retry redraws the same images.
-                    request.seed = response.seed
-                    if response.offset < delivered:
-                        continue
-                    result = sample_result(response, "SampleStream")
-                    # And its size the chunks': a retry on a replica of another default cuts the same.
-                    request.chunk_size = request.chunk_size or len(result.images)
-                    delivered = result.offset + len(result.images)
-                    retrier.failures = 0
-                    yield result
+                    if (result := resume.accept(response)) is not None:
+                        retrier.failures = 0
+                        yield result
                 return
             except grpc.RpcError as error:
                 pause = retrier.pause_or_raise(error)
@@ -454,7 +473,7 @@ class VaeClient:
             except grpc.RpcError as error:
                 pause = retrier.pause_or_raise(error)
             else:
-                continue
+                return
             finally:
                 requests.put(None)  # lets grpc's request thread finish
                 call.cancel()
@@ -489,12 +508,10 @@ class AsyncVaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _Channel(target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes)
-        options = self._settings.options()
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
+        self._settings = _Settings(
+            target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
+        )
+        self._channel = self._settings.open(grpc.aio)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     @property
@@ -583,22 +600,16 @@ class AsyncVaeClient:
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
         retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
-        delivered = 0
+        resume = _SampleResume(request)
         while True:
             call = self._stub.SampleStream(
                 request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
             )
             try:
                 async for response in call:
-                    request.seed = response.seed
-                    if response.offset < delivered:
-                        continue
-                    result = sample_result(response, "SampleStream")
-                    # And its size the chunks': a retry on a replica of another default cuts the same.
-                    request.chunk_size = request.chunk_size or len(result.images)
-                    delivered = result.offset + len(result.images)
-                    retrier.failures = 0
-                    yield result
+                    if (result := resume.accept(response)) is not None:
+                        retrier.failures = 0
+                        yield result
                 return
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
@@ -666,7 +677,7 @@ class AsyncVaeClient:
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
             else:
-                continue
+                return
             finally:
                 requests.put_nowait(None)  # ends grpc's reading of the requests
                 call.cancel()

@@ -20,9 +20,11 @@ sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-0000I-of-0
 manifest that lists them.
 
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
-stops the job with the server's message. Exit status: 0 done, 1 the service failed the job, 2 bad
-arguments, input or output directory, or a model other than the one the output was begun with (a
-rolling update reached mid-job): running again cannot help until the output or the model changes.
+stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
+shard could not be written mid-job (a full disk, a volume error), which a run with --resume picks up
+from the last committed shard; 2 bad arguments, input or output directory, or a model other than the
+one the output was begun with (a rolling update reached mid-job): running again cannot help until
+the output or the model changes.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class JobError(Exception):
     """The job refuses to run as asked (a resume that would mix outputs, a non-empty directory...)."""
 
 
+class WriteFailed(Exception):
+    """A shard or the manifest could not be written once the job was under way; what was committed
+    before it stays, and a retry with --resume goes on from there."""
+
+
 @contextlib.contextmanager
 def writing(directory: Path, log: TextIO) -> Iterator[None]:
     """Hold `directory` for one writer. A second job on the same folder (a Kubernetes Indexed Job may
@@ -89,7 +96,9 @@ def writing(directory: Path, log: TextIO) -> Iterator[None]:
         except BlockingIOError:
             print(f"vae-encode-job: waiting for the other job writing {directory}", file=log, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as error:  # a volume without locks: as before there were any
+        except OSError as error:  # a volume without locks (some NFS setups): better than no job at all
+            # Unlocked, two jobs on one folder share the temporary files' names and may each delete
+            # the other's uncommitted shards: keep to one job a folder there.
             print(f"vae-encode-job: cannot lock {directory} ({error}); run one job there at a time", file=log)
         yield
 
@@ -180,7 +189,7 @@ def new_manifest(
         "sha256": fingerprint(source.images),
         "rejected": len(source.rejected),
     }
-    if source.format == "png" and len(source.names) > 1:
+    if source.names:
         input_record["names_sha256"] = sha256_bytes(_list_bytes(source.names))
     return {
         "format_version": FORMAT_VERSION,
@@ -235,7 +244,7 @@ def refuse_unsplit_output(output: Path) -> None:
 
 
 def prepare_output(
-    directory: Path, settings: JobSettings, source: ImageInput, manifest: dict[str, Any], target: str
+    directory: Path, settings: JobSettings, source: ImageInput, manifest: dict[str, Any]
 ) -> dict[str, Any]:
     """The manifest to continue from: the one found (on --resume, checked), or `manifest` written new."""
     if (directory / MANIFEST).is_file():
@@ -245,7 +254,7 @@ def prepare_output(
                 "or choose another --output"
             )
         found = read_manifest(directory)
-        check_resumable(directory, found, manifest, target)
+        check_resumable(directory, found, manifest, settings.target)
         verify_shards(directory, found)
         manifest = found
     elif directory.is_dir():
@@ -267,7 +276,7 @@ def prepare_output(
             stale.name.endswith(".tmp") or (stale.name.startswith("shard-") and stale.name not in listed)
         ):
             stale.unlink()
-    if source.format == "png" and len(source.names) > 1:
+    if source.names:
         write_atomic(directory / INPUTS_LIST, _list_bytes(source.names))
     if source.rejected:
         write_atomic(
@@ -356,7 +365,7 @@ class EncodeJob:
                 )
             model = model_record(info)
             manifest = new_manifest(settings, source, rows, model)
-            manifest = prepare_output(directory, settings, source, manifest, settings.target)
+            manifest = prepare_output(directory, settings, source, manifest)
             resumed = sum(entry["stop"] - entry["start"] for entry in manifest["shards"])
             if resumed:
                 print(f"vae-encode-job: resuming {directory} at row {rows.start + resumed}", file=self.log)
@@ -410,11 +419,9 @@ class EncodeJob:
                 if len(means) == 1:
                     self.pause("mid-shard", shard)
                 shard_start = rows.start + shard * settings.rows_per_shard
-                if stop < min(shard_start + settings.rows_per_shard, rows.stop):
-                    progress.update(stop - start)
-                    continue
-                self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
-                means, log_vars = [], []
+                if stop == min(shard_start + settings.rows_per_shard, rows.stop):
+                    self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
+                    means, log_vars = [], []
                 progress.update(stop - start)
 
     def _check_encoder(self, encoder_sha256: str | None, model: dict[str, Any], row: int) -> None:
@@ -445,11 +452,20 @@ class EncodeJob:
         )
         data = shard_bytes(np.arange(start, stop, dtype=np.int64), np.concatenate(means), log_var)
         name = shard_file_name(shard)
-        write_atomic(directory / name, data, before_rename=lambda: self.pause("before-rename", shard))
-        self.pause("before-manifest", shard)
-        manifest["shards"].append({"file": name, "start": start, "stop": stop, "sha256": sha256_bytes(data)})
-        manifest["complete"] = stop == rows.stop
-        write_manifest(directory, manifest)
+        committed = len(manifest["shards"])
+        try:
+            write_atomic(directory / name, data, before_rename=lambda: self.pause("before-rename", shard))
+            self.pause("before-manifest", shard)
+            manifest["shards"].append(
+                {"file": name, "start": start, "stop": stop, "sha256": sha256_bytes(data)}
+            )
+            manifest["complete"] = stop == rows.stop
+            write_manifest(directory, manifest)
+        except OSError as error:
+            raise WriteFailed(
+                f"writing rows [{start}, {stop}) into {directory} failed ({error}); the {committed} shards "
+                "committed before them are kept, and --resume goes on from there"
+            ) from error
         self.pause("after-manifest", shard)
 
 
@@ -496,12 +512,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-shards", type=int, default=1, help="split the input in this many ranges (default 1)"
     )
-    parser.add_argument("--batch-size", type=int, default=256, help="rows per request (default 256)")
     parser.add_argument(
-        "--rows-per-shard", type=int, default=8192, help="rows per output shard (default 8192)"
+        "--batch-size",
+        type=int,
+        default=JobSettings.batch_size,
+        help=f"rows per request (default {JobSettings.batch_size})",
     )
     parser.add_argument(
-        "--max-in-flight", type=int, default=4, help="requests sent and not yet answered (default 4)"
+        "--rows-per-shard",
+        type=int,
+        default=JobSettings.rows_per_shard,
+        help=f"rows per output shard (default {JobSettings.rows_per_shard})",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=JobSettings.max_in_flight,
+        help=f"requests sent and not yet answered (default {JobSettings.max_in_flight})",
     )
     parser.add_argument(
         "--attempts", type=int, default=10, help="tries per call on transient errors (default 10)"
@@ -520,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-every",
         type=float,
-        default=10.0,
+        default=JobSettings.log_every_s,
         metavar="SECONDS",
-        help="seconds between log lines (default 10)",
+        help=f"seconds between log lines (default {JobSettings.log_every_s:g})",
     )
     return parser
 
@@ -536,7 +563,8 @@ def merge_main(argv: Sequence[str]) -> int:
     try:
         if not args.output.is_dir():
             raise JobError(f"{args.output}: no such folder")
-        refuse_unsplit_output(args.output)
+        if (args.output / MANIFEST).is_file() and "merged_from" not in read_manifest(args.output):
+            raise JobError(f"{args.output} holds the output of a job that was not split: nothing to merge")
         with writing(args.output, sys.stderr):
             manifest = merged_manifest(args.output)
             write_manifest(args.output, manifest)
@@ -576,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JobError, InputError, EncodingsError, ValueError) as error:
         print(f"vae-encode-job: {error}", file=sys.stderr)
         return 2
-    except VaeClientError as error:
+    except (VaeClientError, WriteFailed) as error:
         print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # an unreadable input, an output it may not write, a full disk

@@ -39,7 +39,8 @@ def check(channel: Any, service: str, timeout_s: float) -> int:
 def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
     """Watch `service` until it reports SERVING or `wait_s` runs out; the last status seen.
 
-    Raises grpc.RpcError when the server never answered (the deadline passes as DEADLINE_EXCEEDED).
+    Raises TimeoutError when nothing answered within `wait_s`, and grpc.RpcError for an error other
+    than the server not being up yet (NOT_FOUND for an unknown service, say).
     """
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + wait_s

@@ -160,7 +160,7 @@ def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:
     if path.suffix.lower() == ".npy":
         return ImageInput(read_npy_images(path), "npy")
     if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}:
-        return ImageInput(read_image_file(path)[None, None], "png", (path.name,))
+        return ImageInput(read_image_file(path)[None, None], "png")
     return ImageInput(read_idx_images(path), "idx")
 
 

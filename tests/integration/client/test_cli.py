@@ -131,7 +131,7 @@ def test_a_refused_call_exits_1_with_the_servers_message(
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
-def test_asking_an_ae_for_log_variances_writes_no_file(
+def test_asking_an_ae_for_log_variances_writes_no_file_and_encodes_nothing(
     ae_bundle: Path,
     start_server_thread: Callable[..., ServerThread],
     capsys: pytest.CaptureFixture[str],
@@ -144,6 +144,7 @@ def test_asking_an_ae_for_log_variances_writes_no_file(
     assert code == 2
     assert "the served model is an AE, which has no log-variance" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images.npy"]
+    assert server.metrics.items.labels("EncodeStream")._value.get() == 0  # refused before the call
 
 
 def test_a_bad_input_file_exits_2_naming_it(

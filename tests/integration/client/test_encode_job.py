@@ -27,7 +27,7 @@ from PIL import Image
 
 from client import read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
-from client.encodings import EncodingsError, read_manifest
+from client.encodings import EncodingsError, read_manifest, write_atomic
 from tests.conftest import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -375,7 +375,11 @@ def test_split_runs_merged_equal_one_run(
 
 
 def test_a_split_job_refuses_the_output_of_an_unsplit_one_and_merge_leaves_it_alone(
-    vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Else read_encodings would go on returning the unsplit job's rows, and merge would replace them."""
     output = tmp_path / "out"
@@ -383,6 +387,7 @@ def test_a_split_job_refuses_the_output_of_an_unsplit_one_and_merge_leaves_it_al
     with pytest.raises(JobError, match="holds the output of a job that was not split"):
         run_job(vae_server.target, inputs["npy-4d"], output, shard_index=0, num_shards=2)
     assert main(["merge", "--output", str(output)]) == 2
+    assert "was not split: nothing to merge" in capsys.readouterr().err
     assert files(output) == files(uninterrupted)
 
 
@@ -452,6 +457,43 @@ def test_a_corrupt_idx_file_is_refused_by_name(
         main(["--target", vae_server.target, "--input", str(broken), "--output", str(tmp_path / "out")]) == 2
     )
     assert f"{broken}: truncated" in capsys.readouterr().err
+
+
+def test_a_shard_that_cannot_be_written_mid_job_exits_1_and_resume_finishes_the_same_bytes(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exit 1, not 2: a Kubernetes index retries it (a full disk freed, a volume back) instead of failing."""
+    real_write = write_atomic
+    writes: list[str] = []
+
+    def disk_full_at_the_third_shard(path: Path, data: bytes, **options: Any) -> None:
+        writes.append(path.name)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, data, **options)
+
+    output = tmp_path / "out"
+    command = [
+        "--target",
+        vae_server.target,
+        "--input",
+        str(inputs["npy"]),
+        "--output",
+        str(output),
+        *CLI_OPTIONS,
+    ]
+    monkeypatch.setattr("client.encode_job.write_atomic", disk_full_at_the_third_shard)
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the 2 shards committed before them are kept" in err
+    monkeypatch.undo()
+    assert main([*command, "--resume"]) == 0
+    assert files(output) == files(uninterrupted)
 
 
 def test_an_output_that_cannot_be_written_stops_the_job_with_the_reason(

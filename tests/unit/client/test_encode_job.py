@@ -47,7 +47,7 @@ def manifest_for(job: JobSettings, input_: ImageInput, model: dict[str, Any] = M
 def finished_output(job: JobSettings, input_: ImageInput) -> dict[str, Any]:
     """An output whose first shard (rows 0-4) is committed, as a killed job leaves it."""
     manifest = manifest_for(job, input_)
-    prepare_output(job.output, job, input_, manifest, job.target)
+    prepare_output(job.output, job, input_, manifest)
     data = shard_bytes(np.arange(5), np.zeros((5, 2), np.float32), np.zeros((5, 2), np.float32))
     (job.output / "shard-00000.npz").write_bytes(data)
     manifest["shards"].append(
@@ -67,7 +67,7 @@ def test_requests_never_cross_a_shard_and_a_resume_skips_committed_shards(tmp_pa
 
 def test_a_new_job_writes_an_empty_manifest_first(tmp_path: Path) -> None:
     job = settings(tmp_path)
-    prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    prepare_output(job.output, job, source(), manifest_for(job, source()))
     manifest = read_manifest(job.output)
     assert manifest["shards"] == [] and manifest["complete"] is False
     assert manifest["model"] == MODEL and manifest["rows"] == 10
@@ -77,7 +77,7 @@ def test_an_existing_output_is_not_touched_without_resume(tmp_path: Path) -> Non
     job = settings(tmp_path, rows_per_shard=5)
     finished_output(job, source())
     with pytest.raises(JobError, match="already holds an encoding job's output; pass --resume"):
-        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+        prepare_output(job.output, job, source(), manifest_for(job, source()))
 
 
 def test_a_non_empty_directory_without_manifest_is_refused(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_a_non_empty_directory_without_manifest_is_refused(tmp_path: Path) -> No
     job.output.mkdir()
     (job.output / "precious.txt").write_text("mine")
     with pytest.raises(JobError, match="not empty"):
-        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+        prepare_output(job.output, job, source(), manifest_for(job, source()))
 
 
 def test_a_resume_into_a_directory_without_manifest_deletes_nothing_it_did_not_write(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_a_resume_into_a_directory_without_manifest_deletes_nothing_it_did_not_w
     (job.output / "notes.tmp").write_text("mine")
     (job.output / "shard-plan.txt").write_text("mine too")
     with pytest.raises(JobError, match=r"holds no manifest \(it holds notes.tmp, shard-plan.txt\)"):
-        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+        prepare_output(job.output, job, source(), manifest_for(job, source()))
     assert sorted(p.name for p in job.output.iterdir()) == ["notes.tmp", "shard-plan.txt"]
 
 
@@ -102,7 +102,7 @@ def test_a_resume_starts_over_on_what_a_run_killed_before_its_manifest_left(tmp_
     job = settings(tmp_path, resume=True)
     job.output.mkdir()
     (job.output / "rejected.txt.tmp").write_text("half written")
-    prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    prepare_output(job.output, job, source(), manifest_for(job, source()))
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST]
 
 
@@ -111,7 +111,7 @@ def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_file
     committed = finished_output(job, source())
     (job.output / "shard-00001.npz").write_bytes(b"renamed but never listed")
     (job.output / "shard-00002.npz.tmp").write_bytes(b"half written")
-    manifest = prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+    manifest = prepare_output(job.output, job, source(), manifest_for(job, source()))
     assert manifest == committed
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST, "shard-00000.npz"]
 
@@ -121,7 +121,7 @@ def test_a_resume_with_another_model_version_is_refused(tmp_path: Path) -> None:
     finished_output(job, source())
     newer = manifest_for(job, source(), {**MODEL, "version": "2", "encoder_sha256": "ef" * 32})
     with pytest.raises(JobError) as error:
-        prepare_output(job.output, job, source(), newer, job.target)
+        prepare_output(job.output, job, source(), newer)
     assert "encoded by model vae version 1" in str(error.value)
     assert "serves vae version 2" in str(error.value)
 
@@ -130,7 +130,7 @@ def test_a_resume_with_other_input_is_refused(tmp_path: Path) -> None:
     job = settings(tmp_path, rows_per_shard=5, resume=True)
     finished_output(job, source(seed=0))
     with pytest.raises(JobError, match=r"holds encodings of .* but this run reads"):
-        prepare_output(job.output, job, source(seed=1), manifest_for(job, source(seed=1)), job.target)
+        prepare_output(job.output, job, source(seed=1), manifest_for(job, source(seed=1)))
 
 
 def test_a_resume_with_another_split_is_refused(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_a_resume_with_another_split_is_refused(tmp_path: Path) -> None:
     finished_output(job, source())
     other = settings(tmp_path, rows_per_shard=4, resume=True)
     with pytest.raises(JobError, match="--rows-per-shard"):
-        prepare_output(other.output, other, source(), manifest_for(other, source()), other.target)
+        prepare_output(other.output, other, source(), manifest_for(other, source()))
 
 
 def test_a_resume_refuses_a_committed_shard_that_is_corrupt(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_a_resume_refuses_a_committed_shard_that_is_corrupt(tmp_path: Path) -> N
     finished_output(job, source())
     (job.output / "shard-00000.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"shard-00000.npz: sha256 differs"):
-        prepare_output(job.output, job, source(), manifest_for(job, source()), job.target)
+        prepare_output(job.output, job, source(), manifest_for(job, source()))
 
 
 def test_the_manifest_records_input_model_and_range(tmp_path: Path) -> None:

@@ -128,6 +128,15 @@ def test_a_file_that_is_not_idx_is_refused_by_name(tmp_path: Path) -> None:
         read_images(path)
 
 
+def test_a_folder_of_one_png_names_its_file_and_a_lone_png_file_names_none(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    """The names are the folder's listing (the job's inputs.txt); a file given alone needs none."""
+    write_pngs(tmp_path / "pngs", digits[:1])
+    assert read_images(tmp_path / "pngs").names == ("digit-00.png",)
+    assert read_images(tmp_path / "pngs" / "digit-00.png").names == ()
+
+
 def test_a_png_folder_reads_in_name_order(tmp_path: Path, digits: np.ndarray) -> None:
     write_pngs(tmp_path / "pngs", digits)
     source = read_images(tmp_path / "pngs")
