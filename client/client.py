@@ -17,8 +17,9 @@ import collections
 import json
 import queue
 import random
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -215,6 +216,57 @@ class _Retrier:
                 details += "; send fewer images per request (encode_stream takes them in batches)"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
+
+
+class _NoAnswer(Exception):
+    """A stream abandoned because its next answer did not come within `seconds`: retried as a
+    DEADLINE_EXCEEDED would be."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer within {seconds:g} s")
+        self.seconds = seconds
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return f"no answer within {self.seconds:g} s (the stream was reopened)"
+
+
+class _AnswerWatchdog:
+    """Cancels a call that has waited `seconds` for its next answer (no watch for None).
+
+    A replica whose server hangs while its connection lives (gRPC's core still answers keepalive
+    pings) would otherwise hold a stream, and a batch job, forever. Only the waits count: time the
+    caller spends between answers, writing them, say, does not.
+    """
+
+    def __init__(self, cancel: Callable[[], Any], seconds: float | None) -> None:
+        self.fired: _NoAnswer | None = None
+        self._cancel = cancel
+        self._waiting_since: float | None = None
+        self._stopped = threading.Event()
+        if seconds is not None:
+            threading.Thread(target=self._watch, args=(seconds,), name="answer-watchdog", daemon=True).start()
+
+    def next_answer(self, responses: Iterator[Any]) -> Any | None:
+        """The next answer, or None at the stream's end."""
+        self._waiting_since = time.monotonic()
+        try:
+            return next(responses, None)
+        finally:
+            self._waiting_since = None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self, seconds: float) -> None:
+        while not self._stopped.wait(min(1.0, seconds / 4)):
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > seconds:
+                self.fired = _NoAnswer(seconds)
+                self._cancel()
+                return
 
 
 @dataclass
@@ -417,6 +469,7 @@ class VaeClient:
         *,
         max_in_flight: int = 4,
         timeout_s: float | None = None,
+        answer_timeout_s: float | None = None,
     ) -> Generator[EncodeResult, None, None]:
         """Encode a stream of image batches over one EncodeStream call; one result per batch, in order.
 
@@ -424,6 +477,8 @@ class VaeClient:
         whatever the input's length. When the stream breaks on a transient failure (a server restart,
         say), a new stream is opened and the unanswered batches are sent again: nothing is lost and
         nothing is answered twice. `timeout_s` bounds each stream attempt; None means no deadline.
+        `answer_timeout_s` bounds each wait for the next answer: past it the stream is abandoned and
+        opened again, as after a transient failure (None: wait as long as the connection lives).
 
         >>> batches = (images[i : i + 256] for i in range(0, len(images), 256))  # doctest: +SKIP
         >>> means = np.concatenate([r.mean for r in client.encode_stream(batches)])  # doctest: +SKIP
@@ -457,9 +512,10 @@ class VaeClient:
             call = self._stub.EncodeStream(
                 iter(requests.get, None), timeout=timeout_s, metadata=self._settings.metadata
             )
+            watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
             try:
                 refill(requests)
-                for response in call:
+                while (response := watchdog.next_answer(call)) is not None:
                     if not pending:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
@@ -471,10 +527,11 @@ class VaeClient:
                         "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
                     )
             except grpc.RpcError as error:
-                pause = retrier.pause_or_raise(error)
+                pause = retrier.pause_or_raise(watchdog.fired or error)
             else:
                 return
             finally:
+                watchdog.stop()
                 requests.put(None)  # lets grpc's request thread finish
                 call.cancel()
             self._settings.retries += 1
@@ -624,6 +681,7 @@ class AsyncVaeClient:
         *,
         max_in_flight: int = 4,
         timeout_s: float | None = None,
+        answer_timeout_s: float | None = None,
     ) -> AsyncIterator[EncodeResult]:
         """Encode a stream of image batches, at most `max_in_flight` unanswered; see VaeClient.encode_stream.
 
@@ -661,9 +719,12 @@ class AsyncVaeClient:
             call = self._stub.EncodeStream(
                 _until_none(requests), timeout=timeout_s, metadata=self._settings.metadata
             )
+            responses = aiter(call)
             try:
                 await refill(requests)
-                async for response in call:
+                while (
+                    response := await asyncio.wait_for(anext(responses, None), answer_timeout_s)
+                ) is not None:
                     if not pending:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
@@ -676,6 +737,9 @@ class AsyncVaeClient:
                     )
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
+            except TimeoutError:  # the answer watchdog's
+                assert answer_timeout_s is not None
+                pause = retrier.pause_or_raise(_NoAnswer(answer_timeout_s))
             else:
                 return
             finally:

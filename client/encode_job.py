@@ -119,6 +119,8 @@ class JobSettings:
     rows_per_shard: int = 8192
     """Rows per output shard: the unit of progress that survives a crash."""
     max_in_flight: int = 4
+    answer_timeout_s: float = 120.0
+    """The longest wait for an answer before the stream is opened again (a replica that hangs)."""
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=10, max_backoff_s=10.0))
     timeout_s: float = 30.0
     tls: TlsOptions | None = None
@@ -132,6 +134,8 @@ class JobSettings:
         for name in ("batch_size", "rows_per_shard", "max_in_flight", "num_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.answer_timeout_s > 0:  # NaN fails too
+            raise ValueError(f"answer-timeout must be more than 0 seconds, got {self.answer_timeout_s}")
         split_rows(0, self.num_shards, self.shard_index)  # checks the index
 
 
@@ -403,7 +407,9 @@ class EncodeJob:
         requests = (images[start:stop] for _, start, stop in plan)
         means: list[npt.NDArray[np.float32]] = []
         log_vars: list[npt.NDArray[np.float32] | None] = []
-        stream = client.encode_stream(requests, max_in_flight=settings.max_in_flight)
+        stream = client.encode_stream(
+            requests, max_in_flight=settings.max_in_flight, answer_timeout_s=settings.answer_timeout_s
+        )
         with contextlib.closing(stream):
             for (shard, start, stop), result in zip(plan, stream, strict=True):
                 # Each answer says which encoder made it: a stream that reconnected, or a round-robin
@@ -531,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"requests sent and not yet answered (default {JobSettings.max_in_flight})",
     )
     parser.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=JobSettings.answer_timeout_s,
+        metavar="SECONDS",
+        help="the longest wait for an answer before the stream is opened again, on another replica "
+        f"if there is one: a server that hangs (default {JobSettings.answer_timeout_s:g})",
+    )
+    parser.add_argument(
         "--attempts", type=int, default=10, help="tries per call on transient errors (default 10)"
     )
     progress = parser.add_mutually_exclusive_group()
@@ -593,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             rows_per_shard=args.rows_per_shard,
             max_in_flight=args.max_in_flight,
+            answer_timeout_s=args.answer_timeout,
             retry=RetryPolicy(max_attempts=args.attempts, max_backoff_s=10.0),
             timeout_s=args.timeout,
             tls=tls_from_args(args),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,52 @@ def test_an_async_encode_stream_carries_on_across_a_server_restart(
     finally:
         for server in servers:
             server.stop(grace_s=0)
+    assert retries >= 1
+    assert len(means) == len(batches)
+    for got, want in zip(means, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def hold_first_encoder_call(server: ServerThread) -> threading.Event:
+    """Make the encoder's first call wait until the returned event is set: a server that hangs."""
+    release = threading.Event()
+    encoder = server.server.model.encoder  # type: ignore[union-attr]
+    infer, calls = encoder._infer, itertools.count()
+
+    def first_held(inputs: np.ndarray) -> Any:
+        if next(calls) == 0:
+            release.wait(30)
+        return infer(inputs)
+
+    encoder._infer = first_held
+    return release
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_whose_answer_does_not_come_is_opened_again_and_loses_nothing(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread], digits: np.ndarray, kind: str
+) -> None:
+    server = start_server_thread(vae_bundle, max_concurrent_batches=2)  # the other worker still serves
+    batches = [digits[i : i + 10] for i in range(0, 100, 10)]
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.1)
+
+    async def stream_async() -> tuple[list[np.ndarray], int]:
+        async with AsyncVaeClient(server.target, retry=policy) as client:
+            results = client.encode_stream(iter(batches), answer_timeout_s=0.5)
+            return [r.mean async for r in results], client.retries
+
+    release = hold_first_encoder_call(server)
+    try:
+        if kind == "sync":
+            with VaeClient(server.target, retry=policy) as client:
+                means = [r.mean for r in client.encode_stream(iter(batches), answer_timeout_s=0.5)]
+                retries = client.retries
+        else:
+            means, retries = asyncio.run(stream_async())
+    finally:
+        release.set()  # only now: every answer above came without the held call
+    with VaeClient(server.target) as client:
+        expected = [client.encode(batch).mean for batch in batches]
     assert retries >= 1
     assert len(means) == len(batches)
     for got, want in zip(means, expected, strict=True):

@@ -220,7 +220,7 @@ class WrongWidth:
     def model_info(self) -> Any:
         return type("Info", (), {**MODEL, "max_request_rows": 0})()
 
-    def encode_stream(self, requests: Any, max_in_flight: int) -> Any:
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
         for images in requests:
             yield EncodeResult(np.zeros((len(images), 1), np.float32), None, str(MODEL["encoder_sha256"]))
 
