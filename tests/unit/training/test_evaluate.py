@@ -192,6 +192,17 @@ def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
     assert run["limitation_3_uneven_spread"]["trace_ratio"] is None
 
 
+def test_one_runs_figures_are_also_at_the_top_level_by_the_contracts_names(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(runs["vae"]), "--limit", "20", "--iw-samples", "2", "--device", "cpu", "--no-figures"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    (run,) = report["runs"]
+    for name in ("elbo_nats", "recon_nats", "kl_nats", "recon_mse"):
+        assert report[name] == run[name] and isinstance(report[name], float)
+
+
 def test_a_json_path_that_cannot_be_written_is_an_error_after_the_report_is_printed(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
