@@ -722,9 +722,7 @@ class AsyncVaeClient:
             responses = aiter(call)
             try:
                 await refill(requests)
-                while (
-                    response := await asyncio.wait_for(anext(responses, None), answer_timeout_s)
-                ) is not None:
+                while (response := await _next_answer(responses, answer_timeout_s)) is not None:
                     if not pending:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
@@ -735,11 +733,8 @@ class AsyncVaeClient:
                     raise VaeClientError(
                         "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
                     )
-            except grpc.aio.AioRpcError as error:
+            except (grpc.aio.AioRpcError, _NoAnswer) as error:
                 pause = retrier.pause_or_raise(error)
-            except TimeoutError:  # the answer watchdog's
-                assert answer_timeout_s is not None
-                pause = retrier.pause_or_raise(_NoAnswer(answer_timeout_s))
             else:
                 return
             finally:
@@ -756,6 +751,15 @@ class AsyncVaeClient:
         """
         message = await self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
         return ModelInfo.from_message(message)
+
+
+async def _next_answer(responses: AsyncIterator[Any], seconds: float | None) -> Any | None:
+    """The next answer, None at the stream's end, or _NoAnswer after `seconds` (None: no limit)."""
+    try:
+        return await asyncio.wait_for(anext(responses, None), seconds)
+    except TimeoutError:
+        assert seconds is not None
+        raise _NoAnswer(seconds) from None
 
 
 async def _until_none(requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:

@@ -6,13 +6,13 @@
     vae-encode-job merge --output out/
 
 The input is an IDX file (gzipped or raw), a .npy array ([N,28,28] or [N,1,28,28], uint8 0-255 or
-float 0-1) or a folder of 28x28 grey PNGs read in name order; a raw IDX or .npy file of uint8 or
-float32 is memory-mapped (client/images.py), so that its size is not bounded by memory. The rows
-stream over one EncodeStream call with at most `--max-in-flight` requests unanswered; the answers are
-written as numbered shards and committed one by one in the manifest (see client/encodings.py), so
-that a job killed at any moment and run again with `--resume` ends with every row exactly once, the
-same bytes as a run that was never interrupted. A resume refuses an output written from other input
-or by another model.
+float 0-1) or a folder of 28x28 grey PNGs read in name order. A raw uint8 IDX file, or a .npy of
+uint8 or float32, is memory-mapped (client/images.py), so that its size is not bounded by memory;
+the job stops if such a file is rewritten while it runs. The rows stream over one EncodeStream call
+with at most `--max-in-flight` requests unanswered; the answers are written as numbered shards and
+committed one by one in the manifest (see client/encodings.py), so that a job killed at any moment
+and run again with `--resume` ends with every row exactly once, the same bytes as a run that was
+never interrupted. A resume refuses an output written from other input or by another model.
 
 `--shard-index I --num-shards N` (I defaults to $JOB_COMPLETION_INDEX, as a Kubernetes Indexed Job
 sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-0000I-of-0000N/;
@@ -344,8 +344,7 @@ class EncodeJob:
         settings = self.settings
         started = time.monotonic()
         source = read_images(settings.input, skip_bad=settings.skip_bad)
-        images = source.images
-        rows = split_rows(len(images), settings.num_shards, settings.shard_index)
+        rows = split_rows(len(source.images), settings.num_shards, settings.shard_index)
         directory = settings.output
         if settings.num_shards > 1:
             refuse_unsplit_output(settings.output)
@@ -376,7 +375,7 @@ class EncodeJob:
             bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
             progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
             if not manifest["complete"]:
-                self._encode(client, images, rows, directory, manifest, model, progress)
+                self._encode(client, source, rows, directory, manifest, model, progress)
             progress.close()
             return JobSummary(
                 directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
@@ -395,7 +394,7 @@ class EncodeJob:
     def _encode(
         self,
         client: VaeClient,
-        images: npt.NDArray[Any],
+        source: ImageInput,
         rows: RowRange,
         directory: Path,
         manifest: dict[str, Any],
@@ -404,7 +403,7 @@ class EncodeJob:
     ) -> None:
         settings = self.settings
         plan = self._plan(rows, len(manifest["shards"]))
-        requests = (images[start:stop] for _, start, stop in plan)
+        requests = (source.images[start:stop] for _, start, stop in plan)
         means: list[npt.NDArray[np.float32]] = []
         log_vars: list[npt.NDArray[np.float32] | None] = []
         stream = client.encode_stream(
@@ -426,6 +425,13 @@ class EncodeJob:
                     self.pause("mid-shard", shard)
                 shard_start = rows.start + shard * settings.rows_per_shard
                 if stop == min(shard_start + settings.rows_per_shard, rows.stop):
+                    try:  # a mapped input rewritten under the job: these rows may be the new file's
+                        source.check_unchanged()
+                    except InputError as error:
+                        raise JobError(
+                            f"{error}; the shards committed before it ({len(manifest['shards'])}) were "
+                            "encoded from the input as it was: start a new --output for the new input"
+                        ) from error
                     self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
                     means, log_vars = [], []
                 progress.update(stop - start)

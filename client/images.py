@@ -4,16 +4,19 @@ Every reader returns a batch [N,1,28,28] that can go on the wire as it is: uint8
 (4x fewer bytes than float32), floats in [0,1] become float32. Anything else is refused with an
 `InputError` that names the file and what was expected.
 
-A .npy array or a raw IDX file is memory-mapped, not read, when it is already uint8 or float32 (a
-float64 array is converted in memory): a data set larger than memory can be encoded, its pages
-read as the job reaches them. A gzipped IDX file is decompressed into memory. A mapped file must not
-be cut short while it is read (the kernel ends the reader with SIGBUS); replacing it is safe.
+A .npy array of uint8, or of little-endian float32 in C order, and a raw IDX file of uint8 are
+memory-mapped, not read: a data set larger than memory can be encoded, its pages read as the job
+reaches them. Other arrays (float64, big-endian, Fortran order) are converted in memory, and a
+gzipped IDX file is decompressed there. A mapped file that is rewritten while the job reads it
+would change the rows under it: `ImageInput.check_unchanged` tells, and the job checks before each
+shard (a file cut short ends the reader at once, with SIGBUS).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,8 +44,25 @@ class ImageInput:
     format: InputFormat
     names: tuple[str, ...] = ()
     """For a PNG folder, the file name of each row, in row order."""
-    rejected: tuple[tuple[str, str], ...] = field(default=())
+    rejected: tuple[tuple[str, str], ...] = ()
     """For a PNG folder read with skip_bad, (file name, reason) of each file left out."""
+    mapped_from: tuple[Path, tuple[int, ...]] | None = None
+    """For a memory-mapped file, its path and identity (device, inode, size, mtime) when mapped."""
+
+    def check_unchanged(self) -> None:
+        """Raise InputError if the mapped file was rewritten or replaced since it was read."""
+        if self.mapped_from is not None:
+            path, identity = self.mapped_from
+            if _identity(path) != identity:
+                raise InputError(f"{path}: changed while it was being read (rewritten or replaced)")
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def as_image_batch(array: npt.NDArray[Any], source: str) -> npt.NDArray[Any]:
@@ -81,13 +101,18 @@ def _check_pixel_range(array: npt.NDArray[np.float32], source: str, expected: st
 
 
 def read_npy_images(path: Path) -> npt.NDArray[Any]:
-    """A .npy array of images, mapped read-only and checked by `as_image_batch`."""
+    """A .npy array of images, mapped read-only where it can be, and checked by `as_image_batch`."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not a readable .npy array ({error})") from error
+    except (OSError, ValueError):  # not mappable, or damaged: read, for numpy's own account of it
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path}: not a readable .npy array ({error})") from error
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: holds several arrays; expected one .npy array of images")
+    if not array.flags.c_contiguous:  # Fortran order: read in row order once, not strided per request
+        array = np.ascontiguousarray(array)
     return as_image_batch(array, str(path))
 
 
@@ -157,11 +182,16 @@ def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:
         return read_png_folder(path, skip_bad=skip_bad)
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder")
-    if path.suffix.lower() == ".npy":
-        return ImageInput(read_npy_images(path), "npy")
     if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}:
         return ImageInput(read_image_file(path)[None, None], "png")
-    return ImageInput(read_idx_images(path), "idx")
+    identity = _identity(path)  # before reading, so that a change while it is read shows
+    if path.suffix.lower() == ".npy":
+        source = ImageInput(read_npy_images(path), "npy")
+    else:
+        source = ImageInput(read_idx_images(path), "idx")
+    if isinstance(source.images, np.memmap):
+        return dataclasses.replace(source, mapped_from=(path, identity))
+    return source
 
 
 def as_uint8_images(images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:

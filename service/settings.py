@@ -22,6 +22,8 @@ ENV_PREFIX = "VAE_SERVE_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PINNING = ("auto", "off")
+# A request may carry max_queue_size rows; gRPC's messages stop at 2 GiB, 684,000 FLOAT32 images.
+MAX_QUEUE_SIZE = 684_000
 TlsMode = Literal["plaintext", "TLS", "mutual TLS"]
 
 
@@ -134,6 +136,11 @@ class Settings:
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
                 problems.append(f"{name} {getattr(self, name)}: expected a finite number, 0 or more")
+        if self.max_queue_size > MAX_QUEUE_SIZE:
+            problems.append(
+                f"max_queue_size {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, as a request "
+                "of that many FLOAT32 images is gRPC's largest message (2 GiB)"
+            )
         for name in ("max_batch_size", "max_samples"):  # a batch, and the largest Sample, must fit
             if self.max_queue_size < getattr(self, name):
                 problems.append(

@@ -44,7 +44,7 @@ from training import figures
 from training.data import DATASETS, ImageSet, load_test_set, load_training_splits
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
-from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics, write_text_atomic
+from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics
 from training.train import DefaultsHelpFormatter, resolve_device
 
 RANDOM_POINTS = 1_000
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(args.json, text + "\n")
+            args.json.write_text(text + "\n")  # as asked, a pipe or /dev/stdout included
         except OSError as error:
             parser.exit(2, f"vae-evaluate: error: --json {args.json}: {error}\n")
     return 0

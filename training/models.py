@@ -42,6 +42,10 @@ class ModelConfig:
             raise ValueError(f"model kind must be 'vae' or 'ae', got {self.kind!r}")
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim must be at least 1, got {self.latent_dim}")
+        if not self.encoder_channels or not self.decoder_channels:
+            raise ValueError("the encoder and the decoder need at least one layer each")
+        if min(self.encoder_strides + self.decoder_strides) < 1:
+            raise ValueError("every stride must be at least 1")
         if len(self.encoder_channels) != len(self.encoder_strides):
             raise ValueError("encoder_channels and encoder_strides must have the same length")
         if len(self.decoder_channels) != len(self.decoder_strides):

@@ -195,5 +195,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Written whole to a temporary file beside `path` and renamed over it: a reader, or a crash,
     never sees half a file, and the file it replaces stays whole until then."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

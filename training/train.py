@@ -220,7 +220,9 @@ def train(
         else None
     )
     images = torch.from_numpy(train_set.images)
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    # A last batch of one image is left out: where the encoder's features are 1x1, batch norm would
+    # have one value a channel to normalise, which it refuses.
+    steps_per_epoch = max(1, len(images) // config.batch_size + (len(images) % config.batch_size > 1))
     scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
     save_config(out_dir, config)
 

@@ -263,6 +263,23 @@ def test_a_stream_whose_answer_does_not_come_is_opened_again_and_loses_nothing(
         np.testing.assert_array_equal(got, want)
 
 
+def test_an_error_of_the_callers_own_source_is_raised_not_taken_for_a_missing_answer(
+    vae_server: ServerThread, digits: np.ndarray
+) -> None:
+    async def source() -> AsyncIterator[np.ndarray]:
+        for index in range(10):
+            if index == 5:
+                raise TimeoutError("the caller's own storage timed out")
+            yield digits[10 * index : 10 * index + 10]
+
+    async def stream() -> int:
+        async with AsyncVaeClient(vae_server.target) as client:
+            return len([r async for r in client.encode_stream(source(), answer_timeout_s=5)])
+
+    with pytest.raises(TimeoutError, match="the caller's own storage"):
+        asyncio.run(stream())
+
+
 def test_a_sample_stream_resumed_on_a_replica_of_another_chunk_size_loses_no_image(
     vae_bundle: Path,
 ) -> None:

@@ -237,6 +237,26 @@ def test_a_job_killed_at_any_point_resumes_to_the_bytes_of_an_uninterrupted_run(
     assert files(output) == files(uninterrupted)
 
 
+def test_a_mapped_input_rewritten_mid_job_stops_it_before_the_next_shard(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+    digits: np.ndarray,
+) -> None:
+    """The job reads a .npy through a memory map: rows read after the rewrite would be the new file's."""
+    input_ = tmp_path / "digits.npy"
+    np.save(input_, digits)
+    job = paused_job(vae_server.target, input_, tmp_path / "out", "mid-shard:1")
+    job.wait_for_pause()
+    np.save(input_, 255 - digits)  # in place: same inode, same size
+    code, log = job.carry_on()
+    assert code == 2
+    assert f"{input_}: changed while it was being read" in log
+    assert "the shards committed before it (1) were encoded from the input as it was" in log
+    assert len(read_manifest(tmp_path / "out")["shards"]) == 1
+
+
 def test_a_job_killed_twice_still_ends_with_every_row_once(
     vae_server: ServerThread,
     inputs: dict[str, Path],

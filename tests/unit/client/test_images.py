@@ -121,6 +121,23 @@ def test_a_large_npy_or_raw_idx_file_is_read_and_fingerprinted_without_holding_i
     np.testing.assert_array_equal(source.images[-1], np.zeros((1, 28, 28), dtype))
 
 
+def test_a_mapped_file_rewritten_or_replaced_after_it_was_read_is_told(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    path = tmp_path / "x.npy"
+    np.save(path, digits)
+    source = read_images(path)
+    source.check_unchanged()  # as read
+    np.save(path, np.concatenate([digits, digits]))  # rewritten in place
+    with pytest.raises(InputError, match="changed while it was being read"):
+        source.check_unchanged()
+    source = read_images(path)
+    np.save(tmp_path / "new.npy", digits)
+    (tmp_path / "new.npy").replace(path)  # replaced by a rename
+    with pytest.raises(InputError, match="changed while it was being read"):
+        source.check_unchanged()
+
+
 def test_a_file_that_is_not_idx_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")

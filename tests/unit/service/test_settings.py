@@ -48,6 +48,7 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least max_batch_size"),
         (["--max-queue-size", "512", "--max-samples", "1024"], {}, "expected at least max_samples (1024)"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
+        (["--max-queue-size", "700000"], {}, "expected at most 684000, as a request of that many FLOAT32"),
         (["--inference-nice", "20"], {}, "inference_nice 20: expected 0 to 19"),
         (["--inference-nice", "-1"], {}, "inference_nice -1: expected 0 to 19"),
         (["--max-queue-delay-ms", "-1"], {}, "max_queue_delay_ms -1.0: expected a finite number, 0 or more"),

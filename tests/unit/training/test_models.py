@@ -48,6 +48,9 @@ def test_the_config_survives_a_json_round_trip_and_rejects_bad_values() -> None:
             r"grow the encoder's 7x7 features to 14x14 images; expected 28x28",
         ),
         ({"encoder_strides": (2, 2, 2, 1)}, r"4x4 features to 16x16"),
+        ({"encoder_strides": (1, 0, 2, 1)}, "every stride must be at least 1"),
+        ({"decoder_strides": (-1, 2, 2, -1)}, "every stride must be at least 1"),
+        ({"encoder_channels": (), "encoder_strides": ()}, "at least one layer each"),
     ],
 )
 def test_a_config_whose_layers_cannot_make_28x28_images_is_refused_before_any_training(
