@@ -13,6 +13,8 @@ round starts every version in turn and runs the cells of the targets, so that th
 machine falls on all versions alike; every other round runs them in reverse order, so that none is
 always the first after a pause. Prints images/s and the server's CPU ms per image for each cell, as
 the median over the rounds. `--cell RPC:PER_REQUEST:CLIENTS` adds a cell to the targets' own.
+Its load generator runs on plain asyncio, not the suite's uvloop, so its absolute figures sit a
+little below the suite's: compare versions within one run of it, not with the suite's tables.
 """
 
 from __future__ import annotations
@@ -108,7 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per cell")
     parser.add_argument("--latent-dim", type=int, default=2)
-    parser.add_argument("--stream-chunk", type=int, default=64, help="images per EncodeStream message")
+    parser.add_argument(
+        "--stream-chunk",
+        type=int,
+        default=256,
+        help="images per EncodeStream message (default 256, the target's)",
+    )
     args = parser.parse_args(argv)
     # name -> the server's command line for a port
     versions: dict[str, Callable[[int], list[str]]] = {}

@@ -326,8 +326,10 @@ def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
 # ---------------------------------------------------------------- Triton
 
 
-def start_triton(bundle: Path, log_dir: Path, instances: int, threads: int) -> servers.Server:
-    """PyTriton with dynamic batching, from bench/.venv."""
+def start_triton(
+    bundle: Path, log_dir: Path, instances: int, threads: int, name: str = "triton"
+) -> servers.Server:
+    """PyTriton with dynamic batching, from bench/.venv; its log is LOG_DIR/NAME-IxT.log."""
     grpc_port, http_port, metrics_port = (servers.free_port() for _ in range(3))
     argv = [
         str(BENCH_PYTHON), "-m", "bench.peers.triton_server", "--model-dir", str(bundle),
@@ -335,7 +337,7 @@ def start_triton(bundle: Path, log_dir: Path, instances: int, threads: int) -> s
         "--instances", str(instances), "--threads", str(threads),
     ]  # fmt: skip
     server = servers.start(
-        f"triton-{instances}x{threads}",
+        f"{name}-{instances}x{threads}",
         argv,
         grpc_port,
         log_dir,
@@ -350,7 +352,7 @@ def start_triton(bundle: Path, log_dir: Path, instances: int, threads: int) -> s
 def _try_start_triton(bundle: Path, log_dir: Path) -> servers.Server | None:
     """Triton for the paired targets, or None (said why) if it fails to start: the rest still runs."""
     try:
-        return start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1)
+        return start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1, name="triton-paired")
     except RuntimeError as error:
         print(f"triton failed, its target left out: {error}", flush=True)
         return None
