@@ -230,7 +230,7 @@ class _NoAnswer(Exception):
         return grpc.StatusCode.DEADLINE_EXCEEDED
 
     def details(self) -> str:
-        return f"no answer within {self.seconds:g} s (the stream was reopened)"
+        return f"no answer within {self.seconds:g} s, so the stream was abandoned"
 
 
 class _AnswerWatchdog:
