@@ -238,10 +238,15 @@ def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], t
             )
 
 
+def holds_unsplit_output(output: Path) -> bool:
+    """`output` holds the output of a job that was not split (a merge's manifest lists parts)."""
+    return (output / MANIFEST).is_file() and "merged_from" not in read_manifest(output)
+
+
 def refuse_unsplit_output(output: Path) -> None:
     """A split job writes its part beside other parts, never into the output of an unsplit job,
     which read_encodings would go on returning (and a merge would overwrite)."""
-    if (output / MANIFEST).is_file() and "merged_from" not in read_manifest(output):
+    if holds_unsplit_output(output):
         raise JobError(
             f"{output} holds the output of a job that was not split; choose another --output for a split job"
         )
@@ -583,7 +588,7 @@ def merge_main(argv: Sequence[str]) -> int:
     try:
         if not args.output.is_dir():
             raise JobError(f"{args.output}: no such folder")
-        if (args.output / MANIFEST).is_file() and "merged_from" not in read_manifest(args.output):
+        if holds_unsplit_output(args.output):
             raise JobError(f"{args.output} holds the output of a job that was not split: nothing to merge")
         with writing(args.output, sys.stderr):
             manifest = merged_manifest(args.output)
