@@ -99,9 +99,10 @@ def targets(results: Results) -> str:
     """The goals, judged on the paired rounds' median ratios (bench/targets.py), then start-up and memory."""
     rows: list[list[object]] = []
     for row in results.get("paired_targets", {}).get("summary", []):
+        failed_in = row.get("failed_in_round")
         rows.append(
             [
-                row["target"],
+                row["target"] if failed_in is None else f"{row['target']} (failed in round {failed_in})",
                 row["ours_median"],
                 row["theirs_median"],
                 # Three decimals: 1.4948 must not print as the 1.50 of a goal it misses.

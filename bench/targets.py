@@ -82,17 +82,31 @@ def ceiling_window(runs: Sequence[Callable[[], int]], window_s: float, warmup_s:
 
 
 def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
-    """Every target's two sides back to back, `rounds` times; odd rounds measure `theirs` first."""
+    """Every target's two sides back to back, `rounds` times; odd rounds measure `theirs` first.
+
+    A target whose measurement fails (a peer that dies: RuntimeError) is recorded with the error and
+    measured no more; the other targets go on, so that one peer cannot cost the run its results.
+    """
     measured: list[Row] = []
+    failed: set[str] = set()
     for index in range(rounds):
         for target in targets:
-            if index % 2:
-                theirs = target.theirs()
-                ours = target.ours()
-            else:
-                ours = target.ours()
-                theirs = target.theirs()
-            measured.append({"target": target.name, "round": index + 1, "ours": ours, "theirs": theirs})
+            if target.name in failed:
+                continue
+            row: Row = {"target": target.name, "round": index + 1}
+            try:
+                if index % 2:
+                    theirs = target.theirs()
+                    ours = target.ours()
+                else:
+                    ours = target.ours()
+                    theirs = target.theirs()
+            except RuntimeError as error:
+                failed.add(target.name)
+                measured.append({**row, "error": str(error)})
+                print(f"  round {index + 1}: {target.name}: failed, measured no more: {error}", flush=True)
+                continue
+            measured.append({**row, "ours": ours, "theirs": theirs})
             print(f"  round {index + 1}: {target.name}: {ours:,.0f} against {theirs:,.0f}", flush=True)
     return measured
 
@@ -101,14 +115,17 @@ def summarize(measured: Sequence[Row], goals: dict[str, float]) -> list[Row]:
     """Per target: the median ratio over the rounds, its range, and whether the median meets the goal."""
     rows: list[Row] = []
     for name, goal in goals.items():
-        pairs = [(m["ours"], m["theirs"]) for m in measured if m["target"] == name]
+        rounds = [m for m in measured if m["target"] == name]
+        pairs = [(m["ours"], m["theirs"]) for m in rounds if "error" not in m]
         ratios = [ours / theirs for ours, theirs in pairs if theirs > 0]
         if not ratios:
             continue
         median = statistics.median(ratios)
+        failed_in_round = next((m["round"] for m in rounds if "error" in m), None)
         rows.append(
             {
                 "target": name,
+                "failed_in_round": failed_in_round,
                 "rounds": len(ratios),
                 "ours_median": round(statistics.median(p[0] for p in pairs), 1),
                 "theirs_median": round(statistics.median(p[1] for p in pairs), 1),
@@ -117,7 +134,8 @@ def summarize(measured: Sequence[Row], goals: dict[str, float]) -> list[Row]:
                 "ratio_high": round(max(ratios), 3),
                 "rounds_met": sum(ratio >= goal for ratio in ratios),
                 "goal": goal,
-                "met": median >= goal,
+                # Rounds cut short are too few to call a goal met.
+                "met": median >= goal and failed_in_round is None,
             }
         )
     return rows

@@ -31,6 +31,42 @@ def test_each_round_measures_both_sides_back_to_back_and_odd_rounds_swap_the_ord
     ]
 
 
+def test_a_target_whose_peer_fails_is_measured_no_more_and_the_others_go_on() -> None:
+    calls: list[str] = []
+    answers = iter([1200.0])
+
+    def triton_dies_in_round_two() -> float:
+        calls.append("triton")
+        try:
+            return next(answers)
+        except StopIteration:
+            raise RuntimeError("triton_load failed: connection refused") from None
+
+    peer = targets.Target("triton", 2.0, _recorder(calls, "service", 2400.0), triton_dies_in_round_two)
+    ceiling_pair = targets.Target(
+        "ceiling", 0.9, _recorder(calls, "sample", 90.0), _recorder(calls, "ceiling", 100.0)
+    )
+
+    measured = targets.paired_rounds([peer, ceiling_pair], rounds=3)
+
+    assert [(m["target"], m["round"]) for m in measured] == [
+        ("triton", 1),
+        ("ceiling", 1),
+        ("triton", 2),
+        ("ceiling", 2),
+        ("ceiling", 3),
+    ]
+    assert measured[2]["error"] == "triton_load failed: connection refused"
+    summary = {row["target"]: row for row in targets.summarize(measured, {"triton": 2.0, "ceiling": 0.9})}
+    assert (summary["triton"]["rounds"], summary["triton"]["failed_in_round"]) == (1, 2)
+    assert (summary["ceiling"]["rounds"], summary["ceiling"]["failed_in_round"]) == (3, None)
+    assert (summary["triton"]["ratio_median"], summary["triton"]["met"]) == (2.0, False)
+    assert (
+        "| triton (failed in round 2) | 2,400 | 1,200 | 2.000 | 2.000-2.000 | 1 of 1 | >= 2.0 | no |"
+        in report.targets({"paired_targets": {"summary": list(summary.values())}})
+    )
+
+
 def test_a_target_is_judged_on_the_median_of_its_rounds_ratios_and_reports_their_range() -> None:
     measured = [
         {"target": "a", "round": 1, "ours": 88.0, "theirs": 100.0},
