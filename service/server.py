@@ -46,6 +46,12 @@ def max_message_bytes(max_queue_size: int) -> int:
     return max(MIN_MESSAGE_BYTES, max_queue_size * FLOAT32_IMAGE_BYTES + MESSAGE_FRAMING_BYTES)
 
 
+def grpc_address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC parses it: an IPv6 address goes in brackets, as in a URL."""
+    bare_ipv6 = ":" in host and not host.startswith("[")
+    return f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
+
+
 # On a drain, how long the last answers get to reach their clients before the connections close.
 ANSWERS_LEAVE_S = 0.2
 
@@ -91,7 +97,7 @@ class VaeServer:
             ),
             server,
         )
-        address = f"{settings.host}:{settings.port}"
+        address = grpc_address(settings.host, settings.port)
         credentials = server_credentials(settings)
         try:
             if credentials is None:

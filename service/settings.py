@@ -32,7 +32,10 @@ class Settings:
     """How vae-serve runs; each field is a flag `--field-name` and a variable VAE_SERVE_FIELD_NAME."""
 
     model_dir: Path = field(metadata={"help": "the model bundle directory written by vae-export"})
-    host: str = field(default="0.0.0.0", metadata={"help": "the address the gRPC server binds"})
+    host: str = field(
+        default="0.0.0.0",
+        metadata={"help": "the address the gRPC server binds; 0.0.0.0 or :: is every address, IPv4 and IPv6"},
+    )
     port: int = field(default=50051, metadata={"help": "the gRPC port (0 = pick a free one)"})
     metrics_port: int = field(
         default=9090,

@@ -8,6 +8,7 @@ import queue
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,17 @@ def test_reflection_lists_the_services(vae_server: ServerThread) -> None:
     with grpc.insecure_channel(vae_server.target) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
+
+
+@pytest.mark.parametrize("host", ["::ffff:127.0.0.1", "[::ffff:127.0.0.1]"])
+def test_an_ipv6_host_is_bound_with_or_without_brackets(
+    vae_bundle: Path, start_server_thread: StartServer, host: str
+) -> None:
+    server = start_server_thread(vae_bundle, host=host)  # 127.0.0.1, spelt IPv6
+    with grpc.insecure_channel(server.target) as channel:
+        assert health_of(channel, SERVICE_NAME) == SERVING
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        assert b"vae_requests_total" in response.read()
 
 
 # A batch that keeps the decoder's one slot busy for about half a second on a CPU, so that the

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import metrics as metrics_module
+from service.metrics import MetricsHttpServer, ServiceMetrics
 from tests.conftest import ServerThread
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
@@ -70,3 +76,66 @@ def test_metrics_appear_with_their_labels_after_calls(
         assert value(samples, "vae_queue_wait_seconds_count", graph=graph) >= 1
         assert value(samples, "vae_queue_depth", graph=graph) == 0
     assert value(samples, "process_cpu_seconds_total") > 0
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_a_wildcard_metrics_listener_is_one_ipv6_socket_that_takes_ipv4_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As on a host whose net.ipv6.bindv6only is 1: every new IPv6 socket starts IPv6-only.
+    make_socket = socket.socket
+
+    def v6only_by_default(
+        family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
+    ) -> socket.socket:
+        sock = make_socket(family, type, proto, fileno)
+        if fileno is None and family == socket.AF_INET6:  # a new socket, not an accepted connection
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+    monkeypatch.setattr(socket, "socket", v6only_by_default)
+    # The mapped form of 127.0.0.1 stands in for "::", so that the test binds loopback only: an IPv6
+    # socket can bind it, and answer on 127.0.0.1, only with IPV6_V6ONLY off.
+    server = metrics_module._bind_every_address(
+        0,
+        make_wsgi_app(ServiceMetrics.create().registry),
+        ipv6_host="::ffff:127.0.0.1",
+        ipv4_host="127.0.0.2",
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server.socket.family == socket.AF_INET6
+        assert "vae_requests_total" in _get(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_wildcard_metrics_listener_falls_back_to_ipv4_on_a_kernel_without_ipv6(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_ipv6(self: object) -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(metrics_module._DualStackServer, "server_bind", no_ipv6)
+    server = metrics_module._bind_every_address(
+        0, make_wsgi_app(ServiceMetrics.create().registry), ipv4_host="127.0.0.1"
+    )
+    try:
+        assert server.socket.family == socket.AF_INET
+    finally:
+        server.server_close()
+
+
+def test_metrics_bind_an_ipv6_address_in_brackets_as_grpc_spells_it() -> None:
+    http = MetricsHttpServer(ServiceMetrics.create(), "[::ffff:127.0.0.1]", 0)  # 127.0.0.1, spelt IPv6
+    try:
+        assert "vae_requests_total" in _get(f"http://127.0.0.1:{http.port}/metrics")
+    finally:
+        http.stop()
