@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,8 @@ def test_an_ipv6_host_is_bound_with_or_without_brackets(
         assert b"vae_requests_total" in response.read()
 
 
-# A batch that keeps the decoder's one slot busy for about half a second on a CPU, so that the
-# requests sent after it wait in the queue (an idle batcher would run them at once).
+# A batch that fills the decoder's one slot; its call is held (held_decoder) so that the requests
+# sent after it wait in the queue on any CPU (an idle batcher would run them at once).
 BUSY_ROWS = 4096
 
 
@@ -140,8 +141,9 @@ def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> g
     return busy
 
 
-def hold_decoder(server: ServerThread) -> threading.Event:
-    """Make the decoder's calls wait, whatever the CPU's speed, until the returned event is set."""
+@contextlib.contextmanager
+def held_decoder(server: ServerThread) -> Iterator[None]:
+    """Inside the block, the decoder's calls wait, whatever the CPU's speed; they run on leaving it."""
     release = threading.Event()
     decoder = server.server.model.decoder  # type: ignore[union-attr]
     infer = decoder._infer
@@ -151,7 +153,10 @@ def hold_decoder(server: ServerThread) -> threading.Event:
         return infer(inputs)
 
     decoder._infer = held
-    return release
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def queue_behind_busy_batch(
@@ -173,18 +178,21 @@ def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
     server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy, in_flight = queue_behind_busy_batch(server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1))
         stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 30})
-        stopper.start()
-        deadline = time.monotonic() + 30
-        while not server.server.servicer.draining:
-            assert time.monotonic() < deadline, "the drain never began"
-            time.sleep(0.001)
-        # The connection is still open: a new call is refused by the servicer, not by a closed socket.
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "shutting down" in (refused.value.details() or "")
+        with held_decoder(server):
+            busy, in_flight = queue_behind_busy_batch(
+                server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1)
+            )
+            stopper.start()
+            deadline = time.monotonic() + 30
+            while not server.server.servicer.draining:
+                assert time.monotonic() < deadline, "the drain never began"
+                time.sleep(0.001)
+            # The connection is still open: a new call is refused by the servicer, not by a closed socket.
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (refused.value.details() or "")
         assert list(in_flight.result(timeout=30).images.shape) == [1, 1, 28, 28]
         assert list(busy.result(timeout=30).images.shape) == [BUSY_ROWS, 1, 28, 28]
         stopper.join(timeout=60)
@@ -235,17 +243,14 @@ def test_an_expired_deadline_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
     server = start_busy_server(vae_bundle, start_server_thread)
-    release = hold_decoder(server)  # the busy batch outlasts the deadline on any CPU
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         request = vae_pb2.SampleRequest(num_samples=3, seed=1)
-        # Long enough for a loaded server to take the call in and queue its rows (a call whose
-        # deadline passes before its handler runs never reaches the queue).
-        try:
+        with held_decoder(server):  # the busy batch outlasts the deadline
+            # Long enough for a loaded server to take the call in and queue its rows (a call whose
+            # deadline passes before its handler runs never reaches the queue).
             busy, pending = queue_behind_busy_batch(server, stub, request, timeout=2)
             assert code_of(pending.result) == grpc.StatusCode.DEADLINE_EXCEEDED
-        finally:
-            release.set()
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)  # the batcher has looked at the expired rows
     assert decoder_rows_run(server) == BUSY_ROWS
@@ -287,8 +292,11 @@ def test_a_cancelled_request_is_dropped_before_it_runs(
     server = start_busy_server(vae_bundle, start_server_thread)
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        busy, pending = queue_behind_busy_batch(server, stub, vae_pb2.SampleRequest(num_samples=5, seed=1))
-        assert pending.cancel()
+        with held_decoder(server):
+            busy, pending = queue_behind_busy_batch(
+                server, stub, vae_pb2.SampleRequest(num_samples=5, seed=1)
+            )
+            assert pending.cancel()
         busy.result(timeout=30)
         wait_for_queue_depth(server, 0)
     assert decoder_rows_run(server) == BUSY_ROWS
@@ -301,11 +309,12 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
         request = vae_pb2.SampleRequest(num_samples=3000, seed=1, output_dtype=UINT8)
-        busy, queued = queue_behind_busy_batch(server, stub, request)
-        with pytest.raises(grpc.RpcError) as refused:  # UINT8: an answer under the client's 4 MB
-            stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2, output_dtype=UINT8))
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in (refused.value.details() or "")
+        with held_decoder(server):
+            busy, queued = queue_behind_busy_batch(server, stub, request)
+            with pytest.raises(grpc.RpcError) as refused:  # UINT8: an answer under the client's 4 MB
+                stub.Sample(vae_pb2.SampleRequest(num_samples=2000, seed=2, output_dtype=UINT8))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in (refused.value.details() or "")
         busy.result(timeout=30)
         assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]
 
