@@ -360,7 +360,7 @@ def test_recording_rules_evaluate_on_real_series(scraped: Scraped) -> None:
         return {dict(labels)[label]: value for labels, value in values.items()}
 
     sample_rate = recorded(
-        'rpc_code:vae_requests:rate1m{rpc="Sample", code="OK"}', lambda v: min(v.values()) > 0
+        'rpc_code:vae_requests:rate5m{rpc="Sample", code="OK"}', lambda v: min(v.values()) > 0
     )
     assert len(sample_rate) == 1
     # Every request either succeeded or was the caller's fault (INVALID_ARGUMENT): no server error.
