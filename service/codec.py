@@ -19,6 +19,8 @@ FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
 UINT8 = vae_pb2.DATA_TYPE_UINT8
 # EncodeStream's initial metadata: the sha256 of the encoder graph that answers the stream.
 ENCODER_SHA256_METADATA = "vae-encoder-sha256"
+# numpy's limit on an array's dimensions (NPY_MAXDIMS).
+MAX_DIMENSIONS = 64
 
 _NUMPY_DTYPES: dict[int, np.dtype[np.generic]] = {
     FLOAT32: np.dtype("<f4"),
@@ -43,6 +45,12 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
             f"{name}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
         )
     shape = tuple(tensor.shape)
+    # First, so that the product below stays small: a shape of thousands of huge sizes would take
+    # the event loop seconds to multiply out.
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(
+            f"{name}: shape {shape_text(shape)} has more than numpy's {MAX_DIMENSIONS} dimensions"
+        )
     if any(size < 0 for size in shape):
         raise InvalidInput(f"{name}: shape {shape_text(shape)} has a negative dimension")
     # Python ints: a product of int64 sizes could wrap around and match a short `data`.
@@ -55,7 +63,7 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
         )
     try:
         return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-    except ValueError as error:  # more dimensions than numpy takes, or an empty one too large to index
+    except ValueError as error:  # an empty shape too large to index
         problem = f"{name}: shape {shape_text(shape)} is not a valid array shape ({error})"
         raise InvalidInput(problem) from None
 

@@ -501,7 +501,14 @@ async def _abort(
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
     _count_request(servicer, rpc, code, started)
-    await context.abort(code, message)
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise  # the call ends with our status: gRPC expects this one
+    except Exception:
+        # gRPC ended the call first, at the deadline the batcher's own check raced against: no status
+        # is left to send. Ended as cancelled, it is not logged as a servicer failure.
+        raise asyncio.CancelledError from None
 
 
 def _count_request(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:

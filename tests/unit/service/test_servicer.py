@@ -17,6 +17,7 @@ from service.servicer import (
     DEADLINE_SLACK_S,
     VaeServicer,
     _in_order,
+    _observe,
     _observe_stream,
     code_of_cancellation,
     status_code_of,
@@ -117,6 +118,33 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
     requests = servicer.metrics.registry.get_sample_value
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "CANCELLED"}) == 1
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "OK"}) is None
+
+
+class _EndedByItsDeadline(_Remaining):
+    """A call that gRPC has already ended at its deadline: no status can be sent any more."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError('Failed "execute_batch"')  # what grpc raises (its ExecuteBatchError)
+
+
+def test_a_failure_that_finds_its_call_already_ended_is_counted_and_ends_as_cancelled_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batcher's deadline is gRPC's own: the two race, and gRPC may end the call first. An error
+    escaping the handler would be logged with its traceback as a servicer failure."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+
+    async def queued_past_its_deadline() -> None:
+        raise DeadlineExceeded("the deadline passed while the request was queued")
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_observe(servicer, "Decode", _EndedByItsDeadline(), queued_past_its_deadline()))
+    requests = servicer.metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 1
+    assert not caplog.records
 
 
 def test_a_stream_that_fails_cancels_the_calls_it_started_ahead() -> None:
