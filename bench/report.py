@@ -106,8 +106,8 @@ def targets(results: Results) -> str:
                 row["ours_median"],
                 row["theirs_median"],
                 # Three decimals: 1.4948 must not print as the 1.50 of a goal it misses.
-                f"{row['ratio_median']:.3f}",
-                f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}",
+                None if row["ratio_median"] is None else f"{row['ratio_median']:.3f}",
+                None if row["ratio_low"] is None else f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}",
                 f"{row['rounds_met']} of {row['rounds']}",
                 f">= {row['goal']}",
                 row["met"],

@@ -23,7 +23,7 @@ IMAGE_ENVIRONMENT = {"VAE_SERVE_INFERENCE_NICE": "19"}
 
 
 class ServerFailed(RuntimeError):
-    """The server under test exited, or did not become ready in time."""
+    """The server under test exited, did not become ready in time, or could not be measured."""
 
 
 def free_port() -> int:

@@ -372,7 +372,7 @@ def triton_windows(
         command, env={**os.environ, **TRITON_ENV}, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(f"triton_load failed: {done.stderr[-2000:]}")
+        raise servers.ServerFailed(f"triton_load failed: {done.stderr[-2000:]}")
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 

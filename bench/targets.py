@@ -84,7 +84,7 @@ def ceiling_window(runs: Sequence[Callable[[], int]], window_s: float, warmup_s:
 def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
     """Every target's two sides back to back, `rounds` times; odd rounds measure `theirs` first.
 
-    A target whose measurement fails (a peer that dies: RuntimeError) is recorded with the error and
+    A target whose measurement fails (a peer that dies: ServerFailed) is recorded with the error and
     measured no more; the other targets go on, so that one peer cannot cost the run its results.
     """
     measured: list[Row] = []
@@ -101,7 +101,7 @@ def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
                 else:
                     ours = target.ours()
                     theirs = target.theirs()
-            except RuntimeError as error:
+            except servers.ServerFailed as error:
                 failed.add(target.name)
                 measured.append({**row, "error": str(error)})
                 print(f"  round {index + 1}: {target.name}: failed, measured no more: {error}", flush=True)
@@ -112,30 +112,33 @@ def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
 
 
 def summarize(measured: Sequence[Row], goals: dict[str, float]) -> list[Row]:
-    """Per target: the median ratio over the rounds, its range, and whether the median meets the goal."""
+    """Per target: the median ratio over the rounds, its range, and whether the median meets the goal.
+
+    A target that failed before any round completed is still listed (its figures None), never met.
+    """
     rows: list[Row] = []
     for name, goal in goals.items():
         rounds = [m for m in measured if m["target"] == name]
+        failed_in_round = next((m["round"] for m in rounds if "error" in m), None)
         pairs = [(m["ours"], m["theirs"]) for m in rounds if "error" not in m]
         ratios = [ours / theirs for ours, theirs in pairs if theirs > 0]
-        if not ratios:
+        if not ratios and failed_in_round is None:
             continue
-        median = statistics.median(ratios)
-        failed_in_round = next((m["round"] for m in rounds if "error" in m), None)
+        median = statistics.median(ratios) if ratios else None
         rows.append(
             {
                 "target": name,
                 "failed_in_round": failed_in_round,
                 "rounds": len(ratios),
-                "ours_median": round(statistics.median(p[0] for p in pairs), 1),
-                "theirs_median": round(statistics.median(p[1] for p in pairs), 1),
-                "ratio_median": round(median, 3),
-                "ratio_low": round(min(ratios), 3),
-                "ratio_high": round(max(ratios), 3),
+                "ours_median": round(statistics.median(p[0] for p in pairs), 1) if pairs else None,
+                "theirs_median": round(statistics.median(p[1] for p in pairs), 1) if pairs else None,
+                "ratio_median": None if median is None else round(median, 3),
+                "ratio_low": round(min(ratios), 3) if ratios else None,
+                "ratio_high": round(max(ratios), 3) if ratios else None,
                 "rounds_met": sum(ratio >= goal for ratio in ratios),
                 "goal": goal,
                 # Rounds cut short are too few to call a goal met.
-                "met": median >= goal and failed_in_round is None,
+                "met": median is not None and median >= goal and failed_in_round is None,
             }
         )
     return rows

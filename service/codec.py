@@ -19,7 +19,7 @@ FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
 UINT8 = vae_pb2.DATA_TYPE_UINT8
 # EncodeStream's initial metadata: the sha256 of the encoder graph that answers the stream.
 ENCODER_SHA256_METADATA = "vae-encoder-sha256"
-# numpy's limit on an array's dimensions (NPY_MAXDIMS).
+# numpy 2's limit on an array's dimensions (NPY_MAXDIMS); the service's tensors have 2 to 4.
 MAX_DIMENSIONS = 64
 
 _NUMPY_DTYPES: dict[int, np.dtype[np.generic]] = {
@@ -48,9 +48,7 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
     # First, so that the product below stays small: a shape of thousands of huge sizes would take
     # the event loop seconds to multiply out.
     if len(shape) > MAX_DIMENSIONS:
-        raise InvalidInput(
-            f"{name}: shape {shape_text(shape)} has more than numpy's {MAX_DIMENSIONS} dimensions"
-        )
+        raise InvalidInput(f"{name}: shape {shape_text(shape)} has more than {MAX_DIMENSIONS} dimensions")
     if any(size < 0 for size in shape):
         raise InvalidInput(f"{name}: shape {shape_text(shape)} has a negative dimension")
     # Python ints: a product of int64 sizes could wrap around and match a short `data`.
@@ -63,7 +61,7 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
         )
     try:
         return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-    except ValueError as error:  # an empty shape too large to index
+    except ValueError as error:  # an empty shape too large to index, or more dimensions than numpy takes
         problem = f"{name}: shape {shape_text(shape)} is not a valid array shape ({error})"
         raise InvalidInput(problem) from None
 

@@ -6,11 +6,13 @@ The names are the contract's (deploy/ and bench/ rely on them); units are in the
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import threading
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +23,6 @@ from prometheus_client import (
     ProcessCollector,
     make_wsgi_app,
 )
-from prometheus_client.exposition import ThreadingWSGIServer
 
 # Sub-millisecond to seconds: a decode of one row takes ~1 ms, a Sample of 1024 rows ~1 s on 2 cores.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -95,23 +96,22 @@ class ServiceMetrics:
         )
 
 
-# gRPC takes either wildcard address to mean every address of both families; /metrics does too, so
-# that a Prometheus reaching the pod over IPv6 finds it wherever it finds the gRPC port.
-WILDCARD_HOSTS = ("0.0.0.0", "::")
-
-
 class MetricsHttpServer:
-    """`GET /metrics` on its own port, one thread per scrape."""
+    """`GET /metrics` on its own port, one thread per scrape.
+
+    It binds as gRPC's port does: a wildcard host (0.0.0.0, ::) is every address of both families,
+    on one IPv6 socket that takes IPv4 too, so that a Prometheus that reaches the pod over IPv6
+    finds /metrics wherever it finds gRPC; IPv4 alone on a kernel without IPv6.
+    """
 
     def __init__(self, metrics: ServiceMetrics, host: str, port: int) -> None:
         app = make_wsgi_app(metrics.registry)
         host = host.strip("[]")  # gRPC's spelling of an IPv6 address
-        if host in WILDCARD_HOSTS:
+        if _is_wildcard(host):
             self._server = _bind_every_address(port, app)
         else:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-            server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-            self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+            self._server = _MetricsServer((host, port), family, app)
         self.port: int = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
@@ -129,21 +129,37 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class _DualStackServer(ThreadingWSGIServer):
-    """An IPv6 socket that takes IPv4 too, whatever the host's net.ipv6.bindv6only says."""
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A WSGI server of one address family, a daemon thread per request. Its IPv6 sockets take IPv4
+    too, as gRPC's do, whatever the host's net.ipv6.bindv6only says."""
 
-    address_family = socket.AF_INET6
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, app: Any) -> None:
+        self.address_family = family
+        super().__init__(address, _QuietHandler)
+        self.set_app(app)
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
 
-def _bind_every_address(port: int, app: Any, ipv6_host: str = "::", ipv4_host: str = "0.0.0.0") -> WSGIServer:
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name, such as localhost
+        return False
+
+
+def _bind_every_address(
+    port: int, app: Any, ipv6_host: str = "::", ipv4_host: str = "0.0.0.0"
+) -> _MetricsServer:
     """Both families on one socket; IPv4 alone on a kernel without IPv6."""
     try:
-        return make_server(ipv6_host, port, app, _DualStackServer, handler_class=_QuietHandler)
+        return _MetricsServer((ipv6_host, port), socket.AF_INET6, app)
     except OSError as error:
         if error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
             raise
-    return make_server(ipv4_host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    return _MetricsServer((ipv4_host, port), socket.AF_INET, app)

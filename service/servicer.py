@@ -503,11 +503,10 @@ async def _abort(
     _count_request(servicer, rpc, code, started)
     try:
         await context.abort(code, message)
-    except grpc.aio.AbortError:
-        raise  # the call ends with our status: gRPC expects this one
-    except Exception:
-        # gRPC ended the call first, at the deadline the batcher's own check raced against: no status
-        # is left to send. Ended as cancelled, it is not logged as a servicer failure.
+    except grpc.aio.InternalError:
+        # gRPC ended the call first, at the deadline the batcher's own check raced against, and
+        # could not send this status (its ExecuteBatchError). Ended as cancelled, the call is not
+        # logged with a traceback as a servicer failure.
         raise asyncio.CancelledError from None
 
 

@@ -5,7 +5,8 @@
 Schemas say a field is well-formed; this says the numbers and names line up: the termination grace
 period covers the preStop sleep plus the server's drain, Services and the PodDisruptionBudget select
 the Deployment's pods, the HPA scales a Deployment that exists, a GPU Deployment rolls out without
-an extra GPU, and every container runs non-root on a read-only root filesystem with a pinned image. Run by deploy/check.sh with PyYAML from its tools venv.
+an extra GPU, and every container runs non-root on a read-only root filesystem with a pinned image.
+Run by deploy/check.sh with PyYAML from its tools venv.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def check_server(where: str, deployment: Manifest, problems: list[str]) -> None:
         )
     if env_value(server, "VAE_SERVE_MAX_CONNECTION_AGE_S") in (None, "0"):
         problems.append(f"{where}: VAE_SERVE_MAX_CONNECTION_AGE_S is unset, so clients never rebalance")
-    surge = deployment["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%")
+    strategy = deployment["spec"].get("strategy", {})
+    # Kubernetes' default is a rolling update with a surge of 25%; Recreate never surges.
+    surge = (
+        strategy.get("rollingUpdate", {}).get("maxSurge", "25%") if strategy.get("type") != "Recreate" else 0
+    )
     if server.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") and str(surge) not in ("0", "0%"):
         problems.append(
             f"{where}: maxSurge {surge} on GPU replicas: a rollout then needs one GPU more than the "

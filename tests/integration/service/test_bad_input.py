@@ -71,18 +71,18 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     ),
     "images of more dimensions than numpy takes": (
         encode(tensor([1] * 65, dtype=codec.UINT8, data=b"\0")),
-        "(65 dimensions) has more than numpy's 64 dimensions",
+        "(65 dimensions) has more than 64 dimensions",
     ),
     # The message travels in trailing metadata, which the client caps at 16 KiB: it must stay short.
     "images of ten thousand dimensions": (
         encode(tensor([1] * 10_000, data=b"\0" * 4)),
-        "[1, 1, 1, 1, 1, 1, 1, 1, ...] (10000 dimensions) has more than numpy's 64 dimensions",
+        "[1, 1, 1, 1, 1, 1, 1, 1, ...] (10000 dimensions) has more than 64 dimensions",
     ),
     # Refused before their sizes are multiplied: the product of 40,000 sizes of 2**62 has 740,000
     # digits, takes the event loop seconds to compute, and Python will not print it.
     "images of forty thousand huge dimensions": (
         encode(tensor([2**62] * 40_000, data=b"")),
-        "(40000 dimensions) has more than numpy's 64 dimensions",
+        "(40000 dimensions) has more than 64 dimensions",
     ),
     "latents of no elements but dimensions too large to index": (
         decode(tensor([2**62, 0], data=b"")),

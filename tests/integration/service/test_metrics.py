@@ -120,10 +120,16 @@ def test_a_wildcard_metrics_listener_is_one_ipv6_socket_that_takes_ipv4_too(
 def test_a_wildcard_metrics_listener_falls_back_to_ipv4_on_a_kernel_without_ipv6(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def no_ipv6(self: object) -> None:
-        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+    make_socket = socket.socket
 
-    monkeypatch.setattr(metrics_module._DualStackServer, "server_bind", no_ipv6)
+    def no_ipv6(
+        family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
+    ) -> socket.socket:
+        if family == socket.AF_INET6:  # as on a kernel booted with ipv6.disable=1
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return make_socket(family, type, proto, fileno)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
     server = metrics_module._bind_every_address(
         0, make_wsgi_app(ServiceMetrics.create().registry), ipv4_host="127.0.0.1"
     )

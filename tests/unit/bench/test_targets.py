@@ -40,7 +40,7 @@ def test_a_target_whose_peer_fails_is_measured_no_more_and_the_others_go_on() ->
         try:
             return next(answers)
         except StopIteration:
-            raise RuntimeError("triton_load failed: connection refused") from None
+            raise servers.ServerFailed("triton_load failed: connection refused") from None
 
     peer = targets.Target("triton", 2.0, _recorder(calls, "service", 2400.0), triton_dies_in_round_two)
     ceiling_pair = targets.Target(
@@ -64,6 +64,20 @@ def test_a_target_whose_peer_fails_is_measured_no_more_and_the_others_go_on() ->
     assert (
         "| triton (failed in round 2) | 2,400 | 1,200 | 2.000 | 2.000-2.000 | 1 of 1 | >= 2.0 | no |"
         in report.targets({"paired_targets": {"summary": list(summary.values())}})
+    )
+
+
+def test_a_target_whose_peer_fails_in_the_first_round_is_still_listed_as_not_met() -> None:
+    def dies() -> float:
+        raise servers.ServerFailed("triton-paired exited with 1")
+
+    measured = targets.paired_rounds([targets.Target("triton", 2.0, lambda: 2400.0, dies)], rounds=6)
+
+    assert measured == [{"target": "triton", "round": 1, "error": "triton-paired exited with 1"}]
+    (row,) = targets.summarize(measured, {"triton": 2.0})
+    assert (row["rounds"], row["failed_in_round"], row["ratio_median"], row["met"]) == (0, 1, None, False)
+    assert "| triton (failed in round 1) | - | - | - | - | 0 of 0 | >= 2.0 | no |" in report.targets(
+        {"paired_targets": {"summary": [row]}}
     )
 
 
