@@ -83,21 +83,32 @@ def _get(url: str) -> str:
         return str(response.read().decode())
 
 
+def _on_new_ipv6_sockets(
+    monkeypatch: pytest.MonkeyPatch, new_ipv6: Callable[[Callable[[], socket.socket]], socket.socket]
+) -> None:
+    """Route the creation of every new IPv6 socket (not an accepted connection) through `new_ipv6`,
+    which gets the function that would create it."""
+    make_socket = socket.socket
+
+    def patched(
+        family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
+    ) -> socket.socket:
+        if fileno is None and family == socket.AF_INET6:
+            return new_ipv6(lambda: make_socket(family, type, proto))
+        return make_socket(family, type, proto, fileno)
+
+    monkeypatch.setattr(socket, "socket", patched)
+
+
 def test_a_wildcard_metrics_listener_is_one_ipv6_socket_that_takes_ipv4_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # As on a host whose net.ipv6.bindv6only is 1: every new IPv6 socket starts IPv6-only.
-    make_socket = socket.socket
-
-    def v6only_by_default(
-        family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
-    ) -> socket.socket:
-        sock = make_socket(family, type, proto, fileno)
-        if fileno is None and family == socket.AF_INET6:  # a new socket, not an accepted connection
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    def ipv6_only(create: Callable[[], socket.socket]) -> socket.socket:
+        sock = create()  # as on a host whose net.ipv6.bindv6only is 1
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         return sock
 
-    monkeypatch.setattr(socket, "socket", v6only_by_default)
+    _on_new_ipv6_sockets(monkeypatch, ipv6_only)
     # The mapped form of 127.0.0.1 stands in for "::", so that the test binds loopback only: an IPv6
     # socket can bind it, and answer on 127.0.0.1, only with IPV6_V6ONLY off.
     server = metrics_module._bind_every_address(
@@ -120,16 +131,10 @@ def test_a_wildcard_metrics_listener_is_one_ipv6_socket_that_takes_ipv4_too(
 def test_a_wildcard_metrics_listener_falls_back_to_ipv4_on_a_kernel_without_ipv6(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    make_socket = socket.socket
+    def no_ipv6(create: Callable[[], socket.socket]) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")  # ipv6.disable=1
 
-    def no_ipv6(
-        family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None
-    ) -> socket.socket:
-        if family == socket.AF_INET6:  # as on a kernel booted with ipv6.disable=1
-            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
-        return make_socket(family, type, proto, fileno)
-
-    monkeypatch.setattr(socket, "socket", no_ipv6)
+    _on_new_ipv6_sockets(monkeypatch, no_ipv6)
     server = metrics_module._bind_every_address(
         0, make_wsgi_app(ServiceMetrics.create().registry), ipv4_host="127.0.0.1"
     )
