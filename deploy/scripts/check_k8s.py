@@ -73,10 +73,9 @@ def check_server(where: str, deployment: Manifest, problems: list[str]) -> None:
     if env_value(server, "VAE_SERVE_MAX_CONNECTION_AGE_S") in (None, "0"):
         problems.append(f"{where}: VAE_SERVE_MAX_CONNECTION_AGE_S is unset, so clients never rebalance")
     strategy = deployment["spec"].get("strategy", {})
-    # Kubernetes' default is a rolling update with a surge of 25%; Recreate never surges.
-    surge = (
-        strategy.get("rollingUpdate", {}).get("maxSurge", "25%") if strategy.get("type") != "Recreate" else 0
-    )
+    # Kubernetes' default rolling update surges by 25%; Recreate never surges.
+    rolling = strategy.get("rollingUpdate", {})
+    surge = 0 if strategy.get("type") == "Recreate" else rolling.get("maxSurge", "25%")
     if server.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") and str(surge) not in ("0", "0%"):
         problems.append(
             f"{where}: maxSurge {surge} on GPU replicas: a rollout then needs one GPU more than the "
