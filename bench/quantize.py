@@ -17,8 +17,8 @@ import numpy as np
 from bench.ceiling import decoder_feed, graph_runner, interleaved, load, session_options
 from export.quantize import pixel_error, quantize_decoder
 
-# Both of `vae-export --quantize-decoder`'s methods, by the names the tables give them.
-METHODS = {"int8 weights, dynamic activations": "int8-dynamic", "int8 static QDQ": "int8-static"}
+# `vae-export --quantize-decoder`'s method, by the name the tables give it.
+METHODS = {"int8 static QDQ": "int8-static"}
 
 
 def quantized_decoders(decoder: Path, latent_dim: int, out_dir: Path) -> dict[str, Path]:

@@ -793,8 +793,25 @@ def encode_request(images: npt.NDArray[Any]) -> vae_pb2.EncodeRequest:
     return vae_pb2.EncodeRequest(images=codec.to_tensor(as_wire_images(images)))
 
 
+def as_wire_latents(latents: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """Latent codes as they travel: float32.
+
+    Raises TypeError for complex, boolean or text arrays, which numpy would cast without a word, and
+    ValueError for finite values beyond float32's range, which the cast would turn into Inf.
+    """
+    latents = np.asarray(latents)
+    if not np.issubdtype(latents.dtype, np.floating) and not np.issubdtype(latents.dtype, np.integer):
+        raise TypeError(f"latents must be real numbers (floating point or integer), got {latents.dtype}")
+    with np.errstate(over="ignore"):  # an overflow is refused just below, in words
+        wire = latents.astype(np.float32, copy=False)
+    if not np.isfinite(wire).all() and np.isfinite(latents).all():
+        largest = float(np.abs(latents).max())
+        raise ValueError(f"latents reach |z| = {largest:g}, beyond float32's range")
+    return wire
+
+
 def decode_request(latents: npt.NDArray[Any], output_dtype: ImageDtype) -> vae_pb2.DecodeRequest:
-    tensor = codec.to_tensor(np.asarray(latents, dtype=np.float32))
+    tensor = codec.to_tensor(as_wire_latents(latents))
     return vae_pb2.DecodeRequest(latents=tensor, output_dtype=_output_dtype(output_dtype))  # type: ignore[arg-type]
 
 

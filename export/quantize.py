@@ -1,14 +1,16 @@
 """An int8 decoder for a bundle (`vae-export --quantize-decoder`), and how far its images drift.
 
-Two of onnxruntime's methods, both keeping the graph's float32 input and output, so the service and
-its clients see no difference but the pixels:
-- `int8-dynamic`: the dense layer only (MatMul, Gemm) with int8 weights and activations quantized
-  per call; the convolutions stay float32, as onnxruntime's ConvInteger is slower than its Conv;
-- `int8-static`: every operator it can, int8 weights per channel and uint8 activations, with scales
-  calibrated on points of the prior that Sample draws from (quantize/dequantize pairs around the float
-  operators).
+onnxruntime's static quantization: int8 weights per channel and uint8 activations around every
+operator it can (quantize/dequantize pairs), with scales calibrated on points of the prior that Sample
+draws from. The graph keeps its float32 input and output, so the service and its clients see no
+difference but the pixels.
 
-An option, never the default: on the CPU measured (docs/BENCHMARKS.md, the int8 lever) neither is
+Not dynamic quantization: it scales each call's activations by that call's own range, so an image's
+pixels would depend on the rows the batcher puts beside it, and a seed would no longer give the same
+bytes on every replica and every run. Measured on the 30-epoch decoder, it changed every row of a
+64-row call against the same rows decoded one by one.
+
+An option, never the default: on the CPU measured (docs/BENCHMARKS.md, the int8 lever) it is not
 faster, because onnxruntime's CPU provider has no int8 ConvTranspose, the decoder's bulk, and its
 int8 Conv is slower than its float one.
 """
@@ -24,7 +26,6 @@ from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
     QuantType,
-    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -59,13 +60,7 @@ def quantize_decoder(decoder: Path, out: Path, method: str, latent_dim: int) -> 
         prepared = Path(work) / "decoder.prepared.onnx"
         # The exported Reshape takes a computed shape that the symbolic shape pass cannot follow.
         quant_pre_process(str(decoder), str(prepared), skip_symbolic_shape=True)
-        if method == "int8-dynamic":
-            # Not the convolutions: onnxruntime's ConvInteger made the decoder 40% slower than its
-            # float32 Conv (docs/BENCHMARKS.md, change 12); the dense layer's MatMulInteger is level.
-            quantize_dynamic(
-                str(prepared), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8
-            )
-        elif method == "int8-static":
+        if method == "int8-static":
             quantize_static(
                 str(prepared),
                 str(out),

@@ -35,9 +35,11 @@ Kind = Literal["vae", "ae"]
 Shape = tuple[int | str, ...]
 
 FLOAT32 = "float32"
-# How a graph's weights are stored. `vae-export --quantize-decoder` writes the int8 decoders; their
-# input and output stay float32, so nothing but the pixels tells them apart.
-INT8_PRECISIONS = ("int8-dynamic", "int8-static")
+# How a graph's weights are stored. `vae-export --quantize-decoder` writes the int8 decoder; its
+# input and output stay float32, so nothing but the pixels tells it apart. Only static quantization:
+# a dynamic one scales each call's activations by that call's range, so an image's pixels would depend
+# on the rows batched with it, and a seed would no longer give the same bytes.
+INT8_PRECISIONS = ("int8-static",)
 PRECISIONS = (FLOAT32, *INT8_PRECISIONS)
 
 

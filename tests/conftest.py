@@ -61,11 +61,11 @@ def vae_bundle(vae_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def int8_vae_bundle(vae_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny VAE exported with an int8-dynamic decoder; read-only like vae_bundle."""
+    """The tiny VAE exported with an int8 decoder; read-only like vae_bundle."""
     from export.exporter import export_run
 
     bundle = tmp_path_factory.mktemp("bundles") / "vae-int8"
-    export_run(vae_run_dir, bundle, name="tiny-vae", quantize_decoder="int8-dynamic")
+    export_run(vae_run_dir, bundle, name="tiny-vae", quantize_decoder="int8-static")
     return bundle
 
 

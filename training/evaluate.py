@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         parser.exit(2, f"vae-evaluate: error: {error}\n")
     report: dict[str, Any] = {"command": command, "runs": runs}
-    if len(runs) == 1:  # as CONTRACT.md names them: `vae-evaluate RUN_DIR | jq .elbo_nats`
+    if len(runs) == 1:  # as the interface contract names them: `vae-evaluate RUN_DIR | jq .elbo_nats`
         report = {"command": command, **runs[0], "runs": runs}
     text = json.dumps(report, indent=2, allow_nan=False)
     print(text)  # first: the report is on stdout even if --json cannot be written

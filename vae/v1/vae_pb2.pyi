@@ -320,8 +320,8 @@ class ModelInfo(_message.Message):
     """The sha256 of encoder.onnx and decoder.onnx, as checked at start."""
     decoder_sha256: _builtins.str
     decoder_precision: _builtins.str
-    """How the decoder's weights are stored: "float32", or "int8-dynamic" / "int8-static" for a
-    bundle exported with `vae-export --quantize-decoder` (its pixels differ slightly).
+    """How the decoder's weights are stored: "float32", or "int8-static" for a bundle exported
+    with `vae-export --quantize-decoder` (its pixels differ slightly).
     """
     max_request_rows: _builtins.int
     """The most images or latent codes that one Encode or Decode request (or one EncodeStream

@@ -226,13 +226,17 @@ def test_an_int8_decoder_is_served_and_says_so(
     server = start_server_thread(int8_vae_bundle)
     with grpc.insecure_channel(server.target) as channel:
         int8 = vae_pb2_grpc.VaeServiceStub(channel)
-        assert int8.GetModelInfo(vae_pb2.GetModelInfoRequest()).decoder_precision == "int8-dynamic"
+        assert int8.GetModelInfo(vae_pb2.GetModelInfoRequest()).decoder_precision == "int8-static"
         request = vae_pb2.SampleRequest(num_samples=64, seed=5)
         int8_sample, float_sample = int8.Sample(request), stub.Sample(request)
+        # One image a call: still the same bytes as in calls of 16.
+        chunks = int8.SampleStream(vae_pb2.SampleRequest(num_samples=64, seed=5, chunk_size=1))
+        one_by_one = np.concatenate([array(chunk.images) for chunk in chunks])
+    np.testing.assert_array_equal(one_by_one, array(int8_sample.images))
     # The same z, decoded by the float32 decoder and by its int8 version.
     assert int8_sample.latents == float_sample.latents
     drift = np.abs(array(int8_sample.images) - array(float_sample.images))
-    assert 0 < drift.max() < 0.1
+    assert 0 < drift.max() < 0.5
 
 
 def test_encode_stream_answers_a_client_that_waits_for_each_answer(stub: vae_pb2_grpc.VaeServiceStub) -> None:

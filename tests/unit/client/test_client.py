@@ -18,6 +18,7 @@ from client.client import (
     VaeClientError,
     _Retrier,
     as_wire_images,
+    as_wire_latents,
     sample_request,
 )
 from tests.conftest import free_port
@@ -85,6 +86,18 @@ def test_images_go_on_the_wire_as_uint8_or_float32() -> None:
     assert as_wire_images(np.zeros((1, 28, 28), np.float64)).dtype == np.float32
     with pytest.raises(TypeError, match=r"uint8 .* or floating point"):
         as_wire_images(np.zeros((1, 28, 28), np.int64))
+
+
+def test_latents_go_on_the_wire_as_float32_and_what_the_cast_would_change_is_refused() -> None:
+    assert as_wire_latents(np.zeros((1, 2), np.float64)).dtype == np.float32
+    np.testing.assert_array_equal(as_wire_latents(np.array([[0, -3]])), np.array([[0.0, -3.0]], np.float32))
+    with pytest.raises(TypeError, match=r"real numbers .*, got complex128"):
+        as_wire_latents(np.array([[0.5 + 3j, -1.0]]))  # the imaginary part would be dropped
+    with pytest.raises(TypeError, match="got bool"):
+        as_wire_latents(np.ones((1, 2), bool))
+    with pytest.raises(ValueError, match=r"\|z\| = 1e\+39, beyond float32's range"):
+        as_wire_latents(np.array([[1e39, 0.0]]))  # would reach the server as Inf
+    assert np.isnan(as_wire_latents(np.array([[np.nan, 0.0]]))).any()  # the server names NaN itself
 
 
 def test_a_sample_request_keeps_an_explicit_seed_and_leaves_an_absent_one_unset() -> None:
