@@ -166,6 +166,14 @@ def export_run(
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
     kind = config.model.kind
     latent_dim = config.model.latent_dim
+    if quantize_decoder is not None and kind == "ae":
+        # The int8 decoder is calibrated and scored on N(0, I), which a VAE's codes are pulled toward;
+        # an AE's are not (their range is the essay's second limit), so its recorded error would
+        # understate the error on the codes it decodes.
+        raise ExportError(
+            f"{run_dir}: an AE's decoder is not quantized, because its codes do not follow N(0, I), the "
+            "points the int8 decoder is calibrated and scored on; export it in float32"
+        )
     signatures = expected_signatures(kind, latent_dim)
     graphs = [
         _Graph("encoder", ENCODER_FILE, _EncoderGraph(model).eval(), model.encode, *signatures["encoder"]),

@@ -148,6 +148,8 @@ def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
             f"{images_path}: expected uint8 images of shape [N,28,28], "
             f"got {pixels.dtype} {list(pixels.shape)}"
         )
+    if len(pixels) == 0:
+        raise IdxFormatError(f"{images_path}: holds no images")
     if labels.ndim != 1 or len(labels) != len(pixels) or labels.dtype != np.uint8:
         raise IdxFormatError(
             f"{labels_path}: expected {len(pixels)} uint8 labels (one per image), "

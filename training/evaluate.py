@@ -44,7 +44,7 @@ from training import figures
 from training.data import DATASETS, ImageSet, load_test_set, load_training_splits
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
-from training.run import FIGURES_DIR, TrainConfig, load_metrics, load_run, save_metrics
+from training.run import FIGURES_DIR, TrainConfig, load_config, load_metrics, load_run, save_metrics
 from training.train import DefaultsHelpFormatter, resolve_device
 
 RANDOM_POINTS = 1_000
@@ -249,14 +249,17 @@ def spread_by_digit(
         covariance = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > 1 else np.zeros((1, 1))
         traces[int(digit)] = float(np.trace(covariance))
     largest, smallest = max(traces.values()), min(traces.values())
-    knn = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(train_codes, train_labels)
+    knn_accuracy = None  # fewer training codes than neighbours (a tiny --limit): no vote to take
+    if len(train_codes) >= KNN_NEIGHBOURS:
+        knn = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(train_codes, train_labels)
+        knn_accuracy = float(knn.score(codes, labels))
     return {
         "trace_by_digit": {str(digit): trace for digit, trace in sorted(traces.items())},
         "largest_digit": max(traces, key=lambda d: traces[d]),
         "smallest_digit": min(traces, key=lambda d: traces[d]),
         # None where a digit has one code or none apart (a tiny --limit): no spread to compare.
         "trace_ratio": largest / smallest if smallest > 0 else None,
-        "knn_accuracy": float(knn.score(codes, labels)),
+        "knn_accuracy": knn_accuracy,
     }
 
 
@@ -473,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iw_samples < 1:
         parser.error(f"--iw-samples must be at least 1, got {args.iw_samples}")
+    if args.seed < 0:
+        parser.error(f"--seed must not be negative, got {args.seed}")
     command = "vae-evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         evaluator = Evaluator(
@@ -484,6 +489,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=resolve_device(args.device),
             write_figures=not args.no_figures,
         )
+        if args.data_dir is not None and args.dataset is None:
+            # Each run reads its own dataset's files from --data-dir, and mnist's and fashion-mnist's
+            # have the same names: one folder cannot hold both.
+            datasets = sorted({load_config(run_dir).dataset for run_dir in args.run_dirs} - {"mnist-5k"})
+            if len(datasets) > 1:
+                raise ValueError(
+                    f"the runs were trained on {' and '.join(datasets)}, whose files one --data-dir cannot "
+                    "both hold: evaluate them one dataset at a time, or name the test set with --dataset"
+                )
         runs = []
         for run_dir in args.run_dirs:
             result = evaluator.evaluate(run_dir)

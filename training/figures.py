@@ -35,7 +35,9 @@ def plane(codes: np.ndarray) -> tuple[np.ndarray, str, str]:
         return codes, "z1", "z2"
     centred = codes - codes.mean(axis=0)
     _, _, components = np.linalg.svd(centred, full_matrices=False)
-    return centred @ components[:2].T, "PC1", "PC2"
+    points = centred @ components[:2].T
+    # A single code has a single component: the plane's second axis is then 0.
+    return np.pad(points, ((0, 0), (0, 2 - points.shape[1]))), "PC1", "PC2"
 
 
 def draw_scatter(axes: Axes, codes: np.ndarray, labels: np.ndarray, title: str) -> None:

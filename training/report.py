@@ -37,8 +37,8 @@ def _number(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 Row = tuple[str, Callable[[dict[str, Any]], str]]
@@ -112,22 +112,33 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_names(runs: list[dict[str, Any]]) -> list[str]:
+    """A name for each run's figures: its kind, with its latent size where two runs share the kind,
+    and its place in the list where that is not enough either."""
+    kinds = [run["kind"] for run in runs]
+    names = [
+        run["kind"] if kinds.count(run["kind"]) == 1 else f"{run['kind']}-z{run['latent_dim']}"
+        for run in runs
+    ]
+    return [name if names.count(name) == 1 else f"{name}-{place}" for place, name in enumerate(names, 1)]
+
+
 def copy_figures(runs: list[dict[str, Any]], figures_dir: Path, note_dir: Path) -> list[str]:
-    """Each run's figures as docs/figures/<kind>-<figure>.png; markdown image lines."""
+    """Each run's figures as docs/figures/<run name>-<figure>.png; markdown image lines."""
     lines = []
-    for run in runs:
+    for run, run_name in zip(runs, run_names(runs), strict=True):
         for name, source in sorted(run.get("figures", {}).items()):
-            target = figures_dir / f"{run['kind']}-{name.replace('_', '-')}.png"
+            target = figures_dir / f"{run_name}-{name.replace('_', '-')}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-            lines.append(f"![{run['kind'].upper()}: {name.replace('_', ' ')}]({_relative(target, note_dir)})")
+            lines.append(f"![{run_name.upper()}: {name.replace('_', ' ')}]({_relative(target, note_dir)})")
     return lines
 
 
 def draw_side_by_side(runs: list[dict[str, Any]], path: Path) -> Path:
     """Test codes and decoded N(0, I) samples of every run, recomputed from the run directories."""
     panels = []
-    for run in runs:
+    for run, name in zip(runs, run_names(runs), strict=True):
         config, model = load_run(Path(run["run_dir"]))
         test_set = run["test_set"]
         data_dir = test_set.get("data_dir") or config.data_dir
@@ -140,7 +151,7 @@ def draw_side_by_side(runs: list[dict[str, Any]], path: Path) -> Path:
         device = torch.device("cpu")
         codes, _ = encode(model, test.images, device)
         points = np.random.default_rng(0).standard_normal((SAMPLES, config.model.latent_dim))
-        panels.append((run["kind"].upper(), codes, test.labels, decode(model, points, device)))
+        panels.append((name.upper(), codes, test.labels, decode(model, points, device)))
     return figures.side_by_side(panels, path)
 
 
@@ -206,6 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     report = json.loads(args.evaluation.read_text())
     report["source"] = str(args.evaluation)
+    # vae-evaluate records the paths it was given, relative to the folder it ran in.
+    missing = [run["run_dir"] for run in report["runs"] if not Path(run["run_dir"]).is_dir()]
+    missing += [
+        path for run in report["runs"] for path in run.get("figures", {}).values() if not Path(path).is_file()
+    ]
+    if missing:
+        parser.exit(
+            2,
+            f"{args.evaluation} names {missing[0]}, not found from here: run the report in the folder "
+            "vae-evaluate ran in\n",
+        )
     figures_dir = args.figures_dir or args.out.parent / "figures"
     print(write_note(report, args.out, figures_dir))
     return 0

@@ -24,6 +24,7 @@ from training.models import VAE, ModelConfig, build_model
 from training.run import TrainConfig, save_checkpoint, save_config, save_metrics
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
+MIN_ONE_CYCLE_STEPS = 2
 # Batches the validation pass uses; its size changes nothing but speed.
 EVAL_BATCH_SIZE = 500
 # The encoder augmentation's largest rotation, relative scale and shift: small enough that the
@@ -68,6 +69,14 @@ def make_scheduler(
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.lr_schedule == "onecycle":
+        # A single step would get the schedule's final rate, 1/250,000 of its peak: the run would
+        # end with its initial weights.
+        if total_steps < MIN_ONE_CYCLE_STEPS:
+            raise ValueError(
+                f"the one-cycle schedule needs at least {MIN_ONE_CYCLE_STEPS} steps, and this run makes "
+                f"{total_steps} (epochs x batches an epoch): train for more epochs or in smaller batches, "
+                "or pass --lr-schedule constant"
+            )
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=0.3
         )
@@ -261,6 +270,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
+            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
             if scheduler is not None:
                 scheduler.step()
             if averaged is not None:
@@ -284,7 +294,7 @@ def train(
             "val_loss": validation["loss"],
             "val_recon": validation["recon"],
             "val_kl": validation["kl"],
-            "learning_rate": optimizer.param_groups[0]["lr"],
+            "learning_rate": learning_rate,
             "kl_weight": beta,
             "seconds": time.perf_counter() - epoch_started,
         }

@@ -178,6 +178,16 @@ def test_an_unknown_quantization_is_refused_before_anything_is_written(
     assert not (tmp_path / "bundle").exists()
 
 
+def test_an_aes_decoder_is_not_quantized_because_its_codes_are_not_the_prior_it_is_scored_on(
+    ae_run_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(
+        ExportError, match=r"an AE's decoder is not quantized, because its codes do not follow"
+    ):
+        export_run(ae_run_dir, tmp_path / "bundle", quantize_decoder="int8-static")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_a_parity_miss_fails_the_export_with_the_figure(
     vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

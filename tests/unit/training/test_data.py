@@ -98,6 +98,14 @@ def test_labels_that_do_not_match_the_images_are_an_error(tmp_path: Path) -> Non
         load_test_set("mnist", tmp_path)
 
 
+def test_an_idx_file_of_no_images_is_an_error_that_names_it(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(20, seed=3)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels[:0])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:0])
+    with pytest.raises(IdxFormatError, match=r"t10k-images-idx3-ubyte.gz: holds no images"):
+        load_test_set("mnist", tmp_path)
+
+
 def test_labels_of_another_type_are_an_error_not_cut_to_integers(tmp_path: Path) -> None:
     pixels, labels = fake_mnist(20, seed=3)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)

@@ -23,10 +23,10 @@ from training.evaluate import (
     spread_by_digit,
     vae_likelihood,
 )
-from training.figures import manifold_edge
+from training.figures import manifold_edge, plane
 from training.models import VAE, ModelConfig
 from training.report import BEGIN, END, write_note
-from training.run import TrainConfig, load_metrics, load_run
+from training.run import TrainConfig, load_metrics, load_run, save_config
 from training.train import train
 
 
@@ -76,6 +76,8 @@ def test_the_spread_ratio_and_the_knn_accuracy_see_what_was_built_in() -> None:
     assert stats["trace_ratio"] == pytest.approx(4.0, rel=0.15)
     assert stats["largest_digit"] == 0 and stats["smallest_digit"] == 1
     assert stats["knn_accuracy"] == 1.0
+    # A run of fewer training images than the vote's 5 neighbours (a tiny --limit) has no accuracy.
+    assert spread_by_digit(codes, labels, codes[:4], labels[:4])["knn_accuracy"] is None
 
 
 def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> None:
@@ -179,6 +181,23 @@ def test_a_run_trained_on_mnist_is_not_scored_on_mnist_5k_whose_images_it_traine
         Evaluator("mnist-5k", None, None, 1, 0, torch.device("cpu")).test_set(config)
 
 
+def test_runs_of_two_idx_datasets_are_not_scored_from_one_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mnist's and fashion-mnist's files have the same names: one of the runs would be scored on the
+    other's test set and judged by a classifier of the other's images."""
+    for dataset in ("mnist", "fashion-mnist"):
+        save_config(
+            tmp_path / dataset, TrainConfig(dataset=dataset, data_dir=str(tmp_path / "data" / dataset))
+        )
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "mnist"), str(tmp_path / "fashion-mnist"), "--data-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "trained on fashion-mnist and mnist, whose files one --data-dir cannot both hold" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -237,6 +256,13 @@ def test_a_broken_checkpoint_is_a_clear_error_naming_it(
         main([str(run), "--limit", "20", "--device", "cpu", "--no-figures"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_codes_of_any_size_are_drawn_in_a_plane_even_a_single_one() -> None:
+    codes = np.random.default_rng(0).standard_normal((50, 16))
+    assert plane(codes)[0].shape == (50, 2) and plane(codes)[1:] == ("PC1", "PC2")
+    assert plane(codes[:, :2])[1:] == ("z1", "z2") and plane(codes[:, :1])[0].shape == (50, 2)
+    np.testing.assert_array_equal(plane(codes[:1])[0], np.zeros((1, 2)))  # one code: one component
 
 
 def test_each_manifold_tile_is_centred_on_the_point_it_was_decoded_from() -> None:

@@ -91,6 +91,19 @@ def test_every_training_option_trains_the_ae_and_the_vae(tmp_path: Path, schedul
         assert final["learning_rate"] < config.learning_rate  # both schedules end below the peak
 
 
+def test_an_epoch_records_the_learning_rate_its_last_step_used(tmp_path: Path) -> None:
+    """Not the rate after the schedule's end, which no step used (0 for cosine)."""
+    config = tiny(limit=128, lr_schedule="cosine")
+    final = train(config, tmp_path, progress=False)["final"]
+    assert 0 < final["learning_rate"] < config.learning_rate
+
+
+def test_a_one_cycle_run_of_a_single_step_is_refused_before_it_writes_anything(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 2 steps, and this run makes 1"):
+        train(tiny(limit=128, batch_size=512), tmp_path / "run", progress=False)  # one batch, one epoch
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_written_before_the_encoder_augmentation_existed_reads_as_trained_without_it() -> None:
     written = TrainConfig(seed=3).to_dict()
     assert TrainConfig.from_dict(written) == TrainConfig(seed=3)
@@ -158,6 +171,8 @@ def test_options_that_do_not_work_together_are_refused() -> None:
         TrainConfig(likelihood="gaussian", recon_weight=-1000.0)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got -0.5"):
         ModelConfig(dropout=-0.5)
+    with pytest.raises(ValueError, match=r"seed must be between 0 and 2\*\*63 - 1, got 18446744073709551616"):
+        TrainConfig(seed=2**64)
 
 
 def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
