@@ -1,9 +1,9 @@
 """Typed clients of `vae.v1.VaeService`: numpy arrays in and out, deadlines, retries, TLS.
 
 `VaeClient` is synchronous, `AsyncVaeClient` runs on asyncio; both have the same methods. Transient
-failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) are retried with exponential backoff and
-jitter up to `RetryPolicy.max_attempts`; anything else, INVALID_ARGUMENT first of all, fails at once
-with a `VaeClientError` that carries the server's message.
+failures (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) are retried with exponential
+backoff and jitter up to `RetryPolicy.max_attempts`; anything else, INVALID_ARGUMENT first of all,
+fails at once with a `VaeClientError` that carries the server's message.
 
 Targets are gRPC target strings: `localhost:50051`, or `dns:///vae.default.svc:50051` to resolve every
 address behind a name. The channel always balances round-robin over the addresses it resolves, so a
@@ -36,8 +36,16 @@ from vae.v1 import vae_pb2, vae_pb2_grpc
 ImageDtype = Literal["float32", "uint8"]
 Metadata = tuple[tuple[str, str], ...]
 
+# CANCELLED too: this client cancels a call only when it gives the call up (a closed generator, an
+# answer watchdog), so a CANCELLED it receives comes from the other side, as gRPC answers calls that
+# reach a server while it shuts down (a rolling update's drain).
 RETRYABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 # grpc.aio reports a request it could not send (the connection went, or the server had already ended
 # the call) as INTERNAL with these details, in place of the call's own status: a broken call, retried

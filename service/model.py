@@ -7,6 +7,7 @@ and knows nothing of gRPC.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy.typing as npt
 from service import codec
 from service.batcher import Batcher, InferFn
 from service.bundle import IMAGE_SHAPE, ModelBundle
-from service.errors import InvalidInput
+from service.errors import BundleError, InvalidInput
 from service.metrics import ServiceMetrics
 from service.runtime import Device, Runtime, ThreadSettings
 
@@ -86,6 +87,9 @@ def images_to_float(images: npt.NDArray[np.generic]) -> Float32Array:
 # (about 1e37 here). Sample's temperature is held below it likewise (|eps| stays under 10).
 MAX_ABS_LATENT = 1e6
 MAX_TEMPERATURE = 1e5
+# gRPC's largest message, and room for a SampleResponse's fields around its two tensors' bytes.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+SAMPLE_RESPONSE_FRAMING_BYTES = 1024
 
 
 def checked_latents(latents: npt.NDArray[np.generic], latent_dim: int) -> Float32Array:
@@ -154,6 +158,7 @@ class VaeModel:
     ) -> VaeModel:
         """Verify and load a bundle, warm both graphs up; raises BundleError or DeviceError."""
         bundle = ModelBundle.load(bundle_dir)
+        _check_sample_fits_a_message(batching.max_samples, bundle.spec.latent_dim)
         runtime = Runtime(bundle, device, threads)
         runtime.warm_up()
         if bundle.spec.kind == "ae":
@@ -201,3 +206,14 @@ class VaeModel:
     ) -> Samples:
         latents, seed = self.sample_latents(num_samples, seed, temperature)
         return Samples(await self.decode(latents, deadline), latents, seed)
+
+
+def _check_sample_fits_a_message(max_samples: int, latent_dim: int) -> None:
+    """Refuse a --max-samples whose Sample answer (FLOAT32 images and their latents) no gRPC message holds."""
+    per_sample = 4 * (math.prod(IMAGE_SHAPE) + latent_dim)
+    largest = (GRPC_MAX_MESSAGE_BYTES - SAMPLE_RESPONSE_FRAMING_BYTES) // per_sample
+    if max_samples > largest:
+        raise BundleError(
+            f"--max-samples {max_samples}: a Sample of that many FLOAT32 images with their {latent_dim}-"
+            f"dimensional latents is more than gRPC's largest message (2 GiB); this bundle allows {largest}"
+        )

@@ -82,8 +82,9 @@ class VaeServer:
             ("grpc.so_reuseport", 0),
         ]
         if settings.max_connection_age_s > 0:
+            # With gRPC's default grace, unbounded, the calls in flight on an aged connection finish on
+            # it: a bound would cut any call longer than what is left of it, again on every retry.
             options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
-            options.append(("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)))
         server = grpc.aio.server(options=options)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -24,6 +24,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PINNING = ("auto", "off")
 # A request may carry max_queue_size rows; gRPC's messages stop at 2 GiB, 684,000 FLOAT32 images.
 MAX_QUEUE_SIZE = 684_000
+# More threads than any machine has cores only exhaust the process's threads (onnxruntime then hangs).
+MAX_THREADS = 1024
+# gRPC counts a connection's age in milliseconds, in 32 bits: at most about 24.8 days.
+MAX_CONNECTION_AGE_S = (2**31 - 1) // 1000
 TlsMode = Literal["plaintext", "TLS", "mutual TLS"]
 
 
@@ -95,7 +99,8 @@ class Settings:
     max_connection_age_s: float = field(
         default=0.0,
         metadata={
-            "help": "close connections after this long so clients rebalance across replicas (0 = never)"
+            "help": "close connections after this long so clients rebalance across replicas; calls in "
+            "flight finish first (0 = never)"
         },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
@@ -132,13 +137,18 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)}: expected at least 1")
         for name in ("intra_op_threads", "inter_op_threads", "max_concurrent_batches"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} {getattr(self, name)}: expected 0 or more")
+            if not 0 <= getattr(self, name) <= MAX_THREADS:
+                problems.append(f"{name} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
         if not 0 <= self.inference_nice <= 19:
             problems.append(f"inference_nice {self.inference_nice}: expected 0 to 19")
         for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
                 problems.append(f"{name} {getattr(self, name)}: expected a finite number, 0 or more")
+        if self.max_connection_age_s and not 1 <= self.max_connection_age_s <= MAX_CONNECTION_AGE_S:
+            problems.append(
+                f"max_connection_age_s {self.max_connection_age_s}: expected 0 (never) or 1 to "
+                f"{MAX_CONNECTION_AGE_S} seconds"
+            )
         if self.max_queue_size > MAX_QUEUE_SIZE:
             problems.append(
                 f"max_queue_size {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, as a request "
@@ -200,9 +210,12 @@ class Settings:
             if env in environ:
                 try:
                     default = kind(environ[env])
-                except ValueError:
-                    parser.error(f"{env}={environ[env]!r}: expected a value of type {kind.__name__}")
-            shown = "" if default in (None, "", dataclasses.MISSING) else f"; default {default}"
+                except ValueError:  # an error only if no flag overrides it
+                    default = _BadVariable(
+                        f"{env}={environ[env]!r}: expected a value of type {kind.__name__}"
+                    )
+            hidden = default in (None, "", dataclasses.MISSING) or isinstance(default, _BadVariable)
+            shown = "" if hidden else f"; default {default}"
             options: dict[str, Any] = {
                 "type": kind,
                 "default": default,
@@ -219,10 +232,20 @@ class Settings:
             parser.add_argument(flag, **options)
         args = parser.parse_args(argv)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        unparsed = [value.message for value in values.values() if isinstance(value, _BadVariable)]
+        if unparsed:
+            parser.error("; ".join(unparsed))
         try:
             return cls(**values)
         except ValueError as error:
             parser.error(str(error))
+
+
+@dataclass(frozen=True)
+class _BadVariable:
+    """A VAE_SERVE_* value of the wrong type, in place of the default its flag may still override."""
+
+    message: str
 
 
 def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -199,6 +199,19 @@ def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
     assert not stopper.is_alive()
 
 
+def test_a_call_outlives_its_connections_maximum_age_whatever_the_grace_period(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """The age makes clients reconnect and rebalance; the call in flight finishes on the old connection."""
+    server = start_server_thread(vae_bundle, max_connection_age_s=1.0, grace_period_s=0.0)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        with held_decoder(server):
+            call = stub.Sample.future(vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=30)
+            time.sleep(2.0)  # past the age, and past any grace the connection got
+        assert list(call.result(timeout=30).images.shape) == [1, 1, 28, 28]
+
+
 def test_a_drain_ends_an_encode_stream_once_it_has_answered_what_it_started(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:

@@ -73,6 +73,13 @@ def aio_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+def test_a_call_the_server_cancelled_is_retried() -> None:
+    """gRPC cancels the calls that reach a server as it shuts down; this client never cancels a call
+    it still waits on."""
+    retrier = _Retrier("Sample", FAST, random.Random(0))
+    assert retrier.pause_or_raise(aio_error(grpc.StatusCode.CANCELLED, "CANCELLED")) > 0
+
+
 def test_a_request_grpc_aio_could_not_send_is_retried_but_the_servers_internal_error_is_not() -> None:
     retrier = _Retrier("EncodeStream", FAST, random.Random(0))
     assert retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "Internal error from Core")) > 0

@@ -33,6 +33,11 @@ def test_environment_variables_fill_in_and_flags_win() -> None:
     assert settings.max_queue_delay_ms == 7.5
 
 
+def test_a_flag_overrides_a_variable_even_one_that_does_not_parse() -> None:
+    environ = {"VAE_SERVE_PORT": "eighty"}
+    assert Settings.from_args(["--model-dir", "bundle", "--port", "0"], environ).port == 0
+
+
 def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.from_args([], {})
@@ -56,6 +61,12 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         ([], {"VAE_SERVE_GRACE_PERIOD_S": "inf"}, "grace_period_s inf: expected a finite number"),
         ([], {"VAE_SERVE_PIN_INFERENCE_THREADS": "on"}, "pin_inference_threads 'on': expected one of"),
         (["--pin-inference-threads", "on"], {}, "invalid choice: 'on'"),
+        # Beyond these, onnxruntime hangs on a process out of threads, and gRPC's 32-bit milliseconds
+        # overflow or round a connection's age to 0.
+        (["--intra-op-threads", "40000"], {}, "intra_op_threads 40000: expected 0 to 1024"),
+        (["--max-concurrent-batches", "100000"], {}, "max_concurrent_batches 100000: expected 0 to 1024"),
+        (["--max-connection-age-s", "0.0001"], {}, "expected 0 (never) or 1 to 2147483 seconds"),
+        (["--max-connection-age-s", "3000000"], {}, "max_connection_age_s 3000000.0: expected 0 (never)"),
     ],
 )
 def test_bad_values_are_refused_with_what_was_expected(
