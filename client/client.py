@@ -36,9 +36,10 @@ from vae.v1 import vae_pb2, vae_pb2_grpc
 ImageDtype = Literal["float32", "uint8"]
 Metadata = tuple[tuple[str, str], ...]
 
-# CANCELLED too: this client cancels a call only when it gives the call up (a closed generator, an
-# answer watchdog), so a CANCELLED it receives comes from the other side, as gRPC answers calls that
-# reach a server while it shuts down (a rolling update's drain).
+# CANCELLED too: gRPC answers it to calls that reach a server as it shuts down (a rolling update's
+# drain). This client's own cancellations are not retried: a closed channel ends its calls with
+# CANCELLED (see _Retrier), an answer watchdog reports DEADLINE_EXCEEDED, and a closed generator or an
+# asyncio cancellation raises no RpcError.
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -208,6 +209,7 @@ class _Retrier:
     rpc: str
     policy: RetryPolicy
     rng: random.Random
+    client_closed: Callable[[], bool]
     failures: int = 0
 
     def pause_or_raise(self, error: Any) -> float:
@@ -218,7 +220,7 @@ class _Retrier:
         # does a full queue; but the same message would be refused again.
         too_large = "message larger than max" in details
         broken = code == grpc.StatusCode.INTERNAL and details == GRPC_AIO_SEND_FAILED
-        retryable = (code in RETRYABLE_CODES or broken) and not too_large
+        retryable = (code in RETRYABLE_CODES or broken) and not too_large and not self.client_closed()
         if not retryable or self.failures >= self.policy.max_attempts:
             if too_large:
                 details += "; send fewer images per request (encode_stream takes them in batches)"
@@ -289,6 +291,10 @@ class _Settings:
     max_message_bytes: int
     rng: random.Random = field(default_factory=random.Random)
     retries: int = 0
+    closed: bool = False
+
+    def retrier(self, rpc: str) -> _Retrier:
+        return _Retrier(rpc, self.retry, self.rng, lambda: self.closed)
 
     def options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -372,6 +378,7 @@ class VaeClient:
         return self._channel
 
     def close(self) -> None:
+        self._settings.closed = True  # before the channel ends its calls with CANCELLED
         self._channel.close()
 
     def __enter__(self) -> VaeClient:
@@ -382,7 +389,7 @@ class VaeClient:
 
     def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
         method = getattr(self._stub, rpc)
-        retrier = _Retrier(rpc, self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier(rpc)
         while True:
             try:
                 return method(
@@ -452,7 +459,7 @@ class VaeClient:
         ...     print(chunk.offset, chunk.images.shape)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
-        retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             call = self._stub.SampleStream(
@@ -496,7 +503,7 @@ class VaeClient:
         source = iter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
-        retrier = _Retrier("EncodeStream", self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier("EncodeStream")
 
         def refill(requests: queue.SimpleQueue[Any]) -> None:
             nonlocal exhausted
@@ -589,6 +596,7 @@ class AsyncVaeClient:
         return self._channel
 
     async def close(self) -> None:
+        self._settings.closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncVaeClient:
@@ -599,7 +607,7 @@ class AsyncVaeClient:
 
     async def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
         method = getattr(self._stub, rpc)
-        retrier = _Retrier(rpc, self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier(rpc)
         while True:
             try:
                 return await method(
@@ -664,7 +672,7 @@ class AsyncVaeClient:
         ...     print(chunk.offset)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
-        retrier = _Retrier("SampleStream", self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             call = self._stub.SampleStream(
@@ -701,7 +709,7 @@ class AsyncVaeClient:
         source = _aiter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
-        retrier = _Retrier("EncodeStream", self._settings.retry, self._settings.rng)
+        retrier = self._settings.retrier("EncodeStream")
 
         async def refill(requests: asyncio.Queue[Any]) -> None:
             nonlocal exhausted
@@ -812,8 +820,9 @@ def as_wire_latents(latents: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         raise TypeError(f"latents must be real numbers (floating point or integer), got {latents.dtype}")
     with np.errstate(over="ignore"):  # an overflow is refused just below, in words
         wire = latents.astype(np.float32, copy=False)
-    if not np.isfinite(wire).all() and np.isfinite(latents).all():
-        largest = float(np.abs(latents).max())
+    overflowed = ~np.isfinite(wire) & np.isfinite(latents)
+    if overflowed.any():
+        largest = float(np.abs(latents[overflowed]).max())
         raise ValueError(f"latents reach |z| = {largest:g}, beyond float32's range")
     return wire
 

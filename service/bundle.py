@@ -40,6 +40,8 @@ FLOAT32 = "float32"
 # a dynamic one scales each call's activations by that call's range, so an image's pixels would depend
 # on the rows batched with it, and a seed would no longer give the same bytes.
 INT8_PRECISIONS = ("int8-static",)
+# Served until 2026-12: a bundle of it is refused with why, not as an unknown precision.
+WITHDRAWN_PRECISION = "int8-dynamic"
 PRECISIONS = (FLOAT32, *INT8_PRECISIONS)
 
 
@@ -69,6 +71,11 @@ class GraphSpec:
         try:
             # Bundles written before precisions existed are float32.
             precision = data.get("precision", FLOAT32)
+            if precision == WITHDRAWN_PRECISION:
+                raise BundleError(
+                    f"{where}.precision: {precision!r} is no longer served, as its pixels depend on "
+                    "the rows batched with them; export the run again, in float32 or int8-static"
+                )
             if precision not in PRECISIONS:
                 raise BundleError(f"{where}.precision: {precision!r}, expected one of {list(PRECISIONS)}")
             return cls(

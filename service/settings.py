@@ -141,13 +141,13 @@ class Settings:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
         if not 0 <= self.inference_nice <= 19:
             problems.append(f"inference_nice {self.inference_nice}: expected 0 to 19")
-        for name in ("max_queue_delay_ms", "grace_period_s", "max_connection_age_s"):
+        for name in ("max_queue_delay_ms", "grace_period_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
                 problems.append(f"{name} {getattr(self, name)}: expected a finite number, 0 or more")
-        if self.max_connection_age_s and not 1 <= self.max_connection_age_s <= MAX_CONNECTION_AGE_S:
+        age = self.max_connection_age_s
+        if not (age == 0 or 1 <= age <= MAX_CONNECTION_AGE_S):  # NaN fails it too
             problems.append(
-                f"max_connection_age_s {self.max_connection_age_s}: expected 0 (never) or 1 to "
-                f"{MAX_CONNECTION_AGE_S} seconds"
+                f"max_connection_age_s {age}: expected 0 (never) or 1 to {MAX_CONNECTION_AGE_S} seconds"
             )
         if self.max_queue_size > MAX_QUEUE_SIZE:
             problems.append(

@@ -476,8 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iw_samples < 1:
         parser.error(f"--iw-samples must be at least 1, got {args.iw_samples}")
-    if args.seed < 0:
-        parser.error(f"--seed must not be negative, got {args.seed}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     command = "vae-evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         evaluator = Evaluator(

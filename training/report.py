@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,14 @@ def write_note(report: dict[str, Any], out: Path, figures_dir: Path) -> Path:
     return out
 
 
+def _paths_read(run: dict[str, Any]) -> Iterator[str]:
+    """The folders and files of an evaluated run that the report reads."""
+    yield run["run_dir"]
+    if run.get("test_set", {}).get("data_dir"):
+        yield run["test_set"]["data_dir"]
+    yield from run.get("figures", {}).values()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.report",
@@ -218,10 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = json.loads(args.evaluation.read_text())
     report["source"] = str(args.evaluation)
     # vae-evaluate records the paths it was given, relative to the folder it ran in.
-    missing = [run["run_dir"] for run in report["runs"] if not Path(run["run_dir"]).is_dir()]
-    missing += [
-        path for run in report["runs"] for path in run.get("figures", {}).values() if not Path(path).is_file()
-    ]
+    missing = [path for run in report["runs"] for path in _paths_read(run) if not Path(path).exists()]
     if missing:
         parser.exit(
             2,

@@ -112,8 +112,6 @@ class TrainConfig:
             raise ValueError(f"encoder_augmentation must not be negative, got {self.encoder_augmentation}")
         if not 0 <= self.shift_pixels <= 4:
             raise ValueError(f"shift_pixels must be between 0 and 4, got {self.shift_pixels}")
-        if not 0 <= self.seed < 2**63:  # torch's seeds are 64-bit integers
-            raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -210,6 +210,9 @@ def train(
     the shuffling and the posterior samples).
     """
     out_dir = Path(out_dir)
+    # Checked here, not in TrainConfig: runs trained with a negative seed, once allowed, still load.
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"seed must be between 0 and 2**63 - 1, got {config.seed}")
     torch_device = resolve_device(device)
     data_dir = Path(config.data_dir) if config.data_dir else None
     train_set, validation_set = load_training_splits(

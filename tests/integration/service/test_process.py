@@ -97,6 +97,19 @@ def test_a_bad_bundle_fails_at_start_naming_the_file(tmp_path: Path) -> None:
     assert f"{tmp_path / 'model.json'}: not found" in result.stderr
 
 
+def test_a_max_samples_whose_answer_no_grpc_message_holds_fails_at_start(
+    vae_bundle: Path, tmp_path: Path
+) -> None:
+    """684,000 FLOAT32 images fit a request, but a Sample's answer carries their latents too."""
+    flags = ["--port", "0", "--metrics-port", "0", "--max-queue-size", "684000", "--max-samples", "684000"]
+    result = subprocess.run(serve_command(vae_bundle, *flags), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert (
+        "--max-samples 684000: a Sample of that many FLOAT32 images with their 2-dimensional" in result.stderr
+    )
+    assert "this bundle allows 683041" in result.stderr
+
+
 def test_once_serving_the_start_up_objects_are_out_of_the_garbage_collectors_sight(
     vae_bundle: Path, serve: Callable[..., ServeProcess]
 ) -> None:

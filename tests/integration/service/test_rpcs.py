@@ -229,7 +229,7 @@ def test_an_int8_decoder_is_served_and_says_so(
         assert int8.GetModelInfo(vae_pb2.GetModelInfoRequest()).decoder_precision == "int8-static"
         request = vae_pb2.SampleRequest(num_samples=64, seed=5)
         int8_sample, float_sample = int8.Sample(request), stub.Sample(request)
-        # One image a call: still the same bytes as in calls of 16.
+        # Chunks of one image, in calls of one to a few rows: still the same bytes as in calls of 16.
         chunks = int8.SampleStream(vae_pb2.SampleRequest(num_samples=64, seed=5, chunk_size=1))
         one_by_one = np.concatenate([array(chunk.images) for chunk in chunks])
     np.testing.assert_array_equal(one_by_one, array(int8_sample.images))

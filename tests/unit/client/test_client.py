@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -74,14 +76,38 @@ def aio_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 
 def test_a_call_the_server_cancelled_is_retried() -> None:
-    """gRPC cancels the calls that reach a server as it shuts down; this client never cancels a call
-    it still waits on."""
-    retrier = _Retrier("Sample", FAST, random.Random(0))
+    """gRPC cancels the calls that reach a server as it shuts down."""
+    retrier = _Retrier("Sample", FAST, random.Random(0), lambda: False)
     assert retrier.pause_or_raise(aio_error(grpc.StatusCode.CANCELLED, "CANCELLED")) > 0
 
 
+def test_a_call_cut_by_closing_the_client_is_not_retried() -> None:
+    """Closing the channel ends its calls with CANCELLED too: the caller asked for it."""
+    answer = threading.Event()
+
+    def never_answers(request: bytes, context: grpc.ServicerContext) -> bytes:
+        answer.wait(10)
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(never_answers)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("vae.v1.VaeService", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = VaeClient(f"127.0.0.1:{port}", retry=FAST, timeout_s=10)
+        closer = threading.Timer(0.3, client.close)
+        closer.start()
+        with pytest.raises(VaeClientError) as error:
+            client.model_info()
+        assert error.value.code == grpc.StatusCode.CANCELLED and client.retries == 0
+    finally:
+        answer.set()
+        server.stop(None)
+
+
 def test_a_request_grpc_aio_could_not_send_is_retried_but_the_servers_internal_error_is_not() -> None:
-    retrier = _Retrier("EncodeStream", FAST, random.Random(0))
+    retrier = _Retrier("EncodeStream", FAST, random.Random(0), lambda: False)
     assert retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "Internal error from Core")) > 0
     with pytest.raises(VaeClientError, match="internal error: KeyError") as error:
         retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "internal error: KeyError"))
@@ -103,7 +129,7 @@ def test_latents_go_on_the_wire_as_float32_and_what_the_cast_would_change_is_ref
     with pytest.raises(TypeError, match="got bool"):
         as_wire_latents(np.ones((1, 2), bool))
     with pytest.raises(ValueError, match=r"\|z\| = 1e\+39, beyond float32's range"):
-        as_wire_latents(np.array([[1e39, 0.0]]))  # would reach the server as Inf
+        as_wire_latents(np.array([[1e39, np.nan]]))  # would reach the server as Inf
     assert np.isnan(as_wire_latents(np.array([[np.nan, 0.0]]))).any()  # the server names NaN itself
 
 

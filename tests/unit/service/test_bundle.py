@@ -76,6 +76,10 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
             lambda s: s["graphs"]["decoder"].update(precision="int4"),
             "graphs.decoder.precision: 'int4', expected one of ['float32', 'int8-static']",
         ),
+        (
+            lambda s: s["graphs"]["decoder"].update(precision="int8-dynamic"),
+            "'int8-dynamic' is no longer served, as its pixels depend on the rows batched with them; export",
+        ),
     ],
 )
 def test_a_model_json_off_the_contract_is_refused(

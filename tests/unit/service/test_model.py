@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.errors import BundleError, InvalidInput
-from service.model import _check_sample_fits_a_message, checked_latents, draw_latents, images_to_float
+from service.errors import InvalidInput
+from service.model import checked_latents, draw_latents, images_to_float
 
 
 def test_the_same_seed_draws_the_same_bytes() -> None:
@@ -67,10 +67,3 @@ def test_bad_latents_are_refused(latents: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidInput) as error:
         checked_latents(latents, latent_dim=2)
     assert message in str(error.value)
-
-
-def test_a_max_samples_whose_answer_no_grpc_message_holds_is_refused_at_start() -> None:
-    """The images' 684,000 fits a request, but a Sample answer carries the latents too."""
-    _check_sample_fits_a_message(683_000, latent_dim=2)
-    with pytest.raises(BundleError, match=r"--max-samples 684000: .* 2-dimensional latents .* allows 683041"):
-        _check_sample_fits_a_message(684_000, latent_dim=2)
