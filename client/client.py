@@ -326,9 +326,21 @@ class _SampleResume:
 
     request: vae_pb2.SampleRequest
     delivered: int = 0
+    decoder_sha256: str | None = None
 
-    def accept(self, response: vae_pb2.SampleResponse) -> SampleResult | None:
-        """The chunk to yield, or None for one a retried stream had already delivered."""
+    def accept(self, response: vae_pb2.SampleResponse, metadata: Any) -> SampleResult | None:
+        """The chunk to yield, or None for one a retried stream had already delivered; `metadata` is
+        the initial metadata of the call that sent it."""
+        # A retry that reached a replica of another model would go on with that model's images.
+        decoder = dict(metadata or ()).get(codec.DECODER_SHA256_METADATA)
+        if decoder is not None and self.decoder_sha256 not in (None, decoder):
+            raise VaeClientError(
+                "SampleStream",
+                None,
+                f"the stream was resumed on a replica serving another decoder ({decoder[:12]}, not "
+                f"{self.decoder_sha256[:12]}), whose images would not continue those given: ask again",
+            )
+        self.decoder_sha256 = self.decoder_sha256 or decoder
         # The first answer fixes the seed and the chunk size, so a retry (maybe on a replica of
         # another default chunk size) redraws and cuts the same images.
         self.request.seed = response.seed
@@ -453,7 +465,8 @@ class VaeClient:
         """Draw `num_samples` images in chunks of `chunk_size` (0: the server's max batch size).
 
         A stream broken by a transient failure is asked again with the seed of its first chunk, and
-        the chunks already yielded are skipped, so the caller sees each image once.
+        the chunks already yielded are skipped, so the caller sees each image once. A retry that
+        reaches a replica serving another decoder raises VaeClientError rather than mix two models.
 
         >>> for chunk in client.sample_stream(1000, chunk_size=250, seed=7):  # doctest: +SKIP
         ...     print(chunk.offset, chunk.images.shape)
@@ -467,7 +480,7 @@ class VaeClient:
             )
             try:
                 for response in call:
-                    if (result := resume.accept(response)) is not None:
+                    if (result := resume.accept(response, call.initial_metadata())) is not None:
                         retrier.failures = 0
                         yield result
                 return
@@ -680,7 +693,7 @@ class AsyncVaeClient:
             )
             try:
                 async for response in call:
-                    if (result := resume.accept(response)) is not None:
+                    if (result := resume.accept(response, await call.initial_metadata())) is not None:
                         retrier.failures = 0
                         yield result
                 return

@@ -256,6 +256,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self, request: vae_pb2.SampleRequest | Malformed, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vae_pb2.SampleResponse]:
         model = self._ready_model()
+        # Before any answer: which decoder made them (a resumed stream must continue on the same one).
+        await context.send_initial_metadata(((codec.DECODER_SHA256_METADATA, model.spec.decoder.sha256),))
         request = _parsed(request)
         codec.check_output_dtype(request.output_dtype)
         # Drawn whole and then cut, so the chunks concatenate to exactly the unary Sample's answer.

@@ -105,7 +105,9 @@ class VaeServiceServicer:
 
     def SampleStream(self, request, context):
         """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
-        chunks equal the unary Sample's answer for the same seed.
+        chunks equal the unary Sample's answer for the same seed. Its initial metadata carries
+        `vae-decoder-sha256`, the decoder graph that answers the stream, so that a client resuming a
+        broken stream can tell when it reached a replica serving another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

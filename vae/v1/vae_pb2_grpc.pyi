@@ -52,7 +52,9 @@ class VaeServiceStub:
     """
     SampleStream: _grpc.UnaryStreamMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]
     """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
-    chunks equal the unary Sample's answer for the same seed.
+    chunks equal the unary Sample's answer for the same seed. Its initial metadata carries
+    `vae-decoder-sha256`, the decoder graph that answers the stream, so that a client resuming a
+    broken stream can tell when it reached a replica serving another model.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_vae_pb2.GetModelInfoRequest, _vae_pb2.ModelInfo]
     """GetModelInfo describes the loaded bundle and how it is served."""
@@ -79,7 +81,9 @@ class VaeServiceAsyncStub(VaeServiceStub):
     """
     SampleStream: _aio.UnaryStreamMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]  # type: ignore[assignment]
     """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
-    chunks equal the unary Sample's answer for the same seed.
+    chunks equal the unary Sample's answer for the same seed. Its initial metadata carries
+    `vae-decoder-sha256`, the decoder graph that answers the stream, so that a client resuming a
+    broken stream can tell when it reached a replica serving another model.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_vae_pb2.GetModelInfoRequest, _vae_pb2.ModelInfo]  # type: ignore[assignment]
     """GetModelInfo describes the loaded bundle and how it is served."""
@@ -133,7 +137,9 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_vae_pb2.SampleResponse], _abc.AsyncIterator[_vae_pb2.SampleResponse]]:
         """SampleStream answers one Sample request in chunks of `chunk_size` images. The concatenated
-        chunks equal the unary Sample's answer for the same seed.
+        chunks equal the unary Sample's answer for the same seed. Its initial metadata carries
+        `vae-decoder-sha256`, the decoder graph that answers the stream, so that a client resuming a
+        broken stream can tell when it reached a replica serving another model.
         """
 
     @_abc_1.abstractmethod

@@ -305,6 +305,27 @@ def test_a_sample_stream_resumed_on_a_replica_of_another_chunk_size_loses_no_ima
     assert np.concatenate([chunk.images for chunk in received]).tobytes() == expected.tobytes()
 
 
+def test_a_sample_stream_resumed_on_a_replica_of_another_model_stops_instead_of_mixing_the_two(
+    vae_bundle: Path, int8_vae_bundle: Path
+) -> None:
+    """A rolling update between a stream's chunks: the rest would be the other decoder's images."""
+    servers = [ServerThread(vae_bundle)]
+    port = servers[0].server.port
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.05, max_backoff_s=0.5)
+    try:
+        with VaeClient(f"127.0.0.1:{port}", retry=policy) as client:
+            chunks = client.sample_stream(100, seed=5)
+            first = next(chunks)
+            servers[0].stop(grace_s=0)
+            servers.append(ServerThread(int8_vae_bundle, port=port))
+            with pytest.raises(VaeClientError, match="resumed on a replica serving another decoder"):
+                list(chunks)
+    finally:
+        for server in servers:
+            server.stop(grace_s=0)
+    assert first.offset == 0
+
+
 def requests_served(server: ServerThread) -> float:
     value = server.server.metrics.registry.get_sample_value(
         "vae_requests_total", {"rpc": "GetModelInfo", "code": "OK"}
