@@ -212,6 +212,11 @@ class _Retrier:
     client_closed: Callable[[], bool]
     failures: int = 0
 
+    def raise_if_closed(self) -> None:
+        """No attempt on a closed client, whose channel would refuse it with a bare ValueError."""
+        if self.client_closed():
+            raise VaeClientError(self.rpc, grpc.StatusCode.CANCELLED, "the client was closed", self.failures)
+
     def pause_or_raise(self, error: Any) -> float:
         """The pause before the next attempt after `error` (a grpc.RpcError), or raise for good."""
         self.failures += 1
@@ -403,6 +408,7 @@ class VaeClient:
         method = getattr(self._stub, rpc)
         retrier = self._settings.retrier(rpc)
         while True:
+            retrier.raise_if_closed()
             try:
                 return method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
@@ -475,6 +481,7 @@ class VaeClient:
         retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
+            retrier.raise_if_closed()
             call = self._stub.SampleStream(
                 request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
             )
@@ -533,6 +540,7 @@ class VaeClient:
                 requests.put(None)
 
         while pending or not exhausted:
+            retrier.raise_if_closed()
             # grpc reads the request iterator on its own thread; a queue hands the requests over.
             requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
             for request in pending:
@@ -622,6 +630,7 @@ class AsyncVaeClient:
         method = getattr(self._stub, rpc)
         retrier = self._settings.retrier(rpc)
         while True:
+            retrier.raise_if_closed()
             try:
                 return await method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
@@ -688,6 +697,7 @@ class AsyncVaeClient:
         retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
+            retrier.raise_if_closed()
             call = self._stub.SampleStream(
                 request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
             )
@@ -739,6 +749,7 @@ class AsyncVaeClient:
                 requests.put_nowait(None)
 
         while pending or not exhausted:
+            retrier.raise_if_closed()
             # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
             # comes from the read side. A request still being written when the server ends the call
             # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.

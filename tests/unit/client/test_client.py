@@ -106,6 +106,16 @@ def test_a_call_cut_by_closing_the_client_is_not_retried() -> None:
         server.stop(None)
 
 
+def test_a_client_closed_while_it_waits_to_retry_makes_no_further_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = VaeClient(f"127.0.0.1:{free_port()}", retry=FAST, timeout_s=2)
+    monkeypatch.setattr("client.client.time.sleep", lambda seconds: client.close())  # during the backoff
+    with pytest.raises(VaeClientError, match="Sample failed with CANCELLED: the client was closed"):
+        client.sample(4, seed=1)
+    assert client.retries == 1
+
+
 def test_a_request_grpc_aio_could_not_send_is_retried_but_the_servers_internal_error_is_not() -> None:
     retrier = _Retrier("EncodeStream", FAST, random.Random(0), lambda: False)
     assert retrier.pause_or_raise(aio_error(grpc.StatusCode.INTERNAL, "Internal error from Core")) > 0
