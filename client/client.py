@@ -337,7 +337,7 @@ class _SampleResume:
         """The chunk to yield, or None for one a retried stream had already delivered; `metadata` is
         the initial metadata of the call that sent it."""
         # A retry that reached a replica of another model would go on with that model's images.
-        decoder = dict(metadata or ()).get(codec.DECODER_SHA256_METADATA)
+        decoder = _graph_sha256(metadata, codec.DECODER_SHA256_METADATA)
         if decoder is not None and self.decoder_sha256 not in (None, decoder):
             raise VaeClientError(
                 "SampleStream",
@@ -556,7 +556,9 @@ class VaeClient:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
                     retrier.failures = 0
-                    yield encode_result(response, _encoder_of(call.initial_metadata()))
+                    yield encode_result(
+                        response, _graph_sha256(call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
+                    )
                     refill(requests)
                 if pending:
                     raise VaeClientError(
@@ -767,7 +769,9 @@ class AsyncVaeClient:
                         raise VaeClientError("EncodeStream", None, "more answers than requests")
                     pending.popleft()
                     retrier.failures = 0
-                    yield encode_result(response, _encoder_of(await call.initial_metadata()))
+                    yield encode_result(
+                        response, _graph_sha256(await call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
+                    )
                     await refill(requests)
                 if pending:
                     raise VaeClientError(
@@ -895,9 +899,9 @@ def encode_result(response: vae_pb2.EncodeResponse, encoder_sha256: str | None =
     return EncodeResult(mean=mean, log_var=log_var, encoder_sha256=encoder_sha256)
 
 
-def _encoder_of(metadata: Any) -> str | None:
-    """The encoder's sha256 from an EncodeStream's initial metadata, if the server sent it."""
-    return dict(metadata or ()).get(codec.ENCODER_SHA256_METADATA)
+def _graph_sha256(metadata: Any, key: str) -> str | None:
+    """A graph's sha256 from a stream's initial metadata (a codec *_SHA256_METADATA key), if sent."""
+    return dict(metadata or ()).get(key)
 
 
 def sample_result(response: vae_pb2.SampleResponse, rpc: str) -> SampleResult:
