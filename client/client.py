@@ -217,6 +217,13 @@ class _Retrier:
         if self.client_closed():
             raise VaeClientError(self.rpc, grpc.StatusCode.CANCELLED, "the client was closed", self.failures)
 
+    def raise_if_cut_by_close(self) -> None:
+        """grpc.aio ends a closed channel's calls with asyncio.CancelledError, which tells asyncio code
+        that its own task was cancelled. Where it was not, report the close as VaeClient does."""
+        task = asyncio.current_task()
+        if task is not None and not task.cancelling():
+            self.raise_if_closed()
+
     def pause_or_raise(self, error: Any) -> float:
         """The pause before the next attempt after `error` (a grpc.RpcError), or raise for good."""
         self.failures += 1
@@ -639,6 +646,9 @@ class AsyncVaeClient:
                 )
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
+            except asyncio.CancelledError:
+                retrier.raise_if_cut_by_close()
+                raise
             self._settings.retries += 1
             await asyncio.sleep(pause)
 
@@ -711,6 +721,9 @@ class AsyncVaeClient:
                 return
             except grpc.aio.AioRpcError as error:
                 pause = retrier.pause_or_raise(error)
+            except asyncio.CancelledError:
+                retrier.raise_if_cut_by_close()
+                raise
             finally:
                 call.cancel()
             self._settings.retries += 1
@@ -779,6 +792,9 @@ class AsyncVaeClient:
                     )
             except (grpc.aio.AioRpcError, _NoAnswer) as error:
                 pause = retrier.pause_or_raise(error)
+            except asyncio.CancelledError:
+                retrier.raise_if_cut_by_close()
+                raise
             else:
                 return
             finally:

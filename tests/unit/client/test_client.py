@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -81,29 +83,81 @@ def test_a_call_the_server_cancelled_is_retried() -> None:
     assert retrier.pause_or_raise(aio_error(grpc.StatusCode.CANCELLED, "CANCELLED")) > 0
 
 
-def test_a_call_cut_by_closing_the_client_is_not_retried() -> None:
-    """Closing the channel ends its calls with CANCELLED too: the caller asked for it."""
+@pytest.fixture
+def never_answering_server() -> Iterator[str]:
+    """A server whose GetModelInfo, SampleStream and EncodeStream never answer: its target."""
     answer = threading.Event()
 
-    def never_answers(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
         answer.wait(10)
         return b""
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(never_answers)}
+    def stream(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        answer.wait(10)
+        yield from ()
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    handlers = {
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(unary),
+        "SampleStream": grpc.unary_stream_rpc_method_handler(stream),
+        "EncodeStream": grpc.stream_stream_rpc_method_handler(stream),
+    }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("vae.v1.VaeService", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        client = VaeClient(f"127.0.0.1:{port}", retry=FAST, timeout_s=10)
-        closer = threading.Timer(0.3, client.close)
-        closer.start()
-        with pytest.raises(VaeClientError) as error:
-            client.model_info()
-        assert error.value.code == grpc.StatusCode.CANCELLED and client.retries == 0
+        yield f"127.0.0.1:{port}"
     finally:
         answer.set()
         server.stop(None)
+
+
+def test_a_call_cut_by_closing_the_client_is_not_retried(never_answering_server: str) -> None:
+    """Closing the channel ends its calls with CANCELLED too: the caller asked for it."""
+    client = VaeClient(never_answering_server, retry=FAST, timeout_s=10)
+    closer = threading.Timer(0.3, client.close)
+    closer.start()
+    with pytest.raises(VaeClientError) as error:
+        client.model_info()
+    assert error.value.code == grpc.StatusCode.CANCELLED and client.retries == 0
+
+
+async def _first_answer(client: AsyncVaeClient, rpc: str) -> object:
+    if rpc == "GetModelInfo":
+        return await client.model_info()
+    if rpc == "SampleStream":
+        return await anext(client.sample_stream(4, seed=1))
+    return await anext(client.encode_stream([np.zeros((1, 28, 28), np.uint8)]))
+
+
+@pytest.mark.parametrize("rpc", ["GetModelInfo", "SampleStream", "EncodeStream"])
+def test_an_async_call_cut_by_closing_the_client_raises_the_clients_error(
+    never_answering_server: str, rpc: str
+) -> None:
+    """Not asyncio.CancelledError, which says that the caller's own task was cancelled."""
+
+    async def cut_by_close() -> None:
+        client = AsyncVaeClient(never_answering_server, retry=FAST, timeout_s=10)
+        call = asyncio.create_task(_first_answer(client, rpc))
+        await asyncio.sleep(0.3)
+        await client.close()
+        with pytest.raises(VaeClientError, match=f"{rpc} failed with CANCELLED: the client was closed"):
+            await call
+        assert client.retries == 0
+
+    asyncio.run(cut_by_close())
+
+
+def test_an_async_call_whose_task_is_cancelled_raises_cancelled_error(never_answering_server: str) -> None:
+    async def cancelled() -> None:
+        async with AsyncVaeClient(never_answering_server, retry=FAST, timeout_s=10) as client:
+            call = asyncio.create_task(client.model_info())
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(cancelled())
 
 
 def test_a_client_closed_while_it_waits_to_retry_makes_no_further_attempt(
