@@ -174,7 +174,10 @@ class Batcher:
         if count == 0:
             raise InvalidInput("expected at least one row")
         if count > self.max_queue_size:
-            raise InvalidInput(f"{count} rows is more than one request may send here ({self.max_queue_size})")
+            raise InvalidInput(
+                f"{count} rows is more than one request may send here ({self.max_queue_size}, "
+                "ModelInfo.max_request_rows); send them in several requests, or stream them"
+            )
         request = _Request(
             asyncio.get_running_loop().create_future(),
             count,

@@ -43,9 +43,12 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
     """A Tensor message as a read-only array; `name` says which field is wrong in an error."""
     dtype = _NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise InvalidInput(
-            f"{name}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+        found = (
+            "dtype unset"
+            if tensor.dtype == vae_pb2.DATA_TYPE_UNSPECIFIED
+            else f"unknown dtype {tensor.dtype}"
         )
+        raise InvalidInput(f"{name}: {found}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
     shape = tuple(tensor.shape)
     # First, so that the product below stays small: a shape of thousands of huge sizes would take
     # the event loop seconds to multiply out.
@@ -78,6 +81,14 @@ def shape_text(shape: tuple[int, ...], most: int = 8) -> str:
 
 def _dtype_name(dtype: int) -> str:
     return vae_pb2.DataType.Name(dtype)  # type: ignore[arg-type]
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """An array's dtype by its name on the wire (DATA_TYPE_UINT8), or numpy's where the wire has none."""
+    for dtype_enum, wire_dtype in _NUMPY_DTYPES.items():
+        if dtype == wire_dtype:
+            return _dtype_name(dtype_enum)
+    return str(dtype)
 
 
 def check_output_dtype(output_dtype: int) -> None:

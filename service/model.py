@@ -95,7 +95,7 @@ SAMPLE_RESPONSE_FRAMING_BYTES = 1024
 def checked_latents(latents: npt.NDArray[np.generic], latent_dim: int) -> Float32Array:
     """`latents` once checked to be codes the decoder takes: [N,D], FLOAT32, finite, not too large."""
     if latents.dtype != np.float32:
-        raise InvalidInput(f"latents: dtype {latents.dtype}; expected DATA_TYPE_FLOAT32")
+        raise InvalidInput(f"latents: dtype {codec.dtype_name(latents.dtype)}; expected DATA_TYPE_FLOAT32")
     if latents.ndim != 2 or latents.shape[1] != latent_dim:
         raise InvalidInput(f"latents: shape {list(latents.shape)}; expected [N, {latent_dim}]")
     if latents.shape[0] == 0:

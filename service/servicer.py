@@ -8,10 +8,11 @@ response. Domain errors become status codes in one table, `STATUS_CODES`, applie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -209,16 +210,20 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         # Before any answer: which encoder made them (a job checks it after every reconnect).
         await context.send_initial_metadata(((codec.ENCODER_SHA256_METADATA, model.spec.encoder.sha256),))
 
-        async def encode(images: np.ndarray[Any, np.dtype[np.float32]]) -> vae_pb2.EncodeResponse:
-            encoding = await model.encode(images, deadline_after(context.time_remaining()))
+        async def encode(index: int, images: np.ndarray[Any, np.dtype[np.float32]]) -> vae_pb2.EncodeResponse:
+            with _naming_the_request(index):
+                encoding = await model.encode(images, deadline_after(context.time_remaining()))
             self._count_items("EncodeStream", len(images))
             return _encode_response(encoding.mean, encoding.log_var)
 
         async def calls() -> AsyncIterator[tuple[int, Callable[[], Awaitable[vae_pb2.EncodeResponse]]]]:
             requests = aiter(request_iterator)
+            index = 0
             while (request := await self._next_unless_draining(requests)) is not None:
-                images = _images_of(_parsed(request))
-                yield len(images), functools.partial(encode, images)
+                with _naming_the_request(index):
+                    images = _images_of(_parsed(request))
+                yield len(images), functools.partial(encode, index, images)
+                index += 1
 
         max_rows = int(model.encoder.max_queue_size * ENCODE_STREAM_QUEUE_FRACTION)
         async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD, max_rows):
@@ -336,6 +341,16 @@ def add_to_server(servicer: VaeServicer, server: grpc.aio.Server) -> None:
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+@contextlib.contextmanager
+def _naming_the_request(index: int) -> Iterator[None]:
+    """Bad input in a stream's request, named by its place: the status ends the whole stream, so the
+    client learns from it alone which request was refused (those before it are answered)."""
+    try:
+        yield
+    except InvalidInput as error:
+        raise InvalidInput(f"the stream's request {index} (counting from 0): {error}") from None
 
 
 def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:

@@ -93,11 +93,24 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     "images out of range": (encode(tensor([1, 1, 28, 28], fill=3.0)), "expected pixel values in [0, 1]"),
     "an empty batch of images": (encode(tensor([0, 1, 28, 28])), "empty batch"),
     "images of unknown dtype": (encode(tensor([1, 1, 28, 28], dtype=7, data=b"")), "unknown dtype 7"),
-    "unspecified images dtype": (encode(tensor([1, 1, 28, 28], dtype=0, data=b"")), "unknown dtype 0"),
-    "a bad image in a stream": (encode_stream(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
+    "unspecified images dtype": (
+        encode(tensor([1, 1, 28, 28], dtype=0, data=b"")),
+        "images: dtype unset; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8",
+    ),
+    "a bad image in a stream": (
+        encode_stream(tensor([1, 1, 28, 28], fill=math.nan)),
+        "the stream's request 1 (counting from 0): images: contains NaN or Inf",
+    ),
+    "too many images in a stream's request": (
+        encode_stream(tensor([4097, 1, 28, 28], dtype=codec.UINT8)),
+        "the stream's request 1 (counting from 0): 4097 rows is more than one request may send here",
+    ),
     "latents missing": (decode(None), "latents: missing; expected a FLOAT32 Tensor [N, 2]"),
     "latents of the wrong width": (decode(tensor([3, 5])), "latents: shape [3, 5]; expected [N, 2]"),
-    "latents as uint8": (decode(tensor([3, 2], dtype=codec.UINT8)), "expected DATA_TYPE_FLOAT32"),
+    "latents as uint8": (
+        decode(tensor([3, 2], dtype=codec.UINT8)),
+        "latents: dtype DATA_TYPE_UINT8; expected DATA_TYPE_FLOAT32",
+    ),
     "latents with NaN": (decode(tensor([1, 2], fill=math.nan)), "NaN or Inf"),
     "latents with Inf": (decode(tensor([1, 2], fill=-math.inf)), "NaN or Inf"),
     "an empty batch of latents": (decode(tensor([0, 2])), "empty batch"),

@@ -392,7 +392,9 @@ def test_a_request_larger_than_the_queue_is_invalid() -> None:
     async def scenario() -> None:
         batcher = make_batcher(Doubler(), max_queue_size=16)
         batcher.start()
-        with pytest.raises(InvalidInput, match="more than one request may send"):
+        with pytest.raises(
+            InvalidInput, match=r"more than one request may send here \(16, ModelInfo.max_request_rows\)"
+        ):
             await batcher.submit(rows(17))
         await batcher.stop()
 
