@@ -204,13 +204,36 @@ class VaeClientError(Exception):
 
 @dataclass
 class _Retrier:
-    """Counts failures in a row and decides whether, and after how long, to try again."""
+    """Counts one call's failures in a row and decides whether, and after how long, to try again.
+
+    Each attempt runs in `with retrier:`, which swallows a failure worth retrying (its pause is then
+    `pause_s`) and raises VaeClientError for any other:
+
+        while True:
+            with retrier:
+                return stub.Encode(request)
+            time.sleep(retrier.pause_s)
+    """
 
     rpc: str
     policy: RetryPolicy
     rng: random.Random
     client_closed: Callable[[], bool]
+    on_retry: Callable[[], None] = lambda: None
     failures: int = 0
+    pause_s: float = 0.0
+
+    def __enter__(self) -> None:
+        self.raise_if_closed()
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> bool:
+        if isinstance(error, asyncio.CancelledError):
+            self.raise_if_cut_by_close()
+        if not isinstance(error, grpc.RpcError | _NoAnswer):
+            return False
+        self.pause_s = self.pause_or_raise(error)
+        self.on_retry()
+        return True
 
     def raise_if_closed(self) -> None:
         """No attempt on a closed client, whose channel would refuse it with a bare ValueError."""
@@ -276,6 +299,10 @@ class _AnswerWatchdog:
         self._waiting_since = time.monotonic()
         try:
             return next(responses, None)
+        except grpc.RpcError:
+            if self.fired is not None:  # the CANCELLED of the watchdog's own cancel: say why instead
+                raise self.fired from None
+            raise
         finally:
             self._waiting_since = None
 
@@ -306,7 +333,10 @@ class _Settings:
     closed: bool = False
 
     def retrier(self, rpc: str) -> _Retrier:
-        return _Retrier(rpc, self.retry, self.rng, lambda: self.closed)
+        return _Retrier(rpc, self.retry, self.rng, lambda: self.closed, self._count_retry)
+
+    def _count_retry(self) -> None:
+        self.retries += 1
 
     def options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -415,15 +445,11 @@ class VaeClient:
         method = getattr(self._stub, rpc)
         retrier = self._settings.retrier(rpc)
         while True:
-            retrier.raise_if_closed()
-            try:
+            with retrier:
                 return method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
                 )
-            except grpc.RpcError as error:
-                pause = retrier.pause_or_raise(error)
-            self._settings.retries += 1
-            time.sleep(pause)
+            time.sleep(retrier.pause_s)
 
     def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
         """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
@@ -488,22 +514,19 @@ class VaeClient:
         retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
-            retrier.raise_if_closed()
-            call = self._stub.SampleStream(
-                request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
-            )
-            try:
-                for response in call:
-                    if (result := resume.accept(response, call.initial_metadata())) is not None:
-                        retrier.failures = 0
-                        yield result
-                return
-            except grpc.RpcError as error:
-                pause = retrier.pause_or_raise(error)
-            finally:
-                call.cancel()
-            self._settings.retries += 1
-            time.sleep(pause)
+            with retrier:
+                call = self._stub.SampleStream(
+                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                )
+                try:
+                    for response in call:
+                        if (result := resume.accept(response, call.initial_metadata())) is not None:
+                            retrier.failures = 0
+                            yield result
+                    return
+                finally:
+                    call.cancel()
+            time.sleep(retrier.pause_s)
 
     def encode_stream(
         self,
@@ -547,40 +570,36 @@ class VaeClient:
                 requests.put(None)
 
         while pending or not exhausted:
-            retrier.raise_if_closed()
-            # grpc reads the request iterator on its own thread; a queue hands the requests over.
-            requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-            for request in pending:
-                requests.put(request)
-            call = self._stub.EncodeStream(
-                iter(requests.get, None), timeout=timeout_s, metadata=self._settings.metadata
-            )
-            watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
-            try:
-                refill(requests)
-                while (response := watchdog.next_answer(call)) is not None:
-                    if not pending:
-                        raise VaeClientError("EncodeStream", None, "more answers than requests")
-                    pending.popleft()
-                    retrier.failures = 0
-                    yield encode_result(
-                        response, _graph_sha256(call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
-                    )
+            with retrier:
+                # grpc reads the request iterator on its own thread; a queue hands the requests over.
+                requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                for request in pending:
+                    requests.put(request)
+                call = self._stub.EncodeStream(
+                    iter(requests.get, None), timeout=timeout_s, metadata=self._settings.metadata
+                )
+                watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
+                try:
                     refill(requests)
-                if pending:
-                    raise VaeClientError(
-                        "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
-                    )
-            except grpc.RpcError as error:
-                pause = retrier.pause_or_raise(watchdog.fired or error)
-            else:
-                return
-            finally:
-                watchdog.stop()
-                requests.put(None)  # lets grpc's request thread finish
-                call.cancel()
-            self._settings.retries += 1
-            time.sleep(pause)
+                    while (response := watchdog.next_answer(call)) is not None:
+                        if not pending:
+                            raise VaeClientError("EncodeStream", None, "more answers than requests")
+                        pending.popleft()
+                        retrier.failures = 0
+                        yield encode_result(
+                            response, _graph_sha256(call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
+                        )
+                        refill(requests)
+                    if pending:
+                        raise VaeClientError(
+                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
+                        )
+                    return
+                finally:
+                    watchdog.stop()
+                    requests.put(None)  # lets grpc's request thread finish
+                    call.cancel()
+            time.sleep(retrier.pause_s)
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.
@@ -639,18 +658,11 @@ class AsyncVaeClient:
         method = getattr(self._stub, rpc)
         retrier = self._settings.retrier(rpc)
         while True:
-            retrier.raise_if_closed()
-            try:
+            with retrier:
                 return await method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
                 )
-            except grpc.aio.AioRpcError as error:
-                pause = retrier.pause_or_raise(error)
-            except asyncio.CancelledError:
-                retrier.raise_if_cut_by_close()
-                raise
-            self._settings.retries += 1
-            await asyncio.sleep(pause)
+            await asyncio.sleep(retrier.pause_s)
 
     async def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
         """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
@@ -709,25 +721,19 @@ class AsyncVaeClient:
         retrier = self._settings.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
-            retrier.raise_if_closed()
-            call = self._stub.SampleStream(
-                request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
-            )
-            try:
-                async for response in call:
-                    if (result := resume.accept(response, await call.initial_metadata())) is not None:
-                        retrier.failures = 0
-                        yield result
-                return
-            except grpc.aio.AioRpcError as error:
-                pause = retrier.pause_or_raise(error)
-            except asyncio.CancelledError:
-                retrier.raise_if_cut_by_close()
-                raise
-            finally:
-                call.cancel()
-            self._settings.retries += 1
-            await asyncio.sleep(pause)
+            with retrier:
+                call = self._stub.SampleStream(
+                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                )
+                try:
+                    async for response in call:
+                        if (result := resume.accept(response, await call.initial_metadata())) is not None:
+                            retrier.failures = 0
+                            yield result
+                    return
+                finally:
+                    call.cancel()
+            await asyncio.sleep(retrier.pause_s)
 
     async def encode_stream(
         self,
@@ -764,44 +770,38 @@ class AsyncVaeClient:
                 requests.put_nowait(None)
 
         while pending or not exhausted:
-            retrier.raise_if_closed()
-            # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
-            # comes from the read side. A request still being written when the server ends the call
-            # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
-            requests: asyncio.Queue[Any] = asyncio.Queue()
-            for request in pending:
-                requests.put_nowait(request)
-            call = self._stub.EncodeStream(
-                _until_none(requests), timeout=timeout_s, metadata=self._settings.metadata
-            )
-            responses = aiter(call)
-            try:
-                await refill(requests)
-                while (response := await _next_answer(responses, answer_timeout_s)) is not None:
-                    if not pending:
-                        raise VaeClientError("EncodeStream", None, "more answers than requests")
-                    pending.popleft()
-                    retrier.failures = 0
-                    yield encode_result(
-                        response, _graph_sha256(await call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
-                    )
+            with retrier:
+                # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
+                # comes from the read side. A request still being written when the server ends the call
+                # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
+                requests: asyncio.Queue[Any] = asyncio.Queue()
+                for request in pending:
+                    requests.put_nowait(request)
+                call = self._stub.EncodeStream(
+                    _until_none(requests), timeout=timeout_s, metadata=self._settings.metadata
+                )
+                responses = aiter(call)
+                try:
                     await refill(requests)
-                if pending:
-                    raise VaeClientError(
-                        "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
-                    )
-            except (grpc.aio.AioRpcError, _NoAnswer) as error:
-                pause = retrier.pause_or_raise(error)
-            except asyncio.CancelledError:
-                retrier.raise_if_cut_by_close()
-                raise
-            else:
-                return
-            finally:
-                requests.put_nowait(None)  # ends grpc's reading of the requests
-                call.cancel()
-            self._settings.retries += 1
-            await asyncio.sleep(pause)
+                    while (response := await _next_answer(responses, answer_timeout_s)) is not None:
+                        if not pending:
+                            raise VaeClientError("EncodeStream", None, "more answers than requests")
+                        pending.popleft()
+                        retrier.failures = 0
+                        yield encode_result(
+                            response,
+                            _graph_sha256(await call.initial_metadata(), codec.ENCODER_SHA256_METADATA),
+                        )
+                        await refill(requests)
+                    if pending:
+                        raise VaeClientError(
+                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
+                        )
+                    return
+                finally:
+                    requests.put_nowait(None)  # ends grpc's reading of the requests
+                    call.cancel()
+            await asyncio.sleep(retrier.pause_s)
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.

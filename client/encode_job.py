@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client.cli import add_connection_arguments, tls_from_args
-from client.client import ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
+from client.client import EncodeResult, ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
 from client.encodings import (
     FORMAT_VERSION,
     INPUTS_LIST,
@@ -54,6 +54,7 @@ from client.encodings import (
     REJECTED_LIST,
     EncodingsError,
     RowRange,
+    concatenate_optional,
     create_directory,
     manifest_bytes,
     merged_manifest,
@@ -380,19 +381,23 @@ class EncodeJob:
             bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
             progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
             if not manifest["complete"]:
-                self._encode(client, source, rows, directory, manifest, model, progress)
+                self._encode(client, source, rows, directory, manifest, progress)
             progress.close()
             return JobSummary(
                 directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
             )
 
+    def _shard_rows(self, rows: RowRange, shard: int) -> tuple[int, int]:
+        """The input rows [start, stop) of output shard number `shard`."""
+        start = rows.start + shard * self.settings.rows_per_shard
+        return start, min(start + self.settings.rows_per_shard, rows.stop)
+
     def _plan(self, rows: RowRange, first_shard: int) -> list[tuple[int, int, int]]:
         """(shard number, start, stop) of each request still to send; requests never cross shards."""
         plan = []
-        per_shard, batch = self.settings.rows_per_shard, self.settings.batch_size
-        for shard_start in range(rows.start + first_shard * per_shard, rows.stop, per_shard):
-            shard_stop = min(shard_start + per_shard, rows.stop)
-            shard = (shard_start - rows.start) // per_shard
+        batch, per_shard = self.settings.batch_size, self.settings.rows_per_shard
+        for shard in range(first_shard, -(-rows.rows // per_shard)):  # whole shards, the last maybe short
+            shard_start, shard_stop = self._shard_rows(rows, shard)
             plan += [(shard, a, min(a + batch, shard_stop)) for a in range(shard_start, shard_stop, batch)]
         return plan
 
@@ -403,7 +408,6 @@ class EncodeJob:
         rows: RowRange,
         directory: Path,
         manifest: dict[str, Any],
-        model: dict[str, Any],
         progress: Progress,
     ) -> None:
         settings = self.settings
@@ -416,67 +420,65 @@ class EncodeJob:
         )
         with contextlib.closing(stream):
             for (shard, start, stop), result in zip(plan, stream, strict=True):
-                # Each answer says which encoder made it: a stream that reconnected, or a round-robin
-                # channel during a rolling update, may reach another model. Never mix two in one output.
-                self._check_encoder(result.encoder_sha256, model, start)
-                if result.mean.shape != (stop - start, model["latent_dim"]):
-                    raise JobError(
-                        f"rows [{start}, {stop}): the service answered means of shape "
-                        f"{list(result.mean.shape)}, expected {[stop - start, model['latent_dim']]}"
-                    )
+                self._check_answer(result, manifest["model"], start, stop)
                 means.append(result.mean)
                 log_vars.append(result.log_var)
                 if len(means) == 1:
                     self.pause("mid-shard", shard)
-                shard_start = rows.start + shard * settings.rows_per_shard
-                if stop == min(shard_start + settings.rows_per_shard, rows.stop):
-                    try:  # a mapped input rewritten under the job: these rows may be the new file's
-                        source.check_unchanged()
-                    except InputError as error:
-                        raise JobError(
-                            f"{error}; the shards committed before it ({len(manifest['shards'])}) were "
-                            "encoded from the input as it was: start a new --output for the new input"
-                        ) from error
-                    self._commit(directory, manifest, shard, shard_start, stop, means, log_vars, rows)
+                shard_start, shard_stop = self._shard_rows(rows, shard)
+                if stop == shard_stop:
+                    self._commit(directory, manifest, source, shard, shard_start, means, log_vars)
                     means, log_vars = [], []
                 progress.update(stop - start)
 
-    def _check_encoder(self, encoder_sha256: str | None, model: dict[str, Any], row: int) -> None:
-        if encoder_sha256 != model["encoder_sha256"]:
+    def _check_answer(self, result: EncodeResult, model: dict[str, Any], start: int, stop: int) -> None:
+        """Refuse an answer from another encoder than the output's, or of the wrong shape."""
+        # A stream that reconnected, or a round-robin channel during a rolling update, may reach
+        # another model: never mix two in one output.
+        if result.encoder_sha256 != model["encoder_sha256"]:
             raise JobError(
-                f"row {row} was encoded by encoder {str(encoder_sha256)[:12]} behind {self.settings.target}, "
-                f"not by {model['name']} version {model['version']} (encoder {model['encoder_sha256'][:12]}) "
-                "that this output holds; the shards committed before it are kept. Resume once every "
-                "replica serves that model, or start a new --output for the other one"
+                f"row {start} was encoded by encoder {str(result.encoder_sha256)[:12]} behind "
+                f"{self.settings.target}, not by {model['name']} version {model['version']} (encoder "
+                f"{model['encoder_sha256'][:12]}) that this output holds; the shards committed before it "
+                "are kept. Resume once every replica serves that model, or start a new --output for the "
+                "other one"
+            )
+        if result.mean.shape != (stop - start, model["latent_dim"]):
+            raise JobError(
+                f"rows [{start}, {stop}): the service answered means of shape "
+                f"{list(result.mean.shape)}, expected {[stop - start, model['latent_dim']]}"
             )
 
     def _commit(
         self,
         directory: Path,
         manifest: dict[str, Any],
+        source: ImageInput,
         shard: int,
         start: int,
-        stop: int,
         means: list[npt.NDArray[np.float32]],
         log_vars: list[npt.NDArray[np.float32] | None],
-        rows: RowRange,
     ) -> None:
         """Write one shard durably, then list it in the manifest: the step that makes it count."""
-        log_var = (
-            None
-            if any(lv is None for lv in log_vars)
-            else np.concatenate([lv for lv in log_vars if lv is not None])
-        )
-        data = shard_bytes(np.arange(start, stop, dtype=np.int64), np.concatenate(means), log_var)
-        name = shard_file_name(shard)
         committed = len(manifest["shards"])
+        try:  # a mapped input rewritten under the job: these rows may be the new file's
+            source.check_unchanged()
+        except InputError as error:
+            raise JobError(
+                f"{error}; the shards committed before it ({committed}) were "
+                "encoded from the input as it was: start a new --output for the new input"
+            ) from error
+        mean = np.concatenate(means)
+        stop = start + len(mean)
+        data = shard_bytes(np.arange(start, stop, dtype=np.int64), mean, concatenate_optional(log_vars))
+        name = shard_file_name(shard)
         try:
             write_atomic(directory / name, data, before_rename=lambda: self.pause("before-rename", shard))
             self.pause("before-manifest", shard)
             manifest["shards"].append(
                 {"file": name, "start": start, "stop": stop, "sha256": sha256_bytes(data)}
             )
-            manifest["complete"] = stop == rows.stop
+            manifest["complete"] = stop == manifest["range"]["stop"]
             write_manifest(directory, manifest)
         except OSError as error:
             raise WriteFailed(

@@ -251,14 +251,17 @@ def _concatenate(directory: Path, manifest: dict[str, Any]) -> Encodings:
     if not shards:
         empty = np.zeros((0, latent_dim), np.float32)
         return Encodings(np.zeros(0, np.int64), empty, empty if manifest["model"]["kind"] == "vae" else None)
-    log_vars = [shard.log_var for shard in shards]
     return Encodings(
         np.concatenate([shard.input_rows for shard in shards]),
         np.concatenate([shard.mean for shard in shards]),
-        None
-        if any(lv is None for lv in log_vars)
-        else np.concatenate([lv for lv in log_vars if lv is not None]),
+        concatenate_optional([shard.log_var for shard in shards]),
     )
+
+
+def concatenate_optional(arrays: list[npt.NDArray[np.float32] | None]) -> npt.NDArray[np.float32] | None:
+    """The arrays joined along axis 0, or None where any is None (an AE's log_var)."""
+    present = [array for array in arrays if array is not None]
+    return np.concatenate(present) if len(present) == len(arrays) else None
 
 
 def part_directories(directory: Path) -> list[Path]:

@@ -49,7 +49,8 @@ class Settings:
         default=None, metadata={"help": "the address /metrics binds (default: the same as --host)"}
     )
     device: Device = field(
-        default="auto", metadata={"help": "auto (CUDA when onnxruntime offers it), cpu, cuda"}
+        default="auto",
+        metadata={"help": "auto (CUDA when onnxruntime offers it), cpu, cuda", "choices": DEVICES},
     )
     intra_op_threads: int = field(
         default=1,
@@ -80,7 +81,8 @@ class Settings:
         metadata={
             "help": "auto: pin each inference thread of a graph to a CPU of its own, where the process "
             "may use exactly one CPU per thread (taskset, docker --cpuset-cpus, a Kubernetes exclusive "
-            "cpuset); off: the kernel places them"
+            "cpuset); off: the kernel places them",
+            "choices": PINNING,
         },
     )
     max_queue_delay_ms: float = field(
@@ -103,7 +105,9 @@ class Settings:
             "flight finish first (0 = never)"
         },
     )
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    log_level: str = field(
+        default="info", metadata={"help": "debug, info, warning or error", "choices": LOG_LEVELS}
+    )
     tls_cert: Path | None = field(
         default=None,
         metadata={
@@ -122,14 +126,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = _tls_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
-        if self.device not in DEVICES:
-            problems.append(f"device {self.device!r}: expected one of {', '.join(DEVICES)}")
-        if self.pin_inference_threads not in PINNING:
-            problems.append(
-                f"pin_inference_threads {self.pin_inference_threads!r}: expected one of {', '.join(PINNING)}"
-            )
-        if self.log_level not in LOG_LEVELS:
-            problems.append(f"log_level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        for f in dataclasses.fields(self):  # a value given as a VAE_SERVE_* variable, or in code
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 to 65535")
@@ -223,12 +223,8 @@ class Settings:
             }
             if default is dataclasses.MISSING:
                 options["required"] = True
-            if f.name == "device":
-                options["choices"] = DEVICES
-            if f.name == "log_level":
-                options["choices"] = LOG_LEVELS
-            if f.name == "pin_inference_threads":
-                options["choices"] = PINNING
+            if "choices" in f.metadata:
+                options["choices"] = f.metadata["choices"]
             parser.add_argument(flag, **options)
         args = parser.parse_args(argv)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
