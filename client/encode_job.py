@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -75,6 +75,8 @@ from client.images import ImageInput, InputError, read_images
 # file is durable, once it is renamed, and once the manifest lists it.
 PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
 PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
+# A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
+JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 
 
 class JobError(Exception):
@@ -122,7 +124,7 @@ class JobSettings:
     max_in_flight: int = 4
     answer_timeout_s: float = 120.0
     """The longest wait for an answer before the stream is opened again (a replica that hangs)."""
-    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=10, max_backoff_s=10.0))
+    retry: RetryPolicy = JOB_RETRY
     timeout_s: float = 30.0
     tls: TlsOptions | None = None
     progress_bar: bool | None = None
@@ -558,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"if there is one: a server that hangs (default {JobSettings.answer_timeout_s:g})",
     )
     parser.add_argument(
-        "--attempts", type=int, default=10, help="tries per call on transient errors (default 10)"
+        "--attempts",
+        type=int,
+        default=JOB_RETRY.max_attempts,
+        help=f"tries per call on transient errors (default {JOB_RETRY.max_attempts})",
     )
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument(
@@ -621,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows_per_shard=args.rows_per_shard,
             max_in_flight=args.max_in_flight,
             answer_timeout_s=args.answer_timeout,
-            retry=RetryPolicy(max_attempts=args.attempts, max_backoff_s=10.0),
+            retry=replace(JOB_RETRY, max_attempts=args.attempts),
             timeout_s=args.timeout,
             tls=tls_from_args(args),
             progress_bar=args.progress_bar,
@@ -629,13 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pause_at=parse_pause_at(os.environ.get(PAUSE_ENV, "")),
         )
         summary = EncodeJob(settings).run()
-    except (JobError, InputError, EncodingsError, ValueError) as error:
-        print(f"vae-encode-job: {error}", file=sys.stderr)
-        return 2
     except (VaeClientError, WriteFailed) as error:
         print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # an unreadable input, an output it may not write, a full disk
+    # Bad settings or input (InputError and EncodingsError are ValueErrors), and an unreadable input,
+    # an output it may not write, a full disk.
+    except (JobError, ValueError, OSError) as error:
         print(f"vae-encode-job: {error}", file=sys.stderr)
         return 2
     print(f"vae-encode-job: {summary.line()}", file=sys.stderr)
