@@ -95,6 +95,14 @@ def test_without_a_seed_the_server_picks_one_that_repeats_the_call(stub: vae_pb2
     assert repeated.images.data == first.images.data
 
 
+def test_a_smaller_sample_of_a_seed_is_the_start_of_a_larger_one(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    """z is drawn row after row, and each row's image does not depend on the others."""
+    five = stub.Sample(vae_pb2.SampleRequest(num_samples=5, seed=8))
+    two = stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=8))
+    assert two.latents.data == five.latents.data[: 2 * 2 * 4]  # float32 bytes: [2, D=2]
+    assert two.images.data == five.images.data[: 2 * 28 * 28 * 4]
+
+
 def test_seed_zero_is_a_seed_like_any_other(stub: vae_pb2_grpc.VaeServiceStub) -> None:
     zero = stub.Sample(vae_pb2.SampleRequest(num_samples=4, seed=0))
     assert zero.seed == 0
