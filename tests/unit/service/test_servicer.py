@@ -22,6 +22,7 @@ from service.servicer import (
     code_of_cancellation,
     status_code_of,
 )
+from vae.v1 import vae_pb2
 
 
 def _run_stream(sizes: list[int], lookahead: int, max_rows: int) -> tuple[list[int], int, list[int]]:
@@ -120,26 +121,49 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "OK"}) is None
 
 
-class _EndedByItsDeadline(_Remaining):
-    """A call that gRPC has already ended at its deadline: no status can be sent any more."""
+class _Context(_Remaining):
+    """The part of a grpc.aio.ServicerContext that a failed call uses."""
 
-    def __init__(self) -> None:
-        super().__init__(0.0)
+    def __init__(self, seconds: float | None) -> None:
+        super().__init__(seconds)
+        self.status: list[Any] = []
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise grpc.aio.InternalError('Failed "execute_batch"')  # its ExecuteBatchError's base
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.status.append(code)
+
+    def set_details(self, details: str) -> None:
+        self.status.append(details)
 
 
-def test_a_failure_that_finds_its_call_already_ended_is_counted_and_ends_as_cancelled() -> None:
-    """The batcher's deadline is gRPC's own: the two race, and gRPC may end the call first. Any
-    other error escaping the handler, gRPC logs with its traceback as a servicer failure."""
+async def _refused() -> vae_pb2.DecodeResponse:
+    raise InvalidInput("latents: contains NaN or Inf; expected finite values")
+
+
+def test_a_failed_call_sets_its_status_for_grpc_to_send_and_is_counted_once() -> None:
     servicer = VaeServicer(ServiceMetrics.create(process=False))
+    context = _Context(30.0)
+    answer = asyncio.run(_observe(servicer, "Decode", context, _refused(), vae_pb2.DecodeResponse))
+    assert answer == vae_pb2.DecodeResponse()  # dropped by gRPC: a non-OK status goes alone
+    assert context.status == [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "latents: contains NaN or Inf; expected finite values",
+    ]
+    requests = servicer.metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "INVALID_ARGUMENT"}) == 1
 
-    async def queued_past_its_deadline() -> None:
+
+def test_a_failure_that_finds_its_call_past_its_deadline_is_counted_and_ends_as_cancelled() -> None:
+    """The batcher's deadline is gRPC's own: the two race, and gRPC may end the call first. A status
+    sent then would fail, and gRPC would log that with its traceback as a servicer failure."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+    context = _Context(0.0)
+
+    async def queued_past_its_deadline() -> vae_pb2.DecodeResponse:
         raise DeadlineExceeded("the deadline passed while the request was queued")
 
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(_observe(servicer, "Decode", _EndedByItsDeadline(), queued_past_its_deadline()))
+        asyncio.run(_observe(servicer, "Decode", context, queued_past_its_deadline(), vae_pb2.DecodeResponse))
+    assert context.status == []
     requests = servicer.metrics.registry.get_sample_value
     assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 1
 
