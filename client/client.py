@@ -319,8 +319,8 @@ class _AnswerWatchdog:
 
 
 @dataclass
-class _Settings:
-    """What both clients share: the channel's settings and the retry counter."""
+class _ClientState:
+    """What both clients share: the channel's settings and the state of its calls (retries, closed)."""
 
     target: str
     tls: TlsOptions | None
@@ -416,7 +416,7 @@ class VaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _Settings(
+        self._settings = _ClientState(
             target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
         )
         self._channel = self._settings.open(grpc)
@@ -629,7 +629,7 @@ class AsyncVaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _Settings(
+        self._settings = _ClientState(
             target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
         )
         self._channel = self._settings.open(grpc.aio)

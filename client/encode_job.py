@@ -89,7 +89,7 @@ class WriteFailed(Exception):
 
 
 @contextlib.contextmanager
-def writing(directory: Path, log: TextIO) -> Iterator[None]:
+def sole_writer(directory: Path, log: TextIO) -> Iterator[None]:
     """Hold `directory` for one writer. A second job on the same folder (a Kubernetes Indexed Job may
     run two pods for one index), or a merge, waits for the first to end, and then goes on from what
     it committed, instead of deleting the first one's files under it."""
@@ -365,7 +365,7 @@ class EncodeJob:
             VaeClient(
                 settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
             ) as client,
-            writing(directory, self.log),
+            sole_writer(directory, self.log),
         ):
             info = client.model_info()
             if 0 < info.max_request_rows < settings.batch_size:
@@ -597,7 +597,7 @@ def merge_main(argv: Sequence[str]) -> int:
             raise JobError(f"{args.output}: no such folder")
         if holds_unsplit_output(args.output):
             raise JobError(f"{args.output} holds the output of a job that was not split: nothing to merge")
-        with writing(args.output, sys.stderr):
+        with sole_writer(args.output, sys.stderr):
             manifest = merged_manifest(args.output)
             write_manifest(args.output, manifest)
     except (JobError, EncodingsError, OSError) as error:
