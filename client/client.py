@@ -250,12 +250,13 @@ class _Retrier:
     def pause_or_raise(self, error: Any) -> float:
         """The pause before the next attempt after `error` (a grpc.RpcError), or raise for good."""
         self.failures += 1
+        self.raise_if_closed()  # a call the close itself cut (gRPC's CANCELLED): said as such
         code, details = error.code(), error.details() or ""
         # gRPC refuses a message over either side's size limit with RESOURCE_EXHAUSTED, as the server
         # does a full queue; but the same message would be refused again.
         too_large = "message larger than max" in details
         broken = code == grpc.StatusCode.INTERNAL and details == GRPC_AIO_SEND_FAILED
-        retryable = (code in RETRYABLE_CODES or broken) and not too_large and not self.client_closed()
+        retryable = (code in RETRYABLE_CODES or broken) and not too_large
         if not retryable or self.failures >= self.policy.max_attempts:
             if too_large:
                 details += "; send fewer images per request (encode_stream takes them in batches)"

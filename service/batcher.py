@@ -176,7 +176,7 @@ class Batcher:
         if count > self.max_queue_size:
             raise InvalidInput(
                 f"{count} rows is more than one request may send here ({self.max_queue_size}, "
-                "ModelInfo.max_request_rows); send them in several requests, or stream them"
+                "ModelInfo.max_request_rows); split them over several requests"
             )
         request = _Request(
             asyncio.get_running_loop().create_future(),
