@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import queue
 import random
@@ -212,7 +213,7 @@ class _Retrier:
         while True:
             with retrier:
                 return stub.Encode(request)
-            time.sleep(retrier.pause_s)
+            pause(retrier.pause_s)  # cut short by a close
     """
 
     rpc: str
@@ -422,6 +423,7 @@ class VaeClient:
         )
         self._channel = self._settings.open(grpc)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
+        self._closing = threading.Event()  # wakes a call that waits to retry
 
     @property
     def retries(self) -> int:
@@ -434,7 +436,12 @@ class VaeClient:
 
     def close(self) -> None:
         self._settings.closed = True  # before the channel ends its calls with CANCELLED
+        self._closing.set()
         self._channel.close()
+
+    def _pause(self, seconds: float) -> None:
+        """The pause before a retry, cut short by `close`, after which no attempt is made."""
+        self._closing.wait(seconds)
 
     def __enter__(self) -> VaeClient:
         return self
@@ -450,7 +457,7 @@ class VaeClient:
                 return method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
                 )
-            time.sleep(retrier.pause_s)
+            self._pause(retrier.pause_s)
 
     def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
         """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
@@ -527,7 +534,7 @@ class VaeClient:
                     return
                 finally:
                     call.cancel()
-            time.sleep(retrier.pause_s)
+            self._pause(retrier.pause_s)
 
     def encode_stream(
         self,
@@ -600,7 +607,7 @@ class VaeClient:
                     watchdog.stop()
                     requests.put(None)  # lets grpc's request thread finish
                     call.cancel()
-            time.sleep(retrier.pause_s)
+            self._pause(retrier.pause_s)
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.
@@ -635,6 +642,7 @@ class AsyncVaeClient:
         )
         self._channel = self._settings.open(grpc.aio)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
+        self._closing = asyncio.Event()  # wakes a call that waits to retry
 
     @property
     def retries(self) -> int:
@@ -647,7 +655,13 @@ class AsyncVaeClient:
 
     async def close(self) -> None:
         self._settings.closed = True
+        self._closing.set()
         await self._channel.close()
+
+    async def _pause(self, seconds: float) -> None:
+        """The pause before a retry, cut short by `close`, after which no attempt is made."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def __aenter__(self) -> AsyncVaeClient:
         return self
@@ -663,7 +677,7 @@ class AsyncVaeClient:
                 return await method(
                     request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
                 )
-            await asyncio.sleep(retrier.pause_s)
+            await self._pause(retrier.pause_s)
 
     async def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
         """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
@@ -734,7 +748,7 @@ class AsyncVaeClient:
                     return
                 finally:
                     call.cancel()
-            await asyncio.sleep(retrier.pause_s)
+            await self._pause(retrier.pause_s)
 
     async def encode_stream(
         self,
@@ -802,7 +816,7 @@ class AsyncVaeClient:
                 finally:
                     requests.put_nowait(None)  # ends grpc's reading of the requests
                     call.cancel()
-            await asyncio.sleep(retrier.pause_s)
+            await self._pause(retrier.pause_s)
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -165,14 +166,30 @@ def test_an_async_call_whose_task_is_cancelled_raises_cancelled_error(never_answ
     asyncio.run(cancelled())
 
 
-def test_a_client_closed_while_it_waits_to_retry_makes_no_further_attempt(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    client = VaeClient(f"127.0.0.1:{free_port()}", retry=FAST, timeout_s=2)
-    monkeypatch.setattr("client.client.time.sleep", lambda seconds: client.close())  # during the backoff
+# Pauses far longer than any test: a close must cut them short.
+PATIENT = RetryPolicy(max_attempts=3, initial_backoff_s=60.0, max_backoff_s=60.0)
+
+
+def test_a_client_closed_while_it_waits_to_retry_stops_waiting_and_makes_no_further_attempt() -> None:
+    client = VaeClient(f"127.0.0.1:{free_port()}", retry=PATIENT, timeout_s=2)
+    threading.Timer(0.5, client.close).start()
+    started = time.monotonic()
     with pytest.raises(VaeClientError, match="Sample failed with CANCELLED: the client was closed"):
         client.sample(4, seed=1)
-    assert client.retries == 1
+    assert client.retries == 1 and time.monotonic() - started < 20
+
+
+def test_an_async_client_closed_while_it_waits_to_retry_stops_waiting_too() -> None:
+    async def closed_in_the_pause() -> int:
+        client = AsyncVaeClient(f"127.0.0.1:{free_port()}", retry=PATIENT, timeout_s=2)
+        call = asyncio.create_task(client.sample(4, seed=1))
+        await asyncio.sleep(0.5)
+        await client.close()
+        with pytest.raises(VaeClientError, match="Sample failed with CANCELLED: the client was closed"):
+            await asyncio.wait_for(call, 20)
+        return client.retries
+
+    assert asyncio.run(closed_in_the_pause()) == 1
 
 
 def test_a_request_grpc_aio_could_not_send_is_retried_but_the_servers_internal_error_is_not() -> None:
