@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
 DPI = 72
 DIGIT_COLOURS = "tab10"
@@ -40,13 +41,25 @@ def plane(codes: np.ndarray) -> tuple[np.ndarray, str, str]:
     return np.pad(points, ((0, 0), (0, 2 - points.shape[1]))), "PC1", "PC2"
 
 
+# The radius of N(0, I)'s 95% region in two dimensions: sqrt of chi-squared(2)'s 0.95 quantile.
+PRIOR_95_RADIUS = float(np.sqrt(-2 * np.log(0.05)))
+
+
 def draw_scatter(axes: Axes, codes: np.ndarray, labels: np.ndarray, title: str) -> None:
+    """The codes in their plane, coloured by digit, on equal axes (a digit's shape and the space's
+    scale are the point), with the prior's 95% circle where the plane is the latent space itself."""
     points, x_label, y_label = plane(codes)
     # In a fixed shuffled order: drawn digit by digit, the last digit would cover the others.
     order = np.random.default_rng(0).permutation(len(points))
     scatter = axes.scatter(
         points[order, 0], points[order, 1], c=labels[order], cmap=DIGIT_COLOURS, s=4, vmin=-0.5, vmax=9.5
     )
+    if codes.shape[1] == 2:
+        circle = Circle((0, 0), PRIOR_95_RADIUS, fill=False, linestyle="--", color="black")
+        axes.add_patch(circle)
+        axes.plot([], [], linestyle="--", color="black", label="95% of N(0, I)")
+        axes.legend(loc="upper right", fontsize="small")
+    axes.set_aspect("equal", adjustable="datalim")
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_title(title)

@@ -1,0 +1,36 @@
+"""The latent scatter shows what claims 2 and 3 are about: the space's scale against the prior's."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.patches import Circle
+
+from training.figures import PRIOR_95_RADIUS, draw_scatter
+
+
+def scatter(latent_dim: int) -> Axes:
+    codes = np.random.default_rng(0).normal(0, 5, size=(100, latent_dim))
+    figure, axes = plt.subplots()
+    draw_scatter(axes, codes, np.arange(100) % 10, "codes")
+    plt.close(figure)
+    return axes
+
+
+def test_a_two_dimensional_latent_space_is_drawn_on_equal_axes_with_the_priors_95_percent_circle() -> None:
+    axes = scatter(2)
+    assert axes.get_aspect() == 1.0  # one unit of z1 as long as one of z2
+    (circle,) = [patch for patch in axes.patches if isinstance(patch, Circle)]
+    assert circle.center == (0, 0)
+    assert math.isclose(circle.radius, math.sqrt(5.991), rel_tol=1e-3)  # chi-squared(2)'s 0.95 quantile
+    assert math.isclose(PRIOR_95_RADIUS, circle.radius)
+
+
+def test_principal_components_of_a_wider_space_get_no_prior_circle() -> None:
+    """PC1 and PC2 are not coordinates in which N(0, I)'s 95% region is that circle."""
+    axes = scatter(5)
+    assert not [patch for patch in axes.patches if isinstance(patch, Circle)]
+    assert axes.get_xlabel() == "PC1"
