@@ -94,6 +94,10 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     "images with NaN": (encode(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
     "images with Inf": (encode(tensor([1, 1, 28, 28], fill=math.inf)), "NaN or Inf"),
     "images out of range": (encode(tensor([1, 1, 28, 28], fill=3.0)), "expected pixel values in [0, 1]"),
+    "images below zero": (
+        encode(tensor([1, 1, 28, 28], fill=-0.5)),
+        "values span [-0.5, -0.5]; expected pixel values in [0, 1]",
+    ),
     "an empty batch of images": (encode(tensor([0, 1, 28, 28])), "empty batch"),
     "images of unknown dtype": (encode(tensor([1, 1, 28, 28], dtype=7, data=b"")), "unknown dtype 7"),
     "unspecified images dtype": (

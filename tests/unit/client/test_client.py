@@ -23,11 +23,14 @@ from client.client import (
     VaeClient,
     VaeClientError,
     _Retrier,
+    _SampleResume,
     as_wire_images,
     as_wire_latents,
     sample_request,
 )
+from service import codec
 from tests.conftest import free_port
+from vae.v1 import vae_pb2
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 
@@ -77,6 +80,13 @@ def test_the_async_client_retries_the_same_way() -> None:
 
 def aio_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_a_full_queue_is_retried_with_backoff() -> None:
+    """The server's RESOURCE_EXHAUSTED for a full queue says: come back a little later."""
+    retrier = _Retrier("Sample", FAST, random.Random(0), lambda: False)
+    full = aio_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the decoder queue is full")
+    assert retrier.pause_or_raise(full) > 0
 
 
 def test_a_call_the_server_cancelled_is_retried() -> None:
@@ -232,3 +242,18 @@ def test_mutual_tls_needs_both_the_certificate_and_the_key(tmp_path: Path) -> No
     (tmp_path / "cert.pem").write_text("not checked before the handshake")
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):
         TlsOptions(certificate_chain=tmp_path / "cert.pem").credentials()
+
+
+def test_a_sample_stream_without_a_seed_resumes_with_the_seed_and_chunk_size_of_its_first_chunk() -> None:
+    """Asked again as first sent, the stream would draw other images under a new seed, cut other chunks."""
+    resume = _SampleResume(sample_request(30, None, 1.0, "uint8"))
+    first = vae_pb2.SampleResponse(
+        images=codec.to_tensor(np.zeros((10, 1, 28, 28), np.uint8)),
+        latents=codec.to_tensor(np.zeros((10, 2), np.float32)),
+        seed=2**63 + 5,
+        offset=0,
+    )
+    assert resume.accept(first, ()) is not None
+    again = resume.request
+    assert again.HasField("seed") and again.seed == 2**63 + 5 and again.chunk_size == 10
+    assert resume.accept(first, ()) is None  # a chunk already given is not given twice

@@ -58,3 +58,16 @@ def test_a_config_whose_layers_cannot_make_28x28_images_is_refused_before_any_tr
 ) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**options)  # type: ignore[arg-type]
+
+
+def test_a_posterior_sample_is_the_mean_plus_sigma_times_standard_normal_noise() -> None:
+    """z = mean + exp(log_var / 2) * eps: the samples of N(3, 2^2) have mean 3 and deviation 2."""
+    torch.manual_seed(0)
+    mean = torch.full((200_000, 1), 3.0)
+    log_var = torch.full((200_000, 1), torch.log(torch.tensor(4.0)).item())
+    z = VAE.reparameterize(mean, log_var)
+    assert abs(z.mean().item() - 3.0) < 0.02
+    assert abs(z.std().item() - 2.0) < 0.02
+    mean.requires_grad_(True)
+    VAE.reparameterize(mean, log_var).sum().backward()  # type: ignore[no-untyped-call]
+    assert mean.grad is not None and torch.all(mean.grad == 1.0)  # gradients flow through the sample
