@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,11 +190,34 @@ def test_an_aes_decoder_is_not_quantized_because_its_codes_are_not_the_prior_it_
     assert not (tmp_path / "bundle").exists()
 
 
-def test_a_parity_miss_fails_the_export_with_the_figure(
-    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _encoder_whose_log_var_drifts(graph: Any, images: torch.Tensor) -> Any:
+    mean, log_var = graph.model.encode(images)
+    return mean, log_var + 1e-3
+
+
+def _decoder_whose_pixels_drift(graph: Any, z: torch.Tensor) -> Any:
+    return graph.decoder(z) + 1e-3
+
+
+@pytest.mark.parametrize(
+    ("graph", "drifting_forward", "output"),
+    [
+        ("_EncoderGraph", _encoder_whose_log_var_drifts, "log_var"),
+        ("_DecoderGraph", _decoder_whose_pixels_drift, "images"),
+    ],
+)
+def test_a_graph_that_drifts_from_pytorch_fails_the_export_naming_the_output_and_the_figure(
+    vae_run_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    graph: str,
+    drifting_forward: Callable[..., Any],
+    output: str,
 ) -> None:
-    monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
-    with pytest.raises(ExportError, match=r"differs from PyTorch by .* on batch size 1; the tolerance is 0"):
+    """The exported graph computes a thousandth off what the trained model does: ten times the tolerance."""
+    monkeypatch.setattr(getattr(exporter, graph), "forward", drifting_forward)
+    figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size 1; the tolerance is 0.0001"
+    with pytest.raises(ExportError, match=figure):
         export_run(vae_run_dir, tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "model.json").exists()
 
