@@ -257,3 +257,32 @@ def test_a_sample_stream_without_a_seed_resumes_with_the_seed_and_chunk_size_of_
     again = resume.request
     assert again.HasField("seed") and again.seed == 2**63 + 5 and again.chunk_size == 10
     assert resume.accept(first, ()) is None  # a chunk already given is not given twice
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3])
+def test_an_encode_stream_takes_at_most_max_in_flight_batches_ahead_of_its_answers(
+    never_answering_server: str, max_in_flight: int
+) -> None:
+    """What bounds a job's memory: a server that does not answer gets no more than that to hold."""
+    taken: list[int] = []
+
+    def batches() -> Iterator[np.ndarray]:
+        for index in range(100):
+            taken.append(index)
+            yield np.zeros((1, 28, 28), np.uint8)
+
+    client = VaeClient(never_answering_server, retry=FAST, timeout_s=10)
+    threading.Timer(0.5, client.close).start()
+    with pytest.raises(VaeClientError, match="the client was closed"):
+        list(client.encode_stream(batches(), max_in_flight=max_in_flight))
+    assert len(taken) == max_in_flight
+
+    async def the_async_client() -> None:
+        async with AsyncVaeClient(never_answering_server, retry=FAST, timeout_s=10) as async_client:
+            stream = async_client.encode_stream(batches(), max_in_flight=max_in_flight)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(stream), 0.5)
+
+    taken.clear()
+    asyncio.run(the_async_client())
+    assert len(taken) == max_in_flight
