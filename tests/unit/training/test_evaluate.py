@@ -80,6 +80,15 @@ def test_the_spread_ratio_and_the_knn_accuracy_see_what_was_built_in() -> None:
     assert spread_by_digit(codes, labels, codes[:4], labels[:4])["knn_accuracy"] is None
 
 
+def test_the_knn_accuracy_votes_with_the_training_codes_on_the_test_codes() -> None:
+    """Test codes whose digits sit where the training codes of the other digit are score 0."""
+    rng = np.random.default_rng(2)
+    train_labels = np.repeat([0, 1], 100)
+    train_codes = np.where(train_labels[:, None] == 0, -10.0, 10.0) + rng.standard_normal((200, 2))
+    swapped = 1 - train_labels  # the same places, the other digit
+    assert spread_by_digit(train_codes, swapped, train_codes, train_labels)["knn_accuracy"] == 0.0
+
+
 def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> None:
     uncertain = np.full((100, 10), 0.1)
     uncertain[np.arange(100), np.arange(100) % 10] += 1e-3
