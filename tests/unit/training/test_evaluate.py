@@ -114,6 +114,28 @@ def test_the_importance_weighted_bound_is_tighter_than_the_elbo(runs: dict[str, 
     assert (terms["kl"] >= 0).all()
 
 
+class _PriorPosteriorAndBlindDecoder:
+    """q(z|x) = p(z) = N(0, I), and a decoder whose logits do not depend on z: every importance
+    weight is then p(x), and the bound is exact."""
+
+    def __init__(self) -> None:
+        self.decoder = self
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(x), 2), torch.zeros(len(x), 2)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(z), 1, 28, 28), 0.3)
+
+
+def test_where_every_importance_weight_is_the_same_the_bound_equals_the_elbo() -> None:
+    images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    model: Any = _PriorPosteriorAndBlindDecoder()
+    terms = vae_likelihood(model, images, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(terms["iw_nll"], terms["recon"], rtol=1e-9)  # log(64) would show
+
+
 def test_the_training_images_are_read_from_data_dir_when_it_names_the_runs_dataset() -> None:
     config = TrainConfig(dataset="mnist", data_dir="/where/it/trained")
     cpu = torch.device("cpu")
