@@ -111,6 +111,22 @@ def test_a_crash_before_the_rename_leaves_the_old_file_whole(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+def test_a_written_file_takes_its_name_and_then_its_folder_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is durable only once the folder is synced: before, a crash may lose the new name."""
+    path = tmp_path / "shard.npz"
+    synced: list[tuple[Path, bool]] = []
+
+    def sync(folder: Path) -> None:
+        synced.append((folder, path.exists()))
+
+    monkeypatch.setattr("client.encodings.fsync_directory", sync)
+    write_atomic(path, b"data")
+    assert synced == [(tmp_path, True)]  # the folder, once the file has its name
+    assert path.read_bytes() == b"data"
+
+
 def test_a_new_output_folder_is_made_durable_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
