@@ -6,11 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.unit.training.test_data import fake_mnist, write_idx
-from training.models import ModelConfig, build_model
+from training.models import VAE, ModelConfig, build_model
 from training.run import TrainConfig, load_config, load_metrics, load_run, save_config
 from training.train import (
     dynamic_binarize,
@@ -21,6 +22,7 @@ from training.train import (
     random_shift,
     train,
     training_loss,
+    validation_losses,
 )
 
 
@@ -299,3 +301,18 @@ def test_encoder_augmentation_trains_the_encoder_and_leaves_the_decoder_to_the_r
     assert decoder and encoder
     assert all(torch.equal(plain[name], augmented[name]) for name in decoder)
     assert all(not torch.allclose(plain[name], augmented[name]) for name in encoder)
+
+
+def test_the_validation_loss_decodes_a_posterior_sample_not_the_mean() -> None:
+    """The negative ELBO with one sample: a wider posterior blurs the reconstructions it scores, and
+    the same weights score the same every time."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    assert isinstance(model, VAE)
+    images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    config, cpu = TrainConfig(), torch.device("cpu")
+    narrow = validation_losses(model, images, config, cpu)
+    assert validation_losses(model, images, config, cpu) == narrow
+    with torch.no_grad():
+        model.to_log_var.bias.add_(8.0)  # sigma about 55 times wider
+    assert validation_losses(model, images, config, cpu)["recon"] != pytest.approx(narrow["recon"], rel=1e-3)
