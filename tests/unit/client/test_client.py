@@ -286,3 +286,40 @@ def test_an_encode_stream_takes_at_most_max_in_flight_batches_ahead_of_its_answe
     taken.clear()
     asyncio.run(the_async_client())
     assert len(taken) == max_in_flight
+
+
+def test_a_stream_that_makes_progress_between_failures_is_not_given_up_on() -> None:
+    """max_attempts counts failures in a row: each call here gives one more chunk, then breaks."""
+    calls: list[int] = []
+
+    def one_more_chunk_each_call(request: vae_pb2.SampleRequest, context: grpc.ServicerContext) -> Any:
+        calls.append(1)
+        chunk = request.chunk_size or 2
+        for offset in range(0, min(len(calls) * chunk, request.num_samples), chunk):
+            yield vae_pb2.SampleResponse(
+                images=codec.to_tensor(np.zeros((chunk, 1, 28, 28), np.uint8)),
+                latents=codec.to_tensor(np.zeros((chunk, 2), np.float32)),
+                seed=request.seed,
+                offset=offset,
+            )
+        if len(calls) * chunk < request.num_samples:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handler = grpc.unary_stream_rpc_method_handler(
+        one_more_chunk_each_call,
+        request_deserializer=vae_pb2.SampleRequest.FromString,
+        response_serializer=vae_pb2.SampleResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("vae.v1.VaeService", {"SampleStream": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with VaeClient(f"127.0.0.1:{port}", retry=FAST, timeout_s=5) as client:
+            offsets = [chunk.offset for chunk in client.sample_stream(10, chunk_size=2, seed=7)]
+        assert offsets == [0, 2, 4, 6, 8]  # five calls, four failures: more than FAST's 3 attempts
+        assert client.retries == 4
+    finally:
+        server.stop(None)
