@@ -19,6 +19,7 @@ from client.encodings import (
     merged_manifest,
     part_directory_name,
     read_encodings,
+    same_input,
     sha256_bytes,
     shard_bytes,
     split_rows,
@@ -250,6 +251,27 @@ def test_parts_that_read_the_input_from_different_paths_are_joined(tmp_path: Pat
     write_manifest(part, manifest)
     with pytest.raises(EncodingsError, match="part-00001-of-00002: its input differs"):
         read_encodings(tmp_path)
+
+
+def test_an_input_is_the_same_by_its_content_row_names_and_rejects_wherever_it_lies() -> None:
+    """A folder of PNGs whose files were renamed keeps its bytes but not its rows' names."""
+    record = {
+        "path": "/data/digits",
+        "sha256": "01" * 32,
+        "rows": 10,
+        "dtype": "uint8",
+        "names_sha256": "02" * 32,
+        "rejected": [],
+    }
+    assert same_input(record, {**record, "path": "/mnt/elsewhere/digits"})
+    for key, other in [
+        ("sha256", "03" * 32),
+        ("rows", 11),
+        ("dtype", "float32"),
+        ("names_sha256", "04" * 32),
+        ("rejected", [["bad.png", "not a PNG"]]),
+    ]:
+        assert not same_input(record, {**record, key: other}), key
 
 
 def test_a_split_output_with_an_unfinished_part_is_refused_not_read_short(tmp_path: Path) -> None:
