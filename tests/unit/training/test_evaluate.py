@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.evaluate as evaluate_module
 from training.data import load_test_set
 from training.evaluate import (
     Evaluator,
@@ -313,3 +314,32 @@ def test_the_ae_and_the_vae_report_the_same_keys(
     ae, vae = json.loads(capsys.readouterr().out)["runs"]
     assert ae.keys() == vae.keys()
     assert ae["elbo_nats"] is None and ae["elbo_nats_stderr"] is None
+
+
+def test_claim_one_judges_the_decodes_of_normal_points_as_prior_samples_and_of_the_box_as_box_samples(
+    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: dict[int, np.ndarray] = {}  # id of the images -> the points they were decoded from
+    judged: list[np.ndarray] = []
+    real_decode, real_probabilities = evaluate_module.decode, evaluate_module.class_probabilities
+
+    def decode_spy(model: Any, points: np.ndarray, device: torch.device) -> np.ndarray:
+        images = real_decode(model, points, device)
+        decoded[id(images)] = points
+        return images
+
+    def probabilities_spy(classifier: Any, images: np.ndarray, device: torch.device) -> np.ndarray:
+        judged.append(decoded.get(id(images), np.empty((0, 2))))
+        return real_probabilities(classifier, images, device)
+
+    monkeypatch.setattr(evaluate_module, "decode", decode_spy)
+    monkeypatch.setattr(evaluate_module, "class_probabilities", probabilities_spy)
+    Evaluator(None, None, 100, 4, 0, torch.device("cpu"), write_figures=False).evaluate(runs["ae"])
+    prior, box = judged[-3], judged[-2]  # then the real test images
+
+    def kurtosis(points: np.ndarray) -> np.ndarray:  # 3 for a normal, 1.8 for a uniform
+        centred = points - points.mean(axis=0)
+        return np.asarray((centred**4).mean(axis=0) / centred.var(axis=0) ** 2)
+
+    assert abs(prior.mean()) < 0.1 and abs(prior.std() - 1.0) < 0.1 and (kurtosis(prior) > 2.5).all()
+    assert (kurtosis(box) < 2.2).all()  # uniform in the box the codes span
