@@ -418,16 +418,16 @@ class VaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _ClientState(
+        self._state = _ClientState(
             target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
         )
-        self._channel = self._settings.open(grpc)
+        self._channel = self._state.open(grpc)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
         self._closing = threading.Event()  # wakes a call that waits to retry
 
     @property
     def retries(self) -> int:
-        return self._settings.retries
+        return self._state.retries
 
     @property
     def channel(self) -> Any:
@@ -435,7 +435,7 @@ class VaeClient:
         return self._channel
 
     def close(self) -> None:
-        self._settings.closed = True  # before the channel ends its calls with CANCELLED
+        self._state.closed = True  # before the channel ends its calls with CANCELLED
         self._closing.set()
         self._channel.close()
 
@@ -451,11 +451,11 @@ class VaeClient:
 
     def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
         method = getattr(self._stub, rpc)
-        retrier = self._settings.retrier(rpc)
+        retrier = self._state.retrier(rpc)
         while True:
             with retrier:
                 return method(
-                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
                 )
             self._pause(retrier.pause_s)
 
@@ -519,12 +519,12 @@ class VaeClient:
         ...     print(chunk.offset, chunk.images.shape)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
-        retrier = self._settings.retrier("SampleStream")
+        retrier = self._state.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             with retrier:
                 call = self._stub.SampleStream(
-                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
                 )
                 try:
                     for response in call:
@@ -561,7 +561,7 @@ class VaeClient:
         source = iter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
-        retrier = self._settings.retrier("EncodeStream")
+        retrier = self._state.retrier("EncodeStream")
 
         def refill(requests: queue.SimpleQueue[Any]) -> None:
             nonlocal exhausted
@@ -584,7 +584,7 @@ class VaeClient:
                 for request in pending:
                     requests.put(request)
                 call = self._stub.EncodeStream(
-                    iter(requests.get, None), timeout=timeout_s, metadata=self._settings.metadata
+                    iter(requests.get, None), timeout=timeout_s, metadata=self._state.metadata
                 )
                 watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
                 try:
@@ -637,16 +637,16 @@ class AsyncVaeClient:
         metadata: Metadata = (),
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = _ClientState(
+        self._state = _ClientState(
             target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
         )
-        self._channel = self._settings.open(grpc.aio)
+        self._channel = self._state.open(grpc.aio)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
         self._closing = asyncio.Event()  # wakes a call that waits to retry
 
     @property
     def retries(self) -> int:
-        return self._settings.retries
+        return self._state.retries
 
     @property
     def channel(self) -> Any:
@@ -654,7 +654,7 @@ class AsyncVaeClient:
         return self._channel
 
     async def close(self) -> None:
-        self._settings.closed = True
+        self._state.closed = True
         self._closing.set()
         await self._channel.close()
 
@@ -671,11 +671,11 @@ class AsyncVaeClient:
 
     async def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
         method = getattr(self._stub, rpc)
-        retrier = self._settings.retrier(rpc)
+        retrier = self._state.retrier(rpc)
         while True:
             with retrier:
                 return await method(
-                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
                 )
             await self._pause(retrier.pause_s)
 
@@ -733,12 +733,12 @@ class AsyncVaeClient:
         ...     print(chunk.offset)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
-        retrier = self._settings.retrier("SampleStream")
+        retrier = self._state.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             with retrier:
                 call = self._stub.SampleStream(
-                    request, timeout=self._settings.timeout(timeout_s), metadata=self._settings.metadata
+                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
                 )
                 try:
                     async for response in call:
@@ -768,7 +768,7 @@ class AsyncVaeClient:
         source = _aiter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
-        retrier = self._settings.retrier("EncodeStream")
+        retrier = self._state.retrier("EncodeStream")
 
         async def refill(requests: asyncio.Queue[Any]) -> None:
             nonlocal exhausted
@@ -793,7 +793,7 @@ class AsyncVaeClient:
                 for request in pending:
                     requests.put_nowait(request)
                 call = self._stub.EncodeStream(
-                    _until_none(requests), timeout=timeout_s, metadata=self._settings.metadata
+                    _until_none(requests), timeout=timeout_s, metadata=self._state.metadata
                 )
                 responses = aiter(call)
                 try:
