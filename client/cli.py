@@ -153,9 +153,10 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"{args.input}: not a readable .npy array of latent codes ({error})") from error
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
         raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
-    if not np.issubdtype(latents.dtype, np.floating):  # complex, bool or text would be cast silently
-        raise InputError(f"{args.input}: latent codes of dtype {latents.dtype}; expected floating point")
-    images = client.decode(latents, output_dtype=args.dtype)
+    try:
+        images = client.decode(latents, output_dtype=args.dtype)
+    except (TypeError, ValueError) as error:  # not real numbers, or beyond float32: said by as_wire_latents
+        raise InputError(f"{args.input}: {error}") from error
     save_images(images, args.out, args.columns)
     print(f"wrote {args.out}: {len(images)} images")
 
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.set_defaults(run=_encode)
 
     decode = command("decode", "decode latent codes [N,D] from a .npy file to images")
-    decode.add_argument("--input", type=Path, required=True, help="latents.npy, float [N,D]")
+    decode.add_argument("--input", type=Path, required=True, help="latents.npy, real numbers [N,D]")
     decode.add_argument(
         "--dtype",
         choices=["float32", "uint8"],

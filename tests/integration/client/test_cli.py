@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import cli, healthcheck
+from client import VaeClient, cli, healthcheck
 from tests.conftest import ServerThread, free_port
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,21 @@ def test_encode_then_decode_round_trips_through_files(
         == 0
     )
     assert Image.open(tmp_path / "d.png").size[0] == 18 * 30 + 2  # ceil(sqrt(301)) images wide
+
+
+def test_decode_takes_integer_latent_codes_as_the_library_does(
+    vae_server: ServerThread, tmp_path: Path
+) -> None:
+    grid = np.array([[-1, 0], [0, 0], [1, 2]], np.int64)  # a grid of points, saved as integers
+    np.save(tmp_path / "grid.npy", grid)
+    target = ["--target", vae_server.target]
+    assert (
+        cli.main(["decode", *target, "--input", str(tmp_path / "grid.npy"), "--out", str(tmp_path / "d.npy")])
+        == 0
+    )
+    with VaeClient(vae_server.target) as client:
+        expected = client.decode(grid.astype(np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), expected)
 
 
 def test_encode_takes_uint8_and_float32_inputs_in_one_call(
@@ -170,8 +185,15 @@ def test_a_bad_input_file_exits_2_naming_it(
     ("command", "message"),
     [
         (["encode", "--input", "{dir}/ok.npy", "--batch-size", "0"], "--batch-size must be at least 1"),
-        (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latent codes of dtype complex64"),
-        (["decode", "--input", "{dir}/bool.npy"], "bool.npy: latent codes of dtype bool"),
+        (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latents must be real numbers"),
+        (
+            ["decode", "--input", "{dir}/bool.npy"],
+            "bool.npy: latents must be real numbers (floating point or integer), got bool",
+        ),
+        (
+            ["decode", "--input", "{dir}/huge.npy"],
+            "huge.npy: latents reach |z| = 1e+300, beyond float32's range",
+        ),
         (["encode", "--input", "{dir}/ok.npy", "--log-var-out", "{dir}/lv"], "lv: expected a .npy file"),
         (["sample", "--out", "{dir}/grid.jpg"], "grid.jpg: expected a .png or .npy file"),
         (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/nowhere/d.png"], "no folder"),
@@ -189,6 +211,7 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "ok.npy", np.zeros((2, 28, 28), np.uint8))
     np.save(tmp_path / "complex.npy", np.zeros((2, 2), np.complex64))
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
+    np.save(tmp_path / "huge.npy", np.full((2, 2), 1e300))
     argv = [part.format(dir=tmp_path) for part in command]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
     answered = requests_answered(vae_server)
