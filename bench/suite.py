@@ -120,7 +120,6 @@ def _service_defaults() -> str:
     fields = {f.name: f.default for f in dataclasses.fields(Settings)}
     knobs = (
         "intra_op_threads",
-        "inter_op_threads",
         "inference_nice",
         "pin_inference_threads",
         "max_batch_size",

@@ -12,7 +12,7 @@ import sys
 from service.allocator import reuse_large_blocks
 from service.errors import BundleError, DeviceError
 from service.server import start_server
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 
 log = logging.getLogger("vae-serve")
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for warning in unknown_variables(os.environ):
+        log.warning(warning)
     if not reuse_large_blocks():
         log.debug("no glibc mallopt here: large responses use the C library's default allocator")
     return asyncio.run(serve(settings))

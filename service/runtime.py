@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ThreadSettings:
-    """onnxruntime's thread pools; 0 lets onnxruntime pick (one thread per physical core)."""
+    """onnxruntime's thread pool within a call; 0 lets onnxruntime pick (one thread per physical core).
+    The graphs run their nodes in order (a chain gains nothing from parallel execution, which was far
+    slower here: docs/BENCHMARKS.md), so there is no inter-op pool to size."""
 
     intra_op_threads: int = 1
-    inter_op_threads: int = 1
 
 
 def providers_for(device: Device) -> list[str]:
@@ -53,7 +54,6 @@ class GraphSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads.intra_op_threads
-        options.inter_op_num_threads = threads.inter_op_threads
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning workers would take the cores the event loop needs between calls (2-core boxes).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

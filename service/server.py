@@ -200,7 +200,7 @@ def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:
     return VaeModel.load(
         settings.model_dir,
         device=settings.device,
-        threads=ThreadSettings(settings.intra_op_threads, settings.inter_op_threads),
+        threads=ThreadSettings(settings.intra_op_threads),
         batching=batching,
         metrics=metrics,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import ssl
@@ -59,7 +60,6 @@ class Settings:
             "used by running several calls at once instead (--max-concurrent-batches)"
         },
     )
-    inter_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads across graph nodes"})
     max_batch_size: int = field(
         default=16, metadata={"help": "the most rows in one onnxruntime call (memory grows with it)"}
     )
@@ -136,7 +136,7 @@ class Settings:
         for name in ("max_batch_size", "max_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} {getattr(self, name)}: expected at least 1")
-        for name in ("intra_op_threads", "inter_op_threads", "max_concurrent_batches"):
+        for name in ("intra_op_threads", "max_concurrent_batches"):
             if not 0 <= getattr(self, name) <= MAX_THREADS:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
         if not 0 <= self.inference_nice <= 19:
@@ -235,6 +235,20 @@ class Settings:
             return cls(**values)
         except ValueError as error:
             parser.error(str(error))
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What to say of each VAE_SERVE_* variable that is no setting (a typo, or a removed setting),
+    which would otherwise be ignored without a word; with the closest setting's name where one is."""
+    settings = [f.name.upper() for f in dataclasses.fields(Settings)]
+    said = []
+    for name in sorted(environ):
+        setting = name.removeprefix(ENV_PREFIX)
+        if setting != name and setting not in settings:
+            close = difflib.get_close_matches(setting, settings, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            said.append(f"{name} is not a setting of vae-serve; ignored{hint}")
+    return said
 
 
 @dataclass(frozen=True)

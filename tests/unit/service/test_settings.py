@@ -38,6 +38,30 @@ def test_a_flag_overrides_a_variable_even_one_that_does_not_parse() -> None:
     assert Settings.from_args(["--model-dir", "bundle", "--port", "0"], environ).port == 0
 
 
+def test_a_variable_that_is_no_setting_is_named_with_the_setting_it_resembles() -> None:
+    environ = {
+        "VAE_SERVE_MAX_BATCHSIZE": "8",  # a typo: without a word it would leave batches at 16
+        "VAE_SERVE_INTER_OP_THREADS": "2",  # removed: the graphs run their nodes in order
+        "VAE_SERVE_PORT": "6000",
+        "VAE_SERVED_BY": "someone else",  # not the prefix
+    }
+    assert settings_module.unknown_variables(environ) == [
+        "VAE_SERVE_INTER_OP_THREADS is not a setting of vae-serve; ignored (did you mean VAE_SERVE_INTRA_OP_THREADS?)",
+        "VAE_SERVE_MAX_BATCHSIZE is not a setting of vae-serve; ignored (did you mean VAE_SERVE_MAX_BATCH_SIZE?)",
+    ]
+    assert settings_module.unknown_variables({"VAE_SERVE_ZZZ": "1"}) == [
+        "VAE_SERVE_ZZZ is not a setting of vae-serve; ignored"
+    ]
+
+
+def test_the_graphs_run_their_nodes_in_order_so_there_is_no_inter_op_setting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--model-dir", "bundle", "--inter-op-threads", "2"], {})
+    assert "unrecognized arguments: --inter-op-threads 2" in capsys.readouterr().err
+
+
 def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.from_args([], {})
