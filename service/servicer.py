@@ -476,7 +476,9 @@ async def _observe(
     servicer._call_began()
     code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: recorded already
     try:
-        return await call
+        response = await call
+        _raise_if_past_deadline(context)
+        return response
     except asyncio.CancelledError:
         code = code_of_cancellation(context, servicer.grace_over)
         raise
@@ -500,6 +502,7 @@ async def _observe_stream(
     try:
         async for response in responses:
             yield response
+        _raise_if_past_deadline(context)
     except (asyncio.CancelledError, GeneratorExit):  # the second: gRPC dropped the stream mid-answer
         code = code_of_cancellation(context, servicer.grace_over)
         raise
@@ -530,14 +533,19 @@ def _fail(
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
     _count_request(servicer, rpc, code, started)
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        # gRPC ends the call itself at its deadline, which the batcher's own check raced against: a
-        # status sent now would fail, and gRPC would log that as a servicer failure, with its
-        # traceback. Ended as cancelled, it is not.
-        raise asyncio.CancelledError
+    _raise_if_past_deadline(context)
     context.set_code(code)
     context.set_details(message)
+
+
+def _raise_if_past_deadline(context: grpc.aio.ServicerContext) -> None:
+    """End a call whose deadline has passed as cancelled, counted DEADLINE_EXCEEDED, as its client sees
+    it. The batcher checks deadlines only before rows run, so an answer may be ready just after:
+    gRPC ends the call itself at its deadline, and an answer or status sent now would fail, which
+    gRPC logs as a servicer failure, with its traceback."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError
 
 
 def _count_request(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:

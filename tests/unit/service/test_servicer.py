@@ -168,6 +168,33 @@ def test_a_failure_that_finds_its_call_past_its_deadline_is_counted_and_ends_as_
     assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 1
 
 
+def test_an_answer_ready_only_after_the_deadline_counts_as_the_deadline_the_client_sees() -> None:
+    """The batcher checks a deadline before rows run, not after: an answer may come too late to send."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+
+    async def answered_late() -> vae_pb2.DecodeResponse:
+        return vae_pb2.DecodeResponse()
+
+    async def answers_late() -> AsyncIterator[int]:
+        yield 1
+
+    async def stream_to_its_end() -> None:
+        async for _ in _observe_stream(servicer, "SampleStream", _Remaining(-0.01), answers_late()):
+            pass
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_observe(servicer, "Decode", _Context(-0.01), answered_late(), vae_pb2.DecodeResponse))
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(stream_to_its_end())
+    requests = servicer.metrics.registry.get_sample_value
+    for rpc in ("Decode", "SampleStream"):
+        assert requests("vae_requests_total", {"rpc": rpc, "code": "DEADLINE_EXCEEDED"}) == 1
+        assert requests("vae_requests_total", {"rpc": rpc, "code": "OK"}) is None
+    # In time, the same answers are OK.
+    asyncio.run(_observe(servicer, "Decode", _Context(1.0), answered_late(), vae_pb2.DecodeResponse))
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "OK"}) == 1
+
+
 def test_a_stream_that_fails_cancels_the_calls_it_started_ahead() -> None:
     cancelled: list[int] = []
 
