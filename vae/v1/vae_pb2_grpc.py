@@ -88,7 +88,8 @@ class VaeServiceServicer:
 
     def Sample(self, request, context):
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
-        gives byte-identical images on every replica and every run.
+        gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
+        float32 rounding: docs/api.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

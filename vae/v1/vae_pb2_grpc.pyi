@@ -43,7 +43,8 @@ class VaeServiceStub:
     """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1]."""
     Sample: _grpc.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
-    gives byte-identical images on every replica and every run.
+    gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
+    float32 rounding: docs/api.md).
     """
     EncodeStream: _grpc.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -72,7 +73,8 @@ class VaeServiceAsyncStub(VaeServiceStub):
     """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1]."""
     Sample: _aio.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]  # type: ignore[assignment]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
-    gives byte-identical images on every replica and every run.
+    gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
+    float32 rounding: docs/api.md).
     """
     EncodeStream: _aio.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]  # type: ignore[assignment]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -116,7 +118,8 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vae_pb2.SampleResponse, _abc.Awaitable[_vae_pb2.SampleResponse]]:
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
-        gives byte-identical images on every replica and every run.
+        gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
+        float32 rounding: docs/api.md).
         """
 
     @_abc_1.abstractmethod
