@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +22,38 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.client import RetryPolicy, TlsOptions, VaeClient, VaeClientError
-from client.images import InputError, read_images, save_images
+from client.client import EncodeResult, RetryPolicy, TlsOptions, VaeClient, VaeClientError, as_wire_latents
+from client.images import InputError, load_npy, read_images, save_images
 
 DEFAULT_TARGET = "localhost:50051"
+SEED_RANGE = (0, 2**64 - 1)  # SampleRequest.seed is a uint64
+
+
+class MixedEncoders(Exception):
+    """An encode whose answers came from two encoders (a reconnect reached a replica of another model)."""
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (a deadline of 0 fails every call at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
+    return value
+
+
+def sample_seed(text: str) -> int:
+    """An argparse type: an integer seed that a SampleRequest can carry."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected an integer from {low} to 2**64-1 ({high}), got {text}")
+    return value
 
 
 def add_connection_arguments(
@@ -41,7 +70,7 @@ def add_connection_arguments(
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=default_timeout_s,
         metavar="SECONDS",
         help=f"{timeout_help} (default {default_timeout_s:g})",
@@ -105,6 +134,15 @@ def _check_image_output(args: argparse.Namespace) -> None:
 
 def _sample(client: VaeClient, args: argparse.Namespace) -> None:
     _check_image_output(args)
+    # A SampleStream is held to the same limit, so the only way past it is several seeds: say so here
+    # in words of this command's flags, rather than pass on the server's "num_samples".
+    most = client.model_info().max_samples
+    if 0 < most < args.num_samples:
+        raise InputError(
+            f"-n/--num-samples {args.num_samples} is more than {args.target} draws in one request "
+            f"({most}, ModelInfo.max_samples); pass -n {most} or less (and run again with another --seed "
+            "for more)"
+        )
     result = client.sample(
         args.num_samples, seed=args.seed, temperature=args.temperature, output_dtype=args.dtype
     )
@@ -132,7 +170,18 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         for images in inputs
         for start in range(0, len(images), args.batch_size)
     )
-    results = list(client.encode_stream(chunks))
+    results: list[EncodeResult] = []
+    for result in client.encode_stream(chunks):
+        # A stream that reconnects may reach a replica of another model (a rolling update).
+        if results and result.encoder_sha256 != results[0].encoder_sha256:
+            row = sum(len(earlier.mean) for earlier in results)
+            raise MixedEncoders(
+                f"the rows before row {row} were encoded by encoder sha256 {results[0].encoder_sha256}, "
+                f"row {row} by encoder sha256 {result.encoder_sha256}: {args.target} changed model "
+                "mid-way, and one file cannot hold two latent spaces; nothing was written. Run the "
+                "command again once every replica serves the same model"
+            )
+        results.append(result)
     log_vars = [result.log_var for result in results]
     if args.log_var_out is not None and any(log_var is None for log_var in log_vars):
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
@@ -146,17 +195,27 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _decode(client: VaeClient, args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_image_output(args)
-    try:
-        latents = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{args.input}: not a readable .npy array of latent codes ({error})") from error
+    latents = load_npy(args.input, "latent codes [N,D], real numbers")
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
         raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
-    try:
-        images = client.decode(latents, output_dtype=args.dtype)
+    if len(latents) == 0:
+        raise InputError(f"{args.input}: holds no latent codes")
+    try:  # the whole file, before the first request
+        latents = as_wire_latents(latents)
     except (TypeError, ValueError) as error:  # not real numbers, or beyond float32: said by as_wire_latents
         raise InputError(f"{args.input}: {error}") from error
+    # Requests of --batch-size rows, as encode sends them: the mean.npy of a whole data set is more
+    # than one request may carry (ModelInfo.max_request_rows).
+    batch = args.batch_size
+    images = np.concatenate(
+        [
+            client.decode(latents[start : start + batch], output_dtype=args.dtype)
+            for start in range(0, len(latents), batch)
+        ]
+    )
     save_images(images, args.out, args.columns)
     print(f"wrote {args.out}: {len(images)} images")
 
@@ -179,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = command("sample", "draw images from the prior and write them as a PNG grid or .npy")
     sample.add_argument("-n", "--num-samples", type=int, default=64, help="how many images (default 64)")
-    sample.add_argument("--seed", type=int, help="the seed (default: the server picks one and says which)")
+    sample.add_argument(
+        "--seed",
+        type=sample_seed,
+        help="the seed, 0 to 2**64-1 (default: the server picks one and says which)",
+    )
     sample.add_argument("--temperature", type=float, default=1.0, help="the prior's std (default 1)")
     sample.add_argument(
         "--dtype", choices=["float32", "uint8"], default="uint8", help="images on the wire (default uint8)"
@@ -210,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="images on the wire (default float32)",
     )
+    decode.add_argument("--batch-size", type=int, default=256, help="latent codes per request (default 256)")
     decode.add_argument("--columns", type=int, help="images per row of the grid (default: a square grid)")
     decode.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
     decode.set_defaults(run=_decode)
@@ -224,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             args.run(client, args)
-    except VaeClientError as error:
+    except (VaeClientError, MixedEncoders) as error:
         print(f"vae-client: {error}", file=sys.stderr)
         return 1
     except (InputError, ValueError, TypeError, OSError) as error:

@@ -454,9 +454,7 @@ class VaeClient:
         retrier = self._state.retrier(rpc)
         while True:
             with retrier:
-                return method(
-                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
-                )
+                return method(request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata)
             self._pause(retrier.pause_s)
 
     def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
@@ -907,6 +905,8 @@ def sample_request(
         chunk_size=chunk_size,
     )
     if seed is not None:
+        if not 0 <= seed < 2**64:  # protobuf's own message says only "Value out of range"
+            raise ValueError(f"seed must be an integer from 0 to 2**64-1 (a uint64), got {seed}")
         request.seed = seed
     return request
 

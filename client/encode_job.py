@@ -12,7 +12,8 @@ the job stops if such a file is rewritten while it runs. The rows stream over on
 with at most `--max-in-flight` requests unanswered; the answers are written as numbered shards and
 committed one by one in the manifest (see client/encodings.py), so that a job killed at any moment
 and run again with `--resume` ends with every row exactly once, the same bytes as a run that was
-never interrupted. A resume refuses an output written from other input or by another model.
+never interrupted. A resume refuses an output written from other input or by another encoder (an
+update that keeps the encoder, a new decoder say, leaves the latent space as it was, and is resumed).
 
 `--shard-index I --num-shards N` (I defaults to $JOB_COMPLETION_INDEX, as a Kubernetes Indexed Job
 sets it) encodes the I-th of N contiguous row ranges into OUTPUT/part-0000I-of-0000N/;
@@ -61,6 +62,7 @@ from client.encodings import (
     part_directory_name,
     read_manifest,
     same_input,
+    same_latent_space,
     sha256_bytes,
     shard_bytes,
     shard_file_name,
@@ -75,6 +77,7 @@ from client.images import ImageInput, InputError, read_images
 # file is durable, once it is renamed, and once the manifest lists it.
 PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
 PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 
@@ -182,7 +185,9 @@ def model_record(info: ModelInfo) -> dict[str, Any]:
 
 
 def _list_bytes(lines: Sequence[str]) -> bytes:
-    return "".join(f"{line}\n" for line in lines).encode()
+    # A file name that is not UTF-8 reaches Python as surrogate escapes (PEP 383): written back as the
+    # bytes the file system holds, as os.fsencode does.
+    return "".join(f"{line}\n" for line in lines).encode(errors="surrogateescape")
 
 
 def new_manifest(
@@ -226,12 +231,13 @@ def check_resumable(directory: Path, old: dict[str, Any], new: dict[str, Any], t
             f"sha256 {now['sha256'][:12]}); use a new --output for different input"
         )
     was, now = old["model"], new["model"]
-    if was != now:
+    if not same_latent_space(was, now):  # another version with the same encoder goes on, as mid-job
         raise JobError(
             f"refusing to resume {directory}: it was encoded by model {was['name']} version "
             f"{was['version']} (encoder sha256 {was['encoder_sha256'][:12]}), but {target} serves "
-            f"{now['name']} version {now['version']} (encoder sha256 {now['encoder_sha256'][:12]}); "
-            "mixing them would give rows from two latent spaces: use a new --output, or serve the old model"
+            f"{now['name']} version {now['version']} with another encoder (sha256 "
+            f"{now['encoder_sha256'][:12]}); mixing them would give rows from two latent spaces: use a "
+            "new --output, or serve the old encoder"
         )
     for key, flag in (("range", "--shard-index/--num-shards"), ("rows_per_shard", "--rows-per-shard")):
         if old[key] != new[key]:
@@ -503,6 +509,20 @@ def parse_pause_at(text: str) -> frozenset[tuple[str, int]]:
     return frozenset(pairs)
 
 
+def completion_index(num_shards: int) -> int:
+    """The default --shard-index: $JOB_COMPLETION_INDEX, which a Kubernetes Indexed Job gives each pod,
+    or 0 outside one. An index that is not one of the --num-shards ranges is refused by its name."""
+    text = os.environ.get(COMPLETION_INDEX_ENV, "")
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) >= max(num_shards, 1):  # --num-shards 0: said by JobSettings
+        raise JobError(
+            f"{COMPLETION_INDEX_ENV}={text} is not a shard index in [0, {num_shards}) (--num-shards "
+            f"{num_shards}): pass --num-shards as the Indexed Job's completions, or --shard-index"
+        )
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae-encode-job",
@@ -523,11 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out bad PNGs (listed in rejected.txt) instead of stopping",
     )
-    index_default = os.environ.get("JOB_COMPLETION_INDEX", "0")
     parser.add_argument(
         "--shard-index",
         type=int,
-        default=int(index_default) if index_default.isdigit() else 0,
         help="which of --num-shards row ranges to encode (default $JOB_COMPLETION_INDEX or 0)",
     )
     parser.add_argument(
@@ -620,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output,
             resume=args.resume,
             skip_bad=args.skip_bad,
-            shard_index=args.shard_index,
+            shard_index=completion_index(args.num_shards) if args.shard_index is None else args.shard_index,
             num_shards=args.num_shards,
             batch_size=args.batch_size,
             rows_per_shard=args.rows_per_shard,

@@ -290,11 +290,17 @@ def same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(key) == b.get(key) for key in ("sha256", "rows", "dtype", "names_sha256", "rejected"))
 
 
+def same_latent_space(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two manifests' model records encode into the same latent space: the same encoder graph,
+    latent_dim and kind. A new decoder or version number leaves the encodings as they were."""
+    return all(a.get(key) == b.get(key) for key in ("encoder_sha256", "latent_dim", "kind"))
+
+
 def merged_manifest(directory: Path) -> dict[str, Any]:
     """One manifest listing the shards of every part under `directory`, after checking they fit together.
 
-    The parts must be complete, encode the same input with the same model, and cover its rows
-    end to end; otherwise EncodingsError says which part is off.
+    The parts must be complete, encode the same input with the same encoder (see same_latent_space),
+    and cover its rows end to end; otherwise EncodingsError says which part is off.
     """
     parts = part_directories(directory)
     if not parts:
@@ -308,7 +314,7 @@ def merged_manifest(directory: Path) -> dict[str, Any]:
             raise EncodingsError(f"{part}: unfinished; run its job again with --resume before merging")
         for key, same in (
             ("input", same_input(manifest["input"], first["input"])),
-            ("model", manifest["model"] == first["model"]),
+            ("encoder", same_latent_space(manifest["model"], first["model"])),
         ):
             if not same:
                 raise EncodingsError(

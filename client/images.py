@@ -100,15 +100,39 @@ def _check_pixel_range(array: npt.NDArray[np.float32], source: str, expected: st
         raise InputError(f"{source}: values from {low:g} to {high:g}: float images must lie in [0, 1]")
 
 
+# What every reader of images takes, for the message that refuses a file none of them reads.
+EXPECTED_FORMATS = (
+    "expected a .npy array (numpy.save), an IDX file (raw or .gz), a 28x28 grey image file, "
+    "or a folder of PNGs"
+)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: Path, what: str) -> Any:
+    """np.load of a .npy file of numbers (`what` says which, for messages), read in; or InputError.
+
+    numpy takes a file without its header, or of dtype object, for a pickle, and refuses it with
+    advice to allow pickles: never right for data from outside. This says what the file is not.
+    """
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        if "pickle" in str(error):
+            with Path(path).open("rb") as file:
+                is_npy = file.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+            holds = (
+                "Python objects (dtype object)" if is_npy else "no .npy header (numpy.save did not write it)"
+            )
+            raise InputError(f"{path}: not a numeric array: it holds {holds}; expected {what}") from error
+        raise InputError(f"{path}: not a readable .npy array ({error}); expected {what}") from error
+
+
 def read_npy_images(path: Path) -> npt.NDArray[Any]:
     """A .npy array of images, mapped read-only where it can be, and checked by `as_image_batch`."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):  # not mappable, or damaged: read, for numpy's own account of it
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise InputError(f"{path}: not a readable .npy array ({error})") from error
+        array = load_npy(path, "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1")
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: holds several arrays; expected one .npy array of images")
     if not array.flags.c_contiguous:  # Fortran order: read in row order once, not strided per request
@@ -121,7 +145,7 @@ def read_idx_images(path: Path) -> npt.NDArray[Any]:
     try:
         array = read_idx(path, mmap=True)
     except IdxFormatError as error:
-        raise InputError(str(error)) from error
+        raise InputError(f"{error}; {EXPECTED_FORMATS}") from error
     return as_image_batch(array, str(path))
 
 
@@ -185,6 +209,11 @@ def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:
     if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}:
         return ImageInput(read_image_file(path)[None, None], "png")
     identity = _identity(path)  # before reading, so that a change while it is read shows
+    if path.suffix.lower() == ".npz":
+        raise InputError(
+            f"{path}: a .npz archive, which may hold several arrays; save the images alone with numpy.save "
+            f"as a .npy file: {EXPECTED_FORMATS}"
+        )
     if path.suffix.lower() == ".npy":
         source = ImageInput(read_npy_images(path), "npy")
     else:

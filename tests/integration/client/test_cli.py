@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,6 +94,111 @@ def test_decode_takes_integer_latent_codes_as_the_library_does(
     np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), expected)
 
 
+def test_decode_takes_back_a_file_larger_than_one_request_in_batches_in_order(
+    vae_server: ServerThread, tmp_path: Path
+) -> None:
+    """The mean.npy of a whole data set is more rows than one request may carry (max_request_rows)."""
+    with VaeClient(vae_server.target) as client:
+        most = client.model_info().max_request_rows
+        latents = np.random.default_rng(3).normal(size=(most + 500, 2)).astype(np.float32)
+        expected = np.concatenate([client.decode(latents[:most]), client.decode(latents[most:])])
+    np.save(tmp_path / "mean.npy", latents)
+    argv = ["decode", "--target", vae_server.target, "--input", str(tmp_path / "mean.npy")]
+    assert cli.main([*argv, "--out", str(tmp_path / "d.npy")]) == 0  # --batch-size 256 by default
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), expected)
+    assert cli.main([*argv, "--batch-size", "999", "--out", str(tmp_path / "d999.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "d999.npy"), expected)
+
+
+def test_sample_beyond_the_servers_limit_exits_2_naming_the_flag_and_the_limit(
+    vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SampleStream is held to max_samples as Sample is: no call carries more images."""
+    argv = ["sample", "--target", vae_server.target, "-n", "2000", "--out", str(tmp_path / "g.npy")]
+    assert cli.main(argv) == 2
+    assert (
+        f"-n/--num-samples 2000 is more than {vae_server.target} draws in one request "
+        "(1024, ModelInfo.max_samples); pass -n 1024 or less"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "g.npy").exists()
+
+
+def hold_encoder_once_rows_were_answered(
+    server: ServerThread, rows: int
+) -> tuple[threading.Event, threading.Event]:
+    """Make the first encoder call after `rows` rows wait: (an event set once it waits, its release)."""
+    held, release = threading.Event(), threading.Event()
+    encoder = server.server.model.encoder  # type: ignore[union-attr]
+    infer, seen = encoder._infer, [0]
+
+    def held_after(inputs: np.ndarray) -> Any:
+        if seen[0] >= rows and not held.is_set():
+            held.set()
+            release.wait(30)
+        seen[0] += len(inputs)
+        return infer(inputs)
+
+    encoder._infer = held_after
+    return held, release
+
+
+def wait_until_free(port: int) -> None:
+    """Return once nothing listens on `port` (a stopped server has let it go)."""
+    for _ in range(3000):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.01)
+    raise AssertionError(f"port {port} still taken")
+
+
+def test_an_encode_whose_stream_reconnects_to_another_encoder_exits_1_naming_both_and_writes_nothing(
+    vae_bundle: Path, ae_bundle: Path, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling update mid-encode: the stream's reconnect reaches a replica of another model."""
+    np.save(tmp_path / "images.npy", digits)
+    servers = [ServerThread(vae_bundle)]
+    port = servers[0].server.port
+    # Requests of 10 rows, 4 in flight: the encoder sees rows 40 on only once an answer has come back.
+    held, release = hold_encoder_once_rows_were_answered(servers[0], rows=40)
+
+    def roll_out() -> None:
+        if not held.wait(60):
+            return
+        stopping = threading.Thread(target=servers[0].stop, kwargs={"grace_s": 0})
+        stopping.start()  # cuts the stream at once; the held call ends once released
+        wait_until_free(port)
+        servers.append(ServerThread(ae_bundle, port=port))
+        release.set()
+        stopping.join()
+
+    update = threading.Thread(target=roll_out)
+    update.start()
+    try:
+        argv = ["encode", "--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "images.npy")]
+        code = cli.main(
+            [*argv, "--batch-size", "10", "--attempts", "20", "--out", str(tmp_path / "mean.npy")]
+        )
+    finally:
+        held.set()
+        release.set()
+        update.join()
+        for server in servers:
+            server.stop(grace_s=0)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    hashes = [
+        hashlib.sha256((bundle / "encoder.onnx").read_bytes()).hexdigest()
+        for bundle in (vae_bundle, ae_bundle)
+    ]
+    assert f"encoded by encoder sha256 {hashes[0]}" in err and f"by encoder sha256 {hashes[1]}" in err
+    assert "nothing was written" in err
+    assert not (tmp_path / "mean.npy").exists()
+
+
 def test_encode_takes_uint8_and_float32_inputs_in_one_call(
     vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
 ) -> None:
@@ -140,7 +249,7 @@ def test_a_refused_call_exits_1_with_the_servers_message(
     vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code = cli.main(
-        ["sample", "--target", vae_server.target, "-n", "100000", "--out", str(tmp_path / "g.png")]
+        ["sample", "--target", vae_server.target, "--temperature", "1e9", "--out", str(tmp_path / "g.png")]
     )
     assert code == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err

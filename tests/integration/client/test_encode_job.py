@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import read_encodings
+from client import VaeClient, read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest, write_atomic
 from tests.conftest import ServerThread
@@ -327,9 +327,33 @@ def test_a_server_back_with_another_encoder_stops_the_job_before_it_mixes_the_tw
     assert [entry["file"] for entry in shards] == ["shard-00000.npz", "shard-00001.npz"]
 
 
-def test_a_resume_against_another_model_version_is_refused(
+def test_a_resume_after_an_update_of_the_decoder_alone_finishes_the_same_bytes(
     vae_server: ServerThread,
-    vae_bundle: Path,
+    int8_vae_bundle: Path,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+    start_server_thread: Callable[..., ServerThread],
+) -> None:
+    """A new version that keeps the encoder (here its decoder is int8) gives the same encodings: the
+    job takes its answers mid-run, and so does a resume."""
+    output = tmp_path / "out"
+    job = paused_job(vae_server.target, inputs["npy"], output, "after-manifest:1")
+    job.wait_for_pause()
+    job.kill()
+    server = start_server_thread(int8_vae_bundle)
+    with VaeClient(vae_server.target) as old, VaeClient(server.target) as new:
+        before, after = old.model_info(), new.model_info()
+    assert before.version != after.version and before.encoder_sha256 == after.encoder_sha256
+    summary = run_job(server.target, inputs["npy"], output, resume=True)
+    assert (summary.rows, summary.rows_resumed) == (600 - 2 * 128, 2 * 128)
+    assert files(output) == files(uninterrupted)
+
+
+def test_a_resume_against_another_encoder_is_refused_saying_so(
+    vae_server: ServerThread,
+    ae_bundle: Path,
     inputs: dict[str, Path],
     tmp_path: Path,
     paused_job: Callable[..., PausedJob],
@@ -340,15 +364,27 @@ def test_a_resume_against_another_model_version_is_refused(
     job.wait_for_pause()
     job.kill()
     before = files(output)
-    other = tmp_path / "bundle-v2"
-    shutil.copytree(vae_bundle, other)
-    spec = json.loads((other / "model.json").read_text())
-    (other / "model.json").write_text(json.dumps({**spec, "version": "v2-retrained"}))
-    server = start_server_thread(other)
+    server = start_server_thread(ae_bundle)
     with pytest.raises(JobError) as error:
         run_job(server.target, inputs["npy"], output, resume=True)
-    assert f"version {spec['version']}" in str(error.value) and "version v2-retrained" in str(error.value)
+    assert "serves tiny-ae version" in str(error.value) and "with another encoder" in str(error.value)
     assert files(output) == before
+
+
+def test_a_png_folder_with_a_file_name_that_is_not_utf8_is_encoded_and_listed_by_its_bytes(
+    vae_server: ServerThread, digits: np.ndarray, tmp_path: Path
+) -> None:
+    """Latin-1 'café.png', as unzipped from an old archive: Python holds the name in surrogate escapes."""
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    names = [b"a.png", b"caf\xe9.png", b"z.png"]
+    for digit, name in zip(digits, names, strict=False):
+        Image.fromarray(digit[0]).save(pngs / os.fsdecode(name))
+    run_job(vae_server.target, pngs, tmp_path / "out")
+    assert (tmp_path / "out" / "inputs.txt").read_bytes() == b"".join(name + b"\n" for name in names)
+    with VaeClient(vae_server.target) as client:
+        expected = client.encode(digits[:3]).mean
+    np.testing.assert_array_equal(read_encodings(tmp_path / "out").mean, expected)
 
 
 def test_a_resume_with_different_input_is_refused(

@@ -238,6 +238,15 @@ def test_a_sample_request_keeps_an_explicit_seed_and_leaves_an_absent_one_unset(
         sample_request(0, None, 1.0, "uint8")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_outside_uint64_is_refused_naming_the_range(seed: int) -> None:
+    assert sample_request(4, 2**64 - 1, 1.0, "uint8").seed == 2**64 - 1
+    with pytest.raises(
+        ValueError, match=rf"seed must be an integer from 0 to 2\*\*64-1 \(a uint64\), got {seed}"
+    ):
+        sample_request(4, seed, 1.0, "uint8")
+
+
 def test_mutual_tls_needs_both_the_certificate_and_the_key(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("not checked before the handshake")
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):

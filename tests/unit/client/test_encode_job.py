@@ -18,6 +18,7 @@ from client.encode_job import (
     JobSettings,
     Progress,
     build_parser,
+    completion_index,
     main,
     new_manifest,
     parse_pause_at,
@@ -116,14 +117,23 @@ def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_file
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST, "shard-00000.npz"]
 
 
-def test_a_resume_with_another_model_version_is_refused(tmp_path: Path) -> None:
+def test_a_resume_with_another_encoder_is_refused_saying_so(tmp_path: Path) -> None:
     job = settings(tmp_path, rows_per_shard=5, resume=True)
     finished_output(job, source())
     newer = manifest_for(job, source(), {**MODEL, "version": "2", "encoder_sha256": "ef" * 32})
     with pytest.raises(JobError) as error:
         prepare_output(job.output, job, source(), newer)
-    assert "encoded by model vae version 1" in str(error.value)
-    assert "serves vae version 2" in str(error.value)
+    assert "encoded by model vae version 1 (encoder sha256 abababababab)" in str(error.value)
+    assert "serves vae version 2 with another encoder (sha256 efefefefefef)" in str(error.value)
+
+
+def test_a_resume_after_an_update_that_keeps_the_encoder_goes_on(tmp_path: Path) -> None:
+    """A new version with a new decoder encodes as the old one did: the job would take its answers
+    mid-run, and a resume takes them too, keeping the record of the model the output began with."""
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    committed = finished_output(job, source())
+    newer = manifest_for(job, source(), {**MODEL, "name": "vae-convT", "version": "2"})
+    assert prepare_output(job.output, job, source(), newer) == committed
 
 
 def test_a_resume_with_other_input_is_refused(tmp_path: Path) -> None:
@@ -172,11 +182,28 @@ def test_settings_refuse_a_shard_index_out_of_range(tmp_path: Path) -> None:
 
 
 def test_the_shard_index_defaults_to_the_kubernetes_completion_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_parser().parse_args(["--input", "x.npy", "--output", "out"]).shard_index is None
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
-    args = build_parser().parse_args(["--input", "x.npy", "--output", "out", "--num-shards", "4"])
-    assert args.shard_index == 3
+    assert completion_index(num_shards=4) == 3
     monkeypatch.delenv("JOB_COMPLETION_INDEX")
-    assert build_parser().parse_args(["--input", "x.npy", "--output", "out"]).shard_index == 0
+    assert completion_index(num_shards=4) == 0
+
+
+@pytest.mark.parametrize("value", ["3", "x"])
+def test_a_completion_index_that_is_no_shard_index_is_refused_by_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """An Indexed Job of 4 completions whose command forgot --num-shards."""
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", value)
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--input", str(tmp_path / "x.npy")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert (
+        f"JOB_COMPLETION_INDEX={value} is not a shard index in [0, 1) (--num-shards 1): pass --num-shards"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")  # --shard-index, when given, is what counts
+    assert main([*argv, "--output", str(tmp_path / "out"), "--shard-index", "3"]) == 2
+    assert "the shard index must be in [0, 1), got 3" in capsys.readouterr().err
 
 
 def test_progress_draws_a_bar_on_a_terminal_and_logs_lines_otherwise() -> None:

@@ -20,6 +20,7 @@ from client.encodings import (
     part_directory_name,
     read_encodings,
     same_input,
+    same_latent_space,
     sha256_bytes,
     shard_bytes,
     split_rows,
@@ -230,14 +231,30 @@ def test_a_missing_part_is_named(tmp_path: Path) -> None:
         read_encodings(tmp_path)
 
 
-def test_parts_from_different_models_are_not_joined(tmp_path: Path) -> None:
+def test_parts_from_different_encoders_are_not_joined(tmp_path: Path) -> None:
     write_parts(tmp_path, 10, 2)
     part = tmp_path / "part-00001-of-00002"
     manifest = json.loads((part / MANIFEST).read_text())
-    manifest["model"] = {**MODEL, "version": "2"}
+    manifest["model"] = {**MODEL, "version": "2", "encoder_sha256": "ef" * 32}
     write_manifest(part, manifest)
-    with pytest.raises(EncodingsError, match="part-00001-of-00002: its model differs"):
+    with pytest.raises(EncodingsError, match="part-00001-of-00002: its encoder differs"):
         read_encodings(tmp_path)
+
+
+def test_parts_encoded_by_two_versions_that_share_the_encoder_are_joined(tmp_path: Path) -> None:
+    """A version that changed only the decoder gives the same encodings: a part resumed after it fits."""
+    write_parts(tmp_path, 10, 2)
+    part = tmp_path / "part-00001-of-00002"
+    manifest = json.loads((part / MANIFEST).read_text())
+    write_manifest(part, {**manifest, "model": {**MODEL, "version": "2-new-decoder"}})
+    assert [entry["file"] for entry in merged_manifest(tmp_path)["shards"]][-1].startswith(part.name)
+    np.testing.assert_array_equal(read_encodings(tmp_path).input_rows, np.arange(10))
+
+
+def test_the_latent_space_is_the_encoder_its_width_and_the_kind_of_model() -> None:
+    assert same_latent_space(MODEL, {**MODEL, "name": "renamed", "version": "2"})
+    for key, other in [("encoder_sha256", "ef" * 32), ("latent_dim", 3), ("kind", "ae")]:
+        assert not same_latent_space(MODEL, {**MODEL, key: other}), key
 
 
 def test_parts_that_read_the_input_from_different_paths_are_joined(tmp_path: Path) -> None:

@@ -81,6 +81,48 @@ def test_a_npy_that_is_not_images_is_refused_with_what_was_expected(
     assert expected in str(error.value)
 
 
+EXPECTED_FORMATS = "expected a .npy array (numpy.save), an IDX file (raw or .gz)"
+
+
+def test_a_npz_archive_is_refused_saying_to_save_the_images_as_npy(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    np.savez(tmp_path / "digits.npz", images=digits)
+    with pytest.raises(InputError) as error:
+        read_images(tmp_path / "digits.npz")
+    assert f"{tmp_path / 'digits.npz'}: a .npz archive" in str(error.value)
+    assert "save the images alone with numpy.save as a .npy file" in str(error.value)
+    assert EXPECTED_FORMATS in str(error.value) and "magic number" not in str(error.value)
+
+
+def test_a_file_of_no_known_format_is_refused_with_the_formats_expected(tmp_path: Path) -> None:
+    (tmp_path / "digits.csv").write_text("0,0,255\n")
+    with pytest.raises(InputError) as error:
+        read_images(tmp_path / "digits.csv")
+    assert str(tmp_path / "digits.csv") in str(error.value) and EXPECTED_FORMATS in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "holds"),
+    [
+        (b"not an array\n", "it holds no .npy header (numpy.save did not write it)"),
+        (None, "it holds Python objects (dtype object)"),
+    ],
+)
+def test_a_npy_of_pickled_objects_is_refused_as_not_numeric_without_advice_to_unpickle(
+    tmp_path: Path, content: bytes | None, holds: str
+) -> None:
+    path = tmp_path / "notes.npy"
+    if content is None:
+        np.save(path, np.array([{"a": 1}, "text"], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as error:
+        read_images(path)
+    assert f"{path}: not a numeric array: {holds}; expected images [N,28,28]" in str(error.value)
+    assert "allow_pickle" not in str(error.value)
+
+
 def test_nan_or_out_of_range_pixels_are_found_in_any_block_of_a_large_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
