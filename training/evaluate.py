@@ -45,7 +45,7 @@ from training.data import DATASETS, ImageSet, load_test_set, load_training_split
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
 from training.run import FIGURES_DIR, TrainConfig, load_config, load_metrics, load_run, save_metrics
-from training.train import DefaultsHelpFormatter, resolve_device
+from training.train import MNIST_5K_READS_NO_FOLDER, DefaultsHelpFormatter, resolve_device
 
 RANDOM_POINTS = 1_000
 BATCH_SIZE = 500
@@ -489,6 +489,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=resolve_device(args.device),
             write_figures=not args.no_figures,
         )
+        # Runs on mnist-5k, scored on its held-out split, read nothing from a folder: say so, rather
+        # than score the split while the user thinks DIR's test set was read.
+        data_dir_unused = (
+            args.data_dir is not None
+            and (args.dataset or "mnist-5k") == "mnist-5k"
+            and all(load_config(run_dir).dataset == "mnist-5k" for run_dir in args.run_dirs)
+        )
+        if data_dir_unused:
+            raise ValueError(MNIST_5K_READS_NO_FOLDER.format(data_dir=args.data_dir))
         if args.data_dir is not None and args.dataset is None:
             # Each run reads its own dataset's files from --data-dir, and mnist's and fashion-mnist's
             # have the same names: one folder cannot hold both.

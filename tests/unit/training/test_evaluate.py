@@ -230,6 +230,21 @@ def test_runs_of_two_idx_datasets_are_not_scored_from_one_data_dir(
     )
 
 
+def test_a_data_dir_for_runs_scored_on_mnist_5k_which_reads_none_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scoring the held-out split while the user thinks DIR's test set was read would mislead."""
+    save_config(tmp_path / "run", TrainConfig(dataset="mnist-5k"))
+    for dataset_flag in ([], ["--dataset", "mnist-5k"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(
+                [str(tmp_path / "run"), "--data-dir", str(tmp_path / "mnist"), *dataset_flag, "--no-figures"]
+            )
+        assert exit_.value.code == 2
+        assert "reads no folder; for the IDX files there pass --dataset mnist" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

