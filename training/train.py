@@ -284,11 +284,13 @@ def train(
             sums["recon"] += terms.recon.item() * len(x)
             sums["kl"] += terms.kl.item() * len(x)
             bar.set_postfix(loss=f"{sums['loss'] / seen:.2f}")
-        if not all(math.isfinite(value) for value in sums.values()):
+        validation = validation_losses(_result(model, averaged), validation_set.images, config, torch_device)
+        # The validation too: the epoch's last step may leave weights that are NaN, and a bare NaN in
+        # metrics.json, a checkpoint that fails its export.
+        if not all(math.isfinite(value) for value in (*sums.values(), *validation.values())):
             raise FloatingPointError(
                 f"epoch {epoch}: the loss is not finite; lower the learning rate ({config.learning_rate})"
             )
-        validation = validation_losses(_result(model, averaged), validation_set.images, config, torch_device)
         record = {
             "epoch": float(epoch),
             "train_loss": sums["loss"] / seen,

@@ -206,6 +206,44 @@ def test_a_data_dir_for_mnist_5k_which_reads_none_is_refused_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_that_diverges_stops_naming_the_learning_rate_and_leaves_no_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--limit",
+                "256",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e8",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "epoch 1: the loss is not finite; lower the learning rate (100000000.0)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_weights_that_turn_nan_in_an_epochs_last_step_stop_the_run_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training loss of that epoch was finite; the validation, on the weights it left, is not."""
+    from training import train as train_module
+
+    def nan_validation(*args: object) -> dict[str, float]:
+        return {"loss": math.nan, "recon": math.nan, "kl": math.nan}
+
+    monkeypatch.setattr(train_module, "validation_losses", nan_validation)
+    with pytest.raises(FloatingPointError, match="epoch 1: the loss is not finite"):
+        train(TrainConfig(epochs=1, limit=64), tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no epoch of NaN recorded
+
+
 def test_random_shifts_move_each_image_without_changing_its_ink() -> None:
     image = torch.zeros(1, 1, 28, 28)
     image[0, 0, 10:14, 12:15] = 1.0
