@@ -132,8 +132,18 @@ def _check_image_output(args: argparse.Namespace) -> None:
         raise InputError(f"--columns must be at least 1, got {args.columns}")
 
 
+def _rows_per_request(client: VaeClient, batch_size: int) -> int:
+    """--batch-size, or fewer where the server takes fewer rows in one request."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    most = client.model_info().max_request_rows
+    return min(batch_size, most) if most > 0 else batch_size
+
+
 def _sample(client: VaeClient, args: argparse.Namespace) -> None:
     _check_image_output(args)
+    if args.num_samples < 1:  # before asking the server anything
+        raise InputError(f"-n/--num-samples must be at least 1, got {args.num_samples}")
     # A SampleStream is held to the same limit, so the only way past it is several seeds: say so here
     # in words of this command's flags, rather than pass on the server's "num_samples".
     most = client.model_info().max_samples
@@ -151,10 +161,9 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_output(args.out, (".npy",))
     _check_output(args.log_var_out, (".npy",))
+    batch = _rows_per_request(client, args.batch_size)
     if args.log_var_out is not None and client.model_info().kind != "vae":
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     inputs = []
@@ -165,11 +174,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         inputs.append(source.images)
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
-    chunks = (
-        images[start : start + args.batch_size]
-        for images in inputs
-        for start in range(0, len(images), args.batch_size)
-    )
+    chunks = (images[start : start + batch] for images in inputs for start in range(0, len(images), batch))
     results: list[EncodeResult] = []
     for result in client.encode_stream(chunks):
         # A stream that reconnects may reach a replica of another model (a rolling update).
@@ -195,8 +200,6 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
 
 
 def _decode(client: VaeClient, args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_image_output(args)
     latents = load_npy(args.input, "latent codes [N,D], real numbers")
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
@@ -209,7 +212,7 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"{args.input}: {error}") from error
     # Requests of --batch-size rows, as encode sends them: the mean.npy of a whole data set is more
     # than one request may carry (ModelInfo.max_request_rows).
-    batch = args.batch_size
+    batch = _rows_per_request(client, args.batch_size)
     images = np.concatenate(
         [
             client.decode(latents[start : start + batch], output_dtype=args.dtype)
@@ -257,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--out", type=Path, required=True, help="the means [N,D] as .npy")
     encode.add_argument("--log-var-out", type=Path, help="also write the log-variances [N,D] here")
-    encode.add_argument("--batch-size", type=int, default=256, help="images per request (default 256)")
+    encode.add_argument(
+        "--batch-size", type=int, default=256, help="images per request (default 256, or the server's most)"
+    )
     encode.add_argument(
         "--skip-bad",
         action="store_true",
@@ -273,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="images on the wire (default float32)",
     )
-    decode.add_argument("--batch-size", type=int, default=256, help="latent codes per request (default 256)")
+    decode.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="latent codes per request (default 256, or the server's most)",
+    )
     decode.add_argument("--columns", type=int, help="images per row of the grid (default: a square grid)")
     decode.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")
     decode.set_defaults(run=_decode)

@@ -515,7 +515,7 @@ def completion_index(num_shards: int) -> int:
     text = os.environ.get(COMPLETION_INDEX_ENV, "")
     if not text:
         return 0
-    if not text.isdigit() or int(text) >= max(num_shards, 1):  # --num-shards 0: said by JobSettings
+    if not text.isdecimal() or int(text) >= max(num_shards, 1):  # --num-shards 0: said by JobSettings
         raise JobError(
             f"{COMPLETION_INDEX_ENV}={text} is not a shard index in [0, {num_shards}) (--num-shards "
             f"{num_shards}): pass --num-shards as the Indexed Job's completions, or --shard-index"

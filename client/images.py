@@ -116,7 +116,7 @@ def load_npy(path: Path, what: str) -> Any:
     """
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:  # the last: an empty file
         if "pickle" in str(error):
             with Path(path).open("rb") as file:
                 is_npy = file.read(len(_NPY_MAGIC)) == _NPY_MAGIC
@@ -131,7 +131,7 @@ def read_npy_images(path: Path) -> npt.NDArray[Any]:
     """A .npy array of images, mapped read-only where it can be, and checked by `as_image_batch`."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):  # not mappable, or damaged: read, for numpy's own account of it
+    except (OSError, ValueError, EOFError):  # not mappable, damaged or empty: read, for numpy's account
         array = load_npy(path, "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1")
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: holds several arrays; expected one .npy array of images")

@@ -532,8 +532,10 @@ def _fail(
     else:
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    if _past_deadline(context):  # what its client sees, and a status sent now would fail: see below
+        _count_request(servicer, rpc, grpc.StatusCode.DEADLINE_EXCEEDED, started)
+        raise asyncio.CancelledError
     _count_request(servicer, rpc, code, started)
-    _raise_if_past_deadline(context)
     context.set_code(code)
     context.set_details(message)
 
@@ -543,9 +545,13 @@ def _raise_if_past_deadline(context: grpc.aio.ServicerContext) -> None:
     it. The batcher checks deadlines only before rows run, so an answer may be ready just after:
     gRPC ends the call itself at its deadline, and an answer or status sent now would fail, which
     gRPC logs as a servicer failure, with its traceback."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if _past_deadline(context):
         raise asyncio.CancelledError
+
+
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _count_request(servicer: VaeServicer, rpc: str, code: grpc.StatusCode, started: float) -> None:

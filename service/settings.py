@@ -237,6 +237,12 @@ class Settings:
             parser.error(str(error))
 
 
+# Settings that are gone, and why, for a deployment that still sets them.
+REMOVED_SETTINGS = {
+    "INTER_OP_THREADS": "removed: the graphs run their nodes in order, so there is no inter-op pool to size",
+}
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """What to say of each VAE_SERVE_* variable that is no setting (a typo, or a removed setting),
     which would otherwise be ignored without a word; with the closest setting's name where one is."""
@@ -244,10 +250,14 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     said = []
     for name in sorted(environ):
         setting = name.removeprefix(ENV_PREFIX)
-        if setting != name and setting not in settings:
+        if setting == name or setting in settings:
+            continue
+        if setting in REMOVED_SETTINGS:
+            hint = f" ({REMOVED_SETTINGS[setting]})"
+        else:
             close = difflib.get_close_matches(setting, settings, n=1)
             hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
-            said.append(f"{name} is not a setting of vae-serve; ignored{hint}")
+        said.append(f"{name} is not a setting of vae-serve; ignored{hint}")
     return said
 
 

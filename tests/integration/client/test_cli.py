@@ -110,6 +110,27 @@ def test_decode_takes_back_a_file_larger_than_one_request_in_batches_in_order(
     np.testing.assert_array_equal(np.load(tmp_path / "d999.npy"), expected)
 
 
+def test_encode_and_decode_send_no_more_rows_a_request_than_the_server_takes(
+    vae_bundle: Path, tmp_path: Path, digits: np.ndarray
+) -> None:
+    """--batch-size 256 by default, against a server that takes 100 rows a request."""
+    server = ServerThread(vae_bundle, max_queue_size=100, max_samples=100)
+    try:
+        np.save(tmp_path / "images.npy", digits[:300])
+        argv = ["--target", server.target, "--out"]
+        assert (
+            cli.main(["encode", "--input", str(tmp_path / "images.npy"), *argv, str(tmp_path / "m.npy")]) == 0
+        )
+        assert cli.main(["decode", "--input", str(tmp_path / "m.npy"), *argv, str(tmp_path / "d.npy")]) == 0
+        with VaeClient(server.target) as client:
+            mean = np.concatenate([client.encode(digits[i : i + 100]).mean for i in (0, 100, 200)])
+            images = np.concatenate([client.decode(mean[i : i + 100]) for i in (0, 100, 200)])
+    finally:
+        server.stop(grace_s=0)
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), mean)
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), images)
+
+
 def test_sample_beyond_the_servers_limit_exits_2_naming_the_flag_and_the_limit(
     vae_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -307,6 +328,11 @@ def test_a_bad_input_file_exits_2_naming_it(
         (["sample", "--out", "{dir}/grid.jpg"], "grid.jpg: expected a .png or .npy file"),
         (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/nowhere/d.png"], "no folder"),
         (["sample", "--columns", "-1", "--out", "{dir}/g.png"], "--columns must be at least 1, got -1"),
+        (["sample", "-n", "0", "--out", "{dir}/g.png"], "-n/--num-samples must be at least 1, got 0"),
+        (
+            ["decode", "--input", "{dir}/empty.npy"],
+            "empty.npy: not a readable .npy array (No data left in file)",
+        ),
         (["decode", "--input", "{dir}/ok.npy", "--columns", "0"], "--columns must be at least 1, got 0"),
     ],
 )
@@ -321,6 +347,7 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "complex.npy", np.zeros((2, 2), np.complex64))
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
     np.save(tmp_path / "huge.npy", np.full((2, 2), 1e300))
+    (tmp_path / "empty.npy").write_bytes(b"")
     argv = [part.format(dir=tmp_path) for part in command]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
     answered = requests_answered(vae_server)

@@ -430,6 +430,16 @@ def test_split_runs_merged_equal_one_run(
         assert main(["merge", "--output", str(output)]) == 0
 
 
+def test_an_indexed_jobs_pod_encodes_the_part_its_completion_index_names(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # as Kubernetes sets it in the second pod
+    output = tmp_path / "out"
+    argv = ["--target", vae_server.target, "--input", str(inputs["npy"]), "--output", str(output)]
+    assert main([*argv, "--num-shards", "3"]) == 0
+    assert [p.name for p in output.iterdir()] == ["part-00001-of-00003"]
+
+
 def test_a_split_job_refuses_the_output_of_an_unsplit_one_and_merge_leaves_it_alone(
     vae_server: ServerThread,
     inputs: dict[str, Path],

@@ -163,9 +163,13 @@ def test_a_failure_that_finds_its_call_past_its_deadline_is_counted_and_ends_as_
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(_observe(servicer, "Decode", context, queued_past_its_deadline(), vae_pb2.DecodeResponse))
+    # Any refusal: its client sees the deadline, not the refusal, and so does /metrics.
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_observe(servicer, "Decode", context, _refused(), vae_pb2.DecodeResponse))
     assert context.status == []
     requests = servicer.metrics.registry.get_sample_value
-    assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 1
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 2
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "INVALID_ARGUMENT"}) is None
 
 
 def test_an_answer_ready_only_after_the_deadline_counts_as_the_deadline_the_client_sees() -> None:

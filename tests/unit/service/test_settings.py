@@ -46,8 +46,8 @@ def test_a_variable_that_is_no_setting_is_named_with_the_setting_it_resembles() 
         "VAE_SERVED_BY": "someone else",  # not the prefix
     }
     assert settings_module.unknown_variables(environ) == [
-        "VAE_SERVE_INTER_OP_THREADS is not a setting of vae-serve; ignored"
-        " (did you mean VAE_SERVE_INTRA_OP_THREADS?)",
+        "VAE_SERVE_INTER_OP_THREADS is not a setting of vae-serve; ignored (removed: the graphs run their "
+        "nodes in order, so there is no inter-op pool to size)",
         "VAE_SERVE_MAX_BATCHSIZE is not a setting of vae-serve; ignored"
         " (did you mean VAE_SERVE_MAX_BATCH_SIZE?)",
     ]
