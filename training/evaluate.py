@@ -493,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # than score the split while the user thinks DIR's test set was read.
         data_dir_unused = (
             args.data_dir is not None
-            and (args.dataset or "mnist-5k") == "mnist-5k"
+            and args.dataset in (None, "mnist-5k")
             and all(load_config(run_dir).dataset == "mnist-5k" for run_dir in args.run_dirs)
         )
         if data_dir_unused:
