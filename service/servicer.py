@@ -532,7 +532,7 @@ def _fail(
     else:
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-    if _past_deadline(context):  # what its client sees, and a status sent now would fail: see below
+    if _past_deadline(context):  # its client sees the deadline; see _raise_if_past_deadline
         _count_request(servicer, rpc, grpc.StatusCode.DEADLINE_EXCEEDED, started)
         raise asyncio.CancelledError
     _count_request(servicer, rpc, code, started)
