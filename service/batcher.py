@@ -53,6 +53,7 @@ class _Request:
     # The rest is written by whoever holds the batcher's lock.
     unanswered: int  # items not yet run; 0 once the request is answered, has failed or was cancelled
     queued: int  # rows still counted in the queue: 0 once taken, or once its caller cancelled
+    started: bool = False  # its first rows are taken: its wait for the batcher is over
     outputs: list[Array] | None = None
     error: BaseException | None = None
 
@@ -344,7 +345,11 @@ class Batcher:
                 request.queued -= len(item.rows)
                 self._pending_rows -= len(item.rows)
             if alive:
-                self._queue_wait.observe(now - request.enqueued_at)
+                if not request.started:
+                    # Once a request, until its first rows run: a large request's later rows wait for
+                    # its own earlier ones, which is work, not the contention this measures.
+                    request.started = True
+                    self._queue_wait.observe(now - request.enqueued_at)
                 batch.append(item)
                 rows += len(item.rows)
         if expired and self._loop is not None:

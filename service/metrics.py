@@ -74,7 +74,7 @@ class ServiceMetrics:
             ),
             queue_wait=Histogram(
                 "vae_queue_wait_seconds",
-                "Time a request's rows wait in the batcher before their onnxruntime call starts",
+                "Time a request waits in the batcher before its first rows' onnxruntime call starts",
                 ["graph"],
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,

@@ -45,6 +45,16 @@ ENCODE_STREAM_QUEUE_FRACTION = 0.25
 # SampleStream: chunks being decoded ahead of the one being sent.
 SAMPLE_STREAM_LOOKAHEAD = 2
 
+# Every status a call of this service ends with; each (rpc, code) series of vae_requests_total exists
+# from the start at 0, because Prometheus's rate() and increase() take a series' first sample as their
+# base: a count born at 1 would be lost, so a replica's first burst of errors would fire no alert.
+ANSWERED_CODES = (
+    grpc.StatusCode.OK,
+    *STATUS_CODES.values(),
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+)
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
@@ -68,6 +78,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         # Set when a drain's grace period has run out: gRPC cuts what still runs, with UNAVAILABLE.
         self.grace_over = False
         self.metrics = metrics
+        for rpc in vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods_by_name:
+            for code in ANSWERED_CODES:
+                metrics.requests.labels(rpc, code.name)
         # Calls being answered: a drain waits for them before gRPC closes the connections.
         self._calls = 0
         self._no_calls = asyncio.Event()

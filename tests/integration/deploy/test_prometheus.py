@@ -30,6 +30,7 @@ import yaml
 
 from service.codec import to_tensor
 from service.metrics import ServiceMetrics
+from service.servicer import ANSWERED_CODES
 from tests.conftest import ServerThread
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
@@ -277,12 +278,14 @@ def drive(target: str, rounds: int) -> None:
 
 
 def expected_requests(rounds: int, instance: str) -> dict[Labels, float]:
-    """vae_requests_total after `rounds` rounds of `drive`, as Prometheus labels it."""
+    """vae_requests_total after `rounds` rounds of `drive`, as Prometheus labels it: every other status
+    of every RPC at 0, exported so from the start."""
 
     def key(rpc: str, code: str) -> Labels:
         return tuple(sorted({"code": code, "rpc": rpc, "job": "vae", "instance": instance}.items()))
 
-    return {
+    rpcs = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods_by_name
+    return {key(rpc, code.name): 0.0 for rpc in rpcs for code in ANSWERED_CODES} | {
         key("Sample", "OK"): rounds,
         key("Sample", "INVALID_ARGUMENT"): rounds,
         key("Encode", "OK"): rounds,

@@ -753,6 +753,39 @@ def test_a_request_cancelled_while_its_call_runs_does_not_stop_its_batch_mates_b
     assert infer.calls == [4, 1]
 
 
+class SlowDoubler(Doubler):
+    """A Doubler whose every call takes 50 ms."""
+
+    def __call__(self, rows: Array) -> Sequence[Array]:
+        time.sleep(0.05)
+        return super().__call__(rows)
+
+
+def test_queue_wait_is_a_requests_wait_for_its_first_rows_not_for_its_own_earlier_ones() -> None:
+    """A lone request of 5 calls' rows waits for no other: the wait says so, once, whatever its size."""
+    metrics = ServiceMetrics.create(process=False)
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            "decoder",
+            SlowDoubler(),
+            max_batch_size=4,
+            max_queue_delay_s=0,
+            max_queue_size=64,
+            metrics=metrics,
+        )
+        batcher.start()
+        await asyncio.wait_for(batcher.submit(rows(20)), 10)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    registry = metrics.registry
+    assert registry.get_sample_value("vae_batch_size_count", {"graph": "decoder"}) == 5
+    assert registry.get_sample_value("vae_queue_wait_seconds_count", {"graph": "decoder"}) == 1
+    waited = registry.get_sample_value("vae_queue_wait_seconds_sum", {"graph": "decoder"})
+    assert waited is not None and waited < 0.05  # its last rows waited 200 ms behind its first
+
+
 def test_queue_wait_records_how_long_rows_waited() -> None:
     gate = threading.Event()
     infer = Doubler(gate)
