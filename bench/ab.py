@@ -119,14 +119,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # name -> the server's command line for a port
     versions: dict[str, Callable[[int], list[str]]] = {}
+
+    def add(option: str, item: str, version: Callable[[str], Callable[[int], list[str]]]) -> None:
+        name, equals, value = item.partition("=")
+        if not name or not equals:
+            parser.error(f"{option} {item!r}: expected NAME=VALUE")
+        if name in versions:
+            parser.error(f"{option} {item!r}: a version named {name!r} is already given")
+        versions[name] = version(value)
+
+    def tree(path: str) -> Callable[[int], list[str]]:
+        # A mistyped path would otherwise import this checkout's service under the tree's name.
+        if not (Path(path) / "service" / "__main__.py").is_file():
+            parser.error(f"--tree: {path!r} holds no service/__main__.py; is it a checkout?")
+        return partial(_tree_version, Path(path), args.bundle)
+
     for item in args.tree:
-        name, path = item.split("=", 1)
-        versions[name] = partial(_tree_version, Path(path), args.bundle)
+        add("--tree", item, tree)
     for item in args.flags:
-        name, flags = item.split("=", 1)
-        versions[name] = partial(_flags_version, args.bundle, flags.split())
+        add("--flags", item, lambda flags: partial(_flags_version, args.bundle, flags.split()))
     if args.naive:
-        versions["naive"] = partial(naive_argv, args.bundle)
+        add("--naive", "naive=", lambda _: partial(naive_argv, args.bundle))
     if len(versions) < 2:
         parser.error("name at least two versions (--tree, --flags, --naive)")
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}

@@ -30,6 +30,8 @@ RequestFn = Callable[[], Awaitable[int]]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # A worker's pause after a failed request: VaeClient's first backoff (RetryPolicy.initial_backoff_s).
 ERROR_BACKOFF_S = 0.1
+# How long after its window a request may still be in flight before the server is taken to hang.
+UNANSWERED_LIMIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ async def closed_loop(
     """Run `concurrency` closed-loop workers; measure the window that follows the warm-up.
 
     `make_request(worker_index)` gives each worker its own request function (its own seed, say).
-    Requests in flight when the window closes are awaited but not counted.
+    Requests in flight when the window closes are awaited but not counted; if some are still
+    unanswered UNANSWERED_LIMIT_S later, TimeoutError.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -182,7 +185,12 @@ async def closed_loop(
     await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
     cpu_at_close = process_tree_cpu_s(server_pid) if server_pid is not None else None
     client_cpu = time.process_time() - client_cpu_at_open[0]
-    await asyncio.gather(*workers)
+    try:
+        await asyncio.wait_for(asyncio.gather(*workers), UNANSWERED_LIMIT_S)
+    except TimeoutError:
+        raise TimeoutError(
+            f"requests still unanswered {UNANSWERED_LIMIT_S:g} s after the window closed: the server hangs"
+        ) from None
     return Window(
         concurrency=concurrency,
         duration_s=duration_s,

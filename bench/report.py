@@ -227,7 +227,11 @@ def peers(results: Results) -> str:
     servers = [results.get(name) for name in ("service", "naive", "triton")]
     rows = []
     cells = sorted(
-        {(w["rpc"], w["per_request"], w["concurrency"]) for w in (servers[1] or {}).get("windows", [])}
+        {
+            (w["rpc"], w["per_request"], w["concurrency"])
+            for peer in servers[1:]
+            for w in (peer or {}).get("windows", [])
+        }
     )
     for rpc, size, concurrency in cells:
         windows = [_window(server, rpc, size, concurrency) for server in servers]
@@ -256,9 +260,12 @@ def peers(results: Results) -> str:
     ]
     header += ["service p99 ms", "naive p99 ms", "Triton p99 ms"]
     header += ["service CPU ms/img", "naive CPU ms/img", "Triton CPU ms/img"]
-    triton = servers[2]
-    note = f"\n\nTriton: {triton['skipped']}" if triton and "skipped" in triton else ""
-    return table(header, rows) + note
+    notes = "".join(
+        f"\n\n{label}: {peer['skipped']}"
+        for label, peer in (("The naive server", servers[1]), ("Triton", servers[2]))
+        if peer and "skipped" in peer
+    )
+    return table(header, rows) + notes
 
 
 def startup(results: Results) -> str:

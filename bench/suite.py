@@ -276,6 +276,12 @@ def measure_vae_server(
     print(f"{name}: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
     try:
         result: Row = _run(_sweep(server, sweep, latent_dim, plan))
+    except (grpc.RpcError, TimeoutError) as error:
+        exited = server.process.poll()
+        state = f"exited with {exited}" if exited is not None else "failed"
+        raise servers.ServerFailed(
+            f"{name} {state} mid-run ({error!r:.300}): see {server.log_path}"
+        ) from error
     finally:
         server.stop()
     return {"cold_start_s": round(server.cold_start_s, 3), "argv": argv[1:], **result}
@@ -587,12 +593,13 @@ def server_levers(bundle: Path, latent_dim: int, plan: Plan, log_dir: Path) -> l
 # ---------------------------------------------------------------- main
 
 
-def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
+def run(bundle: Path, plan: Plan, work_dir: Path, results: Row) -> None:
+    """Every stage in turn, each adding its figures to `results` (kept by the caller if one fails)."""
     manifest = json.loads((bundle / "model.json").read_text())
     latent_dim = int(manifest["latent_dim"])
     log_dir = work_dir / "logs"
     started = time.perf_counter()
-    results: Row = {"machine": machine_record(bundle, manifest), "plan": plan.__dict__}
+    results.update(machine=machine_record(bundle, manifest), plan=plan.__dict__)
     print("ceilings", flush=True)
     results["ceilings"] = ceilings(bundle, manifest, plan)
 
@@ -617,15 +624,19 @@ def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
         [Shape("Sample", size) for size in plan.sample_sizes], plan.peer_concurrencies, ()
     )
     naive_unary = Sweep.grid([Shape("Decode", 64), Shape("Encode", 64)], plan.peer_unary_concurrencies, ())
-    results["naive"] = measure_vae_server(
-        "naive",
-        naive_argv(bundle, port),
-        port,
-        Sweep([*naive_sample.cells, *naive_unary.cells], ("FLOAT32",)),
-        latent_dim,
-        plan,
-        log_dir,
-    )
+    try:
+        results["naive"] = measure_vae_server(
+            "naive",
+            naive_argv(bundle, port),
+            port,
+            Sweep([*naive_sample.cells, *naive_unary.cells], ("FLOAT32",)),
+            latent_dim,
+            plan,
+            log_dir,
+        )
+    except RuntimeError as error:  # a peer that fails must not cost the rest of the run
+        print(f"naive failed, left out: {error}", flush=True)
+        results["naive"] = {"skipped": f"it failed, and the run went on without it: {error}"}
     if plan.triton:
         print("triton", flush=True)
         # Triton's best layout here: one single-threaded model instance per core (one instance with
@@ -652,7 +663,6 @@ def run(bundle: Path, plan: Plan, work_dir: Path) -> Row:
     results["paired_targets"] = paired_targets(bundle, manifest, plan, results["ceilings"], log_dir)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["machine"]["suite_seconds"] = round(time.perf_counter() - started, 1)
-    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -678,9 +688,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         quality=plan.quality and not args.no_quality,
     )
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    results = run(args.bundle, plan, args.work_dir)
-    (args.work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.work_dir / 'results.json'}", flush=True)
+    results: Row = {}
+    try:
+        run(args.bundle, plan, args.work_dir, results)
+    finally:  # what was measured before a failure is kept; the doc's tables are not touched then
+        (args.work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.work_dir / 'results.json'}", flush=True)
     if args.doc:
         report.update(args.doc, results)
         print(f"wrote {args.doc}", flush=True)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from bench import ceiling, servers
 from bench.loadgen import closed_loop
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
@@ -84,8 +86,10 @@ def ceiling_window(runs: Sequence[Callable[[], int]], window_s: float, warmup_s:
 def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
     """Every target's two sides back to back, `rounds` times; odd rounds measure `theirs` first.
 
-    A target whose measurement fails (a peer that dies: ServerFailed) is recorded with the error and
-    measured no more; the other targets go on, so that one peer cannot cost the run its results.
+    A target whose measurement fails is recorded with the error and measured no more; the other
+    targets go on, so that one peer cannot cost the run its results. Failing is raising (a peer that
+    exits: ServerFailed; a stream refused: grpc.RpcError; a server that hangs: TimeoutError) or a
+    side that answered nothing in its window, which is what a dead server gives the closed loop.
     """
     measured: list[Row] = []
     failed: set[str] = set()
@@ -101,14 +105,25 @@ def paired_rounds(targets: Sequence[Target], rounds: int) -> list[Row]:
                 else:
                     ours = target.ours()
                     theirs = target.theirs()
-            except servers.ServerFailed as error:
+                if ours <= 0 or theirs <= 0:
+                    raise servers.ServerFailed(f"a side answered nothing: {ours:,.0f} against {theirs:,.0f}")
+            except (servers.ServerFailed, grpc.RpcError, TimeoutError) as error:
                 failed.add(target.name)
-                measured.append({**row, "error": str(error)})
-                print(f"  round {index + 1}: {target.name}: failed, measured no more: {error}", flush=True)
+                measured.append({**row, "error": _failure(error)})
+                print(
+                    f"  round {index + 1}: {target.name}: failed, measured no more: {_failure(error)}",
+                    flush=True,
+                )
                 continue
             measured.append({**row, "ours": ours, "theirs": theirs})
             print(f"  round {index + 1}: {target.name}: {ours:,.0f} against {theirs:,.0f}", flush=True)
     return measured
+
+
+def _failure(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)
 
 
 def summarize(measured: Sequence[Row], goals: dict[str, float]) -> list[Row]:
@@ -121,7 +136,7 @@ def summarize(measured: Sequence[Row], goals: dict[str, float]) -> list[Row]:
         rounds = [m for m in measured if m["target"] == name]
         failed_in_round = next((m["round"] for m in rounds if "error" in m), None)
         pairs = [(m["ours"], m["theirs"]) for m in rounds if "error" not in m]
-        ratios = [ours / theirs for ours, theirs in pairs if theirs > 0]
+        ratios = [ours / theirs for ours, theirs in pairs]
         if not ratios and failed_in_round is None:
             continue
         median = statistics.median(ratios) if ratios else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+# Seconds that one EncodeStream of the benchmark may take before the server is taken to hang.
+STREAM_LIMIT_S = 300.0
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -112,8 +117,13 @@ async def encode_stream(
         for request in requests:
             yield request
 
+    async def answers() -> int:
+        answered = 0
+        async for response in stub.EncodeStream(send()):
+            answered += response.mean.shape[0]
+        return answered
+
     started = time.perf_counter()
-    answered = 0
-    async for response in stub.EncodeStream(send()):
-        answered += response.mean.shape[0]
+    # A server that stops answering would otherwise hold the benchmark for good.
+    answered = await asyncio.wait_for(answers(), STREAM_LIMIT_S)
     return time.perf_counter() - started, answered

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from bench.ab import parse_cell
+from bench.ab import main, parse_cell
 from bench.workloads import Shape
 
 
@@ -26,3 +26,23 @@ def test_a_cell_names_the_rpc_the_images_a_request_and_the_clients(text: str, ex
 def test_anything_else_is_refused_with_the_expected_form(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="expected RPC:PER_REQUEST:CLIENTS"):
         parse_cell(text)
+
+
+@pytest.mark.parametrize(
+    ("versions", "refusal"),
+    [
+        (["--tree", "before"], "--tree 'before': expected NAME=VALUE"),
+        (["--flags", "=--max-batch-size 8", "--naive"], "--flags '=--max-batch-size 8': expected NAME=VALUE"),
+        (["--tree", "before=/nonexistent/tree", "--naive"], "holds no service/__main__.py"),
+        (["--flags", "a=", "--flags", "a=--max-batch-size 64"], "a version named 'a' is already given"),
+        (["--flags", "a="], "name at least two versions"),
+    ],
+)
+def test_versions_are_named_once_and_a_tree_must_be_a_checkout(
+    versions: list[str], refusal: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bundle", "bundle", *versions])
+
+    assert exit_.value.code == 2
+    assert refusal in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import grpc
 import pytest
 
 from bench import ceiling, report, servers, suite, targets
@@ -132,3 +134,71 @@ def test_a_triton_that_fails_to_start_leaves_out_its_target_not_the_run(
     monkeypatch.setattr(suite, "start_triton", exits)
     assert suite._try_start_triton(Path("bundle"), Path("logs")) is None
     assert "triton failed, its target left out: triton-2x1 exited with 1" in capsys.readouterr().out
+
+
+def test_a_peer_that_dies_after_a_round_answers_nothing_and_its_target_is_not_met() -> None:
+    # A dead server refuses every request; the closed loop counts them as errors and 0 images/s.
+    rates = iter([1200.0, 0.0])
+    peer = targets.Target("naive", 1.5, lambda: 2400.0, lambda: next(rates))
+
+    measured = targets.paired_rounds([peer], rounds=4)
+
+    assert [m.get("error") for m in measured] == [None, "a side answered nothing: 2,400 against 0"]
+    (row,) = targets.summarize(measured, {"naive": 1.5})
+    assert (row["rounds"], row["failed_in_round"], row["ratio_median"], row["met"]) == (1, 2, 2.0, False)
+
+
+@pytest.mark.parametrize(
+    ("error", "recorded"),
+    [
+        (TimeoutError("requests still unanswered 60 s after the window closed"), "requests still unanswered"),
+        (
+            grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
+            ),
+            "UNAVAILABLE: gone",
+        ),
+    ],
+)
+def test_a_server_that_hangs_or_drops_a_stream_ends_its_target_not_the_run(
+    error: Exception, recorded: str
+) -> None:
+    def stream() -> float:
+        raise error
+
+    measured = targets.paired_rounds(
+        [
+            targets.Target("stream", 0.8, stream, lambda: 100.0),
+            targets.Target("other", 0.9, lambda: 95.0, lambda: 100.0),
+        ],
+        rounds=2,
+    )
+
+    assert [(m["target"], m["round"]) for m in measured] == [("stream", 1), ("other", 1), ("other", 2)]
+    assert recorded in measured[0]["error"]
+
+
+def test_the_suite_keeps_what_it_measured_when_a_stage_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.json").write_text("{}")
+
+    def fails_in_the_second_stage(
+        bundle: Path, plan: suite.Plan, work_dir: Path, results: dict[str, object]
+    ) -> None:
+        results["ceilings"] = [{"graph": "decoder", "items_per_s": 9000.0}]
+        raise servers.ServerFailed("service exited with -9 mid-run")
+
+    monkeypatch.setattr(suite, "run", fails_in_the_second_stage)
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("prose\n")
+
+    with pytest.raises(servers.ServerFailed, match="mid-run"):
+        suite.main(["--bundle", str(bundle), "--work-dir", str(tmp_path / "work"), "--doc", str(doc)])
+
+    assert (
+        json.loads((tmp_path / "work" / "results.json").read_text())["ceilings"][0]["items_per_s"] == 9000.0
+    )
+    assert doc.read_text() == "prose\n"
