@@ -55,3 +55,23 @@ def test_update_rewrites_the_tables_and_keeps_the_prose(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nHand-written analysis.")
     assert text.endswith("\nMore prose.\n")
     assert report.ceiling_of(results, "decoder", 64) == 5200.0
+
+
+def test_the_peers_table_says_why_a_peer_is_missing_and_keeps_the_other_peers_cells() -> None:
+    window = {"rpc": "Sample", "per_request": 1, "concurrency": 32, "dtype": "FLOAT32"}
+    results = {
+        "service": {
+            "windows": [{**window, "items_per_s": 2400.0, "p99_ms": 20.0, "server_cpu_ms_per_item": 0.4}]
+        },
+        "naive": {"skipped": "it failed, and the run went on without it: naive exited with -9 mid-run"},
+        "triton": {
+            "windows": [{**window, "items_per_s": 1200.0, "p99_ms": 40.0, "server_cpu_ms_per_item": 0.8}]
+        },
+    }
+
+    table = report.peers(results)
+
+    assert "| Sample | 1 | 32 | 2,400 | - | 1,200 |" in table
+    assert (
+        "The naive server: it failed, and the run went on without it: naive exited with -9 mid-run" in table
+    )
