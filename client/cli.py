@@ -44,6 +44,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
 def sample_seed(text: str) -> int:
     """An argparse type: an integer seed that a SampleRequest can carry."""
     try:
@@ -234,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_connection_arguments(sub)
         sub.add_argument(
-            "--attempts", type=int, default=5, help="tries per call on transient errors (default 5)"
+            "--attempts", type=positive_int, default=5, help="tries per call on transient errors (default 5)"
         )
         return sub
 

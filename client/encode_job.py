@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from client.cli import add_connection_arguments, tls_from_args
+from client.cli import add_connection_arguments, positive_int, tls_from_args
 from client.client import EncodeResult, ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
 from client.encodings import (
     FORMAT_VERSION,
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--attempts",
-        type=int,
+        type=positive_int,
         default=JOB_RETRY.max_attempts,
         help=f"tries per call on transient errors (default {JOB_RETRY.max_attempts})",
     )

@@ -52,3 +52,18 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused_naming_th
 ) -> None:
     err = refusal(main, [*command, "--timeout", timeout], capsys)
     assert f"argument --timeout: expected a number of seconds above 0, got {timeout}" in err
+
+
+@pytest.mark.parametrize(("attempts", "message"), [("0", "of at least 1, got 0"), ("two", "got 'two'")])
+@pytest.mark.parametrize(
+    ("main", "command"),
+    [
+        (cli.main, ["info"]),
+        (encode_job.main, ["--input", "x.npy", "--output", "out"]),
+    ],
+)
+def test_attempts_below_one_are_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], main: Main, command: list[str], attempts: str, message: str
+) -> None:
+    err = refusal(main, [*command, "--attempts", attempts], capsys)
+    assert "argument --attempts: expected a whole number" in err and message in err
