@@ -15,6 +15,8 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -47,7 +49,7 @@ from service.bundle import (
 )
 from service.errors import BundleError
 from training.models import VAE, AutoEncoder
-from training.run import load_metrics, load_run, write_text_atomic
+from training.run import TrainConfig, load_metrics, load_run
 
 # Pinned so that a bundle's graphs do not change with the torch version; recorded in model.json.
 OPSET = 18
@@ -162,6 +164,7 @@ def export_run(
         )
     try:
         config, model = load_run(run_dir)
+        metrics = _final_metrics(load_metrics(run_dir))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
     kind = config.model.kind
@@ -181,23 +184,51 @@ def export_run(
     ]
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
+        # Everything is written here first and moved into place once it loads: a failed export (a
+        # full disk, a Ctrl-C, parity) leaves the bundle that was there whole, and the bundle's files
+        # are replaced, never written through, so hard links and symlinks into other bundles keep
+        # those bundles' graphs. Inside the bundle's folder, it is on the same file system.
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=bundle_dir))
     except OSError as error:  # a file of that name, say
         raise ExportError(f"{bundle_dir}: cannot make the bundle folder ({error})") from error
-    # A stale model.json must not describe half-written graphs if the export fails midway.
-    (bundle_dir / MODEL_JSON).unlink(missing_ok=True)
+    try:
+        bundle = _export_into(
+            staging, graphs, config, metrics, name or run_dir.resolve().name, version, quantize_decoder
+        )
+        # model.json last: until it is replaced, the old one names the old graphs' sha256s, so a
+        # crash between the moves leaves a bundle that the service refuses, never a mixed one served.
+        for file in (ENCODER_FILE, DECODER_FILE, MODEL_JSON):
+            (staging / file).replace(bundle_dir / file)
+    except OSError as error:
+        raise ExportError(f"{bundle_dir}: cannot write the bundle ({error})") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return bundle
 
+
+def _export_into(
+    folder: Path,
+    graphs: list[_Graph],
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    name: str,
+    version: str | None,
+    quantize_decoder: str | None,
+) -> BundleSpec:
+    """Both graphs, their parity with PyTorch, and model.json, written into `folder`, which must load."""
+    latent_dim = config.model.latent_dim
     specs: dict[str, GraphSpec] = {}
     parity: dict[str, float] = {}
     for graph in graphs:
-        path = bundle_dir / graph.file
-        _export_graph(graph, path, latent_dim)
-        spec = GraphSpec(graph.file, sha256_of(path), OPSET, graph.inputs, graph.outputs)
+        path = folder / graph.file
+        opset = _export_graph(graph, path, latent_dim)
+        spec = GraphSpec(graph.file, sha256_of(path), opset, graph.inputs, graph.outputs)
         parity[graph.name] = _check_parity(graph, path, spec, latent_dim)
         specs[graph.name] = spec
     quantization: dict[str, Any] = {}
     if quantize_decoder is not None:
         specs["decoder"], quantization = _quantize(
-            bundle_dir / DECODER_FILE, specs["decoder"], quantize_decoder, latent_dim
+            folder / DECODER_FILE, specs["decoder"], quantize_decoder, latent_dim
         )
 
     if version is None:
@@ -205,15 +236,15 @@ def export_run(
         joined = (specs["encoder"].sha256 + specs["decoder"].sha256).encode()
         version = hashlib.sha256(joined).hexdigest()[:12]
     bundle = BundleSpec(
-        name=name or run_dir.resolve().name,
+        name=name,
         version=version,
-        kind=kind,
+        kind=config.model.kind,
         latent_dim=latent_dim,
         encoder=specs["encoder"],
         decoder=specs["decoder"],
         image_shape=IMAGE_SHAPE,
         training=config.to_dict(),
-        metrics=_final_metrics(load_metrics(run_dir)),
+        metrics=metrics,
         export={
             "parity_max_abs_diff": parity,
             "parity_batch_sizes": list(PARITY_BATCH_SIZES),
@@ -225,9 +256,9 @@ def export_run(
             **({"decoder_quantization": quantization} if quantization else {}),
         },
     )
-    write_text_atomic(bundle_dir / MODEL_JSON, json.dumps(bundle.to_dict(), indent=2) + "\n")
+    (folder / MODEL_JSON).write_text(json.dumps(bundle.to_dict(), indent=2) + "\n")
     # The consumer's own loader is the final word on whether the bundle is valid.
-    ModelBundle.load(bundle_dir)
+    ModelBundle.load(folder)
     return bundle
 
 
@@ -241,7 +272,9 @@ def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _export_graph(graph: _Graph, path: Path, latent_dim: int) -> None:
+def _export_graph(graph: _Graph, path: Path, latent_dim: int) -> int:
+    """Writes the graph to `path`; returns the opset it has (the converter may keep a newer one than
+    it was asked for)."""
     input_name = next(iter(graph.inputs))
     example = _example_input(graph.name, TRACE_BATCH_SIZE, latent_dim, seed=0)
     batch = torch.export.Dim(BATCH_AXIS, min=1)
@@ -260,13 +293,14 @@ def _export_graph(graph: _Graph, path: Path, latent_dim: int) -> None:
                 external_data=False,
                 verbose=False,
             )
-        _drop_debug_metadata(path)
+        model = _drop_debug_metadata(path)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:  # the exporter raises many types; all mean the same to the caller
         raise ExportError(f"{path}: export of the {graph.name} failed ({error})") from error
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def _drop_debug_metadata(path: Path) -> None:
+def _drop_debug_metadata(path: Path) -> onnx.ModelProto:
     """Remove the exporter's per-node debug metadata (stack traces with this checkout's absolute
     paths, fx names): the graph, and so the bundle version, then depends on the weights alone, not
     on the directory the export ran in."""
@@ -276,6 +310,7 @@ def _drop_debug_metadata(path: Path) -> None:
     for value in model.graph.value_info:
         del value.metadata_props[:]
     onnx.save(model, str(path))
+    return model
 
 
 @contextlib.contextmanager

@@ -145,7 +145,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory written by vae-train?")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+    return TrainConfig.from_dict(read_json_object(path))
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module) -> None:
@@ -182,8 +182,18 @@ def load_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return {}
-    metrics: dict[str, Any] = json.loads(path.read_text())
-    return metrics
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file for anything else in it."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def save_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -256,12 +256,82 @@ def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
         assert {b for g, b in seen if g == graph} >= {1, 7, 256, exporter.TRACE_BATCH_SIZE}
 
 
-def test_a_failed_export_over_an_old_bundle_leaves_no_model_json(
-    vae_bundle: Path, vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(
+    ae_bundle: Path, vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = tmp_path / "bundle"
-    shutil.copytree(vae_bundle, bundle)
+    shutil.copytree(ae_bundle, bundle)
+    before = {path.name: path.read_bytes() for path in bundle.iterdir()}
     monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
-    with pytest.raises(ExportError):
+
+    with pytest.raises(ExportError, match="differs from PyTorch"):
         export_run(vae_run_dir, bundle)
-    assert not (bundle / "model.json").exists()
+
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before  # nothing left behind
+    assert ModelBundle.load(bundle).spec.kind == "ae"
+
+
+def test_a_disk_that_fills_during_an_export_leaves_the_bundle_as_it_was_and_names_the_folder(
+    ae_bundle: Path, vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ae_bundle, bundle)
+    before = {path.name: path.read_bytes() for path in bundle.iterdir()}
+
+    def disk_full(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # model.json, the last file written
+
+    with pytest.raises(ExportError, match=f"{bundle}: cannot write the bundle .*No space left on device"):
+        export_run(vae_run_dir, bundle)
+
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before
+    assert ModelBundle.load(bundle).spec.kind == "ae"
+
+
+def test_an_export_replaces_the_bundles_files_rather_than_writing_through_their_links(
+    ae_bundle: Path, vae_run_dir: Path, tmp_path: Path
+) -> None:
+    bundle, snapshot = tmp_path / "bundle", tmp_path / "snapshot"
+    shutil.copytree(ae_bundle, bundle)
+    snapshot.mkdir()
+    for path in bundle.iterdir():  # as `cp -al` or `rsync --link-dest` keep an earlier version
+        (snapshot / path.name).hardlink_to(path)
+
+    export_run(vae_run_dir, bundle)
+
+    assert ModelBundle.load(bundle).spec.kind == "vae"
+    assert ModelBundle.load(snapshot).spec.kind == "ae"
+    assert sorted(path.name for path in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [('{"final": ', "not valid JSON"), ("[]", "expected a JSON object, found list")]
+)
+def test_a_run_whose_metrics_cannot_be_read_is_refused_before_the_bundle_is_touched(
+    vae_bundle: Path, vae_run_dir: Path, tmp_path: Path, content: str, reason: str
+) -> None:
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    shutil.copytree(vae_run_dir, run)
+    shutil.copytree(vae_bundle, bundle)
+    (run / "metrics.json").write_text(content)
+
+    with pytest.raises(ExportError, match=f"{run}/metrics.json: {reason}"):
+        export_run(run, bundle)
+
+    assert ModelBundle.load(bundle).spec.version == ModelBundle.load(vae_bundle).spec.version
+
+
+def test_model_json_records_the_opset_the_graphs_were_written_in(
+    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Asked for opset 13, torch's converter cannot convert its graph down and keeps the 18 it wrote.
+    monkeypatch.setattr(exporter, "OPSET", 13)
+
+    spec = export_run(vae_run_dir, tmp_path / "bundle")
+
+    for graph in (spec.encoder, spec.decoder):
+        model = onnx.load(str(tmp_path / "bundle" / graph.file))
+        assert {graph.opset} == {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
