@@ -326,6 +326,30 @@ def test_a_sample_stream_resumed_on_a_replica_of_another_model_stops_instead_of_
     assert first.offset == 0
 
 
+def test_an_async_sample_stream_resumed_on_a_replica_of_another_model_stops_instead_of_mixing_the_two(
+    vae_bundle: Path, int8_vae_bundle: Path
+) -> None:
+    servers = [ServerThread(vae_bundle)]
+    port = servers[0].server.port
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.05, max_backoff_s=0.5)
+
+    async def scenario() -> int:
+        async with AsyncVaeClient(f"127.0.0.1:{port}", retry=policy) as client:
+            chunks = client.sample_stream(100, seed=5)
+            first = await anext(chunks)
+            servers[0].stop(grace_s=0)
+            servers.append(ServerThread(int8_vae_bundle, port=port))
+            with pytest.raises(VaeClientError, match="resumed on a replica serving another decoder"):
+                _ = [chunk async for chunk in chunks]
+            return first.offset
+
+    try:
+        assert asyncio.run(scenario()) == 0
+    finally:
+        for server in servers:
+            server.stop(grace_s=0)
+
+
 def requests_served(server: ServerThread) -> float:
     value = server.server.metrics.registry.get_sample_value(
         "vae_requests_total", {"rpc": "GetModelInfo", "code": "OK"}

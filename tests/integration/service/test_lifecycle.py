@@ -199,6 +199,34 @@ def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
     assert not stopper.is_alive()
 
 
+def test_calls_still_running_when_the_grace_period_ends_are_cut_unavailable_and_counted_so(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_busy_server(vae_bundle, start_server_thread)
+    metrics = server.server.metrics
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 0.5})
+        with held_decoder(server):
+            running, queued = queue_behind_busy_batch(
+                server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=30
+            )
+            stopper.start()
+            deadline = time.monotonic() + 30
+            while not server.server.servicer.grace_over:
+                assert time.monotonic() < deadline, "the grace period never ended"
+                time.sleep(0.001)
+        stopper.join(timeout=60)
+        for call in (running, queued):
+            with pytest.raises(grpc.RpcError) as cut:
+                call.result(timeout=30)
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+    cut_calls = metrics.registry.get_sample_value(
+        "vae_requests_total", {"rpc": "Sample", "code": "UNAVAILABLE"}
+    )
+    assert cut_calls == 2
+
+
 def test_a_call_outlives_its_connections_maximum_age_whatever_the_grace_period(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from service import codec
 from tests.conftest import ServerThread
@@ -201,6 +205,40 @@ def test_a_stream_of_requests_larger_than_a_share_of_the_queue_is_not_refused_on
     assert len(answers) == 6 and len({a.mean.data for a in answers}) == 1
 
 
+def test_an_encode_stream_is_read_at_most_four_requests_ahead_of_its_answers(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    """docs/api.md: a client may send as fast as it likes; the server holds no more than 4 of its requests."""
+    server = start_server_thread(vae_bundle)
+    encoder = server.server.model.encoder  # type: ignore[union-attr]
+    release, submitted = threading.Event(), []
+    infer, submit = encoder._infer, encoder.submit
+
+    def held(rows: np.ndarray) -> Any:
+        release.wait(30)
+        return infer(rows)
+
+    async def counted(rows: np.ndarray, deadline: float | None = None) -> Any:
+        submitted.append(len(rows))
+        return await submit(rows, deadline)
+
+    encoder._infer, encoder.submit = held, counted  # type: ignore[method-assign]
+    request = vae_pb2.EncodeRequest(images=codec.to_tensor(np.zeros((1, 28, 28), np.uint8)))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            answers = vae_pb2_grpc.VaeServiceStub(channel).EncodeStream(iter([request] * 10), timeout=60)
+            deadline = time.monotonic() + 30
+            while len(submitted) < 4:
+                assert time.monotonic() < deadline, f"only {len(submitted)} requests reached the encoder"
+                time.sleep(0.01)
+            time.sleep(0.5)  # the other six have arrived by now, and wait unread
+            assert len(submitted) == 4
+            release.set()
+            assert len(list(answers)) == 10
+    finally:
+        release.set()
+
+
 def test_a_request_of_max_request_rows_float32_images_is_received_whatever_the_queue_size(
     vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:
@@ -215,10 +253,11 @@ def test_a_request_of_max_request_rows_float32_images_is_received_whatever_the_q
     assert array(answer.mean).shape[0] == rows
 
 
-def test_an_ae_bundle_encodes_to_mean_alone(
-    ae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+def test_an_ae_bundle_encodes_to_mean_alone_and_the_server_warns_that_its_samples_are_poor(
+    ae_bundle: Path, start_server_thread: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_server_thread(ae_bundle)
+    assert "Sample decodes z ~ N(0, I), a prior the AE was never trained on" in caplog.text
     with grpc.insecure_channel(server.target) as channel:
         ae = vae_pb2_grpc.VaeServiceStub(channel)
         assert ae.GetModelInfo(vae_pb2.GetModelInfoRequest()).kind == "ae"

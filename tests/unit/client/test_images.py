@@ -128,7 +128,12 @@ def test_nan_or_out_of_range_pixels_are_found_in_any_block_of_a_large_file(
 ) -> None:
     monkeypatch.setattr(client.images, "_CHECK_ROWS", 4)  # the checks run 4 rows at a time
     images = np.full((10, 28, 28), 0.5, np.float32)
-    for row, value, expected in [(9, np.nan, "NaN or Inf"), (5, 1.5, "values from 0.5 to 1.5")]:
+    cases = [
+        (9, np.nan, "NaN or Inf"),
+        (5, 1.5, "values from 0.5 to 1.5"),
+        (2, -0.5, "values from -0.5 to 0.5"),
+    ]
+    for row, value, expected in cases:
         bad = images.copy()
         bad[row, 3, 3] = value
         np.save(tmp_path / "bad.npy", bad)
@@ -194,6 +199,12 @@ def test_a_folder_of_one_png_names_its_file_and_a_lone_png_file_names_none(
     write_pngs(tmp_path / "pngs", digits[:1])
     assert read_images(tmp_path / "pngs").names == ("digit-00.png",)
     assert read_images(tmp_path / "pngs" / "digit-00.png").names == ()
+
+
+def test_a_folder_without_pngs_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: no 28x28 grey PNG images in this folder"):
+        read_images(tmp_path / "empty")
 
 
 def test_a_png_folder_reads_in_name_order(tmp_path: Path, digits: np.ndarray) -> None:

@@ -80,12 +80,28 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
             lambda s: s["graphs"]["decoder"].update(precision="int8-dynamic"),
             "'int8-dynamic' is no longer served, as its pixels depend on the rows batched with them; export",
         ),
+        (lambda s: s.update(image_shape=[1, 32, 32]), "image_shape [1, 32, 32], expected [1, 28, 28]"),
+        (
+            lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(dtype="float16"),
+            "dtype 'float16', expected 'float32'",
+        ),
     ],
 )
 def test_a_model_json_off_the_contract_is_refused(
     bundle_copy: Path, edit: Callable[[dict[str, Any]], None], message: str
 ) -> None:
     edit_model_json(bundle_copy, edit)
+    with pytest.raises(BundleError) as error:
+        ModelBundle.load(bundle_copy)
+    assert "model.json" in str(error.value)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [("{", "not readable JSON"), ("[]", "expected a JSON object")])
+def test_a_model_json_that_is_not_a_json_object_is_refused_by_name(
+    bundle_copy: Path, text: str, message: str
+) -> None:
+    (bundle_copy / "model.json").write_text(text)
     with pytest.raises(BundleError) as error:
         ModelBundle.load(bundle_copy)
     assert "model.json" in str(error.value)
@@ -107,6 +123,23 @@ def test_a_graph_that_is_not_what_model_json_says_fails_when_loaded(
     bundle = ModelBundle.load(bundle_copy)
     with pytest.raises(BundleError, match=r"encoder\.onnx: outputs \['mean'\], but model\.json declares"):
         Runtime(bundle, "cpu")
+
+
+def test_a_graph_of_other_shapes_than_model_json_says_fails_when_loaded(bundle_copy: Path) -> None:
+    # latent_dim 3 throughout model.json, over graphs whose codes are 2 wide.
+    def widen(spec: dict[str, Any]) -> None:
+        spec["latent_dim"] = 3
+        for graph in spec["graphs"].values():
+            for tensor in [*graph["inputs"].values(), *graph["outputs"].values()]:
+                if tensor["shape"] == ["N", 2]:
+                    tensor["shape"] = ["N", 3]
+
+    edit_model_json(bundle_copy, widen)
+    with pytest.raises(
+        BundleError,
+        match=r"encoder\.onnx: output 'mean' has shape \['N', 2\], but model\.json declares \['N', 3\]",
+    ):
+        Runtime(ModelBundle.load(bundle_copy), "cpu")
 
 
 def test_a_graph_of_another_element_type_fails_when_loaded(bundle_copy: Path) -> None:

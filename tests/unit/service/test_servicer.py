@@ -172,6 +172,23 @@ def test_a_failed_call_sets_its_status_for_grpc_to_send_and_is_counted_once() ->
     assert requests("vae_requests_total", {"rpc": "Decode", "code": "INVALID_ARGUMENT"}) == 1
 
 
+def test_an_unexpected_fault_is_internal_naming_only_its_kind_and_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+    context = _Context(30.0)
+
+    async def broken() -> vae_pb2.DecodeResponse:
+        raise RuntimeError("a detail for the server's log, not for the client")
+
+    asyncio.run(_observe(servicer, "Decode", context, broken(), vae_pb2.DecodeResponse))
+
+    assert context.status == [grpc.StatusCode.INTERNAL, "internal error: RuntimeError"]
+    requests = servicer.metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "INTERNAL"}) == 1
+    assert "Decode failed" in caplog.text and "a detail for the server's log" in caplog.text
+
+
 def test_a_failure_that_finds_its_call_past_its_deadline_is_counted_and_ends_as_cancelled() -> None:
     """The batcher's deadline is gRPC's own: the two race, and gRPC may end the call first. A status
     sent then would fail, and gRPC would log that with its traceback as a servicer failure."""

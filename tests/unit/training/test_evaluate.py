@@ -115,26 +115,40 @@ def test_the_importance_weighted_bound_is_tighter_than_the_elbo(runs: dict[str, 
     assert (terms["kl"] >= 0).all()
 
 
-class _PriorPosteriorAndBlindDecoder:
-    """q(z|x) = p(z) = N(0, I), and a decoder whose logits do not depend on z: every importance
-    weight is then p(x), and the bound is exact."""
+class _BlindDecoder:
+    """q(z|x) = N(mean, exp(log_var) I), and a decoder whose logits do not depend on z: p(x) is then
+    p(x|z) for any z, whatever the posterior."""
 
-    def __init__(self) -> None:
+    def __init__(self, mean: float = 0.0, log_var: float = 0.0) -> None:
         self.decoder = self
+        self.mean, self.log_var = mean, log_var
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(len(x), 2), torch.zeros(len(x), 2)
+        return torch.full((len(x), 2), self.mean), torch.full((len(x), 2), self.log_var)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return torch.full((len(z), 1, 28, 28), 0.3)
 
 
 def test_where_every_importance_weight_is_the_same_the_bound_equals_the_elbo() -> None:
+    # With q(z|x) = p(z) every importance weight is p(x), and the bound is exact.
     images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
-    model: Any = _PriorPosteriorAndBlindDecoder()
+    model: Any = _BlindDecoder()
     terms = vae_likelihood(model, images, 64, torch.Generator().manual_seed(0), torch.device("cpu"))
     np.testing.assert_allclose(terms["kl"], 0.0, atol=1e-12)
     np.testing.assert_allclose(terms["iw_nll"], terms["recon"], rtol=1e-9)  # log(64) would show
+
+
+def test_the_bound_weighs_each_sample_by_prior_over_posterior_so_it_finds_p_x_where_the_elbo_pays_kl() -> (
+    None
+):
+    # A posterior away from the prior, wider than it: the ELBO is KL above -log p(x), while the
+    # importance weights p(z)/q(z|x) average to 1 and the bound comes back to -log p(x|z) = -log p(x).
+    images = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    model: Any = _BlindDecoder(mean=0.5, log_var=0.5)
+    terms = vae_likelihood(model, images, 8192, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert (terms["kl"] > 0.1).all()
+    np.testing.assert_allclose(terms["iw_nll"], terms["recon"], atol=0.1)
 
 
 def test_the_training_images_are_read_from_data_dir_when_it_names_the_runs_dataset() -> None:
