@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import servers
-from bench.loadgen import closed_loop, process_tree_cpu_s
+from bench.loadgen import UNANSWERED_LIMIT_S, closed_loop, process_tree_cpu_s
 from bench.suite import naive_argv, service_argv
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from vae.v1 import vae_pb2_grpc
@@ -58,7 +58,7 @@ async def measure(
     async with channel(server.target) as chan:
         stub = vae_pb2_grpc.VaeServiceStub(chan)
         for shape, concurrency in cells:
-            await request_factory(stub, shape, latent_dim)(0)()
+            await asyncio.wait_for(request_factory(stub, shape, latent_dim)(0)(), UNANSWERED_LIMIT_S)
             window = await closed_loop(
                 request_factory(stub, shape, latent_dim),
                 concurrency=concurrency,

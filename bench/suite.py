@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import ceiling, levers, quantize, report, servers, targets
-from bench.loadgen import closed_loop, process_tree_cpu_s
+from bench.loadgen import UNANSWERED_LIMIT_S, closed_loop, process_tree_cpu_s
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from service.settings import Settings
 from vae.v1 import vae_pb2_grpc
@@ -213,7 +213,7 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
         stub = vae_pb2_grpc.VaeServiceStub(chan)
         # Warm-up: every shape once, so that lazy set-up and first allocations are behind us.
         for shape in dict.fromkeys(shape for shape, _ in sweep.cells):
-            await request_factory(stub, shape, latent_dim)(0)()
+            await asyncio.wait_for(request_factory(stub, shape, latent_dim)(0)(), UNANSWERED_LIMIT_S)
         result["rss_after_warmup_mb"] = round(server.rss_bytes() / 2**20, 1)
         for shape, concurrency in sweep.cells:
             window = await closed_loop(
@@ -691,9 +691,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: Row = {}
     try:
         run(args.bundle, plan, args.work_dir, results)
-    finally:  # what was measured before a failure is kept; the doc's tables are not touched then
-        (args.work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.work_dir / 'results.json'}", flush=True)
+    except BaseException:
+        # What was measured before the failure is kept beside, not over, the last finished run's
+        # results.json, which the doc's tables (untouched here) were made from.
+        partial = args.work_dir / "results.partial.json"
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"failed; what was measured before is in {partial}", flush=True)
+        raise
+    (args.work_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.work_dir / 'results.json'}", flush=True)
     if args.doc:
         report.update(args.doc, results)
         print(f"wrote {args.doc}", flush=True)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "version": spec.version,
         "kind": spec.kind,
         "latent_dim": spec.latent_dim,
-        "opset": OPSET,
+        "opset": spec.encoder.opset,
         "parity_max_abs_diff": spec.export["parity_max_abs_diff"],
         "decoder_precision": spec.decoder.precision,
     }

@@ -189,6 +189,8 @@ def export_run(
         # are replaced, never written through, so hard links and symlinks into other bundles keep
         # those bundles' graphs. Inside the bundle's folder, it is on the same file system.
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=bundle_dir))
+        # Readable like the bundle, should a killed export leave it behind to be copied along with it.
+        staging.chmod(0o755)
     except OSError as error:  # a file of that name, say
         raise ExportError(f"{bundle_dir}: cannot make the bundle folder ({error})") from error
     try:
@@ -201,6 +203,8 @@ def export_run(
             (staging / file).replace(bundle_dir / file)
     except OSError as error:
         raise ExportError(f"{bundle_dir}: cannot write the bundle ({error})") from error
+    except (ExportError, BundleError) as error:  # named by the files they are about, not by staging's
+        raise ExportError(str(error).replace(str(staging), str(bundle_dir))) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return bundle

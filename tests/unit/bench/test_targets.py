@@ -178,7 +178,7 @@ def test_a_server_that_hangs_or_drops_a_stream_ends_its_target_not_the_run(
     assert recorded in measured[0]["error"]
 
 
-def test_the_suite_keeps_what_it_measured_when_a_stage_fails(
+def test_a_failed_run_keeps_what_it_measured_beside_the_last_finished_runs_results(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     bundle = tmp_path / "bundle"
@@ -194,11 +194,13 @@ def test_the_suite_keeps_what_it_measured_when_a_stage_fails(
     monkeypatch.setattr(suite, "run", fails_in_the_second_stage)
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("prose\n")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "results.json").write_text('{"the last": "finished run"}')
 
     with pytest.raises(servers.ServerFailed, match="mid-run"):
         suite.main(["--bundle", str(bundle), "--work-dir", str(tmp_path / "work"), "--doc", str(doc)])
 
-    assert (
-        json.loads((tmp_path / "work" / "results.json").read_text())["ceilings"][0]["items_per_s"] == 9000.0
-    )
+    partial = json.loads((tmp_path / "work" / "results.partial.json").read_text())
+    assert partial["ceilings"][0]["items_per_s"] == 9000.0
+    assert json.loads((tmp_path / "work" / "results.json").read_text()) == {"the last": "finished run"}
     assert doc.read_text() == "prose\n"

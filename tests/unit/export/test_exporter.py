@@ -264,7 +264,7 @@ def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(
     before = {path.name: path.read_bytes() for path in bundle.iterdir()}
     monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
 
-    with pytest.raises(ExportError, match="differs from PyTorch"):
+    with pytest.raises(ExportError, match=f"^{bundle}/encoder.onnx: output 'mean' differs from PyTorch"):
         export_run(vae_run_dir, bundle)
 
     assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before  # nothing left behind
@@ -324,14 +324,16 @@ def test_a_run_whose_metrics_cannot_be_read_is_refused_before_the_bundle_is_touc
     assert ModelBundle.load(bundle).spec.version == ModelBundle.load(vae_bundle).spec.version
 
 
-def test_model_json_records_the_opset_the_graphs_were_written_in(
-    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_model_json_and_the_summary_give_the_opset_the_graphs_were_written_in(
+    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Asked for opset 13, torch's converter cannot convert its graph down and keeps the 18 it wrote.
     monkeypatch.setattr(exporter, "OPSET", 13)
 
-    spec = export_run(vae_run_dir, tmp_path / "bundle")
+    assert export_main([str(vae_run_dir), "--out", str(tmp_path / "bundle")]) == 0
 
+    spec = ModelBundle.load(tmp_path / "bundle").spec
     for graph in (spec.encoder, spec.decoder):
         model = onnx.load(str(tmp_path / "bundle" / graph.file))
-        assert {graph.opset} == {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")}
+        assert {graph.opset} == {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    assert json.loads(capsys.readouterr().out)["opset"] == 18
