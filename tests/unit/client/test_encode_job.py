@@ -107,6 +107,15 @@ def test_a_resume_starts_over_on_what_a_run_killed_before_its_manifest_left(tmp_
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST]
 
 
+def test_what_a_run_killed_before_its_manifest_left_is_not_touched_without_resume(tmp_path: Path) -> None:
+    job = settings(tmp_path)
+    job.output.mkdir()
+    (job.output / "rejected.txt.tmp").write_text("half written")
+    with pytest.raises(JobError, match=r"not empty and holds no manifest \(it holds rejected.txt.tmp\)"):
+        prepare_output(job.output, job, source(), manifest_for(job, source()))
+    assert [p.name for p in job.output.iterdir()] == ["rejected.txt.tmp"]
+
+
 def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_files(tmp_path: Path) -> None:
     job = settings(tmp_path, rows_per_shard=5, resume=True)
     committed = finished_output(job, source())
