@@ -91,11 +91,14 @@ def add_connection_arguments(
     )
     group.add_argument("--client-cert", type=Path, help="PEM certificate for mutual TLS (implies --tls)")
     group.add_argument("--client-key", type=Path, help="PEM private key for mutual TLS")
-    group.add_argument("--server-name", help="the name on the server's certificate, if not the target's host")
+    group.add_argument(
+        "--server-name", help="the name on the server's certificate, if not the target's host (implies --tls)"
+    )
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsOptions | None:
-    if not (args.tls or args.ca_cert or args.client_cert or args.client_key):
+    # Any flag that only means something over TLS turns it on, rather than being ignored in plaintext.
+    if not (args.tls or args.ca_cert or args.client_cert or args.client_key or args.server_name):
         return None
     return TlsOptions(
         root_certificates=args.ca_cert,

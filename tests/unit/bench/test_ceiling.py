@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from itertools import groupby
+from pathlib import Path
+
+import pytest
 
 from bench import ceiling
 
@@ -50,3 +53,26 @@ def test_side_by_side_threads_are_each_timed_to_their_own_last_call() -> None:
     one's second call, which ends at 0.38 s, the fast one would seem to make only 53."""
     measured = ceiling.throughput([_sleeper(0.01), _sleeper(0.19)], duration_s=0.2, warmup_s=0.0)
     assert 80 < measured.items_per_s < 110
+
+
+def test_the_cpu_cost_is_the_processs_cpu_milliseconds_per_image_not_per_call() -> None:
+    """Each call burns 4 ms of its thread's CPU and makes 2 images: 2 CPU ms an image."""
+
+    def two_images_for_4_cpu_ms() -> int:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.004:
+            pass
+        return 2
+
+    measured = ceiling.throughput([two_images_for_4_cpu_ms], duration_s=0.2, warmup_s=0.0)
+    assert 1.8 < measured.cpu_ms_per_item < 2.6
+
+
+def test_a_measurement_is_summarised_to_a_tenth_of_an_image_and_a_tenth_of_a_cpu_microsecond() -> None:
+    summary = ceiling.Measured("per-core", 1234.5678, 0.123456).summary()
+    assert summary == {"layout": "per-core", "items_per_s": 1234.6, "cpu_ms_per_item": 0.1235}
+
+
+def test_an_unknown_layout_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown layout 'two-threads'; expected one of \('default'"):
+        ceiling.layout_runs(Path("unused.onnx"), ceiling.decoder_feed(1, 2), "two-threads")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+import time
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +31,67 @@ def test_a_server_that_never_answers_ends_the_window_with_an_error_not_a_hang(
     hangs = r"requests still unanswered 0\.2 s after the window closed: the server hangs"
     with pytest.raises(TimeoutError, match=hangs):
         asyncio.run(asyncio.wait_for(window(), 5.0))
+
+
+@pytest.mark.parametrize(
+    ("values", "quantile", "expected"),
+    [
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 0.9, 5.0),  # rank ceil(4.5) = 5, of the values in order
+        ([5.0, 1.0, 4.0, 2.0, 3.0], 0.5, 3.0),  # rank ceil(2.5) = 3
+        ([float(v) for v in range(1, 11)], 0.91, 10.0),  # rank ceil(9.1) = 10, not 9
+        ([float(v) for v in range(1, 11)], 0.9, 9.0),
+        ([2.0, 1.0], 0.0, 1.0),  # rank at least 1: the smallest, not the last
+    ],
+)
+def test_a_percentile_is_the_value_at_rank_ceil_of_quantile_times_count(
+    values: list[float], quantile: float, expected: float
+) -> None:
+    assert loadgen.percentile(values, quantile) == expected
+
+
+def test_a_windows_summary_divides_by_its_duration_items_and_requests() -> None:
+    latencies = [float(v) for v in range(1, 11)]  # ms
+    window = loadgen.Window(
+        concurrency=4,
+        duration_s=2.0,
+        requests=10,
+        items=40,
+        errors={"UNAVAILABLE": 1},
+        latencies_ms=latencies,
+        server_cpu_s=0.5,
+        client_cpu_s=0.02,
+    )
+    assert window.summary() == {
+        "concurrency": 4,
+        "duration_s": 2.0,
+        "requests": 10,
+        "items": 40,
+        "items_per_s": 20.0,
+        "requests_per_s": 5.0,
+        "p50_ms": 5.0,
+        "p90_ms": 9.0,
+        "p99_ms": 10.0,
+        "errors": {"UNAVAILABLE": 1},
+        "server_cpu_ms_per_item": 12.5,  # 500 ms over 40 items
+        "client_cpu_ms_per_request": 2.0,  # 20 ms over 10 requests
+    }
+
+
+def test_a_window_without_items_or_cpu_samples_has_no_cpu_per_item() -> None:
+    idle = loadgen.Window(1, 1.0, 0, 0, {}, [], server_cpu_s=0.5, client_cpu_s=0.1)
+    assert idle.summary()["server_cpu_ms_per_item"] is None
+    assert idle.summary()["client_cpu_ms_per_request"] is None
+    assert loadgen.Window(1, 1.0, 3, 3, {}, [1.0] * 3).cpu_ms_per_item is None
+
+
+def test_the_cpu_seconds_of_a_process_are_its_user_and_system_time_in_seconds() -> None:
+    before = time.process_time()
+    while time.process_time() - before < 0.3:  # burn CPU so that the ticks add up to something
+        pass
+    assert loadgen.process_cpu_s(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
+
+
+def test_the_resident_memory_of_a_process_is_counted_in_bytes() -> None:
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    expected = resident_pages * resource.getpagesize()
+    assert loadgen.process_tree_rss_bytes(os.getpid()) == pytest.approx(expected, rel=0.005)

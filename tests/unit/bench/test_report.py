@@ -75,3 +75,116 @@ def test_the_peers_table_says_why_a_peer_is_missing_and_keeps_the_other_peers_ce
     assert (
         "The naive server: it failed, and the run went on without it: naive exited with -9 mid-run" in table
     )
+
+
+def _window(
+    rpc: str, per_request: int, items_per_s: float, dtype: str = "FLOAT32", **more: float
+) -> report.Row:
+    return {
+        "rpc": rpc,
+        "per_request": per_request,
+        "concurrency": 32,
+        "dtype": dtype,
+        "items_per_s": items_per_s,
+        **more,
+    }
+
+
+def test_the_peers_ratios_divide_the_services_speed_by_each_peers_on_float32_windows_only() -> None:
+    def peer(speed: float, p99: float, cpu: float) -> report.Row:
+        # A faster UINT8 window first: compared with it, every ratio would be off.
+        return {
+            "windows": [
+                _window("Sample", 1, 99_999.0, "UINT8", p99_ms=1.0, server_cpu_ms_per_item=0.01),
+                _window("Sample", 1, speed, p99_ms=p99, server_cpu_ms_per_item=cpu),
+            ]
+        }
+
+    results = {
+        "service": peer(2400.0, 20.0, 0.4),
+        "naive": peer(800.0, 30.0, 0.6),
+        "triton": peer(1200.0, 40.0, 0.8),
+    }
+
+    table = report.peers(results)
+
+    assert (
+        "| Sample | 1 | 32 | 2,400 | 800 | 1,200 | 3.00 | 2.00 | 20.0 | 30.0 | 40.0 | 0.4 | 0.6 | 0.8 |"
+        in table
+    )
+
+
+def test_encode_is_judged_against_the_encoders_ceiling_and_decode_against_the_decoders_at_their_rows() -> (
+    None
+):
+    results = {
+        "ceilings": [
+            {"graph": "encoder", "rows": 64, "layout": "1-thread", "items_per_s": 3000.0},
+            {"graph": "encoder", "rows": 64, "layout": "per-core", "items_per_s": 4000.0},
+            {"graph": "encoder", "rows": 256, "layout": "per-core", "items_per_s": 5000.0},
+            {"graph": "decoder", "rows": 64, "layout": "per-core", "items_per_s": 8000.0},
+            {"graph": "decoder", "rows": 256, "layout": "per-core", "items_per_s": 16000.0},
+        ],
+        "service": {
+            "windows": [
+                _window("Encode", 64, 2000.0),
+                _window("Decode", 64, 2000.0),
+                _window("Sample", 7, 100.0),
+                _window("Sample", 64, 4000.0),
+            ],
+            "stream": [
+                {
+                    "dtype": "UINT8",
+                    "images": 10_000,
+                    "chunk": 64,
+                    "seconds": 10.0,
+                    "items_per_s": 1000.0,
+                    "server_cpu_ms_per_item": 0.5,
+                }
+            ],
+        },
+    }
+
+    unary, sample, stream = (
+        report.service_unary(results),
+        report.service_sample(results),
+        report.stream(results),
+    )
+
+    assert unary.splitlines()[2].startswith("| Encode | 64 |") and unary.splitlines()[2].endswith("| 0.5 |")
+    assert unary.splitlines()[3].startswith("| Decode | 64 |") and unary.splitlines()[3].endswith("| 0.25 |")
+    assert sample.splitlines()[2].endswith("| - |")  # no decoder ceiling measured at 7 rows a call
+    assert sample.splitlines()[3].startswith("| Sample | 64 |") and sample.splitlines()[3].endswith("| 0.5 |")
+    # A stream is held to the encoder's best at any rows a call: 1,000 / 5,000.
+    assert stream.splitlines()[2] == "| service | UINT8 | 10,000 | 64 | 10.0 | 1,000 | 0.5 | 0.2 |"
+
+
+@pytest.mark.parametrize(
+    ("cold_s", "rss_mb", "met"),
+    [(1.49, 249.9, ("yes", "yes")), (1.5, 250.0, ("no", "no")), (None, None, ("-", "-"))],
+)
+def test_start_up_is_met_under_one_and_a_half_seconds_and_memory_under_250_mb(
+    cold_s: float | None, rss_mb: float | None, met: tuple[str, str]
+) -> None:
+    results = {"service_cold_start": {"median_s": cold_s}, "service": {"rss_after_warmup_mb": rss_mb}}
+    cold_row, rss_row = report.targets(results).splitlines()[2:]
+    assert cold_row.endswith(f"| < 1.5 s | {met[0]} |") and rss_row.endswith(f"| < 250 MB | {met[1]} |")
+
+
+def test_a_goals_ratio_is_shown_to_three_decimals_so_a_near_miss_does_not_round_up_to_the_goal() -> None:
+    row = {
+        "target": "Sample c=32 vs Triton",
+        "ours_median": 2990.0,
+        "theirs_median": 2000.0,
+        "ratio_median": 1.4948,
+        "ratio_low": 1.2,
+        "ratio_high": 1.7,
+        "rounds_met": 1,
+        "rounds": 3,
+        "goal": 1.5,
+        "met": False,
+        "failed_in_round": 2,
+    }
+    first = report.targets({"paired_targets": {"summary": [row]}}).splitlines()[2]
+    expected = "| Sample c=32 vs Triton (failed in round 2) | 2,990 | 2,000 | 1.495 | 1.200-1.700 | 1 of 3 |"
+    assert first == expected + " >= 1.5 | no |"

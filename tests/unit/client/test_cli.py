@@ -1,12 +1,19 @@
-"""`vae-client` and `vae-encode-job` flags that argument parsing refuses, naming the flag, before any call."""
+"""`vae-client` and `vae-encode-job` flags: those argument parsing refuses, naming the flag, before any
+call, and those it takes, each reaching the client, the call or the file it configures."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from PIL import Image
 
 from client import cli, encode_job
+from client.client import ModelInfo, RetryPolicy, SampleResult, TlsOptions
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -67,3 +74,108 @@ def test_attempts_below_one_are_refused_naming_the_flag(
 ) -> None:
     err = refusal(main, [*command, "--attempts", attempts], capsys)
     assert "argument --attempts: expected a whole number" in err and message in err
+
+
+INFO = ModelInfo(
+    name="vae",
+    version="1",
+    kind="vae",
+    latent_dim=2,
+    image_shape=(1, 28, 28),
+    execution_provider="CPUExecutionProvider",
+    max_batch_size=16,
+    max_samples=1024,
+    encoder_sha256="ab" * 32,
+    decoder_sha256="cd" * 32,
+    decoder_precision="float32",
+    max_request_rows=4096,
+)
+
+
+class FakeClient:
+    """Stands in for VaeClient, whose calls need a server: keeps what vae-client built it with and the
+    image dtype each call asked for, and answers with black images of that dtype."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        self.target, self.options = target, options
+        self.dtypes: list[str] = []
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def model_info(self) -> ModelInfo:
+        return INFO
+
+    def decode(self, latents: npt.NDArray[Any], *, output_dtype: str) -> npt.NDArray[Any]:
+        self.dtypes.append(output_dtype)
+        return np.zeros((len(latents), 1, 28, 28), output_dtype)
+
+    def sample(self, num_samples: int, *, output_dtype: str, **options: Any) -> SampleResult:
+        self.dtypes.append(output_dtype)
+        images = np.zeros((num_samples, 1, 28, 28), output_dtype)
+        return SampleResult(images, np.zeros((num_samples, 2), np.float32), seed=1)
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
+    """The clients vae-client makes, in order, in place of real ones."""
+    made: list[FakeClient] = []
+
+    def make(target: str, **options: Any) -> FakeClient:
+        made.append(FakeClient(target, **options))
+        return made[-1]
+
+    monkeypatch.setattr(cli, "VaeClient", make)
+    return made
+
+
+def test_connection_flags_reach_the_client_and_a_client_certificate_turns_tls_on(
+    clients: list[FakeClient],
+) -> None:
+    argv = ["info", "--target", "vae.example:443", "--timeout", "4.5", "--attempts", "2"]
+    flags = ["--client-cert", "me.pem", "--client-key", "me.key", "--server-name", "vae.internal"]
+    assert cli.main([*argv, *flags]) == 0
+    (client,) = clients
+    assert client.target == "vae.example:443"
+    assert client.options == {
+        "tls": TlsOptions(
+            certificate_chain=Path("me.pem"), private_key=Path("me.key"), server_name_override="vae.internal"
+        ),
+        "timeout_s": 4.5,
+        "retry": RetryPolicy(max_attempts=2),
+    }
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--tls"],
+        ["--ca-cert", "ca.pem"],
+        ["--client-cert", "me.pem"],
+        ["--client-key", "me.key"],
+        ["--server-name", "vae.internal"],
+    ],
+)
+def test_each_tls_flag_turns_tls_on_and_without_one_the_channel_is_plaintext(flag: list[str]) -> None:
+    parser = cli.build_parser()
+    assert cli.tls_from_args(parser.parse_args(["info", *flag])) is not None
+    assert cli.tls_from_args(parser.parse_args(["info"])) is None
+
+
+@pytest.mark.parametrize(
+    ("command", "dtype"),
+    [(["sample", "-n", "6"], "float32"), (["decode", "--input", "{dir}/latents.npy"], "uint8")],
+)
+def test_dtype_reaches_the_call_and_columns_the_grid_it_writes(
+    tmp_path: Path, clients: list[FakeClient], command: list[str], dtype: str
+) -> None:
+    """Each command's dtype other than its default; 6 images 2 wide, where the default grid is 3 wide."""
+    np.save(tmp_path / "latents.npy", np.zeros((6, 2), np.float32))
+    argv = [arg.format(dir=tmp_path) for arg in command]
+    assert cli.main([*argv, "--dtype", dtype, "--columns", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    (client,) = clients
+    assert client.dtypes == [dtype]
+    assert Image.open(tmp_path / "grid.png").size == (2 * 30 + 2, 3 * 30 + 2)

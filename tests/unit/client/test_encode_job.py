@@ -1,9 +1,11 @@
-"""The encode job's bookkeeping without a server: request plans, resume checks, output preparation."""
+"""The encode job's bookkeeping without a server: request plans, resume checks, output preparation,
+and the flags that reach the client and its stream."""
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 
 from client import encode_job
-from client.client import EncodeResult
+from client.client import EncodeResult, TlsOptions
 from client.encode_job import (
+    JOB_RETRY,
     EncodeJob,
     JobError,
     JobSettings,
@@ -270,3 +273,63 @@ def test_answers_of_the_wrong_shape_stop_the_job_before_a_shard_is_written(
     with pytest.raises(JobError, match=r"means of shape \[4, 1\], expected \[4, 2\]"):
         EncodeJob(settings, log=io.StringIO()).run()
     assert not list((tmp_path / "out").glob("shard-*"))
+
+
+class Recorder(WrongWidth):
+    """A client whose service answers every row, keeping what the job built it with and streamed with."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        self.options = {**self.options, **options}
+        for images in requests:
+            zeros = np.zeros((len(images), 2), np.float32)
+            yield EncodeResult(zeros, zeros, str(MODEL["encoder_sha256"]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            [],
+            {
+                "tls": None,
+                "timeout_s": 30.0,
+                "retry": JOB_RETRY,
+                "max_in_flight": 4,
+                "answer_timeout_s": 120.0,
+            },
+        ),
+        (
+            [
+                *("--timeout", "7.5", "--attempts", "3", "--max-in-flight", "2", "--answer-timeout", "0.25"),
+                *("--ca-cert", "ca.pem", "--server-name", "vae.internal"),
+            ],
+            {
+                "tls": TlsOptions(root_certificates=Path("ca.pem"), server_name_override="vae.internal"),
+                "timeout_s": 7.5,
+                "retry": replace(JOB_RETRY, max_attempts=3),  # the job's long backoff kept
+                "max_in_flight": 2,
+                "answer_timeout_s": 0.25,
+            },
+        ),
+    ],
+)
+def test_connection_and_stream_flags_reach_the_client_and_its_stream_in_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], expected: dict[str, Any]
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    made: list[Recorder] = []
+
+    def make(target: str, **options: Any) -> Recorder:
+        made.append(Recorder(target, **options))
+        return made[-1]
+
+    monkeypatch.setattr(encode_job, "VaeClient", make)
+    argv = ["--target", "t", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress", *flags]) == 0
+    (client,) = made
+    assert client.options == expected
+    assert read_manifest(tmp_path / "out")["complete"] is True

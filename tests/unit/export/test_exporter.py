@@ -240,6 +240,16 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+def test_the_clis_quantize_decoder_reaches_the_exporter_which_refuses_it_for_an_ae(
+    ae_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exporter's refusal is the cheap proof that the flag got there: without it, the AE exports."""
+    argv = [str(ae_run_dir), "--out", str(tmp_path / "bundle"), "--quantize-decoder", "int8-static"]
+    assert export_main(argv) == 1
+    assert "an AE's decoder is not quantized, because its codes do not follow" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
     vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,13 +1,20 @@
-"""Settings: flags over VAE_SERVE_* variables over defaults, validated once."""
+"""Settings: flags over VAE_SERVE_* variables over defaults, validated once, and handed on to the
+model as the units its parts take."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from service import server
 from service import settings as settings_module
+from service.metrics import ServiceMetrics
+from service.model import BatchingSettings, VaeModel
+from service.runtime import ThreadSettings
 from service.settings import Settings, usable_cpus
 
 
@@ -19,6 +26,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.max_batch_size == 16
     assert settings.inference_nice == 0
     assert settings.pin_inference_threads == "auto"
+    assert (settings.metrics_host, settings.intra_op_threads, settings.max_queue_delay_ms) == (None, 1, 2.0)
 
 
 def test_environment_variables_fill_in_and_flags_win() -> None:
@@ -79,6 +87,9 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least max_batch_size"),
         (["--max-queue-size", "512", "--max-samples", "1024"], {}, "expected at least max_samples (1024)"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
+        (["--metrics-port", "65536"], {}, "metrics_port 65536: expected 0 to 65535"),
+        (["--metrics-port", "-1"], {}, "metrics_port -1: expected 0 to 65535"),
+        (["--max-samples", "0"], {}, "max_samples 0: expected at least 1"),
         (["--max-queue-size", "700000"], {}, "expected at most 684000, as a request of that many FLOAT32"),
         (["--inference-nice", "20"], {}, "inference_nice 20: expected 0 to 19"),
         (["--inference-nice", "-1"], {}, "inference_nice -1: expected 0 to 19"),
@@ -90,6 +101,7 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         # Beyond these, onnxruntime hangs on a process out of threads, and gRPC's 32-bit milliseconds
         # overflow or round a connection's age to 0.
         (["--intra-op-threads", "40000"], {}, "intra_op_threads 40000: expected 0 to 1024"),
+        (["--intra-op-threads", "-1"], {}, "intra_op_threads -1: expected 0 to 1024"),
         (["--max-concurrent-batches", "100000"], {}, "max_concurrent_batches 100000: expected 0 to 1024"),
         (["--max-connection-age-s", "0.0001"], {}, "expected 0 (never) or 1 to 2147483 seconds"),
         (["--max-connection-age-s", "3000000"], {}, "max_connection_age_s 3000000.0: expected 0 (never)"),
@@ -101,6 +113,51 @@ def test_bad_values_are_refused_with_what_was_expected(
     with pytest.raises(SystemExit):
         Settings.from_args(["--model-dir", "bundle", *argv], environ)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--max-queue-delay-ms", "7.5", 7.5),
+        ("--intra-op-threads", "3", 3),
+        ("--metrics-host", "127.0.0.2", "127.0.0.2"),
+        ("--metrics-port", "65535", 65535),
+        ("--max-samples", "1", 1),
+    ],
+)
+def test_a_flag_and_its_variable_set_the_setting_of_its_name(flag: str, value: str, expected: object) -> None:
+    name = flag.removeprefix("--").replace("-", "_")
+    assert getattr(Settings.from_args(["--model-dir", "bundle", flag, value], {}), name) == expected
+    environ = {"VAE_SERVE_" + name.upper(): value}
+    assert getattr(Settings.from_args(["--model-dir", "bundle"], environ), name) == expected
+
+
+def test_the_model_is_loaded_with_the_queue_delay_in_seconds_and_the_other_settings_as_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What build_model hands VaeModel.load; the load itself needs a trained bundle (a minute here)."""
+    loaded: dict[str, Any] = {}
+    monkeypatch.setattr(VaeModel, "load", lambda *args, **options: loaded.update(args=args, **options))
+    flags = ["--max-queue-delay-ms", "7.5", "--intra-op-threads", "3", "--max-batch-size", "8"]
+    flags += ["--max-queue-size", "2048", "--max-samples", "512", "--max-concurrent-batches", "2"]
+    settings = Settings.from_args(["--model-dir", "bundle", "--device", "cpu", *flags], {})
+    metrics = ServiceMetrics.create()
+    server.build_model(settings, metrics)
+    assert loaded == {
+        "args": (Path("bundle"),),
+        "device": "cpu",
+        "threads": ThreadSettings(intra_op_threads=3),
+        "batching": BatchingSettings(
+            max_batch_size=8,
+            max_queue_delay_s=0.0075,
+            max_queue_size=2048,
+            max_samples=512,
+            max_concurrent_batches=2,
+            worker_nice=settings.worker_nice,
+            worker_cpus=settings.worker_cpus,
+        ),
+        "metrics": metrics,
+    }
 
 
 @pytest.mark.parametrize(
@@ -204,6 +261,22 @@ def test_a_missing_tls_file_set_by_variable_is_refused_naming_the_flag_and_file(
         Settings.from_args(["--model-dir", "bundle"], environ)
     error = capsys.readouterr().err
     assert f"--tls-cert {tmp_path / 'missing.pem'}: cannot read the certificate chain (No such file" in error
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"), [(lambda path: None, "No such file"), (Path.mkdir, "Is a directory")]
+)
+def test_a_client_ca_that_cannot_be_read_is_refused_naming_the_flag_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], object], reason: str
+) -> None:
+    (tmp_path / "server.pem").write_text(FAKE_CERTIFICATE)
+    (tmp_path / "server.key").write_text(FAKE_KEY)
+    make(tmp_path / "ca.pem")
+    flags = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")]
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--model-dir", "bundle", *flags, "--tls-client-ca", str(tmp_path / "ca.pem")], {})
+    error = capsys.readouterr().err
+    assert f"--tls-client-ca {tmp_path / 'ca.pem'}: cannot read the CA bundle ({reason}" in error
 
 
 DIRECTORY = None  # a directory where the file should be

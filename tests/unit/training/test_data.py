@@ -133,3 +133,87 @@ def test_a_damaged_gzip_file_is_a_format_error_that_names_it(tmp_path: Path, dam
 def test_an_unknown_dataset_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="mnist-5k, mnist, fashion-mnist"):
         load_training_splits("cifar10")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_a_validation_fraction_outside_zero_to_one_is_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match=f"validation_fraction must be between 0 and 1, got {fraction}"):
+        load_training_splits("mnist-5k", validation_fraction=fraction)
+
+
+def test_a_limit_keeps_the_same_spread_of_every_digit_on_every_call() -> None:
+    """mnist-5k is sorted by digit: the first 1,000 images would be zeros and ones only."""
+    first_train, first_validation = load_training_splits("mnist-5k", limit=1000)
+    second_train, second_validation = load_training_splits("mnist-5k", limit=1000)
+    np.testing.assert_array_equal(first_train.images, second_train.images)
+    np.testing.assert_array_equal(first_validation.images, second_validation.images)
+    assert np.bincount(first_train.labels, minlength=10).min() > 50
+
+
+def test_a_limit_of_one_image_is_refused_as_too_small_to_split() -> None:
+    with pytest.raises(ValueError, match=r"limit must be at least 2 \(.*\), got 1"):
+        load_training_splits("mnist-5k", limit=1)
+
+
+def test_a_limited_idx_test_set_is_the_same_subset_every_time_in_the_files_order(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(30, seed=4)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    first, second = (load_test_set("mnist", tmp_path, limit=10) for _ in range(2))
+    np.testing.assert_array_equal(first.images, second.images)
+    rows = [row.tobytes() for row in (pixels / 255.0).astype(np.float32)]
+    positions = [rows.index(image[0].tobytes()) for image in first.images]
+    assert len(positions) == 10 and positions == sorted(positions) and positions != list(range(10))
+    np.testing.assert_array_equal(first.labels, labels[positions])
+
+
+@pytest.mark.parametrize(
+    ("dataset", "folder"),
+    [("mnist", "."), ("mnist", "MNIST/raw"), ("mnist", "raw"), ("fashion-mnist", "raw")],
+)
+def test_the_idx_files_are_found_flat_in_torchvisions_folder_or_in_raw(
+    tmp_path: Path, dataset: str, folder: str
+) -> None:
+    pixels, labels = fake_mnist(20, seed=5)
+    write_idx(tmp_path / folder / "t10k-images-idx3-ubyte", pixels, gzipped=False)
+    write_idx(tmp_path / folder / "t10k-labels-idx1-ubyte.gz", labels)
+    np.testing.assert_array_equal(load_test_set(dataset, tmp_path).labels, labels)
+
+
+def test_another_datasets_torchvision_folder_is_not_searched(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(20, seed=5)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(FileNotFoundError, match="FashionMNIST/raw/t10k-images-idx3-ubyte"):
+        load_test_set("fashion-mnist", tmp_path)
+
+
+@pytest.mark.parametrize("bad_label", [10, 255])
+def test_labels_that_are_not_digits_are_refused(tmp_path: Path, bad_label: int) -> None:
+    pixels, labels = fake_mnist(20, seed=6)
+    labels[7] = bad_label
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(ValueError, match=f"labels must be digits 0-9, found 0..{bad_label}"):
+        load_test_set("mnist", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("images", "type_code", "found"),
+    [
+        (np.zeros((20, 28, 28), dtype=">i2"), 0x0B, r"int16 \[20, 28, 28\]"),
+        (np.zeros((20, 28, 28), dtype=">f4"), 0x0D, r"float32 \[20, 28, 28\]"),
+        (np.zeros((20, 28, 27), dtype=np.uint8), 0x08, r"uint8 \[20, 28, 27\]"),
+        (np.zeros((20, 784), dtype=np.uint8), 0x08, r"uint8 \[20, 784\]"),
+    ],
+    ids=["int16", "float32", "27 wide", "flat"],
+)
+def test_images_that_are_not_uint8_28_by_28_are_refused(
+    tmp_path: Path, images: np.ndarray, type_code: int, found: str
+) -> None:
+    """Wider types would be divided by 255 as if they were bytes; another shape is not MNIST."""
+    header = bytes([0, 0, type_code, images.ndim]) + np.array(images.shape, dtype=">u4").tobytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", fake_mnist(20, seed=7)[1])
+    with pytest.raises(IdxFormatError, match=f"expected uint8 images of shape \\[N,28,28\\], got {found}"):
+        load_test_set("mnist", tmp_path)

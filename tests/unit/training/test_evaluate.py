@@ -14,14 +14,20 @@ import pytest
 import torch
 
 import training.evaluate as evaluate_module
-from training.data import load_test_set
+from training.data import ImageSet, load_test_set, load_training_splits
 from training.evaluate import (
     Evaluator,
+    _standard_error,
     centre_and_range,
     chi2_quantile,
+    class_probabilities,
+    decode,
+    encode,
     judge,
     main,
+    reconstruction_nll,
     spread_by_digit,
+    train_classifier,
     vae_likelihood,
 )
 from training.figures import manifold_edge, plane
@@ -372,3 +378,110 @@ def test_claim_one_judges_the_decodes_of_normal_points_as_prior_samples_and_of_t
 
     assert abs(prior.mean()) < 0.1 and abs(prior.std() - 1.0) < 0.1 and (kurtosis(prior) > 2.5).all()
     assert (kurtosis(box) < 2.2).all()  # uniform in the box the codes span
+    # The box is each dimension's own range of the test codes, filled to its edges.
+    cpu = torch.device("cpu")
+    codes, _ = encode(load_run(runs["ae"])[1], load_test_set("mnist-5k", limit=100).images, cpu)
+    low, high = codes.min(axis=0), codes.max(axis=0)
+    assert (box.min(axis=0) >= low).all() and (box.max(axis=0) <= high).all()
+    assert (box.max(axis=0) - box.min(axis=0) > 0.98 * (high - low)).all()
+
+
+def test_centre_and_range_of_four_codes_worked_by_hand() -> None:
+    # Squared norms 5, 8, 1 and 45 against chi-squared(2)'s 5.991: two of the four inside.
+    codes = np.array([[-1.0, 2.0], [2.0, 2.0], [1.0, 0.0], [6.0, 3.0]])
+    stats = centre_and_range(codes)
+    assert stats["mean"] == pytest.approx([2.0, 1.75])
+    assert stats["std"] == pytest.approx([math.sqrt(26 / 4), math.sqrt(4.75 / 4)])  # of the codes, not n-1
+    assert stats["mean_norm"] == pytest.approx(math.sqrt(4 + 1.75**2))
+    assert stats["min"] == [-1.0, 0.0] and stats["max"] == [6.0, 3.0]
+    assert stats["fraction_in_prior_95"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([], None),
+        ([5.0], None),
+        ([1.0, 3.0], 1.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0], math.sqrt(0.5)),
+        ([2.0] * 3, 0.0),
+    ],
+)
+def test_the_standard_error_is_the_sample_deviation_over_root_n_and_none_below_two_values(
+    values: list[float], expected: float | None
+) -> None:
+    assert _standard_error(np.array(values)) == (None if expected is None else pytest.approx(expected))
+
+
+def test_the_reconstruction_nll_is_the_bernoulli_nll_summed_over_each_images_pixels() -> None:
+    images = np.stack([np.ones((1, 28, 28)), np.zeros((1, 28, 28)), np.full((1, 28, 28), 0.5)])
+    probabilities = np.full_like(images, 0.8)
+    nll = reconstruction_nll(probabilities, images)
+    expected = [-784 * math.log(0.8), -784 * math.log(0.2), -392 * (math.log(0.8) + math.log(0.2))]
+    np.testing.assert_allclose(nll, expected, rtol=1e-9)
+
+
+def test_a_certainly_wrong_pixel_costs_a_finite_nll_from_probabilities_clamped_at_1e_7() -> None:
+    images = np.stack([np.ones((1, 28, 28)), np.zeros((1, 28, 28))])
+    certain_and_wrong = 1.0 - images
+    np.testing.assert_allclose(
+        reconstruction_nll(certain_and_wrong, images), -784 * math.log(1e-7), rtol=1e-6
+    )
+
+
+def test_confident_means_a_top_class_probability_above_0_9() -> None:
+    top = np.array([0.95, 0.91, 0.9, 0.85, 0.5])
+    probabilities = np.zeros((5, 10))
+    probabilities[:, 0], probabilities[:, 1] = top, 1.0 - top
+    assert judge(probabilities)["fraction_confident_90"] == pytest.approx(2 / 5)
+
+
+@pytest.mark.parametrize(("image_passes", "epochs"), [(30_000, 10), (230, 2), (20, 1)])
+def test_the_classifier_sees_about_its_image_passes_in_one_to_ten_epochs_and_reports_its_test_accuracy(
+    monkeypatch: pytest.MonkeyPatch, image_passes: int, epochs: int
+) -> None:
+    monkeypatch.setattr(evaluate_module, "CLASSIFIER_IMAGE_PASSES", image_passes)
+    train_set, _ = load_training_splits("mnist-5k", limit=128)
+    held_out = load_test_set("mnist-5k", limit=60)
+    # Half the test labels wrong: the accuracy is on these labels, not on the training images.
+    test = ImageSet(
+        held_out.images, np.where(np.arange(60) < 30, held_out.labels, (held_out.labels + 1) % 10)
+    )
+    cpu = torch.device("cpu")
+    trained = train_classifier(train_set, test, cpu, seed=0)
+    assert trained.train_images == len(train_set) and trained.epochs == epochs
+    predicted = class_probabilities(trained.model, test.images, cpu).argmax(axis=1)
+    assert trained.test_accuracy == pytest.approx((predicted == test.labels).mean())
+
+
+@pytest.mark.parametrize("samples", [0, -3])
+def test_fewer_than_one_importance_sample_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], samples: int
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--iw-samples", str(samples)])
+    assert exit_info.value.code == 2
+    assert f"--iw-samples must be at least 1, got {samples}" in capsys.readouterr().err
+
+
+def test_the_reported_likelihoods_are_the_means_of_the_per_image_terms(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """recon_mse per pixel, the AE's recon_nats per image; the VAE's terms from one sample (the least)."""
+    argv = [str(runs["ae"]), str(runs["vae"]), "--limit", "20", "--iw-samples", "1", "--device", "cpu"]
+    assert main([*argv, "--no-figures"]) == 0
+    ae, vae = json.loads(capsys.readouterr().out)["runs"]
+    cpu = torch.device("cpu")
+    images = load_test_set("mnist-5k", limit=20).images
+    for run, kind in ((ae, "ae"), (vae, "vae")):
+        _, model = load_run(runs[kind])
+        reconstructed = decode(model, encode(model, images, cpu)[0], cpu)
+        assert run["recon_mse"] == pytest.approx(((reconstructed - images) ** 2).mean(), rel=1e-6)
+        if kind == "ae":
+            assert run["recon_nats"] == pytest.approx(reconstruction_nll(reconstructed, images).mean())
+    assert isinstance(model, VAE) and vae["iw_samples"] == 1
+    terms = vae_likelihood(model, images, 1, torch.Generator().manual_seed(0), cpu)
+    assert vae["recon_nats"] == pytest.approx(terms["recon"].mean())
+    assert vae["kl_nats"] == pytest.approx(terms["kl"].mean())
+    assert vae["iw_nll_nats"] == pytest.approx(terms["iw_nll"].mean())
+    assert vae["elbo_nats_stderr"] == pytest.approx(_standard_error(terms["recon"] + terms["kl"]))

@@ -6,6 +6,7 @@ import math
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 from matplotlib.axes import Axes
 from matplotlib.patches import Circle
 
@@ -34,3 +35,21 @@ def test_principal_components_of_a_wider_space_get_no_prior_circle() -> None:
     axes = scatter(5)
     assert not [patch for patch in axes.patches if isinstance(patch, Circle)]
     assert axes.get_xlabel() == "PC1"
+
+
+@pytest.mark.parametrize("digits", [list(range(10)), [3, 7]], ids=["all digits", "two digits"])
+def test_each_digit_has_its_own_colour_whichever_digits_are_drawn(digits: list[int]) -> None:
+    """The same digit is the same colour in every panel: tab10's colour of the digit itself."""
+    labels = np.repeat(digits, 20)
+    codes = np.column_stack([labels, np.arange(len(labels))]).astype(float)  # each point names its digit
+    figure, axes = plt.subplots()
+    draw_scatter(axes, codes, labels, "codes")
+    (points,) = axes.collections
+    points.update_scalarmappable()
+    colours, offsets = np.asarray(points.get_facecolor()), np.asarray(points.get_offsets())
+    plt.close(figure)
+    assert len(colours) == len(offsets) == len(labels)
+    for digit in digits:
+        np.testing.assert_allclose(
+            colours[offsets[:, 0] == digit], np.tile(plt.get_cmap("tab10")(digit), (20, 1))
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -130,3 +131,56 @@ def test_a_raw_uint8_file_is_mapped_not_read_and_gives_the_same_array(
 def test_the_reader_does_not_import_torch() -> None:
     code = "import sys, training.idx; assert 'torch' not in sys.modules, 'training.idx imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("type_code", "values"),
+    [
+        (0x09, np.array([-128, -1, 0, 127], dtype=np.int8)),
+        (0x0B, np.array([-32768, -300, 1, 32767], dtype=np.int16)),
+        (0x0C, np.array([-(2**31), -70_000, 1, 2**31 - 1], dtype=np.int32)),
+        (0x0D, np.array([-1.5e30, -0.1, 3.25, 1e-30], dtype=np.float32)),
+        (0x0E, np.array([-1.5e300, -0.1, 3.25, 1e-300], dtype=np.float64)),
+    ],
+    ids=["int8", "int16", "int32", "float32", "float64"],
+)
+def test_each_idx_type_code_is_read_as_its_signed_or_float_type_from_big_endian_bytes(
+    read: Reader, tmp_path: Path, type_code: int, values: np.ndarray
+) -> None:
+    path = tmp_path / "values-idx2"
+    path.write_bytes(idx_bytes(values.reshape(2, 2), type_code=type_code))
+    result = read(path)
+    assert result.dtype == values.dtype  # native byte order, as the docstring promises
+    np.testing.assert_array_equal(result, values.reshape(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "0 bytes is too short for an IDX header (needs at least 4)"),
+        (bytes([0, 0, 0x08]), "3 bytes is too short for an IDX header (needs at least 4)"),
+        (bytes([0, 0, 0x08, 0]), "the header declares 0 dimensions"),
+        (bytes([0, 0, 0x08, 3]) + bytes(11), "truncated header: 3 dimensions need 16 bytes, the file has 15"),
+        (
+            bytes([0, 0, 0x0B, 1]) + np.array([3], dtype=">u4").tobytes() + bytes(5),
+            "truncated: the header declares shape (3,) of int16 (6 data bytes), the file has 5",
+        ),
+    ],
+    ids=["empty", "3 bytes", "0 dimensions", "short header", "short data"],
+)
+def test_a_file_shorter_than_its_header_says_is_an_error_saying_by_how_much(
+    read: Reader, tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "short-idx"
+    path.write_bytes(content)
+    with pytest.raises(IdxFormatError, match=re.escape(f"{path}: {message}")):
+        read(path)
+
+
+def test_a_file_of_no_images_is_read_as_an_empty_array_of_its_headers_shape(
+    read: Reader, tmp_path: Path
+) -> None:
+    path = tmp_path / "empty-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros((0, 28, 28), dtype=np.uint8)))
+    result = read(path)
+    assert result.shape == (0, 28, 28) and result.dtype == np.uint8

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from training.losses import ae_loss, bernoulli_nll, gaussian_kl, gaussian_recon, vae_loss
+from training.losses import (
+    ae_loss,
+    bernoulli_nll,
+    gaussian_kl,
+    gaussian_recon,
+    reconstruction_loss,
+    vae_loss,
+)
 
 
 def test_the_analytic_kl_matches_a_monte_carlo_estimate() -> None:
@@ -70,3 +78,18 @@ def test_the_gaussian_likelihood_uses_the_recon_weight_asked_for() -> None:
     terms = vae_loss(logits, images, mean, log_var, likelihood="gaussian", recon_weight=10.0)
     torch.testing.assert_close(terms.recon, gaussian_recon(logits, images, 10.0).mean())
     torch.testing.assert_close(terms.total, terms.recon + gaussian_kl(mean, log_var).mean())
+
+
+def test_the_ae_loss_with_the_gaussian_likelihood_is_the_weighted_mean_squared_error_batch_mean() -> None:
+    logits = torch.zeros(2, 1, 28, 28)  # sigmoid(0) = 0.5 everywhere
+    images = torch.stack([torch.ones(1, 28, 28), torch.full((1, 28, 28), 0.75)])
+    terms = ae_loss(logits, images, likelihood="gaussian", recon_weight=8.0)
+    # Per image 8 * 0.5^2 = 2 and 8 * 0.25^2 = 0.5; the batch's mean 1.25; no KL term.
+    torch.testing.assert_close(terms.recon, torch.tensor(1.25))
+    torch.testing.assert_close(terms.total, torch.tensor(1.25))
+    torch.testing.assert_close(terms.kl, torch.tensor(0.0))
+
+
+def test_an_unknown_likelihood_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson': expected one of bernoulli, gaussian"):
+        reconstruction_loss(torch.zeros(1, 1, 28, 28), torch.zeros(1, 1, 28, 28), "poisson", 1.0)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from training.models import IMAGE_SHAPE, VAE, AutoEncoder, ModelConfig, build_model
 
@@ -71,3 +72,87 @@ def test_a_posterior_sample_is_the_mean_plus_sigma_times_standard_normal_noise()
     mean.requires_grad_(True)
     VAE.reparameterize(mean, log_var).sum().backward()  # type: ignore[no-untyped-call]
     assert mean.grad is not None and torch.all(mean.grad == 1.0)  # gradients flow through the sample
+
+
+def test_an_unknown_model_kind_is_refused_naming_the_two_kinds() -> None:
+    with pytest.raises(ValueError, match="model kind must be 'vae' or 'ae', got 'gan'"):
+        ModelConfig(kind="gan")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_decode_gives_the_sigmoid_of_the_decoders_logits(kind: str) -> None:
+    model = build_model(ModelConfig(kind=kind)).eval()  # type: ignore[arg-type]
+    z = 3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decoder.logits(z)))
+
+
+def test_the_aes_forward_gives_the_logits_of_decoding_its_code() -> None:
+    model = AutoEncoder(ModelConfig(kind="ae")).eval()
+    images = torch.rand(3, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(model(images)), model.decode(model.encode(images)))
+
+
+def test_the_vaes_forward_decodes_one_reparameterized_sample_from_the_global_random_stream() -> None:
+    """logits = decoder.logits(mean + exp(log_var / 2) * eps), with eps = torch.randn_like(mean):
+    another seed, another sample and other logits, from the same posterior."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="vae"))  # in train mode, as training calls it
+    images = torch.rand(3, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        logits, mean, log_var = model(images)
+        torch.manual_seed(1)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        torch.testing.assert_close(logits, model.decoder.logits(z))
+        torch.manual_seed(2)
+        other_logits, other_mean, other_log_var = model(images)
+    assert torch.equal(other_mean, mean) and torch.equal(other_log_var, log_var)
+    assert not torch.allclose(other_logits, logits)
+
+
+@pytest.mark.parametrize(
+    ("batch_norm", "dropout", "encoder_layers", "decoder_layers"),
+    [
+        (False, 0.0, [nn.Conv2d, nn.LeakyReLU, nn.Flatten], [nn.ConvTranspose2d, nn.LeakyReLU]),
+        (
+            True,
+            0.0,
+            [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, nn.Flatten],
+            [nn.ConvTranspose2d, nn.BatchNorm2d, nn.LeakyReLU],
+        ),
+        (
+            False,
+            0.25,
+            [nn.Conv2d, nn.LeakyReLU, nn.Dropout, nn.Flatten],
+            [nn.ConvTranspose2d, nn.LeakyReLU, nn.Dropout],
+        ),
+        (
+            True,
+            0.25,
+            [nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU, nn.Dropout, nn.Flatten],
+            [nn.ConvTranspose2d, nn.BatchNorm2d, nn.LeakyReLU, nn.Dropout],
+        ),
+    ],
+)
+def test_batch_norm_and_dropout_follow_each_hidden_layer_only_when_asked_for(
+    batch_norm: bool, dropout: float, encoder_layers: list[type], decoder_layers: list[type]
+) -> None:
+    """A layer, [batch norm], LeakyReLU, [dropout]; the decoder's output layer is a bare convolution."""
+    config = ModelConfig(
+        encoder_channels=(4,),
+        encoder_strides=(1,),
+        decoder_channels=(4, 1),
+        decoder_strides=(1, 1),
+        batch_norm=batch_norm,
+        dropout=dropout,
+    )
+    model = build_model(config)
+    assert [type(layer) for layer in model.encoder.layers] == encoder_layers
+    assert [type(layer) for layer in model.decoder.layers] == [*decoder_layers, nn.ConvTranspose2d]
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            assert layer.num_features == 4
+        if isinstance(layer, nn.Dropout):
+            assert layer.p == dropout

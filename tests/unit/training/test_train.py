@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from tests.unit.training.test_data import fake_mnist, write_idx
-from training.models import VAE, ModelConfig, build_model
+from training import train as train_module
+from training.data import load_training_splits
+from training.losses import bernoulli_nll, gaussian_kl
+from training.models import VAE, AutoEncoder, ModelConfig, build_model
 from training.run import TrainConfig, load_config, load_metrics, load_run, save_config
 from training.train import (
+    build_parser,
+    config_from_args,
     dynamic_binarize,
     frozen,
     kl_weight,
@@ -368,3 +374,184 @@ def test_the_validation_loss_decodes_a_posterior_sample_not_the_mean() -> None:
     with torch.no_grad():
         model.to_log_var.bias.add_(8.0)  # sigma about 55 times wider
     assert validation_losses(model, images, config, cpu)["recon"] != pytest.approx(narrow["recon"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], TrainConfig()),
+        (["--beta", "0.25"], TrainConfig(beta=0.25)),
+        (["--dropout", "0.3"], TrainConfig(model=ModelConfig(dropout=0.3))),
+        (["--limit", "77"], TrainConfig(limit=77)),
+        (["--validation-fraction", "0.2"], TrainConfig(validation_fraction=0.2)),
+        (["--recon-weight", "12.5"], TrainConfig(recon_weight=12.5)),
+        (["--weight-decay", "0.5"], TrainConfig(weight_decay=0.5)),
+        (["--kl-warmup-epochs", "1.5"], TrainConfig(kl_warmup_epochs=1.5)),
+        (["--model", "ae", "--latent-dim", "5"], TrainConfig(model=ModelConfig(kind="ae", latent_dim=5))),
+        (["--batch-norm"], TrainConfig(model=ModelConfig(batch_norm=True))),
+        (["--ema-decay", "0.9"], TrainConfig(ema_decay=0.9)),
+        (["--shift-pixels", "2", "--binarize"], TrainConfig(shift_pixels=2, binarize=True)),
+        (["--encoder-augmentation", "0.5"], TrainConfig(encoder_augmentation=0.5)),
+        (["--likelihood", "gaussian"], TrainConfig(likelihood="gaussian")),
+        (["--lr", "1e-3", "--lr-schedule", "cosine"], TrainConfig(learning_rate=1e-3, lr_schedule="cosine")),
+        (
+            ["--epochs", "3", "--batch-size", "16", "--seed", "7"],
+            TrainConfig(epochs=3, batch_size=16, seed=7),
+        ),
+        (["--dataset", "fashion-mnist"], TrainConfig(dataset="fashion-mnist")),
+    ],
+)
+def test_each_command_line_flag_sets_its_own_field_of_the_training_config(
+    flags: list[str], expected: TrainConfig
+) -> None:
+    """No flag, the config's defaults; each flag changes its field and no other."""
+    assert config_from_args(build_parser().parse_args([*flags, "--out", "run"])) == expected
+
+
+def test_the_checkpoint_and_the_validation_hold_the_moving_average_of_the_weights_not_the_last_steps(
+    tmp_path: Path,
+) -> None:
+    """One step an epoch (23 images, batches of 32). The average starts at the first step's
+    weights; each later step moves it (1 - ema_decay) of the way to that step's weights."""
+
+    def run(name: str, epochs: int, ema_decay: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = tiny(
+            limit=24,
+            batch_size=32,
+            epochs=epochs,
+            ema_decay=ema_decay,
+            lr_schedule="constant",
+            encoder_augmentation=0.0,
+        )
+        metrics = train(config, tmp_path / name, progress=False)
+        return metrics, torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+
+    _, first = run("first", 1, 0.0)
+    _, second = run("second", 2, 0.0)
+    metrics, averaged = run("averaged", 2, 0.75)
+    assert averaged.keys() == second.keys()
+    for key in averaged:
+        torch.testing.assert_close(averaged[key], 0.75 * first[key] + 0.25 * second[key])
+    config, model = load_run(tmp_path / "averaged")
+    _, validation = load_training_splits(limit=24)
+    expected = validation_losses(model, validation.images, config, torch.device("cpu"))
+    assert metrics["final"]["val_loss"] == pytest.approx(expected["loss"])
+
+
+def still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object
+) -> tuple[dict[str, Any], AutoEncoder | VAE, torch.Tensor, torch.Tensor]:
+    """One epoch whose learning rate, 1e-30, leaves the initial weights as they were: its final
+    record, that model, and its 19 training and 5 validation images. The training batches are of 12
+    and 7 images; the validation, in batches of 3, of 3 and 2."""
+    monkeypatch.setattr(train_module, "EVAL_BATCH_SIZE", 3)
+    values: dict[str, object] = {"batch_size": 12, "learning_rate": 1e-30, "lr_schedule": "constant"}
+    config = tiny(limit=24, validation_fraction=0.2, **{**values, **overrides})
+    final: dict[str, Any] = train(config, tmp_path, progress=False)["final"]
+    _, model = load_run(tmp_path)
+    train_set, validation_set = load_training_splits(limit=24, validation_fraction=0.2)
+    return final, model, torch.from_numpy(train_set.images), torch.from_numpy(validation_set.images)
+
+
+def test_an_epochs_losses_are_means_over_its_images_not_over_its_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AE: its loss is its reconstruction's, of the real images only (not the augmented copies')."""
+    final, model, train_images, validation_images = still_run(
+        tmp_path, monkeypatch, model=ModelConfig(kind="ae")
+    )
+    with torch.no_grad():
+        for split, x in (("train", train_images), ("val", validation_images)):
+            expected = bernoulli_nll(model(x), x).mean().item()
+            assert final[f"{split}_recon"] == pytest.approx(expected, rel=1e-6)
+            assert final[f"{split}_loss"] == final[f"{split}_recon"]
+            assert final[f"{split}_kl"] == 0.0
+
+
+def test_an_epoch_leaves_out_a_last_batch_of_one_image_and_averages_over_the_images_it_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """19 images in batches of 9: two batches, and the image the shuffle put last is left out."""
+    final, model, images, _ = still_run(tmp_path, monkeypatch, model=ModelConfig(kind="ae"), batch_size=9)
+    with torch.no_grad():
+        losses = bernoulli_nll(model(images), images)
+    trained_on = [(losses.sum() - left_out).item() / 18 for left_out in losses]
+    assert any(final["train_recon"] == pytest.approx(mean, rel=1e-6) for mean in trained_on)
+
+
+def test_the_vaes_epoch_weighs_its_kl_by_beta_in_training_and_by_one_in_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation loss is the negative ELBO whatever beta trains; each KL a mean over images. (The
+    gaussian likelihood with a small weight, so that the untrained model's KL weighs in the loss.)"""
+    final, model, train_images, validation_images = still_run(
+        tmp_path, monkeypatch, beta=0.5, likelihood="gaussian", recon_weight=1e-3
+    )
+    assert isinstance(model, VAE)
+    with torch.no_grad():
+        for split, x in (("train", train_images), ("val", validation_images)):
+            assert final[f"{split}_kl"] == pytest.approx(
+                gaussian_kl(*model.encode(x)).mean().item(), rel=1e-5
+            )
+    assert final["train_kl"] > final["train_recon"] / 10
+    assert final["train_loss"] == pytest.approx(final["train_recon"] + 0.5 * final["train_kl"])
+    assert final["val_loss"] == pytest.approx(final["val_recon"] + final["val_kl"])
+
+
+def test_a_kl_warm_up_of_half_an_epoch_reaches_beta_half_way_through_the_first() -> None:
+    config = TrainConfig(beta=1.0, kl_warmup_epochs=0.5)
+    weights = [kl_weight(config, step, steps_per_epoch=10) for step in range(7)]
+    assert weights == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
+
+
+def test_each_step_weighs_the_kl_by_the_warm_up_and_the_history_records_the_epochs_last_weight(
+    tmp_path: Path,
+) -> None:
+    """One step an epoch (23 images, batches of 32) and a warm-up of 4: epoch e weighs it e / 4 * beta.
+    (The gaussian likelihood with a small weight, so that the KL weighs in the loss.)"""
+    config = tiny(
+        limit=24,
+        batch_size=32,
+        epochs=2,
+        beta=2.0,
+        kl_warmup_epochs=4,
+        lr_schedule="constant",
+        likelihood="gaussian",
+        recon_weight=1e-3,
+    )
+    history = train(config, tmp_path, progress=False)["history"]
+    assert [record["kl_weight"] for record in history] == [0.5, 1.0]
+    for record in history:
+        assert record["train_loss"] == pytest.approx(
+            record["train_recon"] + record["kl_weight"] * record["train_kl"]
+        )
+
+
+ONE_CYCLE_FLOOR = 1 / 25 / 1e4  # OneCycleLR starts at max_lr / 25 and ends 10^4 times below that
+
+
+@pytest.mark.parametrize(
+    ("schedule", "fractions"),
+    [
+        ("constant", [1.0, 1.0]),
+        # Cosine over the run's 4 steps: (1 + cos(pi t / 4)) / 2 at t = 1 and 3.
+        ("cosine", [(1 + math.cos(math.pi / 4)) / 2, (1 + math.cos(3 * math.pi / 4)) / 2]),
+        # One-cycle: up for 30% of the 4 steps (to step 0.3 * 4 - 1 = 0.2), then a cosine down to its
+        # floor at the last step, 3.
+        (
+            "onecycle",
+            [
+                ONE_CYCLE_FLOOR + (1 - ONE_CYCLE_FLOOR) * (1 + math.cos(math.pi * 0.8 / 2.8)) / 2,
+                ONE_CYCLE_FLOOR,
+            ],
+        ),
+    ],
+)
+def test_the_learning_rate_follows_its_schedule_over_all_the_steps_of_the_run(
+    tmp_path: Path, schedule: str, fractions: list[float]
+) -> None:
+    """Two epochs of two steps (23 images, batches of 12); each epoch records its last step's rate."""
+    config = tiny(limit=24, batch_size=12, epochs=2, lr_schedule=schedule)
+    history = train(config, tmp_path, progress=False)["history"]
+    rates = [record["learning_rate"] for record in history]
+    assert rates == pytest.approx([fraction * config.learning_rate for fraction in fractions])
