@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,21 @@ from client.encode_job import (
     build_parser,
     completion_index,
     main,
+    merge_main,
     new_manifest,
     parse_pause_at,
     prepare_output,
 )
-from client.encodings import MANIFEST, read_manifest, sha256_bytes, shard_bytes, split_rows, write_manifest
-from client.images import ImageInput
+from client.encodings import (
+    MANIFEST,
+    read_encodings,
+    read_manifest,
+    sha256_bytes,
+    shard_bytes,
+    split_rows,
+    write_manifest,
+)
+from client.images import ImageInput, read_images
 from tests.conftest import free_port
 
 MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
@@ -333,3 +343,83 @@ def test_connection_and_stream_flags_reach_the_client_and_its_stream_in_seconds(
     (client,) = made
     assert client.options == expected
     assert read_manifest(tmp_path / "out")["complete"] is True
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_an_answer_timeout_that_is_not_more_than_0_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
+    """0 would reopen the stream before any answer could come: the job would never progress."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+    argv = ["--target", "t", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress", "--answer-timeout", seconds]) == 2
+    assert f"answer-timeout must be more than 0 seconds, got {float(seconds)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_part_with_no_rows_ends_complete_and_the_parts_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rows split three ways leave part 0 empty; unfinished, it would keep the merge from ever running."""
+    np.save(tmp_path / "x.npy", np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+    for index in range(3):
+        job = JobSettings(
+            target="t",
+            input=tmp_path / "x.npy",
+            output=tmp_path / "out",
+            shard_index=index,
+            num_shards=3,
+            progress_bar=False,
+        )
+        EncodeJob(job, log=io.StringIO()).run()
+    empty = read_manifest(tmp_path / "out" / "part-00000-of-00003")
+    assert (empty["rows"], empty["shards"], empty["complete"]) == (0, [], True)
+    assert merge_main(["--output", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(read_encodings(tmp_path / "out").input_rows, [0, 1])
+
+
+def test_a_resumed_run_counts_and_rates_only_the_rows_it_encoded_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    np.save(tmp_path / "x.npy", source().images)
+    job = settings(tmp_path, rows_per_shard=5, resume=True, progress_bar=False)
+    finished_output(job, read_images(job.input))  # rows 0-4 of 10 done before
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+    summary = EncodeJob(job, log=io.StringIO()).run()
+    assert (summary.rows, summary.rows_resumed) == (5, 5)
+    assert (
+        replace(summary, seconds=0.5)
+        .line()
+        .startswith("encoded 5 rows (5 done before) in 0.50 s: 10 rows/s,")
+    )
+
+
+def test_progress_rates_only_the_rows_done_since_this_run_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(encode_job, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    lines = io.StringIO()
+    progress = Progress(total=100, done=60, stream=lines, bar=False, log_every_s=0)
+    now[0] = 102.0
+    progress.update(20)
+    assert lines.getvalue() == "vae-encode-job: 80/100 rows, 10 rows/s, ETA 2 s\n"
+
+
+def test_a_job_stopped_before_a_shard_takes_its_name_leaves_no_shard_under_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader, or a resume, sees a shard only once it is whole: a crash here leaves a .tmp file."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+
+    def crash(self: EncodeJob, point: str, shard: int) -> None:
+        if point == "before-rename":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(EncodeJob, "pause", crash)
+    job = JobSettings(target="t", input=tmp_path / "x.npy", output=tmp_path / "out", progress_bar=False)
+    with pytest.raises(KeyboardInterrupt):
+        EncodeJob(job, log=io.StringIO()).run()
+    assert sorted(p.name for p in job.output.iterdir()) == [".lock", MANIFEST, "shard-00000.npz.tmp"]
+    assert read_manifest(job.output)["shards"] == []

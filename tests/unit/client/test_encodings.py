@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import json
+import os
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client import encodings
 from client.encodings import (
     MANIFEST,
     EncodingsError,
@@ -130,6 +134,55 @@ def test_a_written_file_takes_its_name_and_then_its_folder_is_synced(
     write_atomic(path, b"data")
     assert synced == [(tmp_path, True)]  # the folder, once the file has its name
     assert path.read_bytes() == b"data"
+
+
+class OsWith:
+    """The os module as client.encodings sees it, with some of its calls replaced."""
+
+    def __init__(self, **replaced: Any) -> None:
+        self.replaced = replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self.replaced.get(name, getattr(os, name))
+
+
+def test_a_shard_is_synced_whole_under_its_temporary_name_before_it_takes_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renamed before its bytes are on disk, a crash could leave a torn shard under the final name."""
+    path = tmp_path / "shard-00000.npz"
+    data = shard_bytes(*rows(0, 5))
+    synced: list[tuple[str, int, bool]] = []
+
+    def fsync(descriptor: int) -> None:
+        status = os.fstat(descriptor)
+        kind = "file" if stat.S_ISREG(status.st_mode) else "folder"
+        synced.append((kind, status.st_size if kind == "file" else 0, path.exists()))
+        os.fsync(descriptor)
+
+    monkeypatch.setattr(encodings, "os", OsWith(fsync=fsync))
+    write_atomic(path, data)
+    assert synced == [("file", len(data), False), ("folder", 0, True)]
+    assert path.read_bytes() == data
+
+
+def test_a_shard_whose_write_fails_midway_leaves_nothing_under_its_final_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write is followed by another; a full disk after it stops the write before any rename."""
+    path = tmp_path / "shard-00000.npz"
+    written: list[int] = []
+
+    def write(descriptor: int, data: memoryview) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(os.write(descriptor, data[:100]))
+        return written[-1]
+
+    monkeypatch.setattr(encodings, "os", OsWith(write=write))
+    with pytest.raises(OSError, match="No space left on device"):
+        write_atomic(path, shard_bytes(*rows(0, 5)))
+    assert not path.exists()
 
 
 def test_a_new_output_folder_is_made_durable_in_its_parent(
