@@ -378,7 +378,7 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
         queued = asyncio.ensure_future(batcher.submit(rows(16)))
         await asyncio.sleep(0)
         try:
-            with pytest.raises(Overloaded, match="queue is full"):
+            with pytest.raises(Overloaded, match=r"the decoder queue is full \(16 of 16 rows waiting\)"):
                 await batcher.submit(rows(1))
         finally:
             gate.set()
@@ -818,3 +818,67 @@ def test_queue_wait_records_how_long_rows_waited() -> None:
     asyncio.run(scenario())
     waited = metrics.registry.get_sample_value("vae_queue_wait_seconds_sum", {"graph": "decoder"})
     assert waited is not None and waited >= 0.2
+
+
+@pytest.mark.parametrize(
+    ("batch", "queue", "workers", "message"),
+    [
+        (8, 64, 0, "max_concurrent_batches must be at least 1, got 0"),
+        (0, 64, 1, "max_batch_size must be at least 1, got 0"),
+        (8, 7, 1, r"max_queue_size \(7\) must be at least max_batch_size \(8\)"),
+    ],
+)
+def test_settings_that_could_never_run_a_batch_are_refused(
+    batch: int, queue: int, workers: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_batcher(Doubler(), max_batch_size=batch, max_queue_size=queue, max_concurrent_batches=workers)
+
+
+def test_a_queue_of_exactly_one_batch_takes_a_request_of_that_size() -> None:
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(Doubler(), max_batch_size=8, max_queue_size=8)
+        batcher.start()
+        result = await batcher.submit(rows(8))
+        await batcher.stop()
+        return result
+
+    doubled, _ = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(8) * 2)
+
+
+def test_a_request_of_no_rows_is_invalid() -> None:
+    infer = Doubler()
+
+    async def scenario() -> None:
+        batcher = make_batcher(infer)
+        batcher.start()
+        with pytest.raises(InvalidInput, match="expected at least one row"):
+            await asyncio.wait_for(batcher.submit(rows(0)), 10)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert infer.calls == []
+
+
+def test_the_queue_depth_metric_counts_the_rows_waiting_for_a_worker() -> None:
+    infer = Doubler(threading.Event())
+    metrics = ServiceMetrics.create(process=False)
+
+    async def scenario() -> float | None:
+        batcher = Batcher(
+            "decoder", infer, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64, metrics=metrics
+        )
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(8)))
+        await until(infer.entered.is_set, "the worker to take the first rows")
+        queued = asyncio.ensure_future(batcher.submit(rows(3)))
+        await until(lambda: batcher.queue_depth == 3, "the next rows to queue")
+        depth = metrics.registry.get_sample_value("vae_queue_depth", {"graph": "decoder"})
+        assert infer.gate is not None
+        infer.gate.set()
+        await asyncio.gather(running, queued)
+        await batcher.stop()
+        return depth
+
+    assert asyncio.run(scenario()) == 3

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.model import checked_latents, draw_latents, images_to_float
+from service.bundle import ModelBundle
+from service.errors import BundleError, InvalidInput
+from service.metrics import ServiceMetrics
+from service.model import (
+    BatchingSettings,
+    VaeModel,
+    _check_sample_fits_a_message,
+    checked_latents,
+    deadline_after,
+    draw_latents,
+    images_to_float,
+)
+from service.runtime import Runtime
+
+
+def small_model(bundle: Path, metrics: ServiceMetrics) -> VaeModel:
+    """A bundle loaded on the CPU, at most 100 samples a request, its batchers not started."""
+    batching = BatchingSettings(
+        max_batch_size=16,
+        max_queue_delay_s=0,
+        max_queue_size=64,
+        max_samples=100,
+        max_concurrent_batches=1,
+        worker_nice=0,
+        worker_cpus=(),
+    )
+    return VaeModel(Runtime(ModelBundle.load(bundle), "cpu"), batching, metrics)
+
+
+@pytest.fixture(scope="module")
+def model(vae_bundle: Path) -> VaeModel:
+    """The tiny VAE, enough for what Sample checks and draws."""
+    return small_model(vae_bundle, ServiceMetrics.create(process=False))
 
 
 def test_the_same_seed_draws_the_same_bytes() -> None:
@@ -44,7 +78,12 @@ def test_a_uint8_image_reaches_the_encoder_as_the_floats_of_its_float32_twin() -
         (np.zeros((0, 1, 28, 28), np.float32), "empty batch"),
         (np.full((1, 28, 28), np.nan, np.float32), "NaN or Inf"),
         (np.full((1, 28, 28), np.inf, np.float32), "NaN or Inf"),
+        (np.concatenate([np.full(783, 0.5), [np.inf]]).astype(np.float32).reshape(1, 28, 28), "NaN or Inf"),
         (np.full((1, 28, 28), 2.0, np.float32), "expected pixel values in [0, 1]"),
+        (
+            np.linspace(-0.5, 1.5, 784, dtype=np.float32).reshape(1, 28, 28),
+            "values span [-0.5, 1.5]; expected",
+        ),
     ],
 )
 def test_bad_images_are_refused(images: np.ndarray, message: str) -> None:
@@ -57,6 +96,7 @@ def test_bad_images_are_refused(images: np.ndarray, message: str) -> None:
     ("latents", "message"),
     [
         (np.zeros((2, 3), np.float32), "expected [N, 2]"),
+        (np.zeros((2, 2, 1), np.float32), "latents: shape [2, 2, 1]; expected [N, 2]"),
         (np.zeros((2, 2), np.uint8), "expected DATA_TYPE_FLOAT32"),
         (np.zeros((0, 2), np.float32), "empty batch"),
         (np.array([[0.0, np.nan]], np.float32), "NaN or Inf"),
@@ -67,3 +107,53 @@ def test_bad_latents_are_refused(latents: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidInput) as error:
         checked_latents(latents, latent_dim=2)
     assert message in str(error.value)
+
+
+def test_latents_of_up_to_a_million_in_absolute_value_are_taken() -> None:
+    edge = np.array([[1e6, -1e6]], np.float32)
+    assert checked_latents(edge, latent_dim=2).tobytes() == edge.tobytes()
+
+
+def test_sample_takes_num_samples_and_temperature_up_to_their_limits(model: VaeModel) -> None:
+    for num_samples, temperature in [(1, 1e-3), (100, 1e5)]:
+        latents, seed = model.sample_latents(num_samples, 3, temperature)
+        assert seed == 3
+        np.testing.assert_array_equal(latents, draw_latents(num_samples, 2, 3, temperature))
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "temperature", "message"),
+    [
+        (0, 1.0, "num_samples: 0; expected 1 to 100"),
+        (101, 1.0, "num_samples: 101; expected 1 to 100"),
+        (1, 1.0001e5, "temperature: 100010.0; expected 0 to 100000 (0 means 1)"),
+        (1, -1e-9, "temperature: -1e-09; expected 0 to 100000 (0 means 1)"),
+    ],
+)
+def test_sample_refuses_a_count_or_temperature_beyond_its_limits(
+    model: VaeModel, num_samples: int, temperature: float, message: str
+) -> None:
+    with pytest.raises(InvalidInput) as error:
+        model.sample_latents(num_samples, 3, temperature)
+    assert str(error.value) == message
+
+
+def test_a_seed_the_sampler_picks_spans_all_64_bits_and_repeats_the_draw(model: VaeModel) -> None:
+    picked = [model.sample_latents(4, None, 0.0) for _ in range(16)]
+    assert max(seed for _, seed in picked) >= 2**32  # fails once in 2**512 runs of a correct sampler
+    for latents, seed in picked:
+        np.testing.assert_array_equal(latents, draw_latents(4, 2, seed, 1.0))
+
+
+def test_a_deadline_is_that_many_seconds_from_now_on_the_monotonic_clock() -> None:
+    assert deadline_after(None) is None
+    before = time.monotonic()
+    deadline = deadline_after(30.0)
+    assert deadline is not None and before + 30 <= deadline <= time.monotonic() + 30
+
+
+def test_max_samples_is_refused_where_a_samples_float32_images_and_latents_pass_grpcs_2_gib() -> None:
+    """(2**31 - 1 - 1024 bytes of framing) // (4 bytes x (784 pixels + 2 latents)) = 683041."""
+    _check_sample_fits_a_message(683041, latent_dim=2)
+    with pytest.raises(BundleError, match=r"--max-samples 683042: .* this bundle allows 683041"):
+        _check_sample_fits_a_message(683042, latent_dim=2)

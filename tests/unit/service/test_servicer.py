@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
+from service.codec import to_tensor
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
 from service.servicer import (
     DEADLINE_SLACK_S,
+    SHUTTING_DOWN,
     VaeServicer,
     _in_order,
     _observe,
@@ -22,6 +26,7 @@ from service.servicer import (
     code_of_cancellation,
     status_code_of,
 )
+from tests.unit.service.test_model import small_model
 from vae.v1 import vae_pb2
 
 
@@ -69,6 +74,11 @@ def test_a_stream_of_large_calls_holds_at_most_max_rows_or_one_call() -> None:
     for size, rows in zip(sizes, rows_at_start, strict=True):
         assert rows <= 6 or rows == size  # within the budget, or alone
     assert max(rows_at_start) == 10  # the call larger than the budget still ran
+
+
+def test_a_stream_fills_its_row_budget_exactly() -> None:
+    _, most_calls, rows_at_start = _run_stream([3, 3, 3, 3], lookahead=4, max_rows=6)
+    assert (most_calls, max(rows_at_start)) == (2, 6)
 
 
 def test_each_domain_error_has_its_status_code() -> None:
@@ -266,3 +276,42 @@ def test_a_stream_that_fails_cancels_the_calls_it_started_ahead() -> None:
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert sorted(cancelled) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_message"),
+    [
+        ("Decode", vae_pb2.DecodeRequest(latents=to_tensor(np.zeros((3, 2), np.float32)), output_dtype=7)),  # type: ignore[arg-type]
+        ("Sample", vae_pb2.SampleRequest(num_samples=3, seed=1, output_dtype=7)),  # type: ignore[arg-type]
+    ],
+)
+def test_an_unknown_output_dtype_is_refused_before_anything_is_decoded(
+    vae_bundle: Path, rpc: str, request_message: Any
+) -> None:
+    metrics = ServiceMetrics.create(process=False)
+    servicer = VaeServicer(metrics)
+    context = _Context(30.0)
+
+    async def scenario() -> None:
+        model = small_model(vae_bundle, metrics)
+        model.start()
+        servicer.attach(model)
+        await getattr(servicer, rpc)(request_message, context)
+        await model.stop()
+
+    asyncio.run(scenario())
+    expected = "output_dtype: unknown value 7; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+    assert context.status == [grpc.StatusCode.INVALID_ARGUMENT, expected]
+    samples = metrics.registry.get_sample_value
+    assert samples("vae_batch_size_count", {"graph": "decoder"}) == 0
+    assert samples("vae_items_total", {"rpc": rpc}) in (None, 0)
+
+
+def test_a_servicer_refuses_calls_as_unavailable_while_its_model_loads_and_once_it_drains() -> None:
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+    loading, draining = _Context(30.0), _Context(30.0)
+    asyncio.run(servicer.GetModelInfo(vae_pb2.GetModelInfoRequest(), loading))
+    servicer.start_draining()
+    asyncio.run(servicer.GetModelInfo(vae_pb2.GetModelInfoRequest(), draining))
+    assert loading.status == [grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"]
+    assert draining.status == [grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN]
