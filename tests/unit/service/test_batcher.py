@@ -862,7 +862,8 @@ def test_a_request_of_no_rows_is_invalid() -> None:
 
 
 def test_the_queue_depth_metric_counts_the_rows_waiting_for_a_worker() -> None:
-    infer = Doubler(threading.Event())
+    gate = threading.Event()
+    infer = Doubler(gate)
     metrics = ServiceMetrics.create(process=False)
 
     async def scenario() -> float | None:
@@ -875,9 +876,8 @@ def test_the_queue_depth_metric_counts_the_rows_waiting_for_a_worker() -> None:
         queued = asyncio.ensure_future(batcher.submit(rows(3)))
         await until(lambda: batcher.queue_depth == 3, "the next rows to queue")
         depth = metrics.registry.get_sample_value("vae_queue_depth", {"graph": "decoder"})
-        assert infer.gate is not None
-        infer.gate.set()
-        await asyncio.gather(running, queued)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(running, queued), 10)
         await batcher.stop()
         return depth
 
