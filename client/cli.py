@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,31 @@ class MixedEncoders(Exception):
     """An encode whose answers came from two encoders (a reconnect reached a replica of another model)."""
 
 
+# gRPC takes a deadline billions of seconds away for one already passed: a year is long enough.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds above 0 (a deadline of 0 fails every call at once)."""
+    """An argparse type: seconds above 0 (a deadline of 0 fails every call at once), a year at most."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds above 0 and at most {MAX_SECONDS:g} (a year), got {text}"
+        )
     return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """An argparse type: 0, or the seconds positive_seconds takes."""
+    try:
+        return 0.0 if float(text) == 0 else positive_seconds(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected 0, or a number of seconds above 0 and at most {MAX_SECONDS:g} (a year), got {text}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -136,6 +152,10 @@ def _check_output(path: Path | None, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{path}: expected a {' or '.join(suffixes)} file")
     if not path.parent.is_dir():
         raise InputError(f"{path}: no folder {path.parent} to write it in")
+    try:  # a file made and dropped at once: what the command will do there, permissions and all
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise InputError(f"{path}: cannot write in {path.parent} ({error.strerror})") from None
 
 
 def _check_image_output(args: argparse.Namespace) -> None:
@@ -176,15 +196,15 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     _check_output(args.out, (".npy",))
     _check_output(args.log_var_out, (".npy",))
-    batch = _rows_per_request(client, args.batch_size)
-    if args.log_var_out is not None and client.model_info().kind != "vae":
-        raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
-    inputs = []
+    inputs = []  # read before any call, so that a bad file is named as such, whatever the server
     for path in args.input:
         source = read_images(path, skip_bad=args.skip_bad)
         for name, reason in source.rejected:
             print(f"vae-client: skipped {name}: {reason}", file=sys.stderr)
         inputs.append(source.images)
+    batch = _rows_per_request(client, args.batch_size)
+    if args.log_var_out is not None and client.model_info().kind != "vae":
+        raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
     chunks = (images[start : start + batch] for images in inputs for start in range(0, len(images), batch))

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from client.cli import add_connection_arguments, positive_int, tls_from_args
+from client.cli import add_connection_arguments, positive_int, seconds_or_zero, tls_from_args
 from client.client import EncodeResult, ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
 from client.encodings import (
     FORMAT_VERSION,
@@ -66,6 +66,7 @@ from client.encodings import (
     sha256_bytes,
     shard_bytes,
     shard_file_name,
+    split_counts,
     split_rows,
     verify_shards,
     write_atomic,
@@ -252,12 +253,20 @@ def holds_unsplit_output(output: Path) -> bool:
     return (output / MANIFEST).is_file() and "merged_from" not in read_manifest(output)
 
 
-def refuse_unsplit_output(output: Path) -> None:
-    """A split job writes its part beside other parts, never into the output of an unsplit job,
-    which read_encodings would go on returning (and a merge would overwrite)."""
+def refuse_other_output(output: Path, parts: int) -> None:
+    """A split job writes its part beside the other parts of the same split, never into the output of
+    an unsplit job, which read_encodings would go on returning (and a merge would overwrite), nor
+    beside the parts of a job split another way, which would mix two jobs' rows."""
     if holds_unsplit_output(output):
         raise JobError(
             f"{output} holds the output of a job that was not split; choose another --output for a split job"
+        )
+    others = sorted(split_counts(output) - {parts})
+    if others:
+        raise JobError(
+            f"{output} holds the parts of a job split in {others[0]} (part-*-of-{others[0]:05d}), and "
+            f"this one is split in {parts}; choose another --output, or resume that job with "
+            f"--num-shards {others[0]}"
         )
 
 
@@ -294,12 +303,16 @@ def prepare_output(
             stale.name.endswith(".tmp") or (stale.name.startswith("shard-") and stale.name not in listed)
         ):
             stale.unlink()
-    if source.names:
-        write_atomic(directory / INPUTS_LIST, _list_bytes(source.names))
-    if source.rejected:
-        write_atomic(
-            directory / REJECTED_LIST, _list_bytes([f"{name}\t{why}" for name, why in source.rejected])
-        )
+    # Each list written where this input has one, and otherwise removed: a run killed before its
+    # first manifest may have left the lists of other input, which --resume starts over on.
+    for path, lines in (
+        (directory / INPUTS_LIST, source.names),
+        (directory / REJECTED_LIST, [f"{name}\t{why}" for name, why in source.rejected]),
+    ):
+        if lines:
+            write_atomic(path, _list_bytes(lines))
+        else:
+            path.unlink(missing_ok=True)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file() or manifest_path.read_bytes() != manifest_bytes(manifest):
         write_manifest(directory, manifest)
@@ -361,7 +374,7 @@ class EncodeJob:
         rows = split_rows(len(source.images), settings.num_shards, settings.shard_index)
         directory = settings.output
         if settings.num_shards > 1:
-            refuse_unsplit_output(settings.output)
+            refuse_other_output(settings.output, settings.num_shards)
             directory = directory / part_directory_name(settings.shard_index, settings.num_shards)
         for name, reason in source.rejected:
             print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
@@ -596,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-every",
-        type=float,
+        type=seconds_or_zero,
         default=JobSettings.log_every_s,
         metavar="SECONDS",
         help=f"seconds between log lines (default {JobSettings.log_every_s:g})",

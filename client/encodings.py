@@ -175,12 +175,28 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise EncodingsError(f"{path}: format_version {version!r}; this reader knows {FORMAT_VERSION}")
     try:
+        _check_records(manifest)
         _check_shard_list(path, manifest)
     except EncodingsError:
         raise
     except (KeyError, TypeError, ValueError) as error:  # a field missing, or of the wrong kind
         raise EncodingsError(f"{path}: a malformed manifest ({type(error).__name__}: {error})") from error
     return manifest
+
+
+# The fields that reading, resuming and merging an output rely on, beyond the shard list's own.
+_INPUT_FIELDS = ("path", "rows", "sha256")
+_MODEL_FIELDS = ("name", "version", "kind", "latent_dim", "encoder_sha256")
+
+
+def _check_records(manifest: dict[str, Any]) -> None:
+    """Every field read later is there, so that a damaged manifest fails here, by name (KeyError)."""
+    for record, fields in (("input", _INPUT_FIELDS), ("model", _MODEL_FIELDS)):
+        for field in fields:
+            manifest[record][field]
+    int(manifest["rows"])
+    for entry in manifest["shards"]:
+        str(entry["sha256"])
 
 
 def _check_shard_list(path: Path, manifest: dict[str, Any]) -> None:
@@ -264,24 +280,34 @@ def concatenate_optional(arrays: list[npt.NDArray[np.float32] | None]) -> npt.ND
     return np.concatenate(present) if len(present) == len(arrays) else None
 
 
+def _part_folders(directory: Path) -> dict[tuple[int, int], Path]:
+    """Each `part-IIIII-of-NNNNN` folder under `directory`, by (I, N)."""
+    children = directory.iterdir() if directory.is_dir() else iter([])
+    return {
+        (int(match[1]), int(match[2])): child
+        for child in children
+        if (match := _PART_NAME.match(child.name)) and child.is_dir()
+    }
+
+
+def split_counts(directory: Path) -> set[int]:
+    """The N of every `part-IIIII-of-NNNNN` folder under `directory`: one value, unless jobs were mixed."""
+    return {parts for _, parts in _part_folders(directory)}
+
+
 def part_directories(directory: Path) -> list[Path]:
     """The `part-IIIII-of-NNNNN` subdirectories of a sharded job's output, checked to be all there."""
-    found: dict[int, Path] = {}
-    counts: set[int] = set()
-    for child in directory.iterdir() if directory.is_dir() else []:
-        match = _PART_NAME.match(child.name)
-        if match and child.is_dir():
-            found[int(match[1])] = child
-            counts.add(int(match[2]))
+    found = _part_folders(directory)
     if not found:
         return []
+    counts = {parts for _, parts in found}
     if len(counts) != 1:
         raise EncodingsError(f"{directory}: parts of jobs split in different ways: {sorted(counts)} shards")
     parts = counts.pop()
-    missing = [part_directory_name(i, parts) for i in range(parts) if i not in found]
+    missing = [part_directory_name(i, parts) for i in range(parts) if (i, parts) not in found]
     if missing:
         raise EncodingsError(f"{directory}: parts missing: {', '.join(missing)}")
-    return [found[i] for i in range(parts)]
+    return [found[i, parts] for i in range(parts)]
 
 
 def same_input(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -347,10 +373,16 @@ def read_encodings(directory: Path | str) -> Encodings:
     directory = Path(directory)
     if (directory / MANIFEST).is_file():
         manifest = read_manifest(directory)
-        if "merged_from" not in manifest and part_directories(directory):
+        parts = [part.name for part in part_directories(directory)]
+        if "merged_from" not in manifest and parts:
             raise EncodingsError(
                 f"{directory}: holds both an unsplit job's {MANIFEST} and the parts of a split job; "
                 "move one of them elsewhere"
+            )
+        if "merged_from" in manifest and manifest["merged_from"] != parts:
+            raise EncodingsError(
+                f"{directory}: its {MANIFEST} joins {len(manifest['merged_from'])} parts, but the folder "
+                f"holds {len(parts)}: run vae-encode-job merge --output {directory} again"
             )
         return _concatenate(directory, manifest)
     return _concatenate(directory, merged_manifest(directory))

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.cli import add_connection_arguments, open_channel
+from client.cli import add_connection_arguments, open_channel, seconds_or_zero
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=seconds_or_zero,
         default=0.0,
         metavar="SECONDS",
         help="wait up to SECONDS for the server to start and turn SERVING (default: check once)",

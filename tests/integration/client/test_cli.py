@@ -327,6 +327,11 @@ def test_a_bad_input_file_exits_2_naming_it(
         (["encode", "--input", "{dir}/ok.npy", "--log-var-out", "{dir}/lv"], "lv: expected a .npy file"),
         (["sample", "--out", "{dir}/grid.jpg"], "grid.jpg: expected a .png or .npy file"),
         (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/nowhere/d.png"], "no folder"),
+        # /proc takes no new files, whoever asks (tests may run as root, whom permissions do not stop).
+        (["sample", "--out", "/proc/g.png"], "/proc/g.png: cannot write in /proc"),
+        (["encode", "--input", "{dir}/ok.npy", "--out", "/proc/m.npy"], "/proc/m.npy: cannot write in /proc"),
+        (["encode", "--input", "{dir}/missing.npy"], "missing.npy"),
+        (["encode", "--input", "{dir}/ok.npy", "{dir}/complex.npy"], "complex.npy"),
         (["sample", "--columns", "-1", "--out", "{dir}/g.png"], "--columns must be at least 1, got -1"),
         (["sample", "-n", "0", "--out", "{dir}/g.png"], "-n/--num-samples must be at least 1, got 0"),
         (

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from client import cli, encode_job
+from client import cli, encode_job, healthcheck
 from client.client import ModelInfo, RetryPolicy, SampleResult, TlsOptions
 
 Main = Callable[[Sequence[str] | None], int]
@@ -46,19 +46,46 @@ def test_the_largest_seed_is_taken() -> None:
     assert args.seed == 2**64 - 1
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+# gRPC takes a deadline of 1e10 s for one already passed, and fails every call at once.
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "1e10"])
 @pytest.mark.parametrize(
-    ("main", "command"),
+    ("main", "command", "flag"),
     [
-        (cli.main, ["info"]),
-        (encode_job.main, ["--input", "x.npy", "--output", "out"]),
+        (cli.main, ["info"], "--timeout"),
+        (encode_job.main, ["--input", "x.npy", "--output", "out"], "--timeout"),
+        (healthcheck.main, [], "--timeout"),
     ],
 )
-def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused_naming_the_flag(
-    capsys: pytest.CaptureFixture[str], main: Main, command: list[str], timeout: str
+def test_seconds_that_are_not_above_0_and_at_most_a_year_are_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], main: Main, command: list[str], flag: str, seconds: str
 ) -> None:
-    err = refusal(main, [*command, "--timeout", timeout], capsys)
-    assert f"argument --timeout: expected a number of seconds above 0, got {timeout}" in err
+    err = refusal(main, [*command, flag, seconds], capsys)
+    assert (
+        f"argument {flag}: expected a number of seconds above 0 and at most 3.1536e+07 (a year), got" in err
+    )
+
+
+def test_a_year_is_the_longest_timeout_taken() -> None:
+    assert cli.build_parser().parse_args(["info", "--timeout", "31536000"]).timeout == 365 * 24 * 3600
+
+
+@pytest.mark.parametrize("seconds", ["-1", "nan", "inf", "1e10"])
+@pytest.mark.parametrize(
+    ("main", "command", "flag"),
+    [
+        (healthcheck.main, [], "--wait"),  # 0: check once
+        (encode_job.main, ["--input", "x.npy", "--output", "out"], "--log-every"),  # 0: at every answer
+    ],
+)
+def test_flags_that_take_0_take_no_other_seconds_than_the_timeouts_do(
+    capsys: pytest.CaptureFixture[str], main: Main, command: list[str], flag: str, seconds: str
+) -> None:
+    err = refusal(main, [*command, flag, seconds], capsys)
+    assert (
+        f"argument {flag}: expected 0, or a number of seconds above 0 and at most 3.1536e+07 (a year)" in err
+    )
+    assert cli.seconds_or_zero("0") == 0.0 and cli.seconds_or_zero("-0.0") == 0.0
+    assert cli.seconds_or_zero("30") == 30.0
 
 
 @pytest.mark.parametrize(("attempts", "message"), [("0", "of at least 1, got 0"), ("two", "got 'two'")])

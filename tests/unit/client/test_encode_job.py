@@ -120,6 +120,16 @@ def test_a_resume_starts_over_on_what_a_run_killed_before_its_manifest_left(tmp_
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST]
 
 
+def test_a_resume_that_starts_over_drops_the_lists_of_the_input_a_killed_run_read(tmp_path: Path) -> None:
+    """A run killed between its lists and its first manifest, then resumed on a .npy, which has none."""
+    job = settings(tmp_path, resume=True)
+    job.output.mkdir()
+    (job.output / "inputs.txt").write_text("a.png\nb.png\n")
+    (job.output / "rejected.txt").write_text("c.png\tnot a PNG\n")
+    prepare_output(job.output, job, source(), manifest_for(job, source()))
+    assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST]
+
+
 def test_what_a_run_killed_before_its_manifest_left_is_not_touched_without_resume(tmp_path: Path) -> None:
     job = settings(tmp_path)
     job.output.mkdir()
@@ -171,6 +181,23 @@ def test_a_resume_with_another_split_is_refused(tmp_path: Path) -> None:
     other = settings(tmp_path, rows_per_shard=4, resume=True)
     with pytest.raises(JobError, match="--rows-per-shard"):
         prepare_output(other.output, other, source(), manifest_for(other, source()))
+
+
+def test_a_split_job_refuses_an_output_that_holds_the_parts_of_another_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Else its parts would lie beside the others, and a merged manifest of those would still be read."""
+    images = tmp_path / "x.npy"
+    np.save(images, source().images)
+    output = tmp_path / "out"
+    (output / "part-00000-of-00003").mkdir(parents=True)
+    argv = ["--target", "127.0.0.1:1", "--input", str(images), "--output", str(output), "--no-progress"]
+    assert main([*argv, "--num-shards", "2", "--shard-index", "0"]) == 2
+    assert (
+        "holds the parts of a job split in 3 (part-*-of-00003), and this one is split in 2; choose another "
+        "--output, or resume that job with --num-shards 3"
+    ) in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["part-00000-of-00003"]
 
 
 def test_a_resume_refuses_a_committed_shard_that_is_corrupt(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -234,13 +235,32 @@ def test_a_manifest_whose_shards_do_not_cover_its_rows_once_each_in_order_is_ref
         read_encodings(tmp_path)
 
 
-def test_a_manifest_missing_a_field_is_refused_as_malformed(tmp_path: Path) -> None:
-    manifest = write_output(tmp_path, 0, 10, 4, 10)
-    del manifest["rows_per_shard"]
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (None, "rows_per_shard"),
+        (None, "rows"),
+        ("input", "sha256"),
+        ("model", "encoder_sha256"),
+        ("model", "kind"),
+    ],
+)
+def test_a_manifest_missing_a_field_is_refused_as_malformed(
+    tmp_path: Path, record: str | None, field: str
+) -> None:
+    write_output(tmp_path, 0, 10, 4, 10)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del (manifest if record is None else manifest[record])[field]
     write_manifest(tmp_path, manifest)
-    with pytest.raises(
-        EncodingsError, match=r"manifest.json: a malformed manifest \(KeyError: 'rows_per_shard'\)"
-    ):
+    with pytest.raises(EncodingsError, match=rf"manifest.json: a malformed manifest \(KeyError: '{field}'\)"):
+        read_encodings(tmp_path)
+
+
+def test_a_manifest_whose_shard_has_no_checksum_is_refused_as_malformed(tmp_path: Path) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    del manifest["shards"][1]["sha256"]
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(EncodingsError, match=r"a malformed manifest \(KeyError: 'sha256'\)"):
         read_encodings(tmp_path)
 
 
@@ -386,4 +406,20 @@ def test_an_unsplit_output_with_parts_beside_it_is_refused(tmp_path: Path) -> No
     write_output(tmp_path, 0, 10, 4, 10)
     write_parts(tmp_path, 10, 2)
     with pytest.raises(EncodingsError, match="holds both an unsplit job's"):
+        read_encodings(tmp_path)
+
+
+def test_a_merged_manifest_is_not_read_once_its_parts_are_those_of_another_split(tmp_path: Path) -> None:
+    """Its shards' checksums would still match, and the old job's rows come back as if they were new."""
+    write_parts(tmp_path, 10, 3)
+    write_manifest(tmp_path, merged_manifest(tmp_path))
+    write_parts(tmp_path, 10, 2)
+    with pytest.raises(EncodingsError, match=r"split in different ways: \[2, 3\]"):
+        read_encodings(tmp_path)
+    for part in range(3):
+        shutil.rmtree(tmp_path / part_directory_name(part, 3))
+    with pytest.raises(
+        EncodingsError,
+        match=r"its manifest.json joins 3 parts, but the folder holds 2: run vae-encode-job merge",
+    ):
         read_encodings(tmp_path)
