@@ -39,8 +39,9 @@ def to_tensor(array: npt.NDArray[np.generic]) -> vae_pb2.Tensor:
     raise TypeError(f"cannot send a {array.dtype} array: only float32 and uint8 are on the wire")
 
 
-def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
-    """A Tensor message as a read-only array; `name` says which field is wrong in an error."""
+def from_tensor(tensor: vae_pb2.Tensor, name: str, shapes: str = "") -> npt.NDArray[np.generic]:
+    """A Tensor message as a read-only array; `name` says which field is wrong in an error, and
+    `shapes` which shapes it takes ("[N, 2]", say) where the shape itself is no array's."""
     dtype = _NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
         found = (
@@ -50,25 +51,24 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str) -> npt.NDArray[np.generic]:
         )
         raise InvalidInput(f"{name}: {found}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
     shape = tuple(tensor.shape)
+    field = f"{name}: shape {shape_text(shape)}"
+    expected = f"; expected {shapes}" if shapes else ""
     # First, so that the product below stays small: a shape of thousands of huge sizes would take
     # the event loop seconds to multiply out.
     if len(shape) > MAX_DIMENSIONS:
-        raise InvalidInput(f"{name}: shape {shape_text(shape)} has more than {MAX_DIMENSIONS} dimensions")
+        raise InvalidInput(f"{field} has more than {MAX_DIMENSIONS} dimensions{expected}")
     if any(size < 0 for size in shape):
-        raise InvalidInput(f"{name}: shape {shape_text(shape)} has a negative dimension")
+        raise InvalidInput(f"{field} has a negative dimension{expected}")
     # Python ints: a product of int64 sizes could wrap around and match a short `data`.
-    count = math.prod(shape)
-    expected = count * dtype.itemsize
-    if len(tensor.data) != expected:
+    byte_count = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != byte_count:
         raise InvalidInput(
-            f"{name}: shape {shape_text(shape)} of {_dtype_name(tensor.dtype)} needs {expected} bytes, "
-            f"got {len(tensor.data)}"
+            f"{field} of {_dtype_name(tensor.dtype)} needs {byte_count} bytes, got {len(tensor.data)}"
         )
     try:
         return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     except ValueError as error:  # an empty shape too large to index, or more dimensions than numpy takes
-        problem = f"{name}: shape {shape_text(shape)} is not a valid array shape ({error})"
-        raise InvalidInput(problem) from None
+        raise InvalidInput(f"{field} is not a valid array shape ({error}){expected}") from None
 
 
 def shape_text(shape: tuple[int, ...], most: int = 8) -> str:

@@ -59,16 +59,17 @@ def deadline_after(seconds: float | None) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
+# The shapes Encode takes, for its error messages.
+IMAGE_SHAPES = f"[N, {', '.join(map(str, IMAGE_SHAPE))}] or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
+
+
 def images_to_float(images: npt.NDArray[np.generic]) -> Float32Array:
     """Images [N,1,28,28] or [N,28,28], FLOAT32 in [0,1] or UINT8, as float32 [N,1,28,28]."""
     shape = images.shape
     if not (
         (len(shape) == 4 and shape[1:] == IMAGE_SHAPE) or (len(shape) == 3 and shape[1:] == IMAGE_SHAPE[1:])
     ):
-        raise InvalidInput(
-            f"images: shape {list(shape)}; expected [N, {', '.join(map(str, IMAGE_SHAPE))}] "
-            f"or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
-        )
+        raise InvalidInput(f"images: shape {list(shape)}; expected {IMAGE_SHAPES}")
     if shape[0] == 0:
         raise InvalidInput("images: empty batch; expected at least one image")
     if images.dtype == np.uint8:
@@ -90,6 +91,18 @@ MAX_TEMPERATURE = 1e5
 # gRPC's largest message, and room for a SampleResponse's fields around its two tensors' bytes.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 SAMPLE_RESPONSE_FRAMING_BYTES = 1024
+# The largest message the server takes. A request may carry --max-queue-size rows
+# (ModelInfo.max_request_rows), and FLOAT32 images are the largest rows unless the latents are wider
+# than 784 dimensions; the floor, room for 10,700 images, leaves the default queue of 4,096 room for
+# latents of up to 1,984 dimensions. A bundle with wider ones is refused (_check_requests_fit).
+MIN_MESSAGE_BYTES = 32 * 1024 * 1024
+FLOAT32_IMAGE_BYTES = 4 * math.prod(IMAGE_SHAPE)
+MESSAGE_FRAMING_BYTES = 1024 * 1024
+
+
+def max_message_bytes(max_queue_size: int) -> int:
+    """Room for a request of `max_queue_size` FLOAT32 images, and never less than the floor."""
+    return max(MIN_MESSAGE_BYTES, max_queue_size * FLOAT32_IMAGE_BYTES + MESSAGE_FRAMING_BYTES)
 
 
 def checked_latents(latents: npt.NDArray[np.generic], latent_dim: int) -> Float32Array:
@@ -159,6 +172,7 @@ class VaeModel:
         """Verify and load a bundle, warm both graphs up; raises BundleError or DeviceError."""
         bundle = ModelBundle.load(bundle_dir)
         _check_sample_fits_a_message(batching.max_samples, bundle.spec.latent_dim)
+        _check_requests_fit(batching.max_queue_size, bundle.spec.latent_dim)
         runtime = Runtime(bundle, device, threads)
         runtime.warm_up()
         if bundle.spec.kind == "ae":
@@ -217,3 +231,18 @@ def _check_sample_fits_a_message(max_samples: int, latent_dim: int) -> None:
             f"--max-samples {max_samples}: a Sample of that many FLOAT32 images with their {latent_dim}-"
             f"dimensional latents is more than gRPC's largest message (2 GiB); this bundle allows {largest}"
         )
+
+
+def _check_requests_fit(max_queue_size: int, latent_dim: int) -> None:
+    """Refuse a --max-queue-size (ModelInfo.max_request_rows) whose Decode request of this bundle's
+    latents the server would not take, or whose Encode answer (mean and log_var) gRPC cannot send."""
+    for what, row_bytes, limit in (
+        ("a Decode request", 4 * latent_dim, max_message_bytes(max_queue_size)),
+        ("an Encode answer", 8 * latent_dim, GRPC_MAX_MESSAGE_BYTES),
+    ):
+        if max_queue_size * row_bytes + MESSAGE_FRAMING_BYTES > limit:
+            raise BundleError(
+                f"--max-queue-size {max_queue_size}: {what} of that many {latent_dim}-dimensional latents "
+                f"is more than the {limit:,} bytes of the largest message it may travel in; pass a smaller "
+                "--max-queue-size"
+            )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any
 
@@ -22,9 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.bundle import IMAGE_SHAPE
 from service.metrics import MetricsHttpServer, ServiceMetrics
-from service.model import BatchingSettings, VaeModel
+from service.model import BatchingSettings, VaeModel, max_message_bytes
 from service.runtime import ThreadSettings
 from service.servicer import VaeServicer, add_to_server
 from service.settings import Settings
@@ -33,17 +31,6 @@ from vae.v1 import vae_pb2
 SERVICE_NAME: str = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 # The overall health of the server is the empty service name (grpc.health.v1).
 OVERALL = ""
-# The largest message a client may send. A request may carry --max-queue-size rows
-# (ModelInfo.max_request_rows), and FLOAT32 images are the largest rows; the floor, room for 10,700
-# of them, leaves the default queue of 4,096 room for latents of up to 2,000 dimensions.
-MIN_MESSAGE_BYTES = 32 * 1024 * 1024
-FLOAT32_IMAGE_BYTES = 4 * math.prod(IMAGE_SHAPE)
-MESSAGE_FRAMING_BYTES = 1024 * 1024
-
-
-def max_message_bytes(max_queue_size: int) -> int:
-    """Room for a request of `max_queue_size` FLOAT32 images, and never less than the floor."""
-    return max(MIN_MESSAGE_BYTES, max_queue_size * FLOAT32_IMAGE_BYTES + MESSAGE_FRAMING_BYTES)
 
 
 def grpc_address(host: str, port: int) -> str:

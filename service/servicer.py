@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from service import codec
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ServiceError
 from service.metrics import ServiceMetrics
-from service.model import VaeModel, checked_latents, deadline_after, images_to_float
+from service.model import IMAGE_SHAPES, VaeModel, checked_latents, deadline_after, images_to_float
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,10 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         codec.check_output_dtype(request.output_dtype)
         if not request.HasField("latents"):
             raise InvalidInput(f"latents: missing; expected a FLOAT32 Tensor [N, {model.spec.latent_dim}]")
-        latents = checked_latents(codec.from_tensor(request.latents, "latents"), model.spec.latent_dim)
+        latents = checked_latents(
+            codec.from_tensor(request.latents, "latents", f"[N, {model.spec.latent_dim}]"),
+            model.spec.latent_dim,
+        )
         images = await model.decode(latents, deadline_after(context.time_remaining()))
         self._count_items("Decode", len(latents))
         return vae_pb2.DecodeResponse(images=_images_tensor(images, request.output_dtype))
@@ -369,7 +372,7 @@ def _naming_the_request(index: int) -> Iterator[None]:
 def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:
     if not request.HasField("images"):
         raise InvalidInput("images: missing; expected a Tensor [N,1,28,28] of FLOAT32 in [0,1] or UINT8")
-    return images_to_float(codec.from_tensor(request.images, "images"))
+    return images_to_float(codec.from_tensor(request.images, "images", IMAGE_SHAPES))
 
 
 def _seed_of(request: vae_pb2.SampleRequest) -> int | None:

@@ -130,6 +130,8 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{f.name} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        if not self.host:
+            problems.append("host '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} {getattr(self, name)}: expected 0 to 65535")
@@ -346,10 +348,17 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def path(text: str) -> Path:
+    """A path given: an empty one would be read as the current folder."""
+    if not text:
+        raise ValueError("an empty path")
+    return Path(text)
+
+
 def _parser_type(annotation: Any) -> Any:
     text = str(annotation)
     if text == "Path":
-        return Path
+        return path
     if text == "Path | None":
         return _optional_path
     if text == "int":

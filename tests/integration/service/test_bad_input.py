@@ -74,7 +74,7 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     ),
     "images of more dimensions than numpy takes": (
         encode(tensor([1] * 65, dtype=codec.UINT8, data=b"\0")),
-        "(65 dimensions) has more than 64 dimensions",
+        "(65 dimensions) has more than 64 dimensions; expected [N, 1, 28, 28] or [N, 28, 28]",
     ),
     # The message travels in trailing metadata, which the client caps at 16 KiB: it must stay short.
     "images of ten thousand dimensions": (
@@ -87,9 +87,18 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
         encode(tensor([2**62] * 40_000, data=b"")),
         "(40000 dimensions) has more than 64 dimensions",
     ),
+    "images with a negative dimension": (
+        encode(tensor([-1, 1, 28, 28], data=b"")),
+        "images: shape [-1, 1, 28, 28] has a negative dimension; expected [N, 1, 28, 28] or [N, 28, 28]",
+    ),
+    "latents with a negative dimension": (
+        decode(tensor([2, -2], data=b"")),
+        "latents: shape [2, -2] has a negative dimension; expected [N, 2]",
+    ),
     "latents of no elements but dimensions too large to index": (
         decode(tensor([2**62, 0], data=b"")),
-        "is not a valid array shape",
+        "is not a valid array shape (array is too big; `arr.size * arr.dtype.itemsize` is larger than the "
+        "maximum possible size.); expected [N, 2]",
     ),
     "images with NaN": (encode(tensor([1, 1, 28, 28], fill=math.nan)), "NaN or Inf"),
     "images with Inf": (encode(tensor([1, 1, 28, 28], fill=math.inf)), "NaN or Inf"),

@@ -46,7 +46,7 @@ def test_a_tensor_is_row_major_little_endian_bytes_of_its_shape() -> None:
     tensor = to_tensor(array.T)  # not contiguous: sent in its own row-major order all the same
     assert (list(tensor.shape), tensor.dtype) == ([3, 2], FLOAT32)
     assert tensor.data == np.ascontiguousarray(array.T).astype("<f4").tobytes()
-    np.testing.assert_array_equal(from_tensor(tensor, "x"), array.T)
+    np.testing.assert_array_equal(from_tensor(tensor, "x", "[N, 2]"), array.T)
     assert to_tensor(np.array([[1, 255]], np.uint8)) == vae_pb2.Tensor(
         shape=[1, 2], dtype=UINT8, data=b"\1\xff"
     )
@@ -58,14 +58,14 @@ def test_only_float32_and_uint8_arrays_can_be_sent() -> None:
 
 
 def test_a_tensor_of_up_to_64_dimensions_is_read() -> None:
-    assert from_tensor(vae_pb2.Tensor(shape=[1] * 64, dtype=UINT8, data=b"\7"), "x").ndim == 64
+    assert from_tensor(vae_pb2.Tensor(shape=[1] * 64, dtype=UINT8, data=b"\7"), "x", "[N, 2]").ndim == 64
 
 
 @pytest.mark.parametrize(
     ("shape", "data", "message"),
     [
-        ([-1, -1], b"\0", "x: shape [-1, -1] has a negative dimension"),
-        ([2, -3], b"", "x: shape [2, -3] has a negative dimension"),
+        ([-1, -1], b"\0", "x: shape [-1, -1] has a negative dimension; expected [N, 2]"),
+        ([2, -3], b"", "x: shape [2, -3] has a negative dimension; expected [N, 2]"),
         ([2, 3], b"\0" * 5, "x: shape [2, 3] of DATA_TYPE_UINT8 needs 6 bytes, got 5"),
     ],
 )
@@ -73,7 +73,7 @@ def test_a_tensor_whose_shape_and_bytes_do_not_agree_is_refused(
     shape: list[int], data: bytes, message: str
 ) -> None:
     with pytest.raises(InvalidInput) as error:
-        from_tensor(vae_pb2.Tensor(shape=shape, dtype=UINT8, data=data), "x")
+        from_tensor(vae_pb2.Tensor(shape=shape, dtype=UINT8, data=data), "x", "[N, 2]")
     assert str(error.value) == message
 
 

@@ -14,6 +14,7 @@ from service.metrics import ServiceMetrics
 from service.model import (
     BatchingSettings,
     VaeModel,
+    _check_requests_fit,
     _check_sample_fits_a_message,
     checked_latents,
     deadline_after,
@@ -150,6 +151,28 @@ def test_a_deadline_is_that_many_seconds_from_now_on_the_monotonic_clock() -> No
     before = time.monotonic()
     deadline = deadline_after(30.0)
     assert deadline is not None and before + 30 <= deadline <= time.monotonic() + 30
+
+
+def test_a_queue_is_refused_where_a_full_decode_request_would_pass_the_servers_message_limit() -> None:
+    """Wider than 784 dimensions, latents outgrow images: at the 32 MiB floor, (32 MiB - 1 MiB of
+    framing) // (4 bytes x 4,096 rows) = 1,984 dimensions."""
+    _check_requests_fit(4096, latent_dim=1984)
+    _check_requests_fit(16384, latent_dim=784)  # images set the limit, and a latent row is no larger
+    with pytest.raises(
+        BundleError,
+        match=r"--max-queue-size 4096: a Decode request of that many 1985-dimensional latents is more than "
+        r"the 33,554,432 bytes of the largest message it may travel in; pass a smaller --max-queue-size",
+    ):
+        _check_requests_fit(4096, latent_dim=1985)
+    with pytest.raises(BundleError, match=r"--max-queue-size 16384: a Decode request"):
+        _check_requests_fit(16384, latent_dim=785)
+
+
+def test_a_queue_is_refused_where_a_full_encode_answer_would_pass_grpcs_2_gib() -> None:
+    """(2**31 - 1 - 1 MiB) // (8 bytes x 392 dimensions) = 684,414 rows of mean and log_var."""
+    _check_requests_fit(684_000, latent_dim=392)
+    with pytest.raises(BundleError, match=r"an Encode answer of that many 393-dimensional latents"):
+        _check_requests_fit(684_000, latent_dim=393)
 
 
 def test_max_samples_is_refused_where_a_samples_float32_images_and_latents_pass_grpcs_2_gib() -> None:

@@ -81,11 +81,27 @@ def test_model_dir_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
+        (["--model-dir", ""], {}, "argument --model-dir: invalid path value: ''"),
+        ([], {"VAE_SERVE_MODEL_DIR": ""}, "VAE_SERVE_MODEL_DIR='': expected a value of type path"),
+    ],
+)
+def test_an_empty_model_dir_is_refused_not_read_as_the_current_folder(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_args(argv, environ)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
         (["--device", "tpu"], {}, "invalid choice: 'tpu'"),
         ([], {"VAE_SERVE_PORT": "eighty"}, "VAE_SERVE_PORT='eighty'"),
         (["--max-batch-size", "0"], {}, "max_batch_size 0: expected at least 1"),
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least max_batch_size"),
         (["--max-queue-size", "512", "--max-samples", "1024"], {}, "expected at least max_samples (1024)"),
+        (["--host", ""], {}, "host '': expected an address or name to listen on"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
         (["--metrics-port", "65536"], {}, "metrics_port 65536: expected 0 to 65535"),
         (["--metrics-port", "-1"], {}, "metrics_port -1: expected 0 to 65535"),
