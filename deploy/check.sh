@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${DEPLOY_CACHE:-.cache}"
+CACHE="$(realpath -m "${DEPLOY_CACHE:-.cache}")"  # absolute: it goes on PATH
 TOOLS="$CACHE/deploy-tools"
 PROMETHEUS_ROOT="$CACHE/prometheus"
 PYTHON="${PYTHON:-python3}"
@@ -72,7 +72,7 @@ flock 9
 install_python_tools
 install_prometheus
 flock --unlock 9
-export PATH="$PWD/$TOOLS/bin:$PWD/$PROMETHEUS_ROOT/usr/bin:$PATH"
+export PATH="$TOOLS/bin:$PROMETHEUS_ROOT/usr/bin:$PATH"
 
 step "hadolint $(hadolint --version | awk '{print $NF}') and shellcheck"
 hadolint deploy/Dockerfile deploy/Dockerfile.gpu
