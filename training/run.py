@@ -145,7 +145,11 @@ def load_config(run_dir: Path) -> TrainConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory written by vae-train?")
-    return TrainConfig.from_dict(read_json_object(path))
+    data = read_json_object(path)
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as error:  # a field unknown, out of range or of the wrong type
+        raise ValueError(f"{path}: not a training config that vae-train wrote ({error})") from error
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module) -> None:

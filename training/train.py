@@ -21,7 +21,7 @@ from tqdm import tqdm
 from training.data import DATASETS, load_training_splits
 from training.losses import LIKELIHOODS, LossTerms, ae_loss, vae_loss
 from training.models import VAE, ModelConfig, build_model
-from training.run import TrainConfig, save_checkpoint, save_config, save_metrics
+from training.run import CHECKPOINT_FILE, TrainConfig, save_checkpoint, save_config, save_metrics
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 MIN_ONE_CYCLE_STEPS = 2
@@ -411,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, required=True, help="the run directory to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the trained run that --out holds (else refused)"
+    )
     return parser
 
 
@@ -449,6 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        # A new run starts by removing the old one's weights, before it knows it will end well.
+        if (args.out / CHECKPOINT_FILE).is_file() and not args.overwrite:
+            raise ValueError(
+                f"{args.out} holds a trained run ({CHECKPOINT_FILE}); pass --overwrite to replace it, or "
+                "choose another --out"
+            )
         metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")

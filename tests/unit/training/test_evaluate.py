@@ -233,21 +233,50 @@ def test_a_run_trained_on_mnist_is_not_scored_on_mnist_5k_whose_images_it_traine
         Evaluator("mnist-5k", None, None, 1, 0, torch.device("cpu")).test_set(config)
 
 
-def test_runs_of_two_idx_datasets_are_not_scored_from_one_data_dir(
+def test_runs_of_two_idx_datasets_are_not_scored_from_the_same_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """mnist's and fashion-mnist's files have the same names: one of the runs would be scored on the
-    other's test set and judged by a classifier of the other's images."""
+    """mnist's and fashion-mnist's files have the same names: flat in one folder, one of the runs would
+    be scored on the other's test set and judged by a classifier of the other's images."""
     for dataset in ("mnist", "fashion-mnist"):
         save_config(
             tmp_path / dataset, TrainConfig(dataset=dataset, data_dir=str(tmp_path / "data" / dataset))
         )
+    write_t10k(tmp_path, 20)
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "mnist"), str(tmp_path / "fashion-mnist"), "--data-dir", str(tmp_path)])
     assert exit_.value.code == 2
-    assert "trained on fashion-mnist and mnist, whose files one --data-dir cannot both hold" in (
-        capsys.readouterr().err
-    )
+    assert (
+        f"trained on fashion-mnist and mnist, and {tmp_path} gives both the same files "
+        f"({tmp_path / 't10k-images-idx3-ubyte.gz'}): put each in torchvision's layout"
+    ) in capsys.readouterr().err
+
+
+def test_runs_of_two_idx_datasets_are_scored_from_one_data_dir_in_torchvisions_layout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for dataset, folder in (("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")):
+        save_config(tmp_path / dataset, TrainConfig(dataset=dataset))
+        (tmp_path / folder / "raw").mkdir(parents=True)
+        write_t10k(tmp_path / folder / "raw", 20)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "mnist"), str(tmp_path / "fashion-mnist"), "--data-dir", str(tmp_path)])
+    assert exit_.value.code == 2  # past the test sets, to the runs, which hold no weights here
+    assert f"{tmp_path / 'mnist' / 'checkpoint.pt'}" in capsys.readouterr().err
+
+
+def test_a_metrics_file_that_cannot_be_read_stops_the_command_before_it_evaluates(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Else minutes of evaluation would be thrown away when its result is to be written."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["vae"], run, ignore=shutil.ignore_patterns("figures"))
+    (run / "metrics.json").write_text("{bad")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert f"{run / 'metrics.json'}: not valid JSON" in capsys.readouterr().err
+    assert not (run / "figures").exists()
 
 
 def test_a_data_dir_for_runs_scored_on_mnist_5k_which_reads_none_is_refused(

@@ -119,6 +119,25 @@ def test_a_config_written_before_the_encoder_augmentation_existed_reads_as_train
     assert TrainConfig.from_dict(written).encoder_augmentation == 0.0
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"model": {"latent_dim": "2"}}, "'<' not supported"),
+        ({"model": None}, "'NoneType' object is not iterable"),
+        ({"epochs": 3, "momentum": 0.9}, "unknown training config keys: ['momentum']"),
+    ],
+)
+def test_a_hand_edited_config_that_vae_train_never_wrote_is_refused_naming_the_file(
+    tmp_path: Path, edit: dict[str, Any], message: str
+) -> None:
+    save_config(tmp_path, tiny())
+    written = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**written, **edit}))
+    with pytest.raises(ValueError, match=r"config.json: not a training config that vae-train wrote") as error:
+        load_config(tmp_path)
+    assert message in str(error.value)
+
+
 def test_the_kl_weight_ramps_up_to_beta_over_the_warm_up() -> None:
     config = TrainConfig(beta=2.0, kl_warmup_epochs=2)
     weights = [kl_weight(config, step, steps_per_epoch=10) for step in range(30)]
@@ -138,6 +157,38 @@ def test_the_command_line_trains_and_prints_the_final_losses(
     assert summary["run_dir"] == str(out)
     config = load_config(out)
     assert config.model.kind == "ae" and config.model.latent_dim == 3
+
+
+def test_the_command_line_replaces_a_trained_run_only_when_told_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run starts by removing the old one's weights: one that then diverges would leave neither."""
+    out = tmp_path / "run"
+    argv = [
+        "--model",
+        "ae",
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    trained = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--seed", "1"])
+    assert exit_.value.code == 2
+    assert (
+        f"{out} holds a trained run (checkpoint.pt); pass --overwrite to replace it"
+        in capsys.readouterr().err
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == trained
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert load_config(out).seed == 1
 
 
 def test_a_relative_data_dir_is_kept_absolute_so_the_run_evaluates_from_anywhere(
