@@ -175,7 +175,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise EncodingsError(f"{path}: format_version {version!r}; this reader knows {FORMAT_VERSION}")
     try:
-        _check_records(manifest)
+        _check_records(path, manifest)
         _check_shard_list(path, manifest)
     except EncodingsError:
         raise
@@ -189,14 +189,18 @@ _INPUT_FIELDS = ("path", "rows", "sha256")
 _MODEL_FIELDS = ("name", "version", "kind", "latent_dim", "encoder_sha256")
 
 
-def _check_records(manifest: dict[str, Any]) -> None:
-    """Every field read later is there, so that a damaged manifest fails here, by name (KeyError)."""
-    for record, fields in (("input", _INPUT_FIELDS), ("model", _MODEL_FIELDS)):
-        for field in fields:
-            manifest[record][field]
-    int(manifest["rows"])
-    for entry in manifest["shards"]:
-        str(entry["sha256"])
+def _check_records(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field read later is there, so that a damaged manifest fails here, naming what it lacks."""
+    missing = [
+        f"{record}.{field}"
+        for record, fields in (("input", _INPUT_FIELDS), ("model", _MODEL_FIELDS))
+        for field in fields
+        if field not in manifest[record]
+    ]
+    missing += ["rows"] if "rows" not in manifest else []
+    missing += [f"shards[{i}].sha256" for i, entry in enumerate(manifest["shards"]) if "sha256" not in entry]
+    if missing:
+        raise EncodingsError(f"{path}: a malformed manifest (no {', '.join(missing)})")
 
 
 def _check_shard_list(path: Path, manifest: dict[str, Any]) -> None:

@@ -7,9 +7,11 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,32 +237,36 @@ def test_a_manifest_whose_shards_do_not_cover_its_rows_once_each_in_order_is_ref
         read_encodings(tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("record", "field"),
-    [
-        (None, "rows_per_shard"),
-        (None, "rows"),
-        ("input", "sha256"),
-        ("model", "encoder_sha256"),
-        ("model", "kind"),
-    ],
-)
-def test_a_manifest_missing_a_field_is_refused_as_malformed(
-    tmp_path: Path, record: str | None, field: str
-) -> None:
-    write_output(tmp_path, 0, 10, 4, 10)
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
-    del (manifest if record is None else manifest[record])[field]
+def test_a_manifest_missing_a_field_of_its_shard_list_is_refused_as_malformed(tmp_path: Path) -> None:
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    del manifest["rows_per_shard"]
     write_manifest(tmp_path, manifest)
-    with pytest.raises(EncodingsError, match=rf"manifest.json: a malformed manifest \(KeyError: '{field}'\)"):
+    with pytest.raises(
+        EncodingsError, match=r"manifest.json: a malformed manifest \(KeyError: 'rows_per_shard'\)"
+    ):
         read_encodings(tmp_path)
 
 
-def test_a_manifest_whose_shard_has_no_checksum_is_refused_as_malformed(tmp_path: Path) -> None:
-    manifest = write_output(tmp_path, 0, 10, 4, 10)
-    del manifest["shards"][1]["sha256"]
+@pytest.mark.parametrize(
+    ("remove", "field"),
+    [
+        (lambda manifest: manifest.pop("rows"), "rows"),
+        (lambda manifest: manifest["input"].pop("sha256"), "input.sha256"),
+        (lambda manifest: manifest["model"].pop("encoder_sha256"), "model.encoder_sha256"),
+        (lambda manifest: manifest["model"].pop("kind"), "model.kind"),
+        (lambda manifest: manifest["shards"][1].pop("sha256"), "shards[1].sha256"),
+    ],
+)
+def test_a_manifest_missing_a_field_that_reading_or_resuming_needs_is_refused_naming_it(
+    tmp_path: Path, remove: Callable[[dict[str, Any]], object], field: str
+) -> None:
+    write_output(tmp_path, 0, 10, 4, 10)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    remove(manifest)
     write_manifest(tmp_path, manifest)
-    with pytest.raises(EncodingsError, match=r"a malformed manifest \(KeyError: 'sha256'\)"):
+    with pytest.raises(
+        EncodingsError, match=rf"manifest.json: a malformed manifest \(no {re.escape(field)}\)"
+    ):
         read_encodings(tmp_path)
 
 
