@@ -18,6 +18,7 @@ import contextlib
 import json
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -263,6 +264,46 @@ class _Retrier:
                 details += "; send fewer images per request (encode_stream takes them in batches)"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
+
+
+class _SourceFailed(Exception):
+    """The caller's own batches raised `error` (a grpc.RpcError from a store they are read from, say):
+    carried past the retrier, which would take it for the stream's failure and go on without the
+    rest of them, and raised to the caller as it was."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _next_batch(source: Iterator[Any]) -> Any | None:
+    """The caller's next batch, None at their end."""
+    try:
+        return next(source, None)
+    except Exception as error:
+        raise _SourceFailed(error) from None
+
+
+async def _next_async_batch(source: AsyncIterator[Any]) -> Any | None:
+    """The caller's next batch, None at their end."""
+    try:
+        return await anext(source, None)
+    except Exception as error:
+        raise _SourceFailed(error) from None
+
+
+# How the server names the request of a stream that it refuses (service.servicer).
+_STREAM_REQUEST = re.compile(r"the stream's request (\d+) ")
+
+
+def _numbered_as_the_callers(error: VaeClientError, first: int) -> VaeClientError:
+    """`error` with the refused request numbered among the caller's batches. A stream opened again
+    after a break is sent the batches not yet answered, and the server numbers them from 0."""
+    match = _STREAM_REQUEST.match(error.details)
+    if match is None or first == 0:
+        return error
+    details = f"the stream's request {first + int(match[1])} {error.details[match.end() :]}"
+    return VaeClientError(error.rpc, error.code, details, error.attempts)
 
 
 class _NoAnswer(Exception):
@@ -559,12 +600,13 @@ class VaeClient:
         source = iter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
+        answered = first = 0
         retrier = self._state.retrier("EncodeStream")
 
         def refill(requests: queue.SimpleQueue[Any]) -> None:
             nonlocal exhausted
             while not exhausted and len(pending) < max_in_flight:
-                chunk = next(source, None)
+                chunk = _next_batch(source)
                 if chunk is None:
                     exhausted = True
                     break
@@ -575,37 +617,47 @@ class VaeClient:
                 # End the request side now: the server may hold answers back until it knows no more come.
                 requests.put(None)
 
-        while pending or not exhausted:
-            with retrier:
-                # grpc reads the request iterator on its own thread; a queue hands the requests over.
-                requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-                for request in pending:
-                    requests.put(request)
-                call = self._stub.EncodeStream(
-                    iter(requests.get, None), timeout=timeout_s, metadata=self._state.metadata
-                )
-                watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
-                try:
-                    refill(requests)
-                    while (response := watchdog.next_answer(call)) is not None:
-                        if not pending:
-                            raise VaeClientError("EncodeStream", None, "more answers than requests")
-                        pending.popleft()
-                        retrier.failures = 0
-                        yield encode_result(
-                            response, _graph_sha256(call.initial_metadata(), codec.ENCODER_SHA256_METADATA)
-                        )
+        try:
+            while pending or not exhausted:
+                with retrier:
+                    first = answered  # the caller's number of the stream's request 0 on this attempt
+                    # grpc reads the request iterator on its own thread; a queue hands the requests over.
+                    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                    for request in pending:
+                        requests.put(request)
+                    call = self._stub.EncodeStream(
+                        iter(requests.get, None), timeout=timeout_s, metadata=self._state.metadata
+                    )
+                    watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
+                    try:
                         refill(requests)
-                    if pending:
-                        raise VaeClientError(
-                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
-                        )
-                    return
-                finally:
-                    watchdog.stop()
-                    requests.put(None)  # lets grpc's request thread finish
-                    call.cancel()
-            self._pause(retrier.pause_s)
+                        while (response := watchdog.next_answer(call)) is not None:
+                            if not pending:
+                                raise VaeClientError("EncodeStream", None, "more answers than requests")
+                            pending.popleft()
+                            answered += 1
+                            retrier.failures = 0
+                            yield encode_result(
+                                response,
+                                _graph_sha256(call.initial_metadata(), codec.ENCODER_SHA256_METADATA),
+                            )
+                            refill(requests)
+                        if pending:
+                            raise VaeClientError(
+                                "EncodeStream",
+                                None,
+                                f"the stream ended with {len(pending)} requests unanswered",
+                            )
+                        return
+                    finally:
+                        watchdog.stop()
+                        requests.put(None)  # lets grpc's request thread finish
+                        call.cancel()
+                self._pause(retrier.pause_s)
+        except _SourceFailed as failed:
+            raise failed.error from failed.error.__cause__  # as it was raised, its own cause kept
+        except VaeClientError as error:
+            raise _numbered_as_the_callers(error, first) from error.__cause__
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.
@@ -766,12 +818,13 @@ class AsyncVaeClient:
         source = _aiter(chunks)
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
+        answered = first = 0
         retrier = self._state.retrier("EncodeStream")
 
         async def refill(requests: asyncio.Queue[Any]) -> None:
             nonlocal exhausted
             while not exhausted and len(pending) < max_in_flight:
-                chunk = await anext(source, None)
+                chunk = await _next_async_batch(source)
                 if chunk is None:
                     exhausted = True
                     break
@@ -782,39 +835,48 @@ class AsyncVaeClient:
                 # End the request side now: the server may hold answers back until it knows no more come.
                 requests.put_nowait(None)
 
-        while pending or not exhausted:
-            with retrier:
-                # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
-                # comes from the read side. A request still being written when the server ends the call
-                # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
-                requests: asyncio.Queue[Any] = asyncio.Queue()
-                for request in pending:
-                    requests.put_nowait(request)
-                call = self._stub.EncodeStream(
-                    _until_none(requests), timeout=timeout_s, metadata=self._state.metadata
-                )
-                responses = aiter(call)
-                try:
-                    await refill(requests)
-                    while (response := await _next_answer(responses, answer_timeout_s)) is not None:
-                        if not pending:
-                            raise VaeClientError("EncodeStream", None, "more answers than requests")
-                        pending.popleft()
-                        retrier.failures = 0
-                        yield encode_result(
-                            response,
-                            _graph_sha256(await call.initial_metadata(), codec.ENCODER_SHA256_METADATA),
-                        )
+        try:
+            while pending or not exhausted:
+                with retrier:
+                    first = answered  # the caller's number of the stream's request 0 on this attempt
+                    # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
+                    # comes from the read side. A request still being written when the server ends the call
+                    # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
+                    requests: asyncio.Queue[Any] = asyncio.Queue()
+                    for request in pending:
+                        requests.put_nowait(request)
+                    call = self._stub.EncodeStream(
+                        _until_none(requests), timeout=timeout_s, metadata=self._state.metadata
+                    )
+                    responses = aiter(call)
+                    try:
                         await refill(requests)
-                    if pending:
-                        raise VaeClientError(
-                            "EncodeStream", None, f"the stream ended with {len(pending)} requests unanswered"
-                        )
-                    return
-                finally:
-                    requests.put_nowait(None)  # ends grpc's reading of the requests
-                    call.cancel()
-            await self._pause(retrier.pause_s)
+                        while (response := await _next_answer(responses, answer_timeout_s)) is not None:
+                            if not pending:
+                                raise VaeClientError("EncodeStream", None, "more answers than requests")
+                            pending.popleft()
+                            answered += 1
+                            retrier.failures = 0
+                            yield encode_result(
+                                response,
+                                _graph_sha256(await call.initial_metadata(), codec.ENCODER_SHA256_METADATA),
+                            )
+                            await refill(requests)
+                        if pending:
+                            raise VaeClientError(
+                                "EncodeStream",
+                                None,
+                                f"the stream ended with {len(pending)} requests unanswered",
+                            )
+                        return
+                    finally:
+                        requests.put_nowait(None)  # ends grpc's reading of the requests
+                        call.cancel()
+                await self._pause(retrier.pause_s)
+        except _SourceFailed as failed:
+            raise failed.error from failed.error.__cause__  # as it was raised, its own cause kept
+        except VaeClientError as error:
+            raise _numbered_as_the_callers(error, first) from error.__cause__
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Describe the served bundle.

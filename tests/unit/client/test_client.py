@@ -22,6 +22,7 @@ from client.client import (
     TlsOptions,
     VaeClient,
     VaeClientError,
+    _numbered_as_the_callers,
     _Retrier,
     _SampleResume,
     as_wire_images,
@@ -332,3 +333,19 @@ def test_a_stream_that_makes_progress_between_failures_is_not_given_up_on() -> N
         assert client.retries == 4
     finally:
         server.stop(None)
+
+
+def test_a_refused_request_of_a_stream_opened_again_is_numbered_among_the_callers_batches() -> None:
+    """After a break the new stream carries the batches not yet answered, which the server numbers from 0."""
+    refused = VaeClientError(
+        "EncodeStream",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the stream's request 3 (counting from 0): images: contains NaN or Inf",
+        attempts=2,
+    )
+    renumbered = _numbered_as_the_callers(refused, first=17)
+    assert renumbered.details == "the stream's request 20 (counting from 0): images: contains NaN or Inf"
+    assert (renumbered.rpc, renumbered.code, renumbered.attempts) == ("EncodeStream", refused.code, 2)
+    assert _numbered_as_the_callers(refused, first=0) is refused
+    other = VaeClientError("EncodeStream", grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+    assert _numbered_as_the_callers(other, first=17) is other
