@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import queue
 import random
 import re
@@ -90,7 +91,12 @@ class RetryPolicy:
 
     def backoff_s(self, retry: int, rng: random.Random) -> float:
         """The pause in seconds before retry number `retry` (1 for the first retry)."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        growths = retry - 1
+        if self.multiplier > 1:  # no more than reach the cap: multiplier ** retry overflows a float
+            growths = min(
+                growths, math.ceil(math.log(self.max_backoff_s / self.initial_backoff_s, self.multiplier))
+            )
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**growths)
         return rng.uniform(ceiling / 2, ceiling)
 
 
@@ -261,9 +267,20 @@ class _Retrier:
         retryable = (code in RETRYABLE_CODES or broken) and not too_large
         if not retryable or self.failures >= self.policy.max_attempts:
             if too_large:
-                details += "; send fewer images per request (encode_stream takes them in batches)"
+                details += f"; {_too_large_hint(details)}"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
+
+
+def _too_large_hint(details: str) -> str:
+    """What to change where a message passed a size limit: gRPC says "CLIENT: Received message larger
+    than max" of an answer this client would not take, and "SERVER: ..." of a request."""
+    if "CLIENT: Received message larger than max" in details:
+        return (
+            "the answer is larger than this client takes: ask for fewer images per request or for UINT8 "
+            "images (4x smaller), or pass a larger max_message_bytes"
+        )
+    return "send fewer images per request (encode_stream takes them in batches)"
 
 
 class _SourceFailed(Exception):
@@ -361,6 +378,10 @@ class _AnswerWatchdog:
                 return
 
 
+# What gRPC takes as a metadata key.
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
 @dataclass
 class _ClientState:
     """What both clients share: the channel's settings and the state of its calls (retries, closed)."""
@@ -374,6 +395,18 @@ class _ClientState:
     rng: random.Random = field(default_factory=random.Random)
     retries: int = 0
     closed: bool = False
+
+    def __post_init__(self) -> None:
+        # Else gRPC refuses the first call: INTERNAL "Invalid metadata", or an error of its own type.
+        for key, value in self.metadata:
+            if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-") or key.endswith("-bin"):
+                raise ValueError(
+                    f"metadata key {key!r}: expected lowercase letters, digits, '-', '_' or '.', not "
+                    "starting with 'grpc-' (gRPC's own) nor ending with '-bin' (binary values)"
+                )
+            if not (isinstance(value, str) and value.isascii() and value.isprintable()):
+                # The value is not shown: it may be a credential.
+                raise ValueError(f"metadata {key!r}: expected a value of printable ASCII text")
 
     def retrier(self, rpc: str) -> _Retrier:
         return _Retrier(rpc, self.retry, self.rng, lambda: self.closed, self._count_retry)

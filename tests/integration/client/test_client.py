@@ -116,6 +116,18 @@ def test_a_request_over_the_message_size_limit_fails_at_once_saying_so(vae_serve
     assert "larger than max" in error.value.details and "fewer images per request" in str(error.value)
 
 
+def test_an_answer_over_the_clients_message_size_limit_fails_at_once_saying_what_to_ask_for(
+    vae_server: ServerThread,
+) -> None:
+    with VaeClient(vae_server.target, max_message_bytes=100_000) as client:
+        with pytest.raises(VaeClientError) as error:
+            client.sample(64, seed=1)  # 64 FLOAT32 images: 200 kB
+        assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.value.attempts == 1
+        assert "CLIENT: Received message larger than max (201246 vs. 100000)" in error.value.details
+        assert "ask for fewer images per request or for UINT8 images (4x smaller)" in error.value.details
+        assert client.sample(16, seed=1, output_dtype="uint8").images.shape == (16, 1, 28, 28)
+
+
 def test_an_expired_deadline_is_retried_then_reported(vae_server: ServerThread) -> None:
     policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
     with VaeClient(vae_server.target, retry=policy) as client, pytest.raises(VaeClientError) as error:

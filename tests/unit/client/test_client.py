@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +44,15 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
         pauses = [policy.backoff_s(retry, rng) for _ in range(200)]
         assert ceiling / 2 <= min(pauses) and max(pauses) <= ceiling
         assert max(pauses) - min(pauses) > ceiling / 4  # jittered, not fixed
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 2.0, 1e10])
+def test_backoff_stays_at_the_cap_however_many_retries_came_before(multiplier: float) -> None:
+    """2.0 ** 1024 overflows a float: a job retrying through an hour's outage reached it."""
+    policy = RetryPolicy(max_attempts=10**6, initial_backoff_s=0.1, max_backoff_s=5.0, multiplier=multiplier)
+    ceiling = 0.1 if multiplier == 1 else 5.0
+    for retry in (1025, 10**6):
+        assert ceiling / 2 <= policy.backoff_s(retry, random.Random(0)) <= ceiling
 
 
 def test_a_policy_that_cannot_work_is_refused() -> None:
@@ -349,3 +359,30 @@ def test_a_refused_request_of_a_stream_opened_again_is_numbered_among_the_caller
     assert _numbered_as_the_callers(refused, first=0) is refused
     other = VaeClientError("EncodeStream", grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
     assert _numbered_as_the_callers(other, first=17) is other
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ((("Authorization", "Bearer x"),), "metadata key 'Authorization': expected lowercase letters"),
+        ((("grpc-timeout", "1S"),), "not starting with 'grpc-'"),
+        ((("trace-bin", "00"),), "nor ending with '-bin'"),
+        (
+            (("authorization", "Bearer \u00e9"),),
+            "metadata 'authorization': expected a value of printable ASCII",
+        ),
+        ((("authorization", "Bearer x\n"),), "metadata 'authorization': expected a value of printable ASCII"),
+    ],
+)
+@pytest.mark.parametrize("client_class", [VaeClient, AsyncVaeClient])
+def test_metadata_that_grpc_would_refuse_at_the_first_call_is_refused_at_once_naming_the_key(
+    client_class: Any, metadata: tuple[tuple[str, str], ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        client_class("127.0.0.1:1", metadata=metadata)
+    assert "Bearer" not in str(error.value)  # a value may be a credential
+
+
+def test_metadata_of_lowercase_keys_and_ascii_values_is_taken() -> None:
+    with VaeClient("127.0.0.1:1", metadata=(("authorization", "Bearer x.y-z"), ("x-request_id.1", "7"))):
+        pass
