@@ -79,9 +79,9 @@ class GraphSpec:
             if precision not in PRECISIONS:
                 raise BundleError(f"{where}.precision: {precision!r}, expected one of {list(PRECISIONS)}")
             return cls(
-                file=str(data["file"]),
-                sha256=str(data["sha256"]),
-                opset=int(data["opset"]),
+                file=_field(data, "file", str, f"{where}."),
+                sha256=_field(data, "sha256", str, f"{where}."),
+                opset=_field(data, "opset", int, f"{where}."),
                 inputs=_signature(data["inputs"], f"{where}.inputs"),
                 outputs=_signature(data["outputs"], f"{where}.outputs"),
                 precision=precision,
@@ -90,12 +90,27 @@ class GraphSpec:
             raise BundleError(f"{where}: malformed graph entry ({error!r})") from error
 
 
+def _field(data: Mapping[str, Any], name: str, kind: type[Any], prefix: str) -> Any:
+    """data[name], a `kind` as JSON writes it: an int no bool nor float, a str not empty. `prefix`
+    names where data is in the error ("model.json: ", or "model.json: graphs.encoder.")."""
+    if name not in data:
+        raise BundleError(f"{prefix}{name}: missing")
+    value = data[name]
+    if type(value) is not kind or value == "":
+        expected = "a non-empty string" if kind is str else "an integer"
+        raise BundleError(f"{prefix}{name}: {value!r}, expected {expected}")
+    return value
+
+
 def _signature(data: Mapping[str, Any], where: str) -> dict[str, Shape]:
     signature: dict[str, Shape] = {}
     for name, tensor in data.items():
         if tensor.get("dtype") != "float32":
             raise BundleError(f"{where}.{name}: dtype {tensor.get('dtype')!r}, expected 'float32'")
-        signature[name] = tuple(d if isinstance(d, str) else int(d) for d in tensor["shape"])
+        shape = tensor["shape"]
+        if not isinstance(shape, list) or not all(type(d) in (int, str) for d in shape):
+            raise BundleError(f"{where}.{name}.shape: {shape!r}, expected a list of sizes and {BATCH_AXIS!r}")
+        signature[name] = tuple(shape)
     return signature
 
 
@@ -148,27 +163,40 @@ class BundleSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = MODEL_JSON) -> BundleSpec:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(f"{where}: format_version {version!r}, expected {FORMAT_VERSION}")
         kind = data.get("kind")
         if kind not in ("vae", "ae"):
             raise BundleError(f"{where}: kind {kind!r}, expected 'vae' or 'ae'")
-        try:
-            graphs = data["graphs"]
-            spec = cls(
-                name=str(data["name"]),
-                version=str(data["version"]),
-                kind=kind,
-                latent_dim=int(data["latent_dim"]),
-                image_shape=tuple(int(d) for d in data["image_shape"]),
-                encoder=GraphSpec.from_dict(graphs["encoder"], f"{where}: graphs.encoder"),
-                decoder=GraphSpec.from_dict(graphs["decoder"], f"{where}: graphs.decoder"),
-                training=dict(data.get("training", {})),
-                metrics=dict(data.get("metrics", {})),
-                export=dict(data.get("export", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise BundleError(f"{where}: missing or malformed field {error!s}") from error
+        image_shape = data.get("image_shape")
+        if not isinstance(image_shape, list) or not all(type(d) is int for d in image_shape):
+            raise BundleError(f"{where}: image_shape {image_shape!r}, expected {list(IMAGE_SHAPE)}")
+        graphs = data.get("graphs")
+        if not isinstance(graphs, dict):
+            raise BundleError(f"{where}: graphs {graphs!r}, expected the encoder's and the decoder's entries")
+        for graph, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+            if not isinstance(graphs.get(graph), dict):
+                raise BundleError(f"{where}: graphs.{graph} {graphs.get(graph)!r}, expected its entry")
+            # The bundle is one folder of these two names: a graph named elsewhere would not travel with it.
+            if graphs[graph].get("file") != file:
+                raise BundleError(
+                    f"{where}: graphs.{graph}.file {graphs[graph].get('file')!r}, expected {file!r}"
+                )
+        for record in ("training", "metrics", "export"):
+            if not isinstance(data.get(record, {}), dict):
+                raise BundleError(f"{where}: {record} {data[record]!r}, expected an object")
+        spec = cls(
+            name=_field(data, "name", str, f"{where}: "),
+            version=_field(data, "version", str, f"{where}: "),
+            kind=kind,
+            latent_dim=_field(data, "latent_dim", int, f"{where}: "),
+            image_shape=tuple(image_shape),
+            encoder=GraphSpec.from_dict(graphs["encoder"], f"{where}: graphs.encoder"),
+            decoder=GraphSpec.from_dict(graphs["decoder"], f"{where}: graphs.decoder"),
+            training=data.get("training", {}),
+            metrics=data.get("metrics", {}),
+            export=data.get("export", {}),
+        )
         spec.check_contract(where)
         return spec
 
@@ -242,6 +270,9 @@ class ModelBundle:
 
     path: Path
     spec: BundleSpec
+    graphs: Mapping[GraphName, bytes] = field(repr=False)
+    """Each graph's bytes as hashed: the sessions load these, so a file replaced since (a new export
+    into the folder) is not served under the old hash."""
 
     def graph_path(self, name: GraphName) -> Path:
         return self.path / self.spec.graph(name).file
@@ -261,12 +292,14 @@ class ModelBundle:
         if not isinstance(data, dict):
             raise BundleError(f"{model_json}: expected a JSON object")
         spec = BundleSpec.from_dict(data, str(model_json))
+        graphs: dict[GraphName, bytes] = {}
         for graph in ("encoder", "decoder"):
             graph_spec = spec.graph(graph)
             file = path / graph_spec.file
             if not file.is_file():
                 raise BundleError(f"{file}: not found; model.json names it as the {graph} graph")
-            actual = sha256_of(file)
+            graphs[graph] = file.read_bytes()
+            actual = hashlib.sha256(graphs[graph]).hexdigest()
             if actual != graph_spec.sha256:
                 raise BundleError(f"{file}: sha256 {actual} does not match model.json's {graph_spec.sha256}")
-        return cls(path=path, spec=spec)
+        return cls(path=path, spec=spec, graphs=graphs)

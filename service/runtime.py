@@ -17,7 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.bundle import GraphName, ModelBundle, check_graph_signature
-from service.errors import DeviceError
+from service.errors import BundleError, DeviceError
 
 Device = Literal["auto", "cpu", "cuda"]
 CPU = "CPUExecutionProvider"
@@ -68,7 +68,9 @@ class GraphSession:
             # onnxruntime warns when a provider asked for is missing; the check below says it better.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+                self.session = ort.InferenceSession(
+                    bundle.graphs[graph], options, providers=providers_for(device)
+                )
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
             raise DeviceError(f"{path}: onnxruntime cannot load the graph ({error})") from error
         self.provider: str = self.session.get_providers()[0]
@@ -113,7 +115,21 @@ class Runtime:
         )
 
     def warm_up(self) -> None:
-        """One call per graph, so the first request does not pay for onnxruntime's lazy set-up."""
-        latent_dim = self.bundle.spec.latent_dim
-        self.decoder.run(np.zeros((1, latent_dim), dtype=np.float32))
-        self.encoder.run(np.zeros((1, *self.bundle.spec.image_shape), dtype=np.float32))
+        """Calls of 1 row and of 2 to each graph, so that the first request does not pay for
+        onnxruntime's lazy set-up, and a graph that does not answer a row per row (its N declared,
+        not honoured) is refused before SERVING rather than failing every request."""
+        spec = self.bundle.spec
+        graphs: tuple[tuple[GraphName, GraphSession, tuple[int, ...]], ...] = (
+            ("decoder", self.decoder, (spec.latent_dim,)),
+            ("encoder", self.encoder, spec.image_shape),
+        )
+        for graph, session, row_shape in graphs:
+            for rows in (1, 2):
+                outputs = session.run(np.zeros((rows, *row_shape), dtype=np.float32))
+                for name, output in zip(session.output_names, outputs, strict=True):
+                    expected = (rows, *spec.graph(graph).outputs[name][1:])
+                    if output.shape != expected:
+                        raise BundleError(
+                            f"{self.bundle.graph_path(graph)}: output {name!r} has shape "
+                            f"{list(output.shape)} for {rows} input rows, expected {list(expected)}"
+                        )

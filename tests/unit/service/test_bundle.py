@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 
 from service.bundle import ModelBundle, sha256_of
@@ -84,6 +85,34 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
         (
             lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(dtype="float16"),
             "dtype 'float16', expected 'float32'",
+        ),
+        # JSON's true is Python's 1, and 2.0 equals 2: a schema of integers takes neither.
+        (lambda s: s.update(format_version=True), "format_version True, expected 1"),
+        (lambda s: s.update(latent_dim=2.0), "model.json: latent_dim: 2.0, expected an integer"),
+        (lambda s: s.update(latent_dim="2"), "model.json: latent_dim: '2', expected an integer"),
+        (lambda s: s.update(image_shape=[1, 28, 28.0]), "image_shape [1, 28, 28.0], expected [1, 28, 28]"),
+        (lambda s: s.update(name=None), "model.json: name: None, expected a non-empty string"),
+        (lambda s: s.update(version=""), "model.json: version: '', expected a non-empty string"),
+        (lambda s: s.update(training=None), "model.json: training None, expected an object"),
+        (lambda s: s.pop("graphs"), "model.json: graphs None, expected the encoder's and the decoder's"),
+        (lambda s: s["graphs"].update(decoder=[]), "model.json: graphs.decoder [], expected its entry"),
+        (
+            lambda s: s["graphs"]["decoder"].update(opset=True),
+            "graphs.decoder.opset: True, expected an integer",
+        ),
+        (lambda s: s["graphs"]["decoder"].pop("sha256"), "graphs.decoder.sha256: missing"),
+        (
+            lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(shape=["N", 2.0]),
+            "graphs.decoder.inputs.z.shape: ['N', 2.0], expected a list of sizes and 'N'",
+        ),
+        # A graph from outside the folder would not travel with the bundle.
+        (
+            lambda s: s["graphs"]["encoder"].update(file="../outside.onnx"),
+            "graphs.encoder.file '../outside.onnx', expected 'encoder.onnx'",
+        ),
+        (
+            lambda s: s["graphs"]["decoder"].update(file="encoder.onnx"),
+            "graphs.decoder.file 'encoder.onnx', expected 'decoder.onnx'",
         ),
     ],
 )
@@ -165,6 +194,47 @@ def test_a_graph_of_another_element_type_fails_when_loaded(bundle_copy: Path) ->
         BundleError, match=r"decoder\.onnx: input 'z' is tensor\(double\), but model\.json declares float32"
     ):
         Runtime(ModelBundle.load(bundle_copy), "cpu")
+
+
+def test_the_graphs_served_are_the_bytes_that_were_hashed_not_a_file_replaced_since(
+    bundle_copy: Path, ae_bundle: Path
+) -> None:
+    """A new export into the folder between the check and the load would be served under the old hash."""
+    bundle = ModelBundle.load(bundle_copy)
+    z = np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)
+    verified = ort.InferenceSession(str(bundle_copy / "decoder.onnx")).run(None, {"z": z})[0]
+    shutil.copy(ae_bundle / "decoder.onnx", bundle_copy / "decoder.onnx")  # the same signature
+    replacement = ort.InferenceSession(str(bundle_copy / "decoder.onnx")).run(None, {"z": z})[0]
+    assert not np.array_equal(verified, replacement)
+    (served,) = Runtime(bundle, "cpu").decoder.run(z)
+    np.testing.assert_array_equal(served, verified)
+
+
+def test_a_graph_that_does_not_answer_a_row_per_row_is_refused_at_warm_up(bundle_copy: Path) -> None:
+    """Its N is declared, so the signature passes; every request would fail with INTERNAL."""
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Concat", ["z", "z"], ["twice"], axis=0),
+            onnx.helper.make_node("MatMul", ["twice", "weights"], ["flat"]),
+            onnx.helper.make_node("Reshape", ["flat", "shape"], ["images"]),
+        ],
+        "doubling-decoder",
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2])],
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [
+            onnx.numpy_helper.from_array(np.zeros((2, 784), np.float32), "weights"),
+            onnx.numpy_helper.from_array(np.array([-1, 1, 28, 28]), "shape"),
+        ],
+    )
+    onnx.save(onnx.helper.make_model(graph), bundle_copy / "decoder.onnx")
+    digest = sha256_of(bundle_copy / "decoder.onnx")
+    edit_model_json(bundle_copy, lambda s: s["graphs"]["decoder"].update(sha256=digest))
+    runtime = Runtime(ModelBundle.load(bundle_copy), "cpu")
+    with pytest.raises(
+        BundleError,
+        match=r"decoder\.onnx: output 'images' has shape \[2, 1, 28, 28\] for 1 input rows, expected \[1, 1,",
+    ):
+        runtime.warm_up()
 
 
 def test_cuda_is_refused_when_onnxruntime_would_fall_back_to_the_cpu(vae_bundle: Path) -> None:
