@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import math
 import queue
 import random
 import re
@@ -37,7 +36,7 @@ from service.errors import InvalidInput
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 ImageDtype = Literal["float32", "uint8"]
-Metadata = tuple[tuple[str, str], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 # CANCELLED too: gRPC answers it to calls that reach a server as it shuts down (a rolling update's
 # drain). This client's own cancellations are not retried: a closed channel ends its calls with
@@ -91,12 +90,11 @@ class RetryPolicy:
 
     def backoff_s(self, retry: int, rng: random.Random) -> float:
         """The pause in seconds before retry number `retry` (1 for the first retry)."""
-        growths = retry - 1
-        if self.multiplier > 1:  # no more than reach the cap: multiplier ** retry overflows a float
-            growths = min(
-                growths, math.ceil(math.log(self.max_backoff_s / self.initial_backoff_s, self.multiplier))
-            )
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**growths)
+        try:
+            grown = self.initial_backoff_s * self.multiplier ** (retry - 1)
+        except OverflowError:  # past a float's range, long past the cap
+            grown = self.max_backoff_s
+        ceiling = min(self.max_backoff_s, grown)
         return rng.uniform(ceiling / 2, ceiling)
 
 
@@ -399,13 +397,16 @@ class _ClientState:
     def __post_init__(self) -> None:
         # Else gRPC refuses the first call: INTERNAL "Invalid metadata", or an error of its own type.
         for key, value in self.metadata:
-            if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-") or key.endswith("-bin"):
+            if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-"):
                 raise ValueError(
                     f"metadata key {key!r}: expected lowercase letters, digits, '-', '_' or '.', not "
-                    "starting with 'grpc-' (gRPC's own) nor ending with '-bin' (binary values)"
+                    "starting with 'grpc-' (gRPC's own)"
                 )
-            if not (isinstance(value, str) and value.isascii() and value.isprintable()):
-                # The value is not shown: it may be a credential.
+            # The values are not shown: they may be credentials.
+            if key.endswith("-bin"):
+                if not isinstance(value, bytes):
+                    raise ValueError(f"metadata {key!r}: a key ending in -bin takes bytes")
+            elif not (isinstance(value, str) and value.isascii() and value.isprintable()):
                 raise ValueError(f"metadata {key!r}: expected a value of printable ASCII text")
 
     def retrier(self, rpc: str) -> _Retrier:

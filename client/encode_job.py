@@ -45,7 +45,13 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from client.cli import add_connection_arguments, positive_int, seconds_or_zero, tls_from_args
+from client.cli import (
+    add_connection_arguments,
+    positive_int,
+    positive_seconds,
+    seconds_or_zero,
+    tls_from_args,
+)
 from client.client import EncodeResult, ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
 from client.encodings import (
     FORMAT_VERSION,
@@ -584,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--answer-timeout",
-        type=float,
+        type=positive_seconds,
         default=JobSettings.answer_timeout_s,
         metavar="SECONDS",
         help="the longest wait for an answer before the stream is opened again, on another replica "

@@ -13,6 +13,13 @@ from service.bundle import INT8_PRECISIONS
 from service.errors import BundleError
 
 
+def non_empty(text: str) -> str:
+    """An argparse type for --name and --version, which the service refuses empty in model.json."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vae-export",
@@ -23,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path, help="a run directory written by vae-train")
     parser.add_argument("--out", type=Path, required=True, help="the bundle directory to write")
-    parser.add_argument("--name", help="the model's name (default: the run directory's name)")
-    parser.add_argument("--version", help="the model's version (default: a hash of the two graphs)")
+    parser.add_argument("--name", type=non_empty, help="the model's name (default: the run directory's name)")
+    parser.add_argument(
+        "--version", type=non_empty, help="the model's version (default: a hash of the two graphs)"
+    )
     parser.add_argument(
         "--quantize-decoder",
         choices=INT8_PRECISIONS,

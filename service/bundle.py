@@ -193,9 +193,9 @@ class BundleSpec:
             image_shape=tuple(image_shape),
             encoder=GraphSpec.from_dict(graphs["encoder"], f"{where}: graphs.encoder"),
             decoder=GraphSpec.from_dict(graphs["decoder"], f"{where}: graphs.decoder"),
-            training=data.get("training", {}),
-            metrics=data.get("metrics", {}),
-            export=data.get("export", {}),
+            training=dict(data.get("training", {})),
+            metrics=dict(data.get("metrics", {})),
+            export=dict(data.get("export", {})),
         )
         spec.check_contract(where)
         return spec

@@ -39,9 +39,9 @@ def to_tensor(array: npt.NDArray[np.generic]) -> vae_pb2.Tensor:
     raise TypeError(f"cannot send a {array.dtype} array: only float32 and uint8 are on the wire")
 
 
-def from_tensor(tensor: vae_pb2.Tensor, name: str, shapes: str = "") -> npt.NDArray[np.generic]:
-    """A Tensor message as a read-only array; `name` says which field is wrong in an error, and
-    `shapes` which shapes it takes ("[N, 2]", say) where the shape itself is no array's."""
+def from_tensor(tensor: vae_pb2.Tensor, name: str, expected_shape: str = "") -> npt.NDArray[np.generic]:
+    """A Tensor message as a read-only array. In an error, `name` says which field is wrong, and
+    `expected_shape` ("[N, 2]", say) what it should have been where the shape is none at all."""
     dtype = _NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
         found = (
@@ -52,7 +52,7 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str, shapes: str = "") -> npt.NDAr
         raise InvalidInput(f"{name}: {found}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
     shape = tuple(tensor.shape)
     field = f"{name}: shape {shape_text(shape)}"
-    expected = f"; expected {shapes}" if shapes else ""
+    expected = f"; expected {expected_shape}" if expected_shape else ""
     # First, so that the product below stays small: a shape of thousands of huge sizes would take
     # the event loop seconds to multiply out.
     if len(shape) > MAX_DIMENSIONS:

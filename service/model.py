@@ -59,8 +59,8 @@ def deadline_after(seconds: float | None) -> float | None:
     return None if seconds is None else time.monotonic() + seconds
 
 
-# The shapes Encode takes, for its error messages.
-IMAGE_SHAPES = f"[N, {', '.join(map(str, IMAGE_SHAPE))}] or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
+# The image shapes Encode takes, as its error messages write them.
+EXPECTED_IMAGE_SHAPES = f"[N, {', '.join(map(str, IMAGE_SHAPE))}] or [N, {IMAGE_SHAPE[1]}, {IMAGE_SHAPE[2]}]"
 
 
 def images_to_float(images: npt.NDArray[np.generic]) -> Float32Array:
@@ -69,7 +69,7 @@ def images_to_float(images: npt.NDArray[np.generic]) -> Float32Array:
     if not (
         (len(shape) == 4 and shape[1:] == IMAGE_SHAPE) or (len(shape) == 3 and shape[1:] == IMAGE_SHAPE[1:])
     ):
-        raise InvalidInput(f"images: shape {list(shape)}; expected {IMAGE_SHAPES}")
+        raise InvalidInput(f"images: shape {list(shape)}; expected {EXPECTED_IMAGE_SHAPES}")
     if shape[0] == 0:
         raise InvalidInput("images: empty batch; expected at least one image")
     if images.dtype == np.uint8:

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 from service import codec
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, ServiceError
 from service.metrics import ServiceMetrics
-from service.model import IMAGE_SHAPES, VaeModel, checked_latents, deadline_after, images_to_float
+from service.model import EXPECTED_IMAGE_SHAPES, VaeModel, checked_latents, deadline_after, images_to_float
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,10 @@ def _naming_the_request(index: int) -> Iterator[None]:
 
 def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:
     if not request.HasField("images"):
-        raise InvalidInput("images: missing; expected a Tensor [N,1,28,28] of FLOAT32 in [0,1] or UINT8")
-    return images_to_float(codec.from_tensor(request.images, "images", IMAGE_SHAPES))
+        raise InvalidInput(
+            f"images: missing; expected a Tensor {EXPECTED_IMAGE_SHAPES} of FLOAT32 in [0,1] or UINT8"
+        )
+    return images_to_float(codec.from_tensor(request.images, "images", EXPECTED_IMAGE_SHAPES))
 
 
 def _seed_of(request: vae_pb2.SampleRequest) -> int | None:

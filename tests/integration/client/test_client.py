@@ -123,7 +123,7 @@ def test_an_answer_over_the_clients_message_size_limit_fails_at_once_saying_what
         with pytest.raises(VaeClientError) as error:
             client.sample(64, seed=1)  # 64 FLOAT32 images: 200 kB
         assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.value.attempts == 1
-        assert "CLIENT: Received message larger than max (201246 vs. 100000)" in error.value.details
+        assert "CLIENT: Received message larger than max" in error.value.details
         assert "ask for fewer images per request or for UINT8 images (4x smaller)" in error.value.details
         assert client.sample(16, seed=1, output_dtype="uint8").images.shape == (16, 1, 28, 28)
 

