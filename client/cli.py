@@ -196,6 +196,10 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
 def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     _check_output(args.out, (".npy",))
     _check_output(args.log_var_out, (".npy",))
+    if args.log_var_out is not None and args.log_var_out.resolve() == args.out.resolve():
+        raise InputError(
+            f"--log-var-out {args.log_var_out} is --out too: the log-variances would replace the means"
+        )
     inputs = []  # read before any call, so that a bad file is named as such, whatever the server
     for path in args.input:
         source = read_images(path, skip_bad=args.skip_bad)

@@ -331,6 +331,10 @@ def test_a_bad_input_file_exits_2_naming_it(
         (["sample", "--out", "/proc/g.png"], "/proc/g.png: cannot write in /proc"),
         (["encode", "--input", "{dir}/ok.npy", "--out", "/proc/m.npy"], "/proc/m.npy: cannot write in /proc"),
         (["encode", "--input", "{dir}/missing.npy"], "missing.npy"),
+        (
+            ["encode", "--input", "{dir}/ok.npy", "--out", "{dir}/m.npy", "--log-var-out", "{dir}/./m.npy"],
+            "is --out too: the log-variances would replace the means",
+        ),
         (["encode", "--input", "{dir}/ok.npy", "{dir}/complex.npy"], "complex.npy"),
         (["sample", "--columns", "-1", "--out", "{dir}/g.png"], "--columns must be at least 1, got -1"),
         (["sample", "-n", "0", "--out", "{dir}/g.png"], "-n/--num-samples must be at least 1, got 0"),
