@@ -96,8 +96,11 @@ class ServiceMetrics:
         )
 
 
+METRICS_PATH = "/metrics"
+
+
 class MetricsHttpServer:
-    """`GET /metrics` on its own port, one thread per scrape.
+    """`GET /metrics` on its own port, one thread per scrape; any other path is 404.
 
     It binds as gRPC's port does: a wildcard host (0.0.0.0, ::) is every address of both families,
     on one IPv6 socket that takes IPv4 too, so that a Prometheus that reaches the pod over IPv6
@@ -105,7 +108,7 @@ class MetricsHttpServer:
     """
 
     def __init__(self, metrics: ServiceMetrics, host: str, port: int) -> None:
-        app = make_wsgi_app(metrics.registry)
+        app = _at_metrics_path_only(make_wsgi_app(metrics.registry))
         host = host.strip("[]")  # gRPC's spelling of an IPv6 address
         if _is_wildcard(host):
             self._server = _bind_every_address(port, app)
@@ -120,6 +123,19 @@ class MetricsHttpServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def _at_metrics_path_only(app: Any) -> Any:
+    """prometheus_client's app answers every path with the metrics; a probe or a scrape job with a
+    mistyped path should see 404 instead, as it would from any other exporter."""
+
+    def only_metrics(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found: the metrics are at {METRICS_PATH}\n".encode()]
+
+    return only_metrics
 
 
 class _QuietHandler(WSGIRequestHandler):

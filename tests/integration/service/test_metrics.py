@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -148,5 +149,18 @@ def test_metrics_bind_an_ipv6_address_in_brackets_as_grpc_spells_it() -> None:
     http = MetricsHttpServer(ServiceMetrics.create(), "[::ffff:127.0.0.1]", 0)  # 127.0.0.1, spelt IPv6
     try:
         assert "vae_requests_total" in _get(f"http://127.0.0.1:{http.port}/metrics")
+    finally:
+        http.stop()
+
+
+def test_the_metrics_port_answers_404_anywhere_but_at_metrics() -> None:
+    http = MetricsHttpServer(ServiceMetrics.create(), "127.0.0.1", 0)
+    try:
+        assert "vae_requests_total" in _get(f"http://127.0.0.1:{http.port}/metrics")
+        for path in ("/", "/metrics/", "/metricsx", "/favicon.ico", "/healthz"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _get(f"http://127.0.0.1:{http.port}{path}")
+            assert refused.value.code == 404, path
+            assert "/metrics" in refused.value.read().decode()
     finally:
         http.stop()
