@@ -209,6 +209,11 @@ class Batcher:
                 request.queued = 0
                 request.unanswered = 0
             raise
+        except Exception:
+            # The error's traceback holds this frame, and the request holds the error: without the
+            # request here, its rows are freed with the error, not at the next full collection.
+            del request
+            raise
 
     def _schedule_dispatch(self) -> None:
         """Dispatch once per turn of the loop, after every request and answer of this turn."""
@@ -280,22 +285,35 @@ class Batcher:
         with self._lock:
             self._idle_workers += 1
             self._lock.notify_all()
-        while (taken := self._next_batch()) is not None:
-            serial, batch = taken
-            result = self._run(batch)
-            with self._lock:  # idle before the answers go out, so the loop's next dispatch counts it
-                self._idle_workers += 1
+        while self._run_next(loop):
+            pass
+
+    def _run_next(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Take a batch, run it and hand its answers to the loop; False once stopping. A function of
+        its own so that an idle worker keeps no reference to its last batch, whose requests' inputs
+        and outputs are then freed as soon as their callers are done with them."""
+        taken = self._next_batch()
+        if taken is None:
+            return False
+        serial, batch = taken
+        result = self._run(batch)
+        with self._lock:  # idle before the answers go out, so the loop's next dispatch counts it
+            self._idle_workers += 1
+            try:
                 answered = _record(batch, result)
-                # The loop wakes only to answer requests or to decide on a partial batch: a worker
-                # takes full ones itself. Until then, a batch that answered nobody is simply done.
-                wake = bool(answered) or 0 < self._pending_rows < self.max_batch_size
-                if not wake:
-                    self._in_flight.pop(serial, None)
-            if wake:
-                try:
-                    loop.call_soon_threadsafe(self._deliver, serial, answered)
-                except RuntimeError:  # the event loop is closed: nobody is waiting any more
-                    return
+            except Exception as error:  # a MemoryError assembling a large answer: never a lost worker
+                answered = _failed_after_all(batch, error.with_traceback(None))
+            # The loop wakes only to answer requests or to decide on a partial batch: a worker
+            # takes full ones itself. Until then, a batch that answered nobody is simply done.
+            wake = bool(answered) or 0 < self._pending_rows < self.max_batch_size
+            if not wake:
+                self._in_flight.pop(serial, None)
+        if wake:
+            try:
+                loop.call_soon_threadsafe(self._deliver, serial, answered)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                return False
+        return True
 
     def _next_batch(self) -> tuple[int, list[_Item]] | None:
         """The batch the loop handed out, or one straight from the queue once a batch's worth of rows
@@ -373,7 +391,10 @@ class Batcher:
                 raise RuntimeError(f"the {self.name} graph answered {lengths} rows for {len(inputs)}")
             return outputs
         except Exception as error:
-            return error
+            # Without its traceback: that would hold this worker's frames and through them the
+            # batch's requests, which will hold the error, a cycle that only a full collection frees.
+            # Its message says what failed.
+            return error.with_traceback(None)
 
 
 def _lower_priority(nice: int) -> None:
@@ -434,6 +455,16 @@ def _record(batch: list[_Item], result: Sequence[Array] | Exception) -> list[_Re
 def _failed(items: Iterable[_Item], error: BaseException) -> list[_Request]:
     """Mark the requests of `items` failed with `error` (the batcher's lock held): those to answer."""
     failed = list(dict.fromkeys(item.request for item in items if item.request.unanswered))
+    for request in failed:
+        request.unanswered = 0
+        request.error = error
+    return failed
+
+
+def _failed_after_all(batch: list[_Item], error: BaseException) -> list[_Request]:
+    """Fail every request of a batch whose outputs could not be put in place (the batcher's lock held),
+    those it completed already included, since `_record` stopped before they could be returned."""
+    failed = list(dict.fromkeys(item.request for item in batch))
     for request in failed:
         request.unanswered = 0
         request.error = error

@@ -146,10 +146,12 @@ class VaeServer:
         ends = loop.time() + grace
         await self.begin_drain()
         if self._grpc is not None:
-            if grace > 0:
-                await self._let_answers_leave(grace)
+            answered = grace > 0 and await self._let_answers_leave(grace)
             self.servicer.grace_over = True  # gRPC's stop cuts what still runs
-            await self._grpc.stop(max(0.0, ends - loop.time()))
+            # Once every VaeService call is answered, what may still be open is a health Watch or a
+            # reflection stream, which never ends by itself: stop now rather than hold the drain
+            # for the rest of the grace period.
+            await self._grpc.stop(0 if answered else max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:
             await self.model.stop()
@@ -158,8 +160,9 @@ class VaeServer:
             self._metrics_http.stop()
             self._metrics_http = None
 
-    async def _let_answers_leave(self, grace: float) -> None:
-        """Wait up to `grace` for the calls being answered, then a moment for their answers to leave.
+    async def _let_answers_leave(self, grace: float) -> bool:
+        """Wait up to `grace` for the calls being answered, then a moment for their answers to leave;
+        False if some were still running when `grace` ended.
 
         Once gRPC has said GOAWAY it closes a connection as soon as its last call ends. A client frame
         still unread then (a window update for a large answer) makes the kernel reset the connection
@@ -168,8 +171,9 @@ class VaeServer:
         try:
             await asyncio.wait_for(self.servicer.wait_until_idle(), grace)
         except TimeoutError:
-            return  # gRPC's own grace (what is left of it) cancels what still runs
+            return False  # gRPC's own grace (what is left of it) cancels what still runs
         await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))
+        return True
 
 
 def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:

@@ -280,6 +280,29 @@ def test_a_drain_ends_an_encode_stream_that_waits_for_its_next_request_at_once(
         requests.put(None)
 
 
+def test_a_health_watch_does_not_hold_a_drain_for_its_grace_period(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """gRPC's client-side health checking keeps a Watch open for good: once every VaeService call
+    is answered, the server stops without waiting for it to end."""
+    server = start_server_thread(vae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        vae_pb2_grpc.VaeServiceStub(channel).Sample(vae_pb2.SampleRequest(num_samples=1))
+        started = time.monotonic()
+        server.stop(grace_s=30)
+        assert time.monotonic() - started < 10, "the drain waited for the health watch"
+        assert statuses_until_it_ends(watch) == [NOT_SERVING]
+
+
+def statuses_until_it_ends(watch: Iterator[health_pb2.HealthCheckResponse]) -> list[int]:
+    statuses: list[int] = []
+    with contextlib.suppress(grpc.RpcError):
+        statuses.extend(answer.status for answer in watch)
+    return statuses
+
+
 def test_an_expired_deadline_is_dropped_before_it_runs(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:

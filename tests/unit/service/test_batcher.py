@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -574,6 +576,95 @@ def test_outputs_of_the_wrong_length_fail_their_batch_and_the_worker_goes_on() -
 
     (doubled,) = asyncio.run(scenario())
     np.testing.assert_array_equal(doubled, rows(2) * 2)
+
+
+def test_a_worker_that_cannot_put_a_calls_outputs_in_place_fails_its_requests_and_goes_on() -> None:
+    """A MemoryError assembling a split request's answer (here: rows of 10**12 values each, which the
+    graph returns as a broadcast view) must fail the request, not kill the worker and hang the rest."""
+    calls: list[int] = []
+
+    def too_wide_the_first_time(batch: Array) -> Sequence[Array]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            return [np.broadcast_to(np.float32(0), (len(batch), 10**12))]
+        return [batch * 2]
+
+    async def scenario() -> list[Array]:
+        batcher = make_batcher(too_wide_the_first_time, max_queue_delay_s=0)
+        batcher.start()
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(batcher.submit(rows(20)), 10)  # split: its answer is assembled
+        result = await asyncio.wait_for(batcher.submit(rows(2)), 10)
+        await batcher.stop()
+        return result
+
+    (doubled,) = asyncio.run(scenario())
+    np.testing.assert_array_equal(doubled, rows(2) * 2)
+
+
+@pytest.mark.parametrize("request_rows", [3, 20], ids=["one call", "split"])
+def test_a_requests_rows_and_answer_are_freed_once_its_caller_drops_them_while_the_workers_idle(
+    request_rows: int,
+) -> None:
+    """Up to 4,096 images a request: an idle worker must not keep the last one it ran."""
+
+    async def scenario() -> list[bool]:
+        batcher = make_batcher(Doubler(), max_concurrent_batches=2)
+        batcher.start()
+        sent = rows(request_rows)
+        doubled, _ = await batcher.submit(sent)
+        whole_answer = doubled if doubled.base is None else doubled.base  # a view of its call's outputs
+        refs = [weakref.ref(sent), weakref.ref(whole_answer)]
+        del sent, doubled, whole_answer
+        await asyncio.sleep(0.05)  # the workers are idle again
+        alive = [ref() is not None for ref in refs]
+        await batcher.stop()
+        return alive
+
+    assert without_garbage_collection(lambda: asyncio.run(scenario())) == [False, False]
+
+
+@pytest.mark.parametrize("failure", ["deadline", "failed call"])
+def test_a_failed_requests_rows_are_freed_with_its_error_not_at_a_later_full_collection(failure: str) -> None:
+    """The error of a failed request must not sit in a reference cycle with the request's rows."""
+
+    def infer(batch: Array) -> Sequence[Array]:
+        if failure == "failed call":
+            raise RuntimeError("onnxruntime exploded")
+        return [batch * 2]
+
+    async def scenario() -> weakref.ref[Array]:
+        gate = threading.Event()
+        blocker = Doubler(gate)
+        batcher = make_batcher(lambda batch: blocker(batch) if batch[0, 0] < 0 else infer(batch))
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(-rows(1, start=1)))  # holds the worker
+        await until(lambda: blocker.entered.is_set(), "the blocking call began")
+        sent = rows(3)
+        deadline = time.monotonic() + 0.01 if failure == "deadline" else None
+        waiting = asyncio.ensure_future(batcher.submit(sent, deadline))
+        ref = weakref.ref(sent)
+        del sent
+        await asyncio.sleep(0.05)
+        gate.set()
+        await busy
+        with pytest.raises((DeadlineExceeded, RuntimeError)):
+            await waiting
+        del waiting
+        await batcher.stop()
+        return ref
+
+    ref = without_garbage_collection(lambda: asyncio.run(scenario()))
+    assert ref() is None
+
+
+def without_garbage_collection(run: Callable[[], Any]) -> Any:
+    """Run with Python's cycle collector off, as between two of its rare full collections."""
+    gc.disable()
+    try:
+        return run()
+    finally:
+        gc.enable()
 
 
 def test_a_caller_cancelled_after_a_stop_leaves_the_queue_depth_at_zero() -> None:
