@@ -51,8 +51,9 @@ RETRYABLE_CODES = frozenset(
     }
 )
 # grpc.aio reports a request it could not send (the connection went, or the server had already ended
-# the call) as INTERNAL with these details, in place of the call's own status: a broken call, retried
-# as UNAVAILABLE is. The service's own INTERNAL says "internal error: <what>".
+# the call) as INTERNAL with these details, in place of the call's own status. Where the server's
+# status came first, AsyncVaeClient.encode_stream reports it (see _ServerStatus); else this is a
+# broken call, retried as UNAVAILABLE is. The service's own INTERNAL says "internal error: <what>".
 GRPC_AIO_SEND_FAILED = "Internal error from Core"
 _OUTPUT_DTYPES: dict[str, int] = {"float32": codec.FLOAT32, "uint8": codec.UINT8}
 _DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -319,6 +320,47 @@ def _numbered_as_the_callers(error: VaeClientError, first: int) -> VaeClientErro
         return error
     details = f"the stream's request {first + int(match[1])} {error.details[match.end() :]}"
     return VaeClientError(error.rpc, error.code, details, error.attempts)
+
+
+# gRPC's status codes by the number a grpc.aio status holds.
+_CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _ServerStatus:
+    """The status that a grpc.aio stream call ended with first, kept for the error of a failed write.
+
+    grpc.aio writes the requests on a task of its own. A write that fails because the server has just
+    ended the call (with INVALID_ARGUMENT, say) sets the call's status to INTERNAL
+    GRPC_AIO_SEND_FAILED, over the server's status where that came first (grpc/grpc#36066): in 1 to 7
+    of 10 streams that the server refuses while requests are still being written, as measured here.
+    A done callback runs as the first status lands, and so still sees the server's.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._status: Any = None
+        call.add_done_callback(self._keep)
+
+    def _keep(self, call: Any) -> None:
+        # grpc.aio gives the status only to coroutines, which would run after the overwrite; they, and
+        # grpc.aio's own code, read this attribute. A grpc without it keeps nothing: the INTERNAL stands.
+        if self._status is None:
+            self._status = getattr(getattr(call, "_cython_call", None), "_status", None)
+
+    def instead_of(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError | None:
+        """The server's error where `error` is a failed write's INTERNAL put over it, else None."""
+        if error.code() != grpc.StatusCode.INTERNAL or error.details() != GRPC_AIO_SEND_FAILED:
+            return None
+        status = self._status
+        code = None if status is None else _CODE_OF_NUMBER.get(status.code())
+        if code is None or code == grpc.StatusCode.OK or status.details() == GRPC_AIO_SEND_FAILED:
+            return None  # the write failed first (a broken connection): its INTERNAL is all there is
+        return grpc.aio.AioRpcError(
+            code,
+            error.initial_metadata(),
+            grpc.aio.Metadata.from_tuple(status.trailing_metadata() or ()),
+            status.details(),
+            status.debug_error_string(),
+        )
 
 
 class _NoAnswer(Exception):
@@ -875,13 +917,14 @@ class AsyncVaeClient:
                     first = answered  # the caller's number of the stream's request 0 on this attempt
                     # grpc reads the requests from an iterator, as in VaeClient.encode_stream, and the status
                     # comes from the read side. A request still being written when the server ends the call
-                    # can yet cost its status (INTERNAL, GRPC_AIO_SEND_FAILED): then the retry asks again.
+                    # puts INTERNAL GRPC_AIO_SEND_FAILED over that status: _ServerStatus keeps the server's.
                     requests: asyncio.Queue[Any] = asyncio.Queue()
                     for request in pending:
                         requests.put_nowait(request)
                     call = self._stub.EncodeStream(
                         _until_none(requests), timeout=timeout_s, metadata=self._state.metadata
                     )
+                    server_status = _ServerStatus(call)
                     responses = aiter(call)
                     try:
                         await refill(requests)
@@ -903,6 +946,10 @@ class AsyncVaeClient:
                                 f"the stream ended with {len(pending)} requests unanswered",
                             )
                         return
+                    except grpc.aio.AioRpcError as error:
+                        if (server_error := server_status.instead_of(error)) is None:
+                            raise
+                        raise server_error from error
                     finally:
                         requests.put_nowait(None)  # ends grpc's reading of the requests
                         call.cancel()

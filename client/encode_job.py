@@ -23,9 +23,11 @@ manifest that lists them.
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
 stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
 shard could not be written mid-job (a full disk, a volume error), which a run with --resume picks up
-from the last committed shard; 2 bad arguments, input or output directory, or a model other than the
-one the output was begun with (a rolling update reached mid-job): running again cannot help until
-the output or the model changes.
+from the last committed shard; 2 bad arguments, input or output directory, rows or requests that the
+service refuses (INVALID_ARGUMENT), a target that serves no VaeService (UNIMPLEMENTED), or a model
+other than the one the output was begun with (a rolling update reached mid-job): running again
+cannot help until the input, the options, the output or the model changes. --skip-bad leaves out
+unreadable PNG files as they are read; it does not skip rows that the service refuses.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -87,6 +90,15 @@ PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
+# Statuses that the same requests get however often the job runs again: exit 2, which the Kubernetes
+# Job does not retry, saying what must change. UNIMPLEMENTED: every version of VaeService has the two
+# RPCs the job makes, so the target serves something else. FAILED_PRECONDITION and OUT_OF_RANGE stay
+# 1: neither the service nor gRPC's library sends them.
+REFUSED_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "the service refuses these rows or requests as sent; running "
+    "again cannot help until the input or the options change",
+    grpc.StatusCode.UNIMPLEMENTED: "the target serves no vae.v1.VaeService: check --target",
+}
 
 
 class JobError(Exception):
@@ -672,6 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         summary = EncodeJob(settings).run()
     except (VaeClientError, WriteFailed) as error:
+        if isinstance(error, VaeClientError) and error.code in REFUSED_CODES:
+            print(f"vae-encode-job: {error}; {REFUSED_CODES[error.code]}", file=sys.stderr)
+            return 2
         print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
         return 1
     # Bad settings or input (InputError and EncodingsError are ValueErrors), and an unreadable input,

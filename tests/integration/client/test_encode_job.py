@@ -8,6 +8,7 @@ shards) and requests of 32 rows: every shard takes several requests.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -28,6 +29,7 @@ from PIL import Image
 from client import VaeClient, read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest, write_atomic
+from client.images import ImageInput, read_images
 from tests.conftest import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -560,6 +562,37 @@ def test_a_shard_that_cannot_be_written_mid_job_exits_1_and_resume_finishes_the_
     monkeypatch.undo()
     assert main([*command, "--resume"]) == 0
     assert files(output) == files(uninterrupted)
+
+
+@pytest.mark.parametrize("flags", [[], ["--skip-bad"]])
+def test_a_row_the_service_refuses_exits_2_with_its_message_keeping_the_shards_before_it(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+) -> None:
+    """Exit 2, not 1: the service would refuse the same row again, so a Kubernetes index fails at once
+    instead of retrying it. --skip-bad leaves out unreadable PNG files as they are read; it does not
+    skip a row that the service refuses."""
+
+    def with_nan_at_row_300(path: Path, **options: Any) -> ImageInput:
+        # The reader refuses NaN itself: this stands for a row that passed it and not the service.
+        source = read_images(path, **options)
+        images = source.images.astype(np.float32) / 255
+        images[300, 0, 14, 14] = np.nan
+        return dataclasses.replace(source, images=images)
+
+    monkeypatch.setattr("client.encode_job.read_images", with_nan_at_row_300)
+    output = tmp_path / "out"
+    argv = ["--target", vae_server.target, "--input", str(inputs["npy"]), "--output", str(output)]
+    assert main([*argv, *CLI_OPTIONS, *flags]) == 2
+    err = capsys.readouterr().err
+    assert "EncodeStream failed with INVALID_ARGUMENT" in err and "contains NaN or Inf" in err
+    assert "running again cannot help" in err and "Traceback" not in err
+    # Rows [288, 320) were refused; the answers before them came, and filled shards 0 and 1.
+    assert [entry["stop"] for entry in read_manifest(output)["shards"]] == [128, 256]
 
 
 def test_an_output_that_cannot_be_written_stops_the_job_with_the_reason(

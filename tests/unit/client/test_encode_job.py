@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -280,6 +282,24 @@ def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the
         main([*argv, "--output", str(tmp_path / "out"), "--attempts", "1", "--timeout", "2", "--no-progress"])
         == 1
     )
+
+
+def test_a_target_that_serves_no_vae_service_exits_2_saying_to_check_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UNIMPLEMENTED: every VaeService has the RPCs the job makes, so the target is another server,
+    which a Kubernetes retry of the index would only reach again."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    other = grpc.server(ThreadPoolExecutor(max_workers=1))  # serves no service at all
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        argv = ["--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "x.npy")]
+        assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    finally:
+        other.stop(grace=None)
+    err = capsys.readouterr().err
+    assert "GetModelInfo failed with UNIMPLEMENTED" in err and "check --target" in err
 
 
 class WrongWidth:
