@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
 from service.bundle import INT8_PRECISIONS
 from service.errors import BundleError
+from training.run import json_text
 
 
 def non_empty(text: str) -> str:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "decoder_quantization" in spec.export:
         summary["decoder_quantization"] = spec.export["decoder_quantization"]
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary))
     return 0
 
 

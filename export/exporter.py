@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -49,7 +48,7 @@ from service.bundle import (
 )
 from service.errors import BundleError
 from training.models import VAE, AutoEncoder
-from training.run import TrainConfig, load_metrics, load_run
+from training.run import CHECKPOINT_FILE, TrainConfig, finite_or_null, json_text, load_metrics, load_run
 
 # Pinned so that a bundle's graphs do not change with the torch version; recorded in model.json.
 OPSET = 18
@@ -167,6 +166,13 @@ def export_run(
         metrics = _final_metrics(load_metrics(run_dir))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
+    # Their graphs answer NaN, and parity, NaN on both sides, would only say that they differ "by nan".
+    not_finite = _non_finite_weights(model)
+    if not_finite:
+        raise ExportError(
+            f"{run_dir / CHECKPOINT_FILE}: NaN or infinite weights in {', '.join(not_finite)} (a run that "
+            "diverged), whose graphs would answer NaN; train it again with a lower learning rate"
+        )
     kind = config.model.kind
     latent_dim = config.model.latent_dim
     if quantize_decoder is not None and kind == "ae":
@@ -260,19 +266,29 @@ def _export_into(
             **({"decoder_quantization": quantization} if quantization else {}),
         },
     )
-    (folder / MODEL_JSON).write_text(json.dumps(bundle.to_dict(), indent=2) + "\n")
+    (folder / MODEL_JSON).write_text(json_text(bundle.to_dict()) + "\n")
     # The consumer's own loader is the final word on whether the bundle is valid.
     ModelBundle.load(folder)
     return bundle
 
 
+def _non_finite_weights(model: nn.Module) -> list[str]:
+    """The names of the model's parameters and buffers that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
 def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The run's evaluation (vae-evaluate) when it has one, else its last epoch's losses (vae-train).
-    The figures stay behind: their paths mean nothing where the bundle goes."""
+    The figures stay behind: their paths mean nothing where the bundle goes. A number that is not
+    finite (in a metrics.json written before they were null) becomes null, as model.json is JSON."""
     for key in ("evaluation", "final"):
         value = metrics.get(key)
         if isinstance(value, dict):
-            return {name: item for name, item in value.items() if name != "figures"}
+            return {name: finite_or_null(item) for name, item in value.items() if name != "figures"}
     return {}
 
 

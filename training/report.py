@@ -30,10 +30,11 @@ SAMPLES = 100
 
 
 def _number(value: Any, digits: int = 2) -> str:
+    """A figure of the table; n/a for null, which vae-evaluate writes for a number that is not finite."""
     if value is None:
         return "n/a"
     if isinstance(value, list):
-        return "(" + ", ".join(f"{v:.{digits}f}" for v in value) + ")"
+        return "(" + ", ".join(_number(v, digits) for v in value) + ")"
     return f"{value:.{digits}f}"
 
 

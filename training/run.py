@@ -75,6 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         numbers = (
+            "validation_fraction",
             "beta",
             "recon_weight",
             "learning_rate",
@@ -138,7 +139,8 @@ def save_config(run_dir: Path, config: TrainConfig) -> None:
     if (run_dir / CONFIG_FILE).is_file():  # an earlier run's folder; any other keeps its files
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / FIGURES_DIR, ignore_errors=True)
-    write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    # Settings, not measurements: TrainConfig keeps them finite, and a null would not load again.
+    write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def load_config(run_dir: Path) -> TrainConfig:
@@ -202,7 +204,28 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def save_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(run_dir / METRICS_FILE, json_text(metrics) + "\n")
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every float that is NaN or infinite, in it or in its dicts, lists and tuples,
+    replaced by None: the measure has no number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """Standard JSON of measured numbers, indented, with a non-finite number as null.
+
+    Python's json writes NaN and infinities as bare NaN and Infinity, which are not JSON: jq, Go and
+    JavaScript refuse the file. allow_nan=False makes a number this misses raise instead.
+    """
+    return json.dumps(finite_or_null(value), indent=2, allow_nan=False)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

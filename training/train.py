@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,7 +20,14 @@ from tqdm import tqdm
 from training.data import DATASETS, load_training_splits
 from training.losses import LIKELIHOODS, LossTerms, ae_loss, vae_loss
 from training.models import VAE, ModelConfig, build_model
-from training.run import CHECKPOINT_FILE, TrainConfig, save_checkpoint, save_config, save_metrics
+from training.run import (
+    CHECKPOINT_FILE,
+    TrainConfig,
+    json_text,
+    save_checkpoint,
+    save_config,
+    save_metrics,
+)
 
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 MIN_ONE_CYCLE_STEPS = 2
@@ -462,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary))
     return 0
 
 

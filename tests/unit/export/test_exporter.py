@@ -19,6 +19,7 @@ from export import exporter
 from export.cli import main as export_main
 from export.exporter import OPSET, PARITY_TOLERANCE, ExportError, export_run
 from service.bundle import ModelBundle, sha256_of
+from tests.unit.training.test_run import strict_json
 from training.run import load_metrics, save_metrics
 
 
@@ -130,6 +131,51 @@ def test_the_bundle_carries_the_runs_evaluation_once_it_has_one(vae_run_dir: Pat
     figures = {"figures": {"manifold": str(run / "figures" / "manifold.png")}}
     save_metrics(run, {**trained, "evaluation": {**evaluation, **figures}})
     assert export_run(run, tmp_path / "evaluated").metrics == evaluation  # not the run's local paths
+
+
+def test_metrics_that_are_not_finite_reach_model_json_as_null_so_it_stays_json(
+    vae_run_dir: Path, tmp_path: Path
+) -> None:
+    """A metrics.json written before such numbers were null holds bare NaN and Infinity, which
+    Python reads and jq, Go and JavaScript do not; the bundle's model.json must be JSON."""
+    run = tmp_path / "run"
+    shutil.copytree(vae_run_dir, run)
+    (run / "metrics.json").write_text(
+        '{"evaluation": {"elbo_nats": Infinity, "kl_nats": NaN, "recon_nats": 150.5,'
+        ' "limitation_2_centre_and_range": {"mean": [-Infinity, 0.5]}}}'
+    )
+    expected = {
+        "elbo_nats": None,
+        "kl_nats": None,
+        "recon_nats": 150.5,
+        "limitation_2_centre_and_range": {"mean": [None, 0.5]},
+    }
+
+    spec = export_run(run, tmp_path / "bundle")
+
+    assert spec.metrics == expected
+    assert strict_json((tmp_path / "bundle" / "model.json").read_text())["metrics"] == expected
+    assert ModelBundle.load(tmp_path / "bundle").spec.metrics == expected
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_weights_that_are_not_finite_are_refused_naming_the_checkpoint_and_the_tensor(
+    ae_run_dir: Path, tmp_path: Path, value: float
+) -> None:
+    """Else parity, computing NaN on both sides, would only say the graphs differ "by nan"."""
+    run = tmp_path / "run"
+    shutil.copytree(ae_run_dir, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["decoder.dense.weight"][0, 0] = value
+    torch.save(state, run / "checkpoint.pt")
+
+    with pytest.raises(ExportError) as error:
+        export_run(run, tmp_path / "bundle")
+
+    assert str(error.value).startswith(
+        f"{run / 'checkpoint.pt'}: NaN or infinite weights in decoder.dense.weight (a run that diverged)"
+    )
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_an_int8_decoder_replaces_the_float32_one_and_records_how_far_its_pixels_drift(

@@ -6,14 +6,17 @@ import gzip
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import training.evaluate as evaluate_module
+from tests.unit.training.test_run import strict_json
 from training.data import ImageSet, load_test_set, load_training_splits
 from training.evaluate import (
     Evaluator,
@@ -22,6 +25,7 @@ from training.evaluate import (
     chi2_quantile,
     class_probabilities,
     decode,
+    decode_logits,
     encode,
     judge,
     main,
@@ -307,6 +311,62 @@ def test_a_tiny_test_set_gives_null_not_infinity_or_nan_in_the_json(
     assert run["limitation_3_uneven_spread"]["trace_ratio"] is None
 
 
+def run_with_weights(source: Path, run: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of the run `source` at `run`, its checkpoint's tensors changed in place by `change`."""
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("figures"))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    change(state)
+    torch.save(state, run / "checkpoint.pt")
+    return run
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+def test_a_likelihood_that_overflows_is_null_in_the_report_the_json_file_and_metrics_json(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A posterior variance of e^100 overflows float32, and with it the KL and the ELBO: all three
+    files stay JSON that jq, Go and JavaScript read, with null where there is no number."""
+
+    def huge_log_var(state: dict[str, torch.Tensor]) -> None:
+        state["to_log_var.bias"].fill_(100.0)
+
+    run = run_with_weights(runs["vae"], tmp_path / "run", huge_log_var)
+    out = tmp_path / "evaluation.json"
+    argv = [str(run), "--limit", "20", "--iw-samples", "2", "--device", "cpu", "--no-figures"]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = strict_json(capsys.readouterr().out)
+    assert strict_json(out.read_text()) == report
+    assert report["kl_nats"] is None and report["elbo_nats"] is None
+    assert isinstance(report["recon_mse"], float)  # decoded from the posterior means, which are finite
+    assert strict_json((run / "metrics.json").read_text())["evaluation"] == report["runs"][0]
+
+
+def test_the_aes_recon_nats_is_scored_from_its_decoders_logits_so_confident_mistakes_cost_in_full(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The output layer's weights ten times over saturate the decoder: some wrong pixels' float32
+    probabilities fall below 1e-7, where a clamp would charge each 16.1 nats, whatever the logit."""
+
+    def saturated(state: dict[str, torch.Tensor]) -> None:
+        for name in [name for name in state if name.startswith("decoder.layers.")][-2:]:  # weight, bias
+            state[name].mul_(10.0)
+
+    run = run_with_weights(runs["ae"], tmp_path / "run", saturated)
+    assert main([str(run), "--limit", "20", "--device", "cpu", "--no-figures"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    cpu = torch.device("cpu")
+    _, model = load_run(run)
+    images = torch.from_numpy(load_test_set("mnist-5k", limit=20).images).double()
+    codes = torch.from_numpy(encode(model, images.float().numpy(), cpu)[0]).float()
+    with torch.no_grad():
+        logits = model.decoder.logits(codes).double()
+    wrong = ((images > 0) & (logits < -17.0)) | ((images < 1) & (logits > 17.0))
+    assert wrong.sum() > 100
+    exact = F.binary_cross_entropy_with_logits(logits, images, reduction="none").flatten(1).sum(dim=1)
+    assert report["recon_nats"] == pytest.approx(float(exact.mean()), rel=1e-6)
+
+
 def test_one_runs_figures_are_also_at_the_top_level_by_the_contracts_names(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -444,18 +504,17 @@ def test_the_standard_error_is_the_sample_deviation_over_root_n_and_none_below_t
 
 def test_the_reconstruction_nll_is_the_bernoulli_nll_summed_over_each_images_pixels() -> None:
     images = np.stack([np.ones((1, 28, 28)), np.zeros((1, 28, 28)), np.full((1, 28, 28), 0.5)])
-    probabilities = np.full_like(images, 0.8)
-    nll = reconstruction_nll(probabilities, images)
+    logits = torch.full(images.shape, math.log(0.8 / 0.2))  # probability 0.8
+    nll = reconstruction_nll(logits, images.astype(np.float32))
     expected = [-784 * math.log(0.8), -784 * math.log(0.2), -392 * (math.log(0.8) + math.log(0.2))]
-    np.testing.assert_allclose(nll, expected, rtol=1e-9)
+    np.testing.assert_allclose(nll, expected, rtol=1e-6)
 
 
-def test_a_certainly_wrong_pixel_costs_a_finite_nll_from_probabilities_clamped_at_1e_7() -> None:
-    images = np.stack([np.ones((1, 28, 28)), np.zeros((1, 28, 28))])
-    certain_and_wrong = 1.0 - images
-    np.testing.assert_allclose(
-        reconstruction_nll(certain_and_wrong, images), -784 * math.log(1e-7), rtol=1e-6
-    )
+def test_a_confidently_wrong_pixel_costs_its_whole_logit_not_a_clamps_16_nats() -> None:
+    """At a logit of 40 the float32 probability is 1.0; a clamp at 1e-7 would charge -log 1e-7 = 16.1."""
+    images = np.stack([np.ones((1, 28, 28)), np.zeros((1, 28, 28))]).astype(np.float32)
+    certain_and_wrong = torch.from_numpy(40.0 - 80.0 * images)  # -40 where the pixel is 1, 40 where 0
+    np.testing.assert_allclose(reconstruction_nll(certain_and_wrong, images), 784 * 40.0, rtol=1e-6)
 
 
 def test_confident_means_a_top_class_probability_above_0_9() -> None:
@@ -504,10 +563,12 @@ def test_the_reported_likelihoods_are_the_means_of_the_per_image_terms(
     images = load_test_set("mnist-5k", limit=20).images
     for run, kind in ((ae, "ae"), (vae, "vae")):
         _, model = load_run(runs[kind])
-        reconstructed = decode(model, encode(model, images, cpu)[0], cpu)
+        codes = encode(model, images, cpu)[0]
+        reconstructed = decode(model, codes, cpu)
         assert run["recon_mse"] == pytest.approx(((reconstructed - images) ** 2).mean(), rel=1e-6)
         if kind == "ae":
-            assert run["recon_nats"] == pytest.approx(reconstruction_nll(reconstructed, images).mean())
+            logits = decode_logits(model, codes, cpu)
+            assert run["recon_nats"] == pytest.approx(reconstruction_nll(logits, images).mean())
     assert isinstance(model, VAE) and vae["iw_samples"] == 1
     terms = vae_likelihood(model, images, 1, torch.Generator().manual_seed(0), cpu)
     assert vae["recon_nats"] == pytest.approx(terms["recon"].mean())

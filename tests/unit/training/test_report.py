@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.report import _relative, main, run_names
+from training.report import _relative, main, run_names, table
 
 
 def test_a_figure_beside_or_below_the_note_is_linked_from_the_notes_folder(tmp_path: Path) -> None:
@@ -42,3 +42,39 @@ def test_a_report_run_from_another_folder_than_the_evaluation_says_so(
         capsys.readouterr().err
     )
     assert not (tmp_path / "note.md").exists()
+
+
+def test_a_measure_without_a_number_is_tabled_as_n_a_even_inside_a_list() -> None:
+    """vae-evaluate writes null for a number that is not finite: an overflowed likelihood, say."""
+    judged = {"mean_confidence": None, "predicted_digit_entropy_nats": None}
+    run = {
+        "kind": "vae",
+        "latent_dim": 2,
+        "test_set": {"images": 20, "dataset": "mnist-5k", "part": "held-out split"},
+        "elbo_nats": None,
+        "iw_nll_nats": None,
+        "recon_nats": None,
+        "kl_nats": None,
+        "recon_mse": 0.05,
+        "classifier": {"test_accuracy": 0.9},
+        "limitation_1_empty_space": {
+            "prior_samples": judged,
+            "code_box_samples": judged,
+            "real_test_images": judged,
+        },
+        "limitation_2_centre_and_range": {
+            "mean": [None, 0.5],
+            "std": [1.0, None],
+            "fraction_in_prior_95": None,
+        },
+        "limitation_3_uneven_spread": {
+            "trace_ratio": None,
+            "largest_digit": 1,
+            "smallest_digit": 0,
+            "knn_accuracy": None,
+        },
+    }
+    text = table([run])
+    assert "| negative ELBO, nats (lower is better) | n/a |" in text
+    assert "| **2. centre and range**: mean of the codes | (n/a, 0.50) |" in text
+    assert "| standard deviation of the codes | (1.00, n/a) |" in text
