@@ -48,7 +48,7 @@ from service.bundle import (
 )
 from service.errors import BundleError
 from training.models import VAE, AutoEncoder
-from training.run import CHECKPOINT_FILE, TrainConfig, finite_or_null, json_text, load_metrics, load_run
+from training.run import TrainConfig, finite_or_null, json_text, load_metrics, load_run
 
 # Pinned so that a bundle's graphs do not change with the torch version; recorded in model.json.
 OPSET = 18
@@ -166,13 +166,6 @@ def export_run(
         metrics = _final_metrics(load_metrics(run_dir))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
-    # Their graphs answer NaN, and parity, NaN on both sides, would only say that they differ "by nan".
-    not_finite = _non_finite_weights(model)
-    if not_finite:
-        raise ExportError(
-            f"{run_dir / CHECKPOINT_FILE}: NaN or infinite weights in {', '.join(not_finite)} (a run that "
-            "diverged), whose graphs would answer NaN; train it again with a lower learning rate"
-        )
     kind = config.model.kind
     latent_dim = config.model.latent_dim
     if quantize_decoder is not None and kind == "ae":
@@ -270,15 +263,6 @@ def _export_into(
     # The consumer's own loader is the final word on whether the bundle is valid.
     ModelBundle.load(folder)
     return bundle
-
-
-def _non_finite_weights(model: nn.Module) -> list[str]:
-    """The names of the model's parameters and buffers that hold a NaN or an infinity."""
-    return [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
 
 
 def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -166,7 +166,8 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainCo
     """The run's config and its model with trained weights, in eval mode.
 
     Raises FileNotFoundError for a run without weights, ValueError for weights that are not a
-    state_dict of the model config.json describes.
+    state_dict of the model config.json describes, or that hold NaN or an infinity: such a model
+    answers NaN, which would pass for figures (an argmax of NaN is digit 0) or for a parity gap.
     """
     config = load_config(run_dir)
     model = build_model(config.model)
@@ -181,6 +182,16 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainCo
         raise ValueError(
             f"{path}: not the weights of the model {CONFIG_FILE} describes ({first_line})"
         ) from error
+    not_finite = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if not_finite:
+        raise ValueError(
+            f"{path}: NaN or infinite weights in {', '.join(not_finite)} (a run that diverged); "
+            "train it again with a lower learning rate"
+        )
     return config, model.to(device).eval()
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from training.run import METRICS_FILE, TrainConfig, load_metrics, save_metrics
+from training.run import CHECKPOINT_FILE, METRICS_FILE, TrainConfig, load_metrics, load_run, save_metrics
 
 
 def strict_json(text: str) -> Any:
@@ -58,3 +60,21 @@ def test_metrics_that_are_not_finite_are_written_as_null_and_the_rest_as_they_ar
 def test_a_validation_fraction_that_is_not_a_number_is_refused_as_config_json_could_not_hold_it() -> None:
     with pytest.raises(ValueError, match="expected finite numbers, got validation_fraction nan"):
         TrainConfig(validation_fraction=math.nan)
+
+
+def test_a_run_whose_weights_hold_nan_is_refused_naming_the_tensor_before_anything_uses_it(
+    ae_run_dir: Path, tmp_path: Path
+) -> None:
+    """vae-evaluate would otherwise report NaN images as confident zeros (an argmax of NaN)."""
+    run = tmp_path / "run"
+    shutil.copytree(ae_run_dir, run)
+    state = torch.load(run / CHECKPOINT_FILE, weights_only=True)
+    state["decoder.dense.bias"][0] = math.nan
+    torch.save(state, run / CHECKPOINT_FILE)
+
+    with pytest.raises(ValueError) as refused:
+        load_run(run)
+
+    assert str(refused.value).startswith(
+        f"{run / CHECKPOINT_FILE}: NaN or infinite weights in decoder.dense.bias (a run that diverged)"
+    )
