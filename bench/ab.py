@@ -30,7 +30,7 @@ from pathlib import Path
 from bench import servers
 from bench.loadgen import UNANSWERED_LIMIT_S, closed_loop, process_tree_cpu_s
 from bench.suite import naive_argv, service_argv
-from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
+from bench.workloads import Shape, bundle_latent_dim, channel, encode_stream, random_images, request_factory
 from vae.v1 import vae_pb2_grpc
 
 RPCS = ("Sample", "Encode", "Decode")
@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per cell")
-    parser.add_argument("--latent-dim", type=int, default=2)
     parser.add_argument(
         "--stream-chunk",
         type=int,
@@ -142,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add("--naive", "naive=", lambda _: partial(naive_argv, args.bundle))
     if len(versions) < 2:
         parser.error("name at least two versions (--tree, --flags, --naive)")
+    latent_dim = bundle_latent_dim(args.bundle)
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
     cells = [*CELLS, *args.cell]
     order = list(versions.items())
@@ -150,9 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = servers.free_port()
             server = servers.start(name, argv_for(port), port, Path("runs/bench/logs"))
             try:
-                measures = asyncio.run(
-                    measure(server, cells, args.latent_dim, args.window, args.stream_chunk)
-                )
+                measures = asyncio.run(measure(server, cells, latent_dim, args.window, args.stream_chunk))
             finally:
                 server.stop()
             for cell, value in measures.items():

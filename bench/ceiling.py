@@ -13,7 +13,6 @@ The ceiling of a shape is the best of the three; the service is judged against i
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+
+from service.settings import usable_cpus
 
 LAYOUTS = ("default", "1-thread", "per-core")
 Key = TypeVar("Key", bound=Hashable)
@@ -47,8 +48,9 @@ class Measured:
 
 
 def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
+    """The cores the service runs on: its affinity capped by a cgroup CPU quota, counted as vae-serve
+    counts them, so that the per-core layout, Triton's instances and the machine table match it."""
+    return usable_cpus()
 
 
 def session_options(

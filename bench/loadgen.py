@@ -10,7 +10,8 @@ therefore needs nothing but numpy and the standard library).
 The server's CPU time comes from /proc/<pid>/stat of the server process and its descendants, sampled at
 both ends of the window: CPU seconds per image is the figure that other load on the machine moves least.
 The load generator's own CPU time per request is recorded too: on a 2-core machine the client and the
-server share the cores, so a cheap server request can still be capped by the client's cost.
+server share the cores, so a cheap server request can still be capped by the client's cost. Its window
+lies inside the server's samples, so that their walk of /proc (a few ms of CPU) is not billed to the client.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ERROR_BACKOFF_S = 0.1
 # How long after its window a request may still be in flight before the server is taken to hang.
 UNANSWERED_LIMIT_S = 60.0
+# bench.peers.triton_load prints each window's summary on a line of its own after this prefix: a stray
+# line on its stdout (a library's print) is then never taken for a result.
+RESULT_PREFIX = "bench-window: "
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ async def closed_loop(
     client_cpu_at_open: list[float] = []
 
     def open_window() -> None:
+        # The server's sample first, the client's clock after it; at the close the other way round.
         if server_pid is not None:
             cpu_at_open.append(process_tree_cpu_s(server_pid))
         client_cpu_at_open.append(time.process_time())
@@ -183,8 +188,8 @@ async def closed_loop(
     workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
     await window_open
     await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-    cpu_at_close = process_tree_cpu_s(server_pid) if server_pid is not None else None
     client_cpu = time.process_time() - client_cpu_at_open[0]
+    cpu_at_close = process_tree_cpu_s(server_pid) if server_pid is not None else None
     try:
         await asyncio.wait_for(asyncio.gather(*workers), UNANSWERED_LIMIT_S)
     except TimeoutError:
@@ -239,17 +244,36 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
-def process_tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its live descendants, from VmRSS in /proc/<pid>/status."""
+def _proc_bytes(path: Path, field: str) -> int | None:
+    """The `FIELD:  N kB` line of a /proc file, in bytes; None where the file or the line is missing."""
+    try:
+        text = path.read_text()
+    except OSError:  # exited meanwhile, or not this kernel's
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def process_memory_bytes(pid: int, field: str = "VmRSS") -> int:
+    """One process's memory from /proc/<pid>/status: VmRSS, resident now; VmHWM, the most resident
+    at any moment so far."""
+    found = _proc_bytes(Path(f"/proc/{pid}/status"), field)
+    if found is None:
+        raise ProcessLookupError(f"no {field} for pid {pid}")
+    return found
+
+
+def process_tree_pss_bytes(pid: int) -> int:
+    """Proportional set size of a process and its live descendants, from /proc/<pid>/smaps_rollup:
+    each shared page is split among the processes that map it, where VmRSS summed over a tree
+    (tritonserver, its Python stubs, PyTriton) counts it once per process. VmRSS where a kernel has
+    no smaps_rollup."""
     total = 0
     for member in descendants(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
+        pss = _proc_bytes(Path(f"/proc/{member}/smaps_rollup"), "Pss")
+        total += pss if pss is not None else _proc_bytes(Path(f"/proc/{member}/status"), "VmRSS") or 0
     return total
 
 

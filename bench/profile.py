@@ -20,7 +20,7 @@ from pathlib import Path
 from bench import servers
 from bench.loadgen import Window, closed_loop
 from bench.suite import BENCH_PYTHON, _run, service_argv
-from bench.workloads import Shape, channel, request_factory
+from bench.workloads import Shape, bundle_latent_dim, channel, request_factory
 from vae.v1 import vae_pb2_grpc
 
 PY_SPY = BENCH_PYTHON.parent / "py-spy"
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not PY_SPY.exists():
         parser.error(f"{PY_SPY} not found: `make bench-setup` installs py-spy into bench/.venv")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    latent_dim = bundle_latent_dim(args.bundle)
     port = servers.free_port()
     argv_server = service_argv(args.bundle, port, *extra, module=args.module)
     server = servers.start("profiled", argv_server, port, args.out.parent / "logs")
@@ -96,13 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def load() -> Window:
         async with channel(server.target) as chan:
             stub = vae_pb2_grpc.VaeServiceStub(chan)
-            await request_factory(stub, shape, 2)(0)()
+            await request_factory(stub, shape, latent_dim)(0)()
             spies = [
                 _py_spy(server.pid, args.seconds, raw, "raw", args.gil),
                 _py_spy(server.pid, args.seconds, args.out.with_suffix(".svg"), "flamegraph", args.gil),
             ]
             window = await closed_loop(
-                request_factory(stub, shape, 2),
+                request_factory(stub, shape, latent_dim),
                 concurrency=args.concurrency,
                 duration_s=args.seconds,
                 warmup_s=0.3,

@@ -99,10 +99,9 @@ def targets(results: Results) -> str:
     """The goals, judged on the paired rounds' median ratios (bench/targets.py), then start-up and memory."""
     rows: list[list[object]] = []
     for row in results.get("paired_targets", {}).get("summary", []):
-        failed_in = row.get("failed_in_round")
         rows.append(
             [
-                row["target"] if failed_in is None else f"{row['target']} (failed in round {failed_in})",
+                _target_name(row),
                 row["ours_median"],
                 row["theirs_median"],
                 # Three decimals: 1.4948 must not print as the 1.50 of a goal it misses.
@@ -113,16 +112,41 @@ def targets(results: Results) -> str:
                 row["met"],
             ]
         )
+    service = results.get("service", {})
     cold = results.get("service_cold_start", {}).get("median_s")
-    rss = results.get("service", {}).get("rss_after_warmup_mb")
     for name, value, limit, unit in (
         ("cold start to SERVING (s, median of 3)", cold, 1.5, "s"),
-        ("resident memory after warm-up (MB)", rss, 250, "MB"),
+        (_memory_name(service), service.get("rss_after_warmup_mb"), 250, "MB"),
     ):
         met = None if value is None else value < limit
         rows.append([name, value, None, None, None, None, f"< {limit} {unit}", met])
     header = ["target", "ours (median)", "theirs (median)", "ratio (median)", "ratio range", "rounds met"]
     return table([*header, "goal", "met"], rows)
+
+
+def _target_name(row: Row) -> str:
+    """The target, with why it has fewer rounds than the plan's, if it has."""
+    notes = []
+    if row.get("not_measured"):
+        notes.append(f"not measured: {row['not_measured']}")
+    if row.get("failed_in_round") is not None:
+        notes.append(f"failed in round {row['failed_in_round']}")
+    if dropped := row.get("dropped_rounds"):
+        rounds = "rounds" if len(dropped) > 1 else "round"
+        notes.append(f"{rounds} {', '.join(map(str, dropped))} dropped for failed requests")
+    return f"{row['target']} ({'; '.join(notes)})" if notes else str(row["target"])
+
+
+def _memory_name(service: Row) -> str:
+    """The judged figure is the issue's, after warm-up; the label gives the sweep's loaded figures
+    beside it (the startup table has them for every server)."""
+    loaded = [
+        f"{_cell(service[key])} {when}"
+        for key, when in (("rss_after_run_mb", "after the sweep"), ("rss_peak_mb", "at the peak"))
+        if service.get(key) is not None
+    ]
+    under_load = f"; under load: {', '.join(loaded)}" if loaded else ""
+    return f"resident memory after warm-up (MB, 10^6 bytes{under_load})"
 
 
 def ceilings(results: Results) -> str:
@@ -239,6 +263,13 @@ def peers(results: Results) -> str:
                 _ratio(speeds[0], speeds[2]),
                 *(_get(w, "p99_ms") for w in windows),
                 *(_get(w, "server_cpu_ms_per_item") for w in windows),
+                # Failed requests in any of the three windows: its images/s count only the answered ones.
+                "; ".join(
+                    f"{label} {_cell(w['errors'])}"
+                    for label, w in zip(("service", "naive", "Triton"), windows, strict=True)
+                    if w and w.get("errors")
+                )
+                or None,
             ]
         )
     header = [
@@ -252,7 +283,7 @@ def peers(results: Results) -> str:
         "x Triton",
     ]
     header += ["service p99 ms", "naive p99 ms", "Triton p99 ms"]
-    header += ["service CPU ms/img", "naive CPU ms/img", "Triton CPU ms/img"]
+    header += ["service CPU ms/img", "naive CPU ms/img", "Triton CPU ms/img", "errors"]
     notes = "".join(
         f"\n\n{label}: {peer['skipped']}"
         for label, peer in (("The naive server", servers[1]), ("Triton", servers[2]))
@@ -262,29 +293,37 @@ def peers(results: Results) -> str:
 
 
 def startup(results: Results) -> str:
+    """Seconds to ready and resident memory, in MB of 10^6 bytes. Triton runs in several processes
+    (tritonserver, its Python stubs, PyTriton) that share memory: its figure is their PSS, which
+    counts a shared page once."""
     rows = []
     cold = results.get("service_cold_start")
     if cold:
+        service = results["service"]
         rows.append(
             [
                 "service",
                 ", ".join(f"{s:.2f}" for s in cold["seconds"]),
-                results["service"].get("rss_after_warmup_mb"),
-                results["service"].get("rss_after_run_mb"),
+                service.get("rss_after_warmup_mb"),
+                service.get("rss_after_run_mb"),
+                service.get("rss_peak_mb"),
             ]
         )
     for name in ("naive", "triton"):
         peer = results.get(name)
         if peer and "cold_start_s" in peer:
+            pss = peer.get("pss_after_run_mb")
             rows.append(
                 [
                     name,
                     f"{peer['cold_start_s']:.2f}",
                     peer.get("rss_after_warmup_mb"),
-                    peer.get("rss_after_run_mb"),
+                    peer.get("rss_after_run_mb") if pss is None else f"{_cell(pss)} (PSS, its processes)",
+                    peer.get("rss_peak_mb"),
                 ]
             )
-    return table(["server", "seconds to ready", "RSS after warm-up MB", "RSS after the sweep MB"], rows)
+    header = ["server", "seconds to ready", "RSS after warm-up MB", "RSS after the sweep MB", "peak RSS MB"]
+    return table(header, rows)
 
 
 def _rows_table(rows: Sequence[Row], columns: Sequence[str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.loadgen import process_tree_rss_bytes
+from bench.loadgen import process_memory_bytes, process_tree_pss_bytes
 
 # vae-serve runs as its container images run it (deploy/Dockerfile sets the same); the caller's
 # environment, then `start`'s `env`, override it.
@@ -49,10 +49,20 @@ class Server:
         return self.process.pid
 
     def rss_bytes(self) -> int:
-        return process_tree_rss_bytes(self.pid)
+        """The server process's resident set now (vae-serve and the naive peer are one process each)."""
+        return process_memory_bytes(self.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        """The most the server process has held resident at any moment since it started (VmHWM)."""
+        return process_memory_bytes(self.pid, "VmHWM")
+
+    def pss_bytes(self) -> int:
+        """The proportional set size of the server's whole process tree (Triton runs in several)."""
+        return process_tree_pss_bytes(self.pid)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGINT, then SIGKILL to the process group it leads (PyTriton's tritonserver is in it)."""
+        """SIGINT, then SIGKILL to the process group it leads (PyTriton's tritonserver is in it), also
+        when the leader has already exited: its children may not have."""
         if self.process.poll() is None:
             os.killpg(self.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -106,14 +116,19 @@ def start(
         )
     server = Server(name, process, target, 0.0, log_path)
     deadline = started + timeout_s
-    while True:
-        ready = _ready_line(log_path, ready_marker) if ready_marker else _serving(target)
-        if ready:
-            server.cold_start_s = time.perf_counter() - started
-            return server
-        if process.poll() is not None:
-            raise ServerFailed(f"{name} exited with {process.returncode}: see {log_path}")
-        if time.perf_counter() > deadline:
-            server.stop()
-            raise ServerFailed(f"{name} was not ready after {timeout_s:.0f} s: see {log_path}")
-        time.sleep(poll_s)
+    # Until it is returned, no caller can stop it: whatever ends the wait (an exit, a timeout, ^C)
+    # stops it here, its process group included.
+    try:
+        while True:
+            ready = _ready_line(log_path, ready_marker) if ready_marker else _serving(target)
+            if ready:
+                server.cold_start_s = time.perf_counter() - started
+                return server
+            if process.poll() is not None:
+                raise ServerFailed(f"{name} exited with {process.returncode}: see {log_path}")
+            if time.perf_counter() > deadline:
+                raise ServerFailed(f"{name} was not ready after {timeout_s:.0f} s: see {log_path}")
+            time.sleep(poll_s)
+    except BaseException:
+        server.stop()
+        raise

@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import ceiling, levers, quantize, report, servers, targets
-from bench.loadgen import UNANSWERED_LIMIT_S, closed_loop, process_tree_cpu_s
+from bench.loadgen import RESULT_PREFIX, UNANSWERED_LIMIT_S, closed_loop, process_tree_cpu_s
 from bench.workloads import Shape, channel, encode_stream, random_images, request_factory
 from service.settings import Settings
 from vae.v1 import vae_pb2_grpc
@@ -50,6 +50,8 @@ SERVICE_CALL_ROWS: int = Settings.max_batch_size
 DECODER_EXTRA_ROWS = (4, 32)
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
+NAIVE_TARGET = "Sample 1/req, 32 clients / naive"
+TRITON_TARGET = "Sample 1/req, 32 clients / triton"
 Row = dict[str, Any]
 
 
@@ -102,6 +104,11 @@ def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
+
+
+def _mb(size_bytes: int) -> float:
+    """Megabytes of 10^6 bytes, as the issue's "250 MB" counts them."""
+    return round(size_bytes / 1e6, 1)
 
 
 def _client_loop() -> str:
@@ -214,7 +221,7 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
         # Warm-up: every shape once, so that lazy set-up and first allocations are behind us.
         for shape in dict.fromkeys(shape for shape, _ in sweep.cells):
             await asyncio.wait_for(request_factory(stub, shape, latent_dim)(0)(), UNANSWERED_LIMIT_S)
-        result["rss_after_warmup_mb"] = round(server.rss_bytes() / 2**20, 1)
+        result["rss_after_warmup_mb"] = _mb(server.rss_bytes())
         for shape, concurrency in sweep.cells:
             window = await closed_loop(
                 request_factory(stub, shape, latent_dim),
@@ -258,7 +265,10 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
                 f"  {server.name}: EncodeStream {dtype}, {chunk}/message: {answered / seconds:,.0f} images/s",
                 flush=True,
             )
-    result["rss_after_run_mb"] = round(server.rss_bytes() / 2**20, 1)
+    result["rss_after_run_mb"] = _mb(server.rss_bytes())
+    # After warm-up is the issue's figure; this, the most resident at any moment since the start,
+    # shows what the sweep's load made of it.
+    result["rss_peak_mb"] = _mb(server.peak_rss_bytes())
     return result
 
 
@@ -276,7 +286,7 @@ def measure_vae_server(
     print(f"{name}: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
     try:
         result: Row = _run(_sweep(server, sweep, latent_dim, plan))
-    except (grpc.RpcError, TimeoutError) as error:
+    except (grpc.RpcError, TimeoutError, ProcessLookupError) as error:  # the last: no /proc to read
         exited = server.process.poll()
         state = f"exited with {exited}" if exited is not None else "failed"
         raise servers.ServerFailed(
@@ -354,13 +364,18 @@ def start_triton(
     return server
 
 
-def _try_start_triton(bundle: Path, log_dir: Path) -> servers.Server | None:
-    """Triton for the paired targets, or None (said why) if it fails to start: the rest still runs."""
+def _paired_triton(bundle: Path, log_dir: Path, plan: Plan) -> servers.Server | str:
+    """Triton for the paired targets, or why there is none (its target is then listed as not
+    measured): the rest still runs."""
+    if not plan.triton:
+        return "left out of this run by --no-triton or --quick"
+    if not BENCH_PYTHON.exists():
+        return TRITON_MISSING
     try:
         return start_triton(bundle, log_dir, instances=ceiling.cores(), threads=1, name="triton-paired")
     except RuntimeError as error:
         print(f"triton failed, its target left out: {error}", flush=True)
-        return None
+        return f"triton failed to start: {error}"
 
 
 def triton_windows(
@@ -378,7 +393,37 @@ def triton_windows(
     )
     if done.returncode != 0:
         raise servers.ServerFailed(f"triton_load failed: {done.stderr[-2000:]}")
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return triton_results(done.stdout, len(concurrencies))
+
+
+def triton_results(stdout: str, expected: int) -> list[Row]:
+    """The `expected` windows triton_load printed, each on a line after RESULT_PREFIX; its other lines
+    (a library's print) are not results. Too few, or one unreadable: ServerFailed, which costs the
+    stage or the target that asked, not the run."""
+    lines = [
+        line.removeprefix(RESULT_PREFIX) for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)
+    ]
+    try:
+        windows = [json.loads(line) for line in lines]
+    except json.JSONDecodeError as error:
+        raise servers.ServerFailed(f"triton_load printed an unreadable window: {error}") from error
+    if len(windows) != expected or not all(isinstance(window, dict) for window in windows):
+        raise servers.ServerFailed(
+            f"triton_load printed {len(windows)} windows, not {expected}: {stdout[-500:]!r}"
+        )
+    return windows
+
+
+def triton_window(
+    server: servers.Server, shape: Shape, concurrency: int, latent_dim: int, plan: Plan
+) -> targets.Measure:
+    """One Triton window as a side of a target: its images a second, or WindowErrors."""
+
+    def measure() -> float:
+        (window,) = triton_windows(server, shape, [concurrency], latent_dim, plan)
+        return targets.clean_rate(float(window["items_per_s"]), window["errors"])
+
+    return measure
 
 
 def measure_triton(
@@ -400,14 +445,15 @@ def measure_triton(
                     f"  triton: {shape.name} c={window['concurrency']}: {window['items_per_s']:,.0f} items/s",
                     flush=True,
                 )
-        rss = server.rss_bytes()
+        # PSS: tritonserver, its Python stubs and PyTriton share memory, which VmRSS counts in each.
+        pss = server.pss_bytes()
     finally:
         server.stop()
     return {
         "cold_start_s": round(server.cold_start_s, 3),
         "instances": instances,
         "threads": threads,
-        "rss_after_run_mb": round(rss / 2**20, 1),
+        "pss_after_run_mb": _mb(pss),
         "windows": windows,
     }
 
@@ -443,15 +489,31 @@ def paired_targets(
         )
 
     started: list[servers.Server] = []
+    chosen: list[targets.Target] = []
+    # Every target in the table's order, measured or not; those that are not, with why.
+    goals: dict[str, float] = {}
+    not_measured: dict[str, str] = {}
+
+    def add(target: targets.Target) -> None:
+        goals[target.name] = target.goal
+        chosen.append(target)
+
     try:
         port = servers.free_port()
         service = servers.start("service-paired", service_argv(bundle, port), port, log_dir)
         started.append(service)
-        port = servers.free_port()
-        naive = servers.start("naive-paired", naive_argv(bundle, port), port, log_dir)
-        started.append(naive)
         batch_one = Shape("Sample", 1)
-        chosen: list[targets.Target] = []
+        # Each peer's side of its target, or why it has none.
+        naive_side: targets.Measure | str
+        port = servers.free_port()
+        try:
+            naive = servers.start("naive-paired", naive_argv(bundle, port), port, log_dir)
+        except RuntimeError as error:  # a peer that fails costs its target, not the run
+            print(f"naive failed, its target left out: {error}", flush=True)
+            naive_side = f"the naive server failed to start: {error}"
+        else:
+            started.append(naive)
+            naive_side = window(naive, batch_one, 32)
         # Held to the decoder's best at ANY rows a call, as the stream is to the encoder's: the
         # service may split a request into calls of any size, so no smaller call is the excuse.
         # The issue defines the ceiling of a shape at its own rows a call, in the best thread layout:
@@ -459,7 +521,7 @@ def paired_targets(
         decoder_best = best_layout("decoder")
         for size in TARGET_SAMPLE_SIZES:
             sample = window(service, Shape("Sample", size), 4)
-            chosen.append(
+            add(
                 targets.Target(
                     f"Sample {size}/req, 4 clients / all-core ceiling ({_layout_name(decoder_best)})",
                     0.9,
@@ -468,7 +530,7 @@ def paired_targets(
                 )
             )
             own_rows = best_layout("decoder", size)
-            chosen.append(
+            add(
                 targets.Target(
                     f"Sample {size}/req, 4 clients / the shape's own ceiling ({_layout_name(own_rows)})",
                     0.9,
@@ -477,29 +539,21 @@ def paired_targets(
                 )
             )
         ours_batch_one = window(service, batch_one, 32)
-        chosen.append(
-            targets.Target(
-                "Sample 1/req, 32 clients / naive",
-                1.5,
-                ours_batch_one,
-                window(naive, batch_one, 32),
-            )
-        )
-        triton = _try_start_triton(bundle, log_dir) if plan.triton and BENCH_PYTHON.exists() else None
-        if triton is not None:
+        triton = _paired_triton(bundle, log_dir, plan)
+        triton_side: targets.Measure | str
+        if isinstance(triton, str):
+            triton_side = triton
+        else:
             started.append(triton)
-            chosen.append(
-                targets.Target(
-                    "Sample 1/req, 32 clients / triton",
-                    2.0,
-                    ours_batch_one,
-                    lambda: float(
-                        triton_windows(triton, batch_one, [32], latent_dim, plan)[0]["items_per_s"]
-                    ),
-                )
-            )
+            triton_side = triton_window(triton, batch_one, 32, latent_dim, plan)
+        for name, goal, theirs in ((NAIVE_TARGET, 1.5, naive_side), (TRITON_TARGET, 2.0, triton_side)):
+            if isinstance(theirs, str):
+                goals[name] = goal
+                not_measured[name] = theirs
+            else:
+                add(targets.Target(name, goal, ours_batch_one, theirs))
         encoder_best = best_layout("encoder")
-        chosen.append(
+        add(
             targets.Target(
                 f"EncodeStream {plan.stream_images:,} images, {TARGET_STREAM_CHUNK} a message"
                 f" / encoder ceiling ({_layout_name(encoder_best)})",
@@ -512,10 +566,7 @@ def paired_targets(
     finally:
         for server in started:
             server.stop()
-    return {
-        "rounds": measured,
-        "summary": targets.summarize(measured, {target.name: target.goal for target in chosen}),
-    }
+    return {"rounds": measured, "summary": targets.summarize(measured, goals, not_measured)}
 
 
 # ---------------------------------------------------------------- levers

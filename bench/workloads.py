@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,6 +27,11 @@ CHANNEL_OPTIONS = [
 
 # Seconds that one EncodeStream of the benchmark may take before the server is taken to hang.
 STREAM_LIMIT_S = 300.0
+
+
+def bundle_latent_dim(bundle: Path) -> int:
+    """The latent size of a bundle's model, from its model.json: Sample and Decode requests carry it."""
+    return int(json.loads((bundle / "model.json").read_text())["latent_dim"])
 
 
 def channel(target: str) -> grpc.aio.Channel:

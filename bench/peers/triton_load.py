@@ -1,7 +1,8 @@
 """The load generator's Triton side: the same closed loop, driving Triton through `tritonclient`.
 
 Runs in bench/.venv beside the PyTriton server (tritonclient is not a project dependency) and prints
-one JSON object per measured window on stdout, for bench.suite to read.
+one JSON object per measured window on stdout, each on a line after bench.loadgen.RESULT_PREFIX, for
+bench.suite to read.
 
     bench/.venv/bin/python -m bench.peers.triton_load --target 127.0.0.1:8001 --rpc Sample \
         --per-request 1 --concurrency 1 8 32 --duration 3 --warmup 1 --server-pid PID
@@ -20,7 +21,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 
-from bench.loadgen import RequestFn, closed_loop
+from bench.loadgen import RESULT_PREFIX, RequestFn, closed_loop
 
 LATENT_DIM_INPUT = "z"
 
@@ -81,7 +82,7 @@ async def run(args: argparse.Namespace) -> None:
                 warmup_s=args.warmup,
                 server_pid=args.server_pid,
             )
-            print(json.dumps(window.summary()), flush=True)
+            print(RESULT_PREFIX + json.dumps(window.summary()), flush=True)
     finally:
         await client.close()
 

@@ -1,9 +1,12 @@
 """bench.ab's extra cells: RPC:PER_REQUEST:CLIENTS, refused with the expected form otherwise."""
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
+from bench import ab, servers
 from bench.ab import main, parse_cell
 from bench.workloads import Shape
 
@@ -46,3 +49,25 @@ def test_versions_are_named_once_and_a_tree_must_be_a_checkout(
 
     assert exit_.value.code == 2
     assert refusal in capsys.readouterr().err
+
+
+class _IdleServer:
+    def stop(self) -> None:
+        pass
+
+
+def test_requests_carry_the_latent_size_of_the_bundles_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "model.json").write_text(json.dumps({"latent_dim": 8}))
+    sizes: list[int] = []
+
+    async def measure(server: object, cells: object, latent_dim: int, *args: object) -> dict[str, object]:
+        sizes.append(latent_dim)
+        return {}
+
+    monkeypatch.setattr(ab, "measure", measure)
+    monkeypatch.setattr(servers, "start", lambda *args, **kwargs: _IdleServer())
+
+    assert main(["--bundle", str(tmp_path), "--flags", "a=", "--flags", "b=", "--rounds", "1"]) == 0
+    assert sizes == [8, 8]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from itertools import groupby
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import ceiling
+from service import settings
 
 
 def _runner(log: list[str], name: str) -> Callable[[], int]:
@@ -76,3 +78,16 @@ def test_a_measurement_is_summarised_to_a_tenth_of_an_image_and_a_tenth_of_a_cpu
 def test_an_unknown_layout_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown layout 'two-threads'; expected one of \('default'"):
         ceiling.layout_runs(Path("unused.onnx"), ceiling.decoder_feed(1, 2), "two-threads")
+
+
+def test_the_cores_are_counted_as_the_service_counts_them_a_cgroup_cpu_quota_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container limited to 1.5 CPUs on a 4-CPU affinity: the service runs 2 inference threads, so
+    the per-core ceiling and Triton get 2 instances, not 4."""
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(settings.usable_cpus, "__defaults__", (cpu_max,))
+
+    assert ceiling.cores() == settings.usable_cpus() == 2

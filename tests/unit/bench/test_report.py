@@ -188,3 +188,61 @@ def test_a_goals_ratio_is_shown_to_three_decimals_so_a_near_miss_does_not_round_
     first = report.targets({"paired_targets": {"summary": [row]}}).splitlines()[2]
     expected = "| Sample c=32 vs Triton (failed in round 2) | 2,990 | 2,000 | 1.495 | 1.200-1.700 | 1 of 3 |"
     assert first == expected + " >= 1.5 | no |"
+
+
+def test_the_peers_table_names_the_failed_requests_of_any_window_beside_its_speed() -> None:
+    def peer(speed: float, errors: dict[str, int]) -> report.Row:
+        window = _window("Sample", 256, speed, p99_ms=500.0, server_cpu_ms_per_item=0.2)
+        return {"windows": [{**window, "errors": errors}]}
+
+    results = {
+        "service": peer(8448.0, {"RESOURCE_EXHAUSTED": 320}),
+        "naive": peer(4480.0, {}),
+        "triton": peer(8192.0, {"UNAVAILABLE": 2}),
+    }
+
+    (row,) = report.peers(results).splitlines()[2:]
+
+    assert row.endswith("| service RESOURCE_EXHAUSTED 320; Triton UNAVAILABLE 2 |")
+    assert (
+        report.peers({**results, "service": peer(8448.0, {})})
+        .splitlines()[2]
+        .endswith("| Triton UNAVAILABLE 2 |")
+    )
+
+
+def test_memory_is_judged_after_warm_up_in_mb_of_a_million_bytes_with_the_loaded_figures_beside_it() -> None:
+    results = {"service": {"rss_after_warmup_mb": 116.4, "rss_after_run_mb": 152.0, "rss_peak_mb": 160.3}}
+
+    memory = report.targets(results).splitlines()[-1]
+
+    assert memory == (
+        "| resident memory after warm-up (MB, 10^6 bytes; under load: 152 after the sweep, 160 at the peak)"
+        " | 116 | - | - | - | - | < 250 MB | yes |"
+    )
+
+
+def test_the_startup_table_gives_each_servers_peak_and_tritons_memory_as_the_pss_of_its_processes() -> None:
+    results = {
+        "service_cold_start": {"seconds": [0.24, 0.25, 0.24]},
+        "service": {"rss_after_warmup_mb": 116.4, "rss_after_run_mb": 152.0, "rss_peak_mb": 160.3},
+        "naive": {
+            "cold_start_s": 0.2,
+            "rss_after_warmup_mb": 150.1,
+            "rss_after_run_mb": 290.0,
+            "rss_peak_mb": 301.0,
+        },
+        "triton": {"cold_start_s": 6.56, "pss_after_run_mb": 1100.2},
+    }
+
+    table = report.startup(results).splitlines()
+
+    assert (
+        table[0]
+        == "| server | seconds to ready | RSS after warm-up MB | RSS after the sweep MB | peak RSS MB |"
+    )
+    assert table[2:] == [
+        "| service | 0.24, 0.25, 0.24 | 116 | 152 | 160 |",
+        "| naive | 0.20 | 150 | 290 | 301 |",
+        "| triton | 6.56 | - | 1,100 (PSS, its processes) | - |",
+    ]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +22,68 @@ def test_the_benchmark_environment_is_the_images_environment(dockerfile: str) ->
     assert servers.IMAGE_ENVIRONMENT, "nothing to compare: the loop below would pass on its own"
     for name, value in servers.IMAGE_ENVIRONMENT.items():
         assert f"{name}={value}" in text, f"{dockerfile} does not set {name}={value}"
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (killed, not yet reaped by whoever adopted it) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _gone(pid: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _pid(pid_file: Path) -> int | None:
+    text = pid_file.read_text().strip() if pid_file.exists() else ""
+    return int(text) if text else None
+
+
+@pytest.fixture
+def pid_file(tmp_path: Path) -> Iterator[Path]:
+    """Where a test's server writes a pid; whatever that pid is, it is killed at the end."""
+    path = tmp_path / "pid"
+    yield path
+    if (pid := _pid(path)) is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_server_whose_readiness_wait_is_interrupted_is_stopped_not_left_running(
+    pid_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(log_path: Path, marker: str) -> bool:
+        if _pid(pid_file) is not None:
+            raise KeyboardInterrupt  # ^C while the caller waits for the server to be ready
+        return False
+
+    monkeypatch.setattr(servers, "_ready_line", interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        servers.start(
+            "sleeper", ["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], 0, tmp_path, ready_marker="ready"
+        )
+
+    pid = _pid(pid_file)
+    assert pid is not None and _gone(pid)
+
+
+def test_a_server_that_exits_before_it_is_ready_takes_its_process_group_with_it(
+    pid_file: Path, tmp_path: Path
+) -> None:
+    # As PyTriton's leader may: its tritonserver child lives on in the group the leader made.
+    leaves_a_child = f"sleep 60 & echo $! > {pid_file}; exit 3"
+
+    with pytest.raises(servers.ServerFailed, match="leaver exited with 3"):
+        servers.start("leaver", ["sh", "-c", leaves_a_child], 0, tmp_path, ready_marker="ready")
+
+    child = _pid(pid_file)
+    assert child is not None and _gone(child)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import grpc
 import pytest
 
-from bench import ceiling, report, servers, suite, targets
+from bench import ceiling, loadgen, report, servers, suite, targets
+from bench.workloads import Shape
 
 
 def _recorder(calls: list[str], name: str, value: float) -> targets.Measure:
@@ -117,7 +122,7 @@ def test_the_targets_table_shows_the_median_ratio_its_range_and_the_verdict(tmp_
     table = report.targets(results)
 
     assert "| Sample 64/req | 91.0 | 100 | 0.910 | 0.850-0.930 | 2 of 3 | >= 0.9 | yes |" in table
-    assert "| resident memory after warm-up (MB) | 300 | - | - | - | - | < 250 MB | no |" in table
+    assert "| resident memory after warm-up (MB, 10^6 bytes) | 300 | - | - | - | - | < 250 MB | no |" in table
 
 
 def test_an_unknown_ceiling_layout_is_refused() -> None:
@@ -125,15 +130,28 @@ def test_an_unknown_ceiling_layout_is_refused() -> None:
         ceiling.layout_runs(Path("decoder.onnx"), {}, "two-thread")
 
 
-def test_a_triton_that_fails_to_start_leaves_out_its_target_not_the_run(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("triton", "venv", "why"),
+    [
+        (False, "exists", "left out of this run by --no-triton or --quick"),
+        (True, "missing", suite.TRITON_MISSING),
+        (True, "exists", "triton failed to start: triton-2x1 exited with 1 before it was ready"),
+    ],
+)
+def test_a_triton_that_is_not_there_says_why_its_target_is_not_measured(
+    triton: bool, venv: str, why: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def exits(*args: object, **kwargs: object) -> servers.Server:
         raise servers.ServerFailed("triton-2x1 exited with 1 before it was ready")
 
+    python = tmp_path / "python"
+    if venv == "exists":
+        python.touch()
+    monkeypatch.setattr(suite, "BENCH_PYTHON", python)
     monkeypatch.setattr(suite, "start_triton", exits)
-    assert suite._try_start_triton(Path("bundle"), Path("logs")) is None
-    assert "triton failed, its target left out: triton-2x1 exited with 1" in capsys.readouterr().out
+
+    plan = replace(suite.Plan(), triton=triton)
+    assert suite._paired_triton(Path("bundle"), Path("logs"), plan) == why
 
 
 def test_a_peer_that_dies_after_a_round_answers_nothing_and_its_target_is_not_met() -> None:
@@ -204,3 +222,188 @@ def test_a_failed_run_keeps_what_it_measured_beside_the_last_finished_runs_resul
     assert partial["ceilings"][0]["items_per_s"] == 9000.0
     assert json.loads((tmp_path / "work" / "results.json").read_text()) == {"the last": "finished run"}
     assert doc.read_text() == "prose\n"
+
+
+def _outcomes(*outcomes: float | Exception) -> targets.Measure:
+    """A side that gives these outcomes in turn: images a second, or an exception to raise."""
+    pending = iter(outcomes)
+
+    def measure() -> float:
+        outcome = next(pending)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return measure
+
+
+def test_a_round_whose_window_had_failed_requests_gives_no_ratio_and_the_target_is_not_met(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    refused = targets.WindowErrors(2300.0, {"RESOURCE_EXHAUSTED": 12})
+    service = _outcomes(2400.0, refused, 2500.0, 2400.0)
+    peer = targets.Target("naive", 1.5, service, lambda: 1200.0)
+
+    measured = targets.paired_rounds([peer], rounds=4)
+
+    # Only that round is dropped: the server still answers, and the next rounds go on.
+    assert [m["round"] for m in measured] == [1, 2, 3, 4]
+    assert measured[1] == {
+        "target": "naive",
+        "round": 2,
+        "ours": 2300.0,
+        "theirs": 1200.0,
+        "errors": {"ours": {"RESOURCE_EXHAUSTED": 12}},
+    }
+    printed = capsys.readouterr().out
+    assert (
+        "round 2: naive: 2,300 against 1,200: dropped, failed requests: ours: RESOURCE_EXHAUSTED 12"
+        in printed
+    )
+    (row,) = targets.summarize(measured, {"naive": 1.5})
+    assert (row["rounds"], row["dropped_rounds"], row["ratio_median"], row["met"]) == (3, [2], 2.0, False)
+    assert (
+        "| naive (round 2 dropped for failed requests) | 2,400 | 1,200 | 2.000 | 2.000-2.083 | 3 of 3 |"
+        " >= 1.5 | no |" in report.targets({"paired_targets": {"summary": [row]}})
+    )
+
+
+def test_a_target_whose_every_round_had_failed_requests_is_listed_without_a_ratio_and_not_met() -> None:
+    measured = [
+        {"target": "a", "round": 1, "ours": 95.0, "theirs": 100.0, "errors": {"theirs": {"UNAVAILABLE": 3}}}
+    ]
+
+    (row,) = targets.summarize(measured, {"a": 0.9})
+
+    assert (row["rounds"], row["dropped_rounds"], row["ratio_median"], row["met"]) == (0, [1], None, False)
+
+
+def test_a_side_that_answered_nothing_fails_its_target_and_says_what_its_requests_got() -> None:
+    dead = targets.WindowErrors(0.0, {"UNAVAILABLE": 40})
+    measured = targets.paired_rounds(
+        [targets.Target("naive", 1.5, lambda: 2400.0, _outcomes(dead))], rounds=2
+    )
+
+    assert measured == [
+        {
+            "target": "naive",
+            "round": 1,
+            "error": "a side answered nothing: 2,400 against 0 (theirs: UNAVAILABLE 40)",
+        }
+    ]
+
+
+def _server(pid: int = 1) -> servers.Server:
+    process = cast(subprocess.Popen[bytes], SimpleNamespace(pid=pid))
+    return servers.Server("peer", process, "127.0.0.1:1", 0.0, Path("peer.log"))
+
+
+def test_a_service_window_with_failed_requests_raises_them_rather_than_give_its_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def refused_twelve(*args: object, **kwargs: object) -> loadgen.Window:
+        return loadgen.Window(32, 1.0, 90, 90, {"RESOURCE_EXHAUSTED": 12}, [1.0] * 90)
+
+    monkeypatch.setattr(targets, "closed_loop", refused_twelve)
+    side = targets.service_window(_server(), Shape("Sample", 1), 32, 2, 1.0, 0.1)
+
+    with pytest.raises(targets.WindowErrors) as raised:
+        side()
+    assert (raised.value.items_per_s, raised.value.errors) == (90.0, {"RESOURCE_EXHAUSTED": 12})
+
+
+def _triton_load_prints(monkeypatch: pytest.MonkeyPatch, stdout: str) -> None:
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def test_triton_loads_windows_are_its_prefixed_lines_and_a_stray_line_is_not_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    window = {"concurrency": 32, "items_per_s": 1600.0, "errors": {}}
+    stray = "W1206 12:00:00.000 grpc: a library's warning on stdout\n{not json either}\n"
+    _triton_load_prints(monkeypatch, stray + loadgen.RESULT_PREFIX + json.dumps(window) + "\n")
+
+    windows = suite.triton_windows(_server(), Shape("Sample", 1), [32], 2, suite.Plan())
+
+    assert windows == [window]
+    assert suite.triton_window(_server(), Shape("Sample", 1), 32, 2, suite.Plan())() == 1600.0
+
+
+@pytest.mark.parametrize(
+    ("stdout", "recorded"),
+    [
+        ("no window at all\n", "triton_load printed 0 windows, not 1"),
+        (loadgen.RESULT_PREFIX + '{"items_per_s": 16\n', "triton_load printed an unreadable window"),
+    ],
+)
+def test_a_triton_load_without_a_readable_window_fails_its_target_not_the_run(
+    stdout: str, recorded: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _triton_load_prints(monkeypatch, stdout)
+    triton = suite.triton_window(_server(), Shape("Sample", 1), 32, 2, suite.Plan())
+
+    measured = targets.paired_rounds([targets.Target("triton", 2.0, lambda: 2400.0, triton)], rounds=2)
+
+    assert [m["round"] for m in measured] == [1]
+    assert recorded in measured[0]["error"]
+
+
+def test_a_triton_window_with_failed_requests_raises_them_rather_than_give_its_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    window = {"concurrency": 32, "items_per_s": 1500.0, "errors": {"UNAVAILABLE": 3}}
+    _triton_load_prints(monkeypatch, loadgen.RESULT_PREFIX + json.dumps(window) + "\n")
+
+    with pytest.raises(targets.WindowErrors) as raised:
+        suite.triton_window(_server(), Shape("Sample", 1), 32, 2, suite.Plan())()
+    assert (raised.value.items_per_s, raised.value.errors) == (1500.0, {"UNAVAILABLE": 3})
+
+
+class _IdleServer:
+    def stop(self) -> None:
+        pass
+
+
+def test_a_naive_server_that_fails_to_start_and_a_run_without_triton_list_their_targets_as_not_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def start(name: str, *args: object, **kwargs: object) -> servers.Server:
+        if name == "naive-paired":
+            raise servers.ServerFailed("naive-paired exited with 1: see naive-paired.log")
+        return cast(servers.Server, _IdleServer())
+
+    monkeypatch.setattr(servers, "start", start)
+    # Every other side answers at once: the ceilings at 100 images a second, the service at 95.
+    monkeypatch.setattr(ceiling, "layout_runs", lambda *args: [])
+    monkeypatch.setattr(targets, "ceiling_window", lambda *args: lambda: 100.0)
+    monkeypatch.setattr(targets, "service_window", lambda *args, **kwargs: lambda: 95.0)
+    monkeypatch.setattr(targets, "stream_window", lambda *args, **kwargs: lambda: 95.0)
+    manifest = {"latent_dim": 2, "graphs": {"decoder": {"file": "d.onnx"}, "encoder": {"file": "e.onnx"}}}
+    ceilings = [
+        {"graph": graph, "rows": rows, "layout": "per-core", "items_per_s": 100.0}
+        for graph in ("decoder", "encoder")
+        for rows in (64, 256)
+    ]
+    plan = replace(suite.Plan(), triton=False, target_rounds=2)
+
+    paired = suite.paired_targets(tmp_path, manifest, plan, ceilings, tmp_path / "logs")
+
+    summary = {row["target"]: row for row in paired["summary"]}
+    assert len(summary) == 7
+    naive, triton = summary[suite.NAIVE_TARGET], summary[suite.TRITON_TARGET]
+    assert (
+        naive["not_measured"]
+        == "the naive server failed to start: naive-paired exited with 1: see naive-paired.log"
+    )
+    assert triton["not_measured"] == "left out of this run by --no-triton or --quick"
+    assert not naive["met"] and not triton["met"]
+    assert all(
+        row["rounds"] == 2 for name, row in summary.items() if name not in (naive["target"], triton["target"])
+    )
+    assert (
+        "| Sample 1/req, 32 clients / triton (not measured: left out of this run by --no-triton or --quick)"
+        " | - | - | - | - | 0 of 0 | >= 2.0 | no |" in report.targets({"paired_targets": paired})
+    )
