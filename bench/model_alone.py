@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,8 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--window", type=float, default=2.0, help="seconds a window")
     args = parser.parse_args(argv)
-    # As bench.servers starts vae-serve: with the container image's environment.
-    settings = Settings.from_args(["--model-dir", str(args.bundle)], servers.IMAGE_ENVIRONMENT)
+    # As bench.servers starts vae-serve: with the container image's environment, which the caller's
+    # overrides.
+    environment = {**servers.IMAGE_ENVIRONMENT, **os.environ}
+    settings = Settings.from_args(["--model-dir", str(args.bundle)], environment)
     bundle = ModelBundle.load(args.bundle)
     rows = settings.max_batch_size
     ceiling_runs = ceiling.layout_runs(
@@ -89,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets.ceiling_window(ceiling_runs, args.window, 0.2),
     )
     (row,) = targets.summarize(targets.paired_rounds([target], args.rounds), {name: 0.0})
+    if row["ratio_median"] is None:  # every round failed or was dropped: paired_rounds said why
+        print(f"{name}: no round measured both sides")
+        return 1
     print(
         f"{name}: {row['ours_median']:,.0f} against {row['theirs_median']:,.0f} images/s, "
         f"{row['ratio_median']:.3f} ({row['ratio_low']:.3f}-{row['ratio_high']:.3f})"

@@ -207,8 +207,10 @@ def test_an_async_stream_refused_while_batches_are_still_written_reports_the_ser
 ) -> None:
     """grpc.aio puts INTERNAL "Internal error from Core" over the server's status when a request that
     it is writing fails because the server has just ended the call (grpc/grpc#36066): in 1 to 4
-    streams of 10 here, the refused batch first and 8 in flight. Without a retry to hide it, every
-    stream still reports the server's INVALID_ARGUMENT."""
+    streams of 10 here, the refused batch first and 8 in flight, on the client before this fix.
+    Without a retry to hide it, the stream reports the server's INVALID_ARGUMENT. Only where the
+    write fails before the server's status has arrived at all is there none to report: 0 of 7,200
+    streams on a quiet machine, 2 of 200 with the cores taken by training, and a retry asks again."""
     batches = [np.full((8, 28, 28), 2.0, np.float32)] + [digits[:8]] * 16
 
     async def streams() -> list[VaeClientError]:
@@ -223,7 +225,9 @@ def test_an_async_stream_refused_while_batches_are_still_written_reports_the_ser
 
     refused = "the stream's request 0 (counting from 0): images: values span [2, 2]"
     ended = collections.Counter((e.code, e.details.startswith(refused)) for e in asyncio.run(streams()))
-    assert ended == {(grpc.StatusCode.INVALID_ARGUMENT, True): 200}
+    lost = ended.pop((grpc.StatusCode.INTERNAL, False), 0)
+    assert lost <= 10, f"{lost} of 200 streams lost the server's status"
+    assert ended == {(grpc.StatusCode.INVALID_ARGUMENT, True): 200 - lost}
 
 
 def test_an_async_encode_stream_carries_on_across_a_server_restart(
