@@ -24,12 +24,22 @@ from client.client import encode_request
 from service.server import SERVICE_NAME
 from service.settings import usable_cpus
 from tests.conftest import ServerThread
+from tests.integration.service.conftest import (
+    BUSY_ROWS,
+    StartServer,
+    decoder_rows_run,
+    held_decoder,
+    held_inference,
+    occupy_decoder,
+    start_busy_server,
+    wait_for_metric,
+    wait_for_queue_depth,
+)
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UINT8 = vae_pb2.DATA_TYPE_UINT8
-StartServer = Callable[..., ServerThread]
 
 
 def health_of(channel: grpc.Channel, service: str) -> int:
@@ -42,31 +52,6 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
         call()
     code: grpc.StatusCode = raised.value.code()
     return code
-
-
-def decoder_rows_run(server: ServerThread) -> float:
-    """Rows the decoder has run, read on the server's loop: never between a batch's pick and its count."""
-
-    async def read() -> float | None:
-        return server.metrics.registry.get_sample_value("vae_batch_size_sum", {"graph": "decoder"})
-
-    return server.call(read()) or 0.0
-
-
-def wait_for_metric(
-    server: ServerThread, name: str, labels: dict[str, str], value: float, timeout_s: float = 30
-) -> None:
-    """Poll the server's own metric until it reads `value`."""
-    registry = server.metrics.registry
-    deadline = time.monotonic() + timeout_s
-    while registry.get_sample_value(name, labels) != value:
-        assert time.monotonic() < deadline, f"{name}{labels} never read {value}"
-        server.call(asyncio.sleep(0.005))  # lets the server's loop run between two looks
-
-
-def wait_for_queue_depth(server: ServerThread, rows: int) -> None:
-    """Poll the server's own gauge until `rows` rows wait in the decoder's queue."""
-    wait_for_metric(server, "vae_queue_depth", {"graph": "decoder"}, rows)
 
 
 def test_health_is_not_serving_until_loaded_and_after_drain_begins(
@@ -114,49 +99,6 @@ def test_an_ipv6_host_is_bound_with_or_without_brackets(
         assert health_of(channel, SERVICE_NAME) == SERVING
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         assert b"vae_requests_total" in response.read()
-
-
-# A batch that fills the decoder's one slot; its call is held (held_decoder) so that the requests
-# sent after it wait in the queue on any CPU (an idle batcher would run them at once).
-BUSY_ROWS = 4096
-
-
-def start_busy_server(bundle: Path, start_server_thread: StartServer, **overrides: Any) -> ServerThread:
-    settings: dict[str, Any] = {
-        "max_concurrent_batches": 1,
-        "max_batch_size": BUSY_ROWS,
-        "max_samples": BUSY_ROWS,
-        "max_queue_size": BUSY_ROWS,
-    }
-    return start_server_thread(bundle, **(settings | overrides))
-
-
-def occupy_decoder(server: ServerThread, stub: vae_pb2_grpc.VaeServiceStub) -> grpc.Future:
-    """Start a BUSY_ROWS-image Sample and return once the decoder is running it."""
-    busy = stub.Sample.future(vae_pb2.SampleRequest(num_samples=BUSY_ROWS, seed=1, output_dtype=UINT8))
-    deadline = time.monotonic() + 30
-    while decoder_rows_run(server) < BUSY_ROWS:
-        assert time.monotonic() < deadline, "the busy batch never started"
-        server.call(asyncio.sleep(0.001))
-    return busy
-
-
-@contextlib.contextmanager
-def held_decoder(server: ServerThread) -> Iterator[None]:
-    """Inside the block, the decoder's calls wait, whatever the CPU's speed; they run on leaving it."""
-    release = threading.Event()
-    decoder = server.server.model.decoder  # type: ignore[union-attr]
-    infer = decoder._infer
-
-    def held(inputs: np.ndarray) -> Any:
-        release.wait(30)
-        return infer(inputs)
-
-    decoder._infer = held
-    try:
-        yield
-    finally:
-        release.set()
 
 
 def queue_behind_busy_batch(
@@ -243,21 +185,26 @@ def test_a_call_outlives_its_connections_maximum_age_whatever_the_grace_period(
 def test_a_drain_ends_an_encode_stream_once_it_has_answered_what_it_started(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
-    """A job's stream must not hold a drain open: its next request gets UNAVAILABLE, to go elsewhere."""
+    """A job's stream must not hold a drain open: the request the encoder is running when the drain
+    begins is answered, and the stream then ends UNAVAILABLE, so that the job sends the rest elsewhere."""
     server = start_server_thread(vae_bundle)
     request = encode_request(np.zeros((4, 28, 28), np.uint8))
     with grpc.insecure_channel(server.target) as channel:
         requests: queue.SimpleQueue[vae_pb2.EncodeRequest | None] = queue.SimpleQueue()
         stream = vae_pb2_grpc.VaeServiceStub(channel).EncodeStream(iter(requests.get, None), timeout=30)
-        requests.put(request)
+        with held_inference(server, "encoder"):
+            requests.put(request)
+            # Its 4 rows are in the encoder's calls (counted as each call starts).
+            wait_for_metric(server, "vae_batch_size_sum", {"graph": "encoder"}, 4)
+            server.call(server.server.begin_drain())
+            requests.put(request)  # sent after the drain began: never started
         assert list(next(stream).mean.shape) == [4, 2]
-        server.call(server.server.begin_drain())
-        requests.put(request)
         with pytest.raises(grpc.RpcError) as ended:
             next(stream)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (ended.value.details() or "")
         server.call(asyncio.wait_for(server.server.servicer.wait_until_idle(), 10))  # nothing holds the drain
+        requests.put(None)
 
 
 def test_a_drain_ends_an_encode_stream_that_waits_for_its_next_request_at_once(

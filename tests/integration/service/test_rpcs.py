@@ -7,7 +7,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,14 @@ import pytest
 
 from service import codec
 from tests.conftest import ServerThread
+from tests.integration.service.conftest import (
+    StartServer,
+    decoder_batches,
+    held_decoder,
+    occupy_decoder,
+    start_busy_server,
+    wait_for_queue_depth,
+)
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 
@@ -58,19 +65,32 @@ def test_sample_is_the_decoder_applied_to_seeded_pcg64_normals(
 
 
 def test_the_same_seed_gives_byte_identical_images_even_amid_other_traffic(
-    stub: vae_pb2_grpc.VaeServiceStub,
+    vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
-    request = vae_pb2.SampleRequest(num_samples=37, seed=1234)
-    alone = stub.Sample(request).images.data
-    # Concurrent requests land in shared batches at other offsets; the bytes must not change.
-    with ThreadPoolExecutor(8) as pool:
-        others = [
-            pool.submit(stub.Sample, vae_pb2.SampleRequest(num_samples=n, seed=n)) for n in (3, 100, 250, 7)
-        ]
-        again = [pool.submit(stub.Sample, request) for _ in range(4)]
-        assert all(f.result().images.data == alone for f in again)
-        assert [f.result().seed for f in others] == [3, 100, 250, 7]
-    assert stub.Sample(vae_pb2.SampleRequest(num_samples=37, seed=1235)).images.data != alone
+    """Requests that share one onnxruntime call, each at its own offset in it, get the very bytes that
+    each gets in a call of its own."""
+    server = start_busy_server(vae_bundle, start_server_thread)
+    seeded = vae_pb2.SampleRequest(num_samples=37, seed=1234)
+    others = [vae_pb2.SampleRequest(num_samples=n, seed=n) for n in (3, 100, 250, 7)]
+    requests = [others[0], seeded, others[1], seeded, others[2], seeded, others[3]]
+    rows = sum(request.num_samples for request in requests)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        alone = [stub.Sample(request, timeout=30).images.data for request in requests]  # a call each
+        with held_decoder(server):
+            busy = occupy_decoder(server, stub)
+            calls_before, rows_before = decoder_batches(server)
+            amid = [stub.Sample.future(request, timeout=30) for request in requests]
+            wait_for_queue_depth(server, rows)  # all of them wait behind the held call
+        busy.result(timeout=30)
+        shared = [call.result(timeout=30).images.data for call in amid]
+        calls, rows_run = decoder_batches(server)
+        different_seed = stub.Sample(vae_pb2.SampleRequest(num_samples=37, seed=1235), timeout=30)
+    assert (calls - calls_before, rows_run - rows_before) == (1, rows)  # seven requests, one call
+    for request, answer, answer_alone in zip(requests, shared, alone, strict=True):
+        assert answer == answer_alone, f"Sample of {request.num_samples} with seed {request.seed}"
+    assert alone[1] == alone[3] == alone[5]  # `seeded`, sent three times
+    assert different_seed.images.data != alone[1]
 
 
 def test_the_same_seed_gives_the_same_bytes_on_another_replica(

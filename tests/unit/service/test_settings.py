@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from service import server
 from service import settings as settings_module
+from service.errors import InvalidInput
 from service.metrics import ServiceMetrics
-from service.model import BatchingSettings, VaeModel
-from service.runtime import ThreadSettings
 from service.settings import Settings, usable_cpus
 
 
@@ -149,31 +147,24 @@ def test_a_flag_and_its_variable_set_the_setting_of_its_name(flag: str, value: s
 
 
 def test_the_model_is_loaded_with_the_queue_delay_in_seconds_and_the_other_settings_as_given(
-    monkeypatch: pytest.MonkeyPatch,
+    vae_bundle: Path,
 ) -> None:
-    """What build_model hands VaeModel.load; the load itself needs a trained bundle (a minute here)."""
-    loaded: dict[str, Any] = {}
-    monkeypatch.setattr(VaeModel, "load", lambda *args, **options: loaded.update(args=args, **options))
+    """build_model on a real bundle: the batchers, sessions and limits the served model runs with."""
     flags = ["--max-queue-delay-ms", "7.5", "--intra-op-threads", "3", "--max-batch-size", "8"]
     flags += ["--max-queue-size", "2048", "--max-samples", "512", "--max-concurrent-batches", "2"]
-    settings = Settings.from_args(["--model-dir", "bundle", "--device", "cpu", *flags], {})
-    metrics = ServiceMetrics.create()
-    server.build_model(settings, metrics)
-    assert loaded == {
-        "args": (Path("bundle"),),
-        "device": "cpu",
-        "threads": ThreadSettings(intra_op_threads=3),
-        "batching": BatchingSettings(
-            max_batch_size=8,
-            max_queue_delay_s=0.0075,
-            max_queue_size=2048,
-            max_samples=512,
-            max_concurrent_batches=2,
-            worker_nice=settings.worker_nice,
-            worker_cpus=settings.worker_cpus,
-        ),
-        "metrics": metrics,
-    }
+    settings = Settings.from_args(["--model-dir", str(vae_bundle), "--device", "cpu", *flags], {})
+    model = server.build_model(settings, ServiceMetrics.create())  # not started: no worker to stop
+    for batcher in (model.encoder, model.decoder):
+        assert batcher._delay == 0.0075, batcher.name
+        assert (batcher.max_batch_size, batcher.max_queue_size) == (8, 2048), batcher.name
+        workers = (batcher._workers, batcher._worker_nice, batcher._worker_cpus)
+        assert workers == (2, settings.worker_nice, settings.worker_cpus), batcher.name
+    for graph in (model.runtime.encoder, model.runtime.decoder):
+        assert graph.session.get_session_options().intra_op_num_threads == 3
+    assert model.execution_provider == "CPUExecutionProvider"
+    model.sample_latents(512, seed=1, temperature=1.0)
+    with pytest.raises(InvalidInput, match="expected 1 to 512"):
+        model.sample_latents(513, seed=1, temperature=1.0)
 
 
 @pytest.mark.parametrize(

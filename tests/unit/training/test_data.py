@@ -39,10 +39,15 @@ def test_mnist_5k_is_5000_labelled_images_in_unit_range_with_a_stratified_holdou
 
 
 def test_the_split_is_the_same_on_every_call_and_the_test_set_is_the_holdout() -> None:
-    _, first = load_training_splits("mnist-5k")
-    _, second = load_training_splits("mnist-5k")
-    np.testing.assert_array_equal(first.images, second.images)
-    np.testing.assert_array_equal(load_test_set("mnist-5k").labels, first.labels)
+    train, held_out = load_training_splits("mnist-5k")
+    _, again = load_training_splits("mnist-5k")
+    np.testing.assert_array_equal(again.images, held_out.images)
+    # The test set is the held-out images themselves, none of which is trained on.
+    test = load_test_set("mnist-5k")
+    np.testing.assert_array_equal(test.images, held_out.images)
+    np.testing.assert_array_equal(test.labels, held_out.labels)
+    train_rows = {row.tobytes() for row in train.images}
+    assert not any(row.tobytes() in train_rows for row in test.images)
 
 
 def test_a_limited_run_never_trains_on_the_held_out_test_images() -> None:
