@@ -312,6 +312,13 @@ async def _next_async_batch(source: AsyncIterator[Any]) -> Any | None:
 _STREAM_REQUEST = re.compile(r"the stream's request (\d+) ")
 
 
+def refused_stream_request(error: VaeClientError) -> int | None:
+    """The number, among the caller's batches from 0, of the stream request that the server refused,
+    where its message names one."""
+    match = _STREAM_REQUEST.match(error.details)
+    return None if match is None else int(match[1])
+
+
 def _numbered_as_the_callers(error: VaeClientError, first: int) -> VaeClientError:
     """`error` with the refused request numbered among the caller's batches. A stream opened again
     after a break is sent the batches not yet answered, and the server numbers them from 0."""

@@ -55,7 +55,15 @@ from client.cli import (
     seconds_or_zero,
     tls_from_args,
 )
-from client.client import EncodeResult, ModelInfo, RetryPolicy, TlsOptions, VaeClient, VaeClientError
+from client.client import (
+    EncodeResult,
+    ModelInfo,
+    RetryPolicy,
+    TlsOptions,
+    VaeClient,
+    VaeClientError,
+    refused_stream_request,
+)
 from client.encodings import (
     FORMAT_VERSION,
     INPUTS_LIST,
@@ -458,17 +466,20 @@ class EncodeJob:
             requests, max_in_flight=settings.max_in_flight, answer_timeout_s=settings.answer_timeout_s
         )
         with contextlib.closing(stream):
-            for (shard, start, stop), result in zip(plan, stream, strict=True):
-                self._check_answer(result, manifest["model"], start, stop)
-                means.append(result.mean)
-                log_vars.append(result.log_var)
-                if len(means) == 1:
-                    self.pause("mid-shard", shard)
-                shard_start, shard_stop = self._shard_rows(rows, shard)
-                if stop == shard_stop:
-                    self._commit(directory, manifest, source, shard, shard_start, means, log_vars)
-                    means, log_vars = [], []
-                progress.update(stop - start)
+            try:
+                for (shard, start, stop), result in zip(plan, stream, strict=True):
+                    self._check_answer(result, manifest["model"], start, stop)
+                    means.append(result.mean)
+                    log_vars.append(result.log_var)
+                    if len(means) == 1:
+                        self.pause("mid-shard", shard)
+                    shard_start, shard_stop = self._shard_rows(rows, shard)
+                    if stop == shard_stop:
+                        self._commit(directory, manifest, source, shard, shard_start, means, log_vars)
+                        means, log_vars = [], []
+                    progress.update(stop - start)
+            except VaeClientError as error:
+                raise _naming_the_input_rows(error, plan) from error
 
     def _check_answer(self, result: EncodeResult, model: dict[str, Any], start: int, stop: int) -> None:
         """Refuse an answer from another encoder than the output's, or of the wrong shape."""
@@ -633,6 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds between log lines (default {JobSettings.log_every_s:g})",
     )
     return parser
+
+
+def _naming_the_input_rows(error: VaeClientError, plan: list[tuple[int, int, int]]) -> VaeClientError:
+    """`error` led by the input rows of the request the server refused, where it names one: the
+    stream's numbering means nothing to whoever must find the bad row in the input."""
+    number = refused_stream_request(error)
+    if number is None or number >= len(plan):
+        return error
+    _, start, stop = plan[number]
+    details = f"input rows [{start}, {stop}): {error.details}"
+    return VaeClientError(error.rpc, error.code, details, error.attempts)
 
 
 def merge_main(argv: Sequence[str]) -> int:

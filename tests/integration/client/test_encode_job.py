@@ -589,8 +589,8 @@ def test_a_row_the_service_refuses_exits_2_with_its_message_keeping_the_shards_b
     argv = ["--target", vae_server.target, "--input", str(inputs["npy"]), "--output", str(output)]
     assert main([*argv, *CLI_OPTIONS, *flags]) == 2
     err = capsys.readouterr().err
-    assert "EncodeStream failed with INVALID_ARGUMENT" in err and "contains NaN or Inf" in err
-    assert "running again cannot help" in err and "Traceback" not in err
+    assert "EncodeStream failed with INVALID_ARGUMENT: input rows [288, 320): " in err
+    assert "contains NaN or Inf" in err and "running again cannot help" in err and "Traceback" not in err
     # Rows [288, 320) were refused; the answers before them came, and filled shards 0 and 1.
     assert [entry["stop"] for entry in read_manifest(output)["shards"]] == [128, 256]
 
