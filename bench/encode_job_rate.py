@@ -3,13 +3,14 @@
     nice -n 10 .venv/bin/python -m bench.encode_job_rate --bundle runs/bench/bundle --rows 10000
 
 Both sides encode the same images: `--rows` seeded random uint8 images (the encoder's cost does not
-depend on the pixels). The service runs as its own process (`python -m service`, default settings,
-127.0.0.1 on a free port); the job runs in this process exactly as `vae-encode-job` does (read the
-input, stream it, write shards and manifest). The ceiling calls encoder.onnx in this process with
-the service's session options (one intra-op thread) and with onnxruntime's defaults (a thread per
+depend on the pixels). The service runs as its own process (`python -m service` with its default
+settings, in its container image's environment, on 127.0.0.1 at a free port; bench.servers starts
+and stops it). The job runs in this process exactly as `vae-encode-job` does (read the input,
+stream it, write shards and manifest). The ceiling calls encoder.onnx in this process with the
+service's session options (one intra-op thread) and with onnxruntime's defaults (a thread per
 core), in batches of `--batch-size`, converting uint8 to float as the service does; the ceiling is
-the faster of the two (bench/ceiling.py measures more layouts). After one warm-up pass
-each, the sides run `--repeats` times in turn and the medians are reported, with every run.
+the faster of the two (bench/ceiling.py measures more layouts). After one warm-up pass each, the
+sides run `--repeats` times in turn and the medians are reported, with every run.
 Prints one JSON object.
 """
 
@@ -20,8 +21,6 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from bench import servers
 from client.encode_job import EncodeJob, JobSettings
-from client.healthcheck import wait_for_serving
 from service.bundle import ModelBundle
 from service.runtime import GraphSession, ThreadSettings
 
@@ -75,18 +73,11 @@ class Ceiling:
         return len(self.batch) / (time.perf_counter() - started)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def start_service(bundle: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "service", "--model-dir", str(bundle), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--metrics-port", "0", "--log-level", "warning"]
-    with log.open("wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+def service_command(bundle: Path, port: int) -> list[str]:
+    return [
+        *(sys.executable, "-m", "service", "--model-dir", str(bundle), "--host", "127.0.0.1"),
+        *("--port", str(port), "--metrics-port", "0", "--log-level", "warning"),
+    ]
 
 
 def job_summary(target: str, data: Path, output: Path, batch_size: int) -> dict[str, Any]:
@@ -124,15 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         scratch = Path(scratch_name)
         data = scratch / "images.npy"
         np.save(data, batch)
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        server = start_service(args.bundle, port, scratch / "service.log")
+        port = servers.free_port()
+        # Stopped, its process group with it, however the run ends; started as its container runs it.
+        server = servers.start("service", service_command(args.bundle, port), port, scratch, timeout_s=120)
+        target = server.target
         try:
-            channel = grpc.insecure_channel(target)
-            started = time.perf_counter()
-            wait_for_serving(channel, "", 120)
-            channel.close()
-            cold_start_s = time.perf_counter() - started
             job_summary(target, data, scratch / "warm-up", args.batch_size)
             # Interleaved, so that a burst of load from elsewhere on the machine hits both sides alike.
             for repeat in range(args.repeats):
@@ -140,8 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ceilings.append(ceiling.rows_per_s())
                 defaults.append(default.rows_per_s())
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
     job_rate = float(np.median([job["rows_per_s"] for job in jobs]))
     service_options_rate = float(np.median(ceilings))
     default_options_rate = float(np.median(defaults))
@@ -159,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "onnxruntime_rows_per_s": ceilings,
             "onnxruntime_default_options_rows_per_s": defaults,
         },
-        "service_start_to_serving_s": cold_start_s,
+        "service_start_to_serving_s": server.cold_start_s,
         "machine": {
             "cpus": len(os.sched_getaffinity(0)),
             "load_average_1m": os.getloadavg()[0],
