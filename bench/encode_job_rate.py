@@ -117,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         np.save(data, batch)
         port = servers.free_port()
         # Stopped, its process group with it, however the run ends; started as its container runs it.
-        server = servers.start("service", service_command(args.bundle, port), port, scratch, timeout_s=120)
+        logs = ROOT / "runs" / "bench" / "logs"  # not in `scratch`, which goes with a failed run
+        server = servers.start(
+            "encode-job-service", service_command(args.bundle, port), port, logs, timeout_s=120
+        )
         target = server.target
         try:
             job_summary(target, data, scratch / "warm-up", args.batch_size)

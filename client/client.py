@@ -350,7 +350,8 @@ class _ServerStatus:
     def _keep(self, call: Any) -> None:
         # grpc.aio gives the status only to coroutines, which would run after the overwrite; they, and
         # grpc.aio's own code, read this attribute. A grpc without it keeps nothing: the INTERNAL stands.
-        if self._status is None:
+        # The first status to land is kept, unless it is a failed write's, which a later one replaces.
+        if self._status is None or self._status.details() == GRPC_AIO_SEND_FAILED:
             self._status = getattr(getattr(call, "_cython_call", None), "_status", None)
 
     def instead_of(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError | None:

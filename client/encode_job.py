@@ -24,10 +24,10 @@ Transient errors are retried with backoff (a restarted server is reconnected to)
 stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
 shard could not be written mid-job (a full disk, a volume error), which a run with --resume picks up
 from the last committed shard; 2 bad arguments, input or output directory, rows or requests that the
-service refuses (INVALID_ARGUMENT), a target that serves no VaeService (UNIMPLEMENTED), or a model
-other than the one the output was begun with (a rolling update reached mid-job): running again
-cannot help until the input, the options, the output or the model changes. --skip-bad leaves out
-unreadable PNG files as they are read; it does not skip rows that the service refuses.
+service refuses (INVALID_ARGUMENT), or a model other than the one the output was begun with (a
+rolling update reached mid-job): running again cannot help until the input, the options, the output
+or the model changes. --skip-bad leaves out unreadable PNG files as they are read; it does not skip
+rows that the service refuses.
 """
 
 from __future__ import annotations
@@ -99,13 +99,13 @@ COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 # Statuses that the same requests get however often the job runs again: exit 2, which the Kubernetes
-# Job does not retry, saying what must change. UNIMPLEMENTED: every version of VaeService has the two
-# RPCs the job makes, so the target serves something else. FAILED_PRECONDITION and OUT_OF_RANGE stay
-# 1: neither the service nor gRPC's library sends them.
+# Job does not retry, saying what must change. Not UNIMPLEMENTED, though a target that is no
+# VaeService answers it for good: a proxy or an ingress with no route yet (an HTTP 404) answers it for
+# a moment too, and the job's index would then fail for good. FAILED_PRECONDITION and OUT_OF_RANGE:
+# neither the service nor gRPC's library sends them.
 REFUSED_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: "the service refuses these rows or requests as sent; running "
     "again cannot help until the input or the options change",
-    grpc.StatusCode.UNIMPLEMENTED: "the target serves no vae.v1.VaeService: check --target",
 }
 
 
@@ -479,7 +479,10 @@ class EncodeJob:
                         means, log_vars = [], []
                     progress.update(stop - start)
             except VaeClientError as error:
-                raise _naming_the_input_rows(error, plan) from error
+                named = _naming_the_input_rows(error, plan)
+                if named is error:
+                    raise
+                raise named from error.__cause__
 
     def _check_answer(self, result: EncodeResult, model: dict[str, Any], start: int, stop: int) -> None:
         """Refuse an answer from another encoder than the output's, or of the wrong shape."""

@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -302,7 +303,7 @@ class Batcher:
             try:
                 answered = _record(batch, result)
             except Exception as error:  # a MemoryError assembling a large answer: never a lost worker
-                answered = _failed_after_all(batch, error.with_traceback(None))
+                answered = _failed_after_all(batch, _detached(error))
             # The loop wakes only to answer requests or to decide on a partial batch: a worker
             # takes full ones itself. Until then, a batch that answered nobody is simply done.
             wake = bool(answered) or 0 < self._pending_rows < self.max_batch_size
@@ -391,10 +392,7 @@ class Batcher:
                 raise RuntimeError(f"the {self.name} graph answered {lengths} rows for {len(inputs)}")
             return outputs
         except Exception as error:
-            # Without its traceback: that would hold this worker's frames and through them the
-            # batch's requests, which will hold the error, a cycle that only a full collection frees.
-            # Its message says what failed.
-            return error.with_traceback(None)
+            return _detached(error)
 
 
 def _lower_priority(nice: int) -> None:
@@ -461,10 +459,20 @@ def _failed(items: Iterable[_Item], error: BaseException) -> list[_Request]:
     return failed
 
 
+def _detached(error: Exception) -> Exception:
+    """A worker's error to hand to the requests: without its traceback, which would hold the worker's
+    frames and through them the batch's requests, which will hold the error, a cycle that only a full
+    collection frees. Where it was raised is kept as a note, which the service's log shows."""
+    where = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+    error.add_note(f"raised in the batcher's worker thread:\n{where}")
+    return error.with_traceback(None)
+
+
 def _failed_after_all(batch: list[_Item], error: BaseException) -> list[_Request]:
-    """Fail every request of a batch whose outputs could not be put in place (the batcher's lock held),
-    those it completed already included, since `_record` stopped before they could be returned."""
-    failed = list(dict.fromkeys(item.request for item in batch))
+    """Fail the requests of a batch whose outputs could not be put in place (the batcher's lock held),
+    those it completed already included, since `_record` stopped before they could be returned; not
+    those failed already (a deadline), whose own error is on its way."""
+    failed = list(dict.fromkeys(item.request for item in batch if item.request.error is None))
     for request in failed:
         request.unanswered = 0
         request.error = error

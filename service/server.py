@@ -13,6 +13,7 @@ and gRPC closes the connections once their answers have left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -52,7 +53,7 @@ class VaeServer:
         self.settings = settings
         self.metrics = metrics if metrics is not None else ServiceMetrics.create()
         self.servicer = VaeServicer(self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthThatEndsWatchesOnDrain()
         self.model: VaeModel | None = None
         self.port = 0
         self.metrics_port = 0
@@ -146,12 +147,10 @@ class VaeServer:
         ends = loop.time() + grace
         await self.begin_drain()
         if self._grpc is not None:
-            answered = grace > 0 and await self._let_answers_leave(grace)
+            if grace > 0:
+                await self._let_answers_leave(grace)
             self.servicer.grace_over = True  # gRPC's stop cuts what still runs
-            # Once every VaeService call is answered, what may still be open is a health Watch or a
-            # reflection stream, which never ends by itself: stop now rather than hold the drain
-            # for the rest of the grace period.
-            await self._grpc.stop(0 if answered else max(0.0, ends - loop.time()))
+            await self._grpc.stop(max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:
             await self.model.stop()
@@ -160,9 +159,8 @@ class VaeServer:
             self._metrics_http.stop()
             self._metrics_http = None
 
-    async def _let_answers_leave(self, grace: float) -> bool:
-        """Wait up to `grace` for the calls being answered, then a moment for their answers to leave;
-        False if some were still running when `grace` ended.
+    async def _let_answers_leave(self, grace: float) -> None:
+        """Wait up to `grace` for the calls being answered, then a moment for their answers to leave.
 
         Once gRPC has said GOAWAY it closes a connection as soon as its last call ends. A client frame
         still unread then (a window update for a large answer) makes the kernel reset the connection
@@ -171,9 +169,53 @@ class VaeServer:
         try:
             await asyncio.wait_for(self.servicer.wait_until_idle(), grace)
         except TimeoutError:
-            return False  # gRPC's own grace (what is left of it) cancels what still runs
+            return  # gRPC's own grace (what is left of it) cancels what still runs
         await asyncio.sleep(min(ANSWERS_LEAVE_S, grace))
-        return True
+
+
+class HealthThatEndsWatchesOnDrain(health.aio.HealthServicer):  # type: ignore[misc]  # untyped library
+    """grpc.health.v1, whose Watch streams end once they have said NOT_SERVING for a drain.
+
+    gRPC's client-side health checking holds a Watch open for good, and gRPC's stop waits for every
+    open call: the drain of a server with a watching client took its whole grace period (20 s in the
+    manifests) instead of as long as its last answers. A client that sees its Watch end watches
+    again, and a stopped server answers that UNAVAILABLE.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._draining = True
+        await super().enter_graceful_shutdown()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802
+        with contextlib.suppress(_WatchDone):
+            await super().Watch(request, _EndsAfterDrainStatus(context, self))
+
+    def drain_said(self, response: health_pb2.HealthCheckResponse) -> bool:
+        return self._draining and response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _WatchDone(Exception):
+    """Ends a Watch once its client has been told NOT_SERVING for the drain."""
+
+
+class _EndsAfterDrainStatus:
+    """A Watch's context whose `write` ends the Watch after it has sent the drain's NOT_SERVING."""
+
+    def __init__(self, context: Any, health: HealthThatEndsWatchesOnDrain) -> None:
+        self._context = context
+        self._health = health
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(response)
+        if self._health.drain_said(response):
+            raise _WatchDone
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:

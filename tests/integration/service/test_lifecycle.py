@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -241,6 +242,63 @@ def test_a_health_watch_does_not_hold_a_drain_for_its_grace_period(
         server.stop(grace_s=30)
         assert time.monotonic() - started < 10, "the drain waited for the health watch"
         assert statuses_until_it_ends(watch) == [NOT_SERVING]
+
+
+def test_a_drain_lets_an_answer_still_on_its_way_to_a_slow_client_arrive_whole(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """The call's handler has returned, but its 3.2 MB answer reaches the client at 1 MB/s: the drain
+    waits for it within the grace period, rather than close the connection under it."""
+    rows = 4096
+    server = start_server_thread(vae_bundle, max_samples=rows, max_queue_size=rows, max_batch_size=rows)
+    slow = SlowDownstream(server.server.port, bytes_per_s=1_000_000)
+    options = [("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(f"127.0.0.1:{slow.port}", options=options) as channel:
+        request = vae_pb2.SampleRequest(num_samples=rows, seed=1, output_dtype=UINT8)
+        answer = vae_pb2_grpc.VaeServiceStub(channel).Sample.future(request, timeout=60)
+        wait_for_metric(server, "vae_requests_total", {"rpc": "Sample", "code": "OK"}, 1)  # handled
+        server.stop(grace_s=30)
+        assert list(answer.result(timeout=30).images.shape) == [rows, 1, 28, 28]
+
+
+class SlowDownstream:
+    """A TCP proxy on 127.0.0.1 to `port` that passes what the server sends at `bytes_per_s`."""
+
+    def __init__(self, port: int, bytes_per_s: float) -> None:
+        self._upstream, self._rate = port, bytes_per_s
+        started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(
+            target=self._loop.run_until_complete, args=(self._serve(started),), daemon=True
+        ).start()
+        assert started.wait(10), "the proxy did not start"
+
+    async def _serve(self, started: threading.Event) -> None:
+        listener = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port: int = listener.sockets[0].getsockname()[1]
+        started.set()
+        await listener.serve_forever()
+
+    async def _connect(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        # A small receive buffer, so that the answer waits on the server's side, not in this kernel's.
+        upstream = socket.socket()
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        upstream.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(upstream, ("127.0.0.1", self._upstream))
+        server_in, server_out = await asyncio.open_connection(sock=upstream)
+        await asyncio.gather(
+            self._pump(client_in, server_out, None), self._pump(server_in, client_out, self._rate)
+        )
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, rate: float | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(8192):
+                sink.write(data)
+                await sink.drain()
+                if rate is not None:
+                    await asyncio.sleep(len(data) / rate)
+        sink.close()
 
 
 def statuses_until_it_ends(watch: Iterator[health_pb2.HealthCheckResponse]) -> list[int]:

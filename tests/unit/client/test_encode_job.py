@@ -284,22 +284,20 @@ def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the
     )
 
 
-def test_a_target_that_serves_no_vae_service_exits_2_saying_to_check_it(
+def test_a_target_that_serves_no_vae_service_exits_1_for_a_retry_naming_the_status(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """UNIMPLEMENTED: every VaeService has the RPCs the job makes, so the target is another server,
-    which a Kubernetes retry of the index would only reach again."""
+    """UNIMPLEMENTED is retried, not exit 2: an ingress with no route yet answers it for a moment."""
     np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
     other = grpc.server(ThreadPoolExecutor(max_workers=1))  # serves no service at all
     port = other.add_insecure_port("127.0.0.1:0")
     other.start()
     try:
         argv = ["--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "x.npy")]
-        assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+        assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 1
     finally:
         other.stop(grace=None)
-    err = capsys.readouterr().err
-    assert "GetModelInfo failed with UNIMPLEMENTED" in err and "check --target" in err
+    assert "GetModelInfo failed with UNIMPLEMENTED" in capsys.readouterr().err
 
 
 class WrongWidth:

@@ -514,6 +514,24 @@ def test_a_failed_call_fails_every_waiter_of_its_batch() -> None:
     assert all(isinstance(r, RuntimeError) and "exploded" in str(r) for r in results)
 
 
+def test_a_failed_calls_error_says_where_in_the_worker_it_was_raised() -> None:
+    """Its traceback is dropped (it would hold the batch), so the log needs the place as a note."""
+
+    def explode_deep_inside(batch: Array) -> Sequence[Array]:
+        raise RuntimeError("onnxruntime exploded")
+
+    async def scenario() -> BaseException:
+        batcher = make_batcher(explode_deep_inside)
+        batcher.start()
+        with pytest.raises(RuntimeError) as failed:
+            await batcher.submit(rows(1))
+        await batcher.stop()
+        return failed.value
+
+    error = asyncio.run(scenario())
+    assert any("in explode_deep_inside" in note for note in getattr(error, "__notes__", []))
+
+
 def test_a_split_request_fails_once_with_the_error_of_its_failed_part_and_the_batcher_goes_on() -> None:
     calls: list[int] = []
 
