@@ -334,7 +334,8 @@ _CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _ServerStatus:
-    """The status that a grpc.aio stream call ended with first, kept for the error of a failed write.
+    """The status that a grpc.aio stream call ended with, kept for the error of a failed write: the
+    first to land, or the server's where a failed write's came first.
 
     grpc.aio writes the requests on a task of its own. A write that fails because the server has just
     ended the call (with INVALID_ARGUMENT, say) sets the call's status to INTERNAL
