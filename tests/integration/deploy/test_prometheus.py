@@ -435,3 +435,65 @@ def test_every_dashboard_query_returns_series(scraped: Scraped, panel: str, expr
     promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
     result = scraped.prometheus.query(promql)
     assert result, f"panel {panel!r}: {promql} returned no series"
+
+
+HPA_QUEUE_WAIT = REPO / "deploy" / "k8s" / "examples" / "hpa-queue-wait.yaml"
+
+
+def adapter_metrics_query() -> str:
+    """The prometheus-adapter rule quoted in the custom-metric HPA's header comment, its query filled
+    in as the adapter fills it for the HPA's pods."""
+    quoted = [
+        line.removeprefix("#").removeprefix(" ")
+        for line in HPA_QUEUE_WAIT.read_text().splitlines()
+        if line.startswith("#")
+    ]
+    start = quoted.index("  rules:")
+    end = quoted.index("", start)
+    rule = yaml.safe_load("\n".join(quoted[start:end]))["rules"]["custom"][0]
+    query: str = rule["metricsQuery"]
+    return query.replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", 'namespace="vae-serving"')
+
+
+def test_the_queue_wait_hpa_reads_an_idle_pod_as_no_wait_not_nan(
+    prometheus_binary: Path, tmp_path: Path
+) -> None:
+    # One pod's rows waited 10 ms or less for half its requests and 50 ms or less for all of them;
+    # the other had no request in the window. promtool evaluates the query on those series.
+    busy = {"0.01": "0+10x20", "0.05": "0+20x20", "+Inf": "0+20x20"}
+    series = [
+        {
+            "series": f'vae_queue_wait_seconds_bucket{{namespace="vae-serving", pod="{pod}", le="{le}"}}',
+            "values": values if pod == "busy" else "7x20",
+        }
+        for pod in ("busy", "idle")
+        for le, values in busy.items()
+    ] + [
+        {
+            "series": f'vae_queue_wait_seconds_count{{namespace="vae-serving", pod="{pod}"}}',
+            "values": "0+20x20" if pod == "busy" else "7x20",
+        }
+        for pod in ("busy", "idle")
+    ]
+    expected = [
+        {"labels": '{pod="busy"}', "value": 0.042},  # 18th of 20 rows: 8/10 of the way from 10 to 50 ms
+        {"labels": '{pod="idle"}', "value": 0},
+    ]
+    test = {
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "promql_expr_test": [
+                    {"expr": adapter_metrics_query(), "eval_time": "4m", "exp_samples": expected}
+                ],
+            }
+        ]
+    }
+    test_file = tmp_path / "hpa_test.yml"
+    test_file.write_text(yaml.safe_dump(test))
+    promtool = prometheus_binary.with_name("promtool")
+    result = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
