@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +40,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.kind not in ("vae", "ae"):
             raise ValueError(f"model kind must be 'vae' or 'ae', got {self.kind!r}")
         if self.latent_dim < 1:
@@ -76,6 +79,36 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
+
+
+def check_field_types(config: Any) -> None:
+    """ValueError naming each field of a config dataclass whose value is not of its declared type: a
+    config.json edited by hand, or of another program, would otherwise fail deep inside torch."""
+    hints = typing.get_type_hints(type(config))
+    wrong = [
+        f"{field.name} {getattr(config, field.name)!r}"
+        for field in dataclasses.fields(config)
+        if not _is_a(getattr(config, field.name), hints[field.name])
+    ]
+    if wrong:
+        raise ValueError(f"values of the wrong type: {', '.join(wrong)}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint`; an int is a float, a bool is not a number, and a
+    Literal's values are left to the checks that name them."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in args)
+    if origin is tuple:  # tuple[X, ...]
+        return isinstance(value, tuple) and all(_is_a(item, args[0]) for item in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def _block(layer: nn.Module, channels: int, config: ModelConfig) -> list[nn.Module]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from training.models import VAE, AutoEncoder, ModelConfig, build_model
+from training.models import VAE, AutoEncoder, ModelConfig, build_model, check_field_types
 
 Likelihood = Literal["bernoulli", "gaussian"]
 LrSchedule = Literal["constant", "cosine", "onecycle"]
@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         numbers = (
             "validation_fraction",
             "beta",
@@ -124,7 +125,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         values = dict(data)
-        values["model"] = ModelConfig.from_dict(data.get("model", {}))
+        model = data.get("model", {})
+        if not isinstance(model, dict):
+            raise ValueError(f"model: expected an object of model settings, got {model!r}")
+        values["model"] = ModelConfig.from_dict(model)
         # Runs written before the encoder augmentation existed were trained without it.
         values.setdefault("encoder_augmentation", 0.0)
         return cls(**values)

@@ -22,8 +22,10 @@ from training.losses import LIKELIHOODS, LossTerms, ae_loss, vae_loss
 from training.models import VAE, ModelConfig, build_model
 from training.run import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
     TrainConfig,
     json_text,
+    load_config,
     save_checkpoint,
     save_config,
     save_metrics,
@@ -453,17 +455,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an --out whose files a new run would replace without being asked to.
+
+    A new run starts by removing the old one's weights, metrics and figures, before it knows it will
+    end well: a trained run is replaced only with --overwrite. A run that never finished (no weights
+    yet) is simply started again. A folder of anything else is never written into: its files could
+    share a run's names (config.json, metrics.json, figures/).
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return  # a new folder (or a file, which the run's own mkdir names in its error)
+    if not (out / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"{out} holds files but no run of vae-train ({CONFIG_FILE}); choose a new or empty --out"
+        )
+    try:
+        load_config(out)
+    except ValueError as error:
+        raise ValueError(f"{out} is not a run of vae-train that it may replace: {error}") from error
+    if (out / CHECKPOINT_FILE).is_file() and not overwrite:
+        raise ValueError(
+            f"{out} holds a trained run ({CHECKPOINT_FILE}); pass --overwrite to replace it, or "
+            "choose another --out"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        # A new run starts by removing the old one's weights, before it knows it will end well.
-        if (args.out / CHECKPOINT_FILE).is_file() and not args.overwrite:
-            raise ValueError(
-                f"{args.out} holds a trained run ({CHECKPOINT_FILE}); pass --overwrite to replace it, or "
-                "choose another --out"
-            )
+        check_out_dir(args.out, args.overwrite)
         metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")

@@ -122,8 +122,13 @@ def test_a_config_written_before_the_encoder_augmentation_existed_reads_as_train
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"model": {"latent_dim": "2"}}, "'<' not supported"),
-        ({"model": None}, "'NoneType' object is not iterable"),
+        ({"model": {"latent_dim": "2"}}, "values of the wrong type: latent_dim '2'"),
+        ({"model": {"latent_dim": 2.5}}, "values of the wrong type: latent_dim 2.5"),
+        ({"model": {"encoder_channels": [32, 64, None, 64]}}, "encoder_channels (32, 64, None, 64)"),
+        ({"model": None}, "model: expected an object of model settings, got None"),
+        ({"model": []}, "model: expected an object of model settings, got []"),
+        ({"data_dir": 5, "limit": "all"}, "values of the wrong type: data_dir 5, limit 'all'"),
+        ({"binarize": 1}, "values of the wrong type: binarize 1"),
         ({"epochs": 3, "momentum": 0.9}, "unknown training config keys: ['momentum']"),
     ],
 )
@@ -136,6 +141,10 @@ def test_a_hand_edited_config_that_vae_train_never_wrote_is_refused_naming_the_f
     with pytest.raises(ValueError, match=r"config.json: not a training config that vae-train wrote") as error:
         load_config(tmp_path)
     assert message in str(error.value)
+
+
+def test_numbers_may_be_written_as_integers_where_a_float_is_expected() -> None:
+    assert TrainConfig.from_dict({"beta": 2, "learning_rate": 1}).beta == 2.0
 
 
 def test_the_kl_weight_ramps_up_to_beta_over_the_warm_up() -> None:
@@ -189,6 +198,51 @@ def test_the_command_line_replaces_a_trained_run_only_when_told_to(
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == trained
     assert main([*argv, "--seed", "1", "--overwrite"]) == 0
     assert load_config(out).seed == 1
+
+
+TINY_RUN_ARGV = ["--model", "ae", "--epochs", "1", "--limit", "64", "--device", "cpu", "--no-progress"]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            {"config.json": '{"my": "settings"}', "metrics.json": "{}", "figures/plot.png": "png"},
+            "is not a run of vae-train that it may replace: ",
+        ),
+        ({"notes.txt": "mine", "figures/plot.png": "png"}, "holds files but no run of vae-train"),
+    ],
+    ids=["another program's config.json", "no config.json"],
+)
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["", "--overwrite"])
+def test_the_command_line_never_writes_into_a_folder_that_holds_something_other_than_a_run(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    files: dict[str, str],
+    message: str,
+    overwrite: list[str],
+) -> None:
+    out = tmp_path / "mine"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = files_in(out)
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_RUN_ARGV, *overwrite, "--out", str(out)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert files_in(out) == before
+
+
+def test_a_run_that_never_finished_is_started_again_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    save_config(out, tiny(seed=5))  # what a run cut short before its weights leaves
+    assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").is_file() and load_config(out).seed == 0
 
 
 def test_a_relative_data_dir_is_kept_absolute_so_the_run_evaluates_from_anywhere(
