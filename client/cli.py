@@ -37,6 +37,25 @@ class MixedEncoders(Exception):
 MAX_SECONDS = 365 * 24 * 3600.0
 
 
+# gRPC's own name-resolver schemes, passed on as they are: `dns:///HOST:PORT` balances over every address.
+GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def grpc_target(text: str) -> str:
+    """An argparse type: HOST:PORT, or a target in one of gRPC's schemes. gRPC itself would take a
+    port past 65535 modulo 65536, a bare host as port 443, and an http:// URL as a host name."""
+    if text.startswith(GRPC_TARGET_SCHEMES):
+        return text
+    host, _, port = text.rpartition(":")
+    host_ok = bool(host) and "/" not in host and (":" not in host or host[0] + host[-1] == "[]")
+    if not (host_ok and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (localhost:50051, vae.example.com:443, [::1]:50051) or dns:///HOST:PORT, "
+            f"got {text!r}"
+        )
+    return text
+
+
 def positive_seconds(text: str) -> float:
     """An argparse type: seconds above 0 (a deadline of 0 fails every call at once), a year at most."""
     try:
@@ -91,6 +110,7 @@ def add_connection_arguments(
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--target",
+        type=grpc_target,
         default=DEFAULT_TARGET,
         help=f"HOST:PORT, or dns:///HOST:PORT to balance over every address (default {DEFAULT_TARGET})",
     )
@@ -158,6 +178,12 @@ def _check_output(path: Path | None, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{path}: cannot write in {path.parent} ({error.strerror})") from None
 
 
+def _check_not_an_input(flag: str, output: Path | None, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is one of the command's inputs, which its answer would replace."""
+    if output is not None and any(output.resolve() == source.resolve() for source in inputs):
+        raise InputError(f"{flag} {output} is an --input too: the answer would replace its input")
+
+
 def _check_image_output(args: argparse.Namespace) -> None:
     """--out and --columns of the commands that write images."""
     _check_output(args.out, (".png", ".npy"))
@@ -200,6 +226,8 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(
             f"--log-var-out {args.log_var_out} is --out too: the log-variances would replace the means"
         )
+    _check_not_an_input("--out", args.out, args.input)
+    _check_not_an_input("--log-var-out", args.log_var_out, args.input)
     inputs = []  # read before any call, so that a bad file is named as such, whatever the server
     for path in args.input:
         source = read_images(path, skip_bad=args.skip_bad)
@@ -238,6 +266,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
 
 def _decode(client: VaeClient, args: argparse.Namespace) -> None:
     _check_image_output(args)
+    _check_not_an_input("--out", args.out, [args.input])
     latents = load_npy(args.input, "latent codes [N,D], real numbers")
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
         raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
@@ -337,10 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.run(client, args)
     except (VaeClientError, MixedEncoders) as error:
         print(f"vae-client: {error}", file=sys.stderr)
-        return 1
+        # The server refused the input as sent: bad input, as the command's own checks report it.
+        refused = isinstance(error, VaeClientError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
+        return 2 if refused else 1
     except (InputError, ValueError, TypeError, OSError) as error:
         print(f"vae-client: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vae-client: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

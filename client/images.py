@@ -167,12 +167,15 @@ def read_image_file(path: Path) -> npt.NDArray[np.uint8]:
 
 
 def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
-    """Every PNG of `folder` (not its subfolders), in the order of their names.
+    """Every PNG of `folder`, in the order of their names as strings (`10.png` before `2.png`).
 
     A file that is not a 28x28 grey PNG fails the whole read, every bad file named, unless `skip_bad`:
-    then it is left out and listed in `rejected`. Hidden files are ignored.
+    then it is left out and listed in `rejected`. So does a subfolder, which is not read: a folder a
+    class (`0/`, `1/`, ...) left out without a word would lose its images. Hidden entries are ignored.
     """
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    paths = sorted(
+        p for p in folder.iterdir() if (p.is_file() or p.is_dir()) and not p.name.startswith(".")
+    )
     images: list[npt.NDArray[np.uint8]] = []
     names: list[str] = []
     rejected: list[tuple[str, str]] = []
@@ -182,6 +185,11 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
             if any(mark in name for mark in "\t\n\r"):  # the job's lists hold one name a line
                 name = ascii(name)
                 raise InputError(f"{folder / name}: a tab or line break in the file name; rename the file")
+            if path.is_dir():
+                raise InputError(
+                    f"{path}: a folder, whose images are not read (only the PNGs directly in {folder}); "
+                    "encode each folder of images as an input of its own"
+                )
             if path.suffix.lower() != ".png":
                 raise InputError(f"{path}: not a .png file")
             images.append(read_image_file(path))
@@ -191,7 +199,7 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
     if rejected and not skip_bad:
         listing = "\n  ".join(reason for _, reason in rejected)
         raise InputError(
-            f"{folder}: {len(rejected)} of {len(paths)} files are not 28x28 grey PNG images "
+            f"{folder}: {len(rejected)} of {len(paths)} entries are not 28x28 grey PNG images "
             f"(pass --skip-bad to leave them out):\n  {listing}"
         )
     if not images:

@@ -266,14 +266,21 @@ def test_encode_skip_bad_leaves_out_the_bad_files_of_a_png_folder_and_names_them
     assert np.load(tmp_path / "m.npy").shape == (2, 2)
 
 
-def test_a_refused_call_exits_1_with_the_servers_message(
+def test_a_call_the_server_refuses_as_bad_input_exits_2_with_the_servers_message(
     vae_server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code = cli.main(
         ["sample", "--target", vae_server.target, "--temperature", "1e9", "--out", str(tmp_path / "g.png")]
     )
-    assert code == 1
+    assert code == 2
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_a_call_that_fails_for_any_other_reason_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    code = cli.main(["info", "--target", nobody, "--attempts", "1", "--timeout", "5"])
+    assert code == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
 
 
 def test_asking_an_ae_for_log_variances_writes_no_file_and_encodes_nothing(
@@ -336,6 +343,20 @@ def test_a_bad_input_file_exits_2_naming_it(
             "is --out too: the log-variances would replace the means",
         ),
         (["encode", "--input", "{dir}/ok.npy", "{dir}/complex.npy"], "complex.npy"),
+        (["encode", "--input", "{dir}/ok.npy", "--out", "{dir}/ok.npy"], "is an --input too"),
+        (
+            [
+                "encode",
+                "--input",
+                "{dir}/ok.npy",
+                "--out",
+                "{dir}/m.npy",
+                "--log-var-out",
+                "{dir}/../{name}/ok.npy",
+            ],
+            "--log-var-out {dir}/../{name}/ok.npy is an --input too: the answer would replace its input",
+        ),
+        (["decode", "--input", "{dir}/ok.npy", "--out", "{dir}/./ok.npy"], "is an --input too"),
         (["sample", "--columns", "-1", "--out", "{dir}/g.png"], "--columns must be at least 1, got -1"),
         (["sample", "-n", "0", "--out", "{dir}/g.png"], "-n/--num-samples must be at least 1, got 0"),
         (
@@ -357,12 +378,13 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
     np.save(tmp_path / "huge.npy", np.full((2, 2), 1e300))
     (tmp_path / "empty.npy").write_bytes(b"")
-    argv = [part.format(dir=tmp_path) for part in command]
+    argv = [part.format(dir=tmp_path, name=tmp_path.name) for part in command]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
     answered = requests_answered(vae_server)
     assert cli.main([*argv, "--target", vae_server.target, *out]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(dir=tmp_path, name=tmp_path.name) in capsys.readouterr().err
     assert requests_answered(vae_server) == answered  # the server saw no call
+    assert np.load(tmp_path / "ok.npy").shape == (2, 28, 28)  # no input replaced
 
 
 def requests_answered(server: ServerThread) -> float:

@@ -41,6 +41,50 @@ def test_a_seed_outside_0_to_2_64_minus_1_is_refused_naming_the_flag(
     assert f"argument --seed: {message}" in err
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "localhost",  # gRPC would try port 443
+        "127.0.0.1:99999",  # gRPC would try port 34463
+        "127.0.0.1:0",
+        "",
+        "http://127.0.0.1:50051",
+        "::1",
+        "vae.example:port",
+    ],
+)
+@pytest.mark.parametrize(
+    "main", [cli.main, encode_job.main, healthcheck.main], ids=["vae-client", "job", "health"]
+)
+def test_a_target_that_is_not_host_port_or_a_grpc_uri_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], main: Main, target: str
+) -> None:
+    commands: dict[Main, list[str]] = {
+        cli.main: ["info"],
+        encode_job.main: ["--input", "x.npy", "--output", "out"],
+    }
+    command = commands.get(main, [])
+    err = refusal(main, [*command, "--target", target], capsys)
+    assert (
+        f"argument --target: expected HOST:PORT (localhost:50051, vae.example.com:443, [::1]:50051) or "
+        f"dns:///HOST:PORT, got {target!r}" in err
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "localhost:50051",
+        "vae.example.com:443",
+        "[::1]:50051",
+        "dns:///vae-headless:50051",
+        "unix:/run/vae.sock",
+    ],
+)
+def test_host_port_and_grpc_uris_are_taken_as_targets(target: str) -> None:
+    assert cli.build_parser().parse_args(["info", "--target", target]).target == target
+
+
 def test_the_largest_seed_is_taken() -> None:
     args = cli.build_parser().parse_args(["sample", "--seed", str(2**64 - 1), "--out", "grid.png"])
     assert args.seed == 2**64 - 1
@@ -164,6 +208,18 @@ def clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
 
     monkeypatch.setattr(cli, "VaeClient", make)
     return made
+
+
+def test_ctrl_c_ends_vae_client_with_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Interrupted(FakeClient):
+        def model_info(self) -> ModelInfo:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "VaeClient", Interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "vae-client: interrupted\n"
 
 
 def test_connection_flags_reach_the_client_and_a_client_certificate_turns_tls_on(

@@ -215,6 +215,29 @@ def test_a_png_folder_reads_in_name_order(tmp_path: Path, digits: np.ndarray) ->
     np.testing.assert_array_equal(source.images, digits[:, None])
 
 
+def test_a_png_folder_reads_in_the_order_of_its_names_as_strings(tmp_path: Path, digits: np.ndarray) -> None:
+    (tmp_path / "pngs").mkdir()
+    for name, digit in zip(("0", "1", "2", "10"), digits, strict=False):
+        Image.fromarray(digit).save(tmp_path / "pngs" / f"{name}.png")
+    assert read_images(tmp_path / "pngs").names == ("0.png", "1.png", "10.png", "2.png")
+
+
+def test_a_subfolder_of_a_png_folder_stops_the_read_instead_of_losing_its_images(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    """A folder a class, a common way to keep labelled PNGs: its images are not read, so it is a bad
+    entry, named, and never left out without a word."""
+    write_pngs(tmp_path / "classes", digits[:1])
+    write_pngs(tmp_path / "classes" / "7", digits[1:3])
+    with pytest.raises(
+        InputError, match=r"1 of 2 entries .*\n  .*classes/7: a folder, whose images are not read"
+    ):
+        read_images(tmp_path / "classes")
+    source = read_images(tmp_path / "classes", skip_bad=True)
+    assert source.names == ("digit-00.png",)
+    assert [name for name, _ in source.rejected] == ["7"]
+
+
 def write_bad_files(folder: Path) -> None:
     Image.new("RGB", (28, 28)).save(folder / "digit-02a-colour.png")
     Image.new("L", (32, 32)).save(folder / "digit-03a-big.png")
