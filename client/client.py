@@ -19,6 +19,7 @@ import json
 import queue
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -116,9 +117,8 @@ class TlsOptions:
     """The name to check the server's certificate against, when it differs from the target's host."""
 
     def credentials(self) -> Any:
-        """The grpc.ChannelCredentials these options describe."""
-        if (self.certificate_chain is None) != (self.private_key is None):
-            raise ValueError("mutual TLS needs both certificate_chain and private_key")
+        """The grpc.ChannelCredentials these options describe, once `check` has found the files sound."""
+        self.check()
 
         def read(path: Path | None) -> bytes | None:
             return None if path is None else Path(path).read_bytes()
@@ -128,6 +128,85 @@ class TlsOptions:
             private_key=read(self.private_key),
             certificate_chain=read(self.certificate_chain),
         )
+
+    def check(self) -> None:
+        """Raise ValueError naming each file that is not what it should be, and its flag.
+
+        gRPC takes any bytes here and only fails the handshake, as UNAVAILABLE, which a client retries
+        as if the server were down. The messages name the command-line flags the CLIs fill these
+        options from (client/cli.py's tls_from_args), beside the file.
+        """
+        ca, cert, key = self.root_certificates, self.certificate_chain, self.private_key
+        if cert is not None and key is None:
+            raise ValueError(
+                f"client certificate {cert} (--client-cert) is given without its private key "
+                "(--client-key); mutual TLS needs both"
+            )
+        if key is not None and cert is None:
+            raise ValueError(
+                f"client key {key} (--client-key) is given without its certificate (--client-cert); "
+                "mutual TLS needs both"
+            )
+        problems = [
+            problem
+            for path, what in ((ca, _CA), (cert, _CLIENT_CERT), (key, _CLIENT_KEY))
+            if path is not None and (problem := _pem_problem(Path(path), what))
+        ]
+        if not problems:  # the markers are there: OpenSSL checks that the blocks decode, the key fits
+            problems = _openssl_problems(ca, cert, key)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# The files of TlsOptions as messages name them: what each is, and its flag in the CLIs.
+_CA = "CA certificate", "--ca-cert"
+_CLIENT_CERT = "client certificate", "--client-cert"
+_CLIENT_KEY = "client key", "--client-key"
+
+
+def _pem_problem(path: Path, what: tuple[str, str]) -> str | None:
+    """What keeps `path` from being the PEM file `what` names (a private key, or certificates)."""
+    name, flag = what
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        return f"{name} {path} ({flag}): cannot be read ({error.strerror or error})"
+    if what == _CLIENT_KEY:
+        # PKCS#1, SEC1 and PKCS#8 keys all end their BEGIN line so.
+        if b"PRIVATE KEY-----" not in text:
+            return f"{name} {path} ({flag}): not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)"
+        # PKCS#8 and the older OpenSSL format mark encryption so; gRPC has no way to ask for a passphrase.
+        if b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text:
+            return f"{name} {path} ({flag}): the private key is encrypted; gRPC needs it unencrypted"
+    elif b"-----BEGIN CERTIFICATE-----" not in text:
+        return f"{name} {path} ({flag}): not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
+    return None
+
+
+def _openssl_problems(ca: Path | None, cert: Path | None, key: Path | None) -> list[str]:
+    """What OpenSSL (Python's ssl module) finds wrong with files whose PEM blocks are all there."""
+    problems = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key, password=b"")  # an empty passphrase: else it prompts
+        except ssl.SSLError as error:
+            if error.reason == "KEY_VALUES_MISMATCH":
+                problems.append(
+                    f"client key {key} (--client-key): not the private key of the client certificate "
+                    f"{cert} (--client-cert)"
+                )
+            else:
+                problems.append(
+                    f"client certificate {cert} (--client-cert) and key {key} (--client-key): not a "
+                    f"readable PEM certificate and private key ({error})"
+                )
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as error:
+            problems.append(f"CA certificate {ca} (--ca-cert): not a readable PEM certificate ({error})")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,16 @@ manifest that lists them.
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
 stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
 shard could not be written mid-job (a full disk, a volume error), which a run with --resume picks up
-from the last committed shard; 2 bad arguments, input or output directory, rows or requests that the
-service refuses (INVALID_ARGUMENT), or a model other than the one the output was begun with (a
-rolling update reached mid-job): running again cannot help until the input, the options, the output
-or the model changes. --skip-bad leaves out unreadable PNG files as they are read; it does not skip
-rows that the service refuses.
+from the last committed shard; 2 bad arguments (a TLS file that is not what its flag takes among
+them), input or output directory, rows or requests that the service refuses (INVALID_ARGUMENT), or a
+model other than the one the output was begun with (a rolling update reached mid-job): running again
+cannot help until the input, the options, the output or the model changes; 130 interrupted (Ctrl-C),
+which --resume continues. --skip-bad leaves out unreadable PNG files as they are read; it does not
+skip rows that the service refuses.
+
+Requests carry --batch-size rows: by default 256, or fewer where the server takes fewer in one request
+(ModelInfo.max_request_rows); a --batch-size given and more than that is refused. The output is the
+same whatever the batch size, so a resume may use another.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ from client.images import ImageInput, InputError, read_images
 PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
 PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+# Rows per request when --batch-size is not given, or the server's most where it takes fewer.
+DEFAULT_BATCH_SIZE = 256
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 # Statuses that the same requests get however often the job runs again: exit 2, which the Kubernetes
@@ -147,8 +154,8 @@ class JobSettings:
     skip_bad: bool = False
     shard_index: int = 0
     num_shards: int = 1
-    batch_size: int = 256
-    """Rows per EncodeStream request."""
+    batch_size: int | None = None
+    """Rows per EncodeStream request; None: DEFAULT_BATCH_SIZE, or fewer where the server takes fewer."""
     rows_per_shard: int = 8192
     """Rows per output shard: the unit of progress that survives a crash."""
     max_in_flight: int = 4
@@ -165,7 +172,7 @@ class JobSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "rows_per_shard", "max_in_flight", "num_shards"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.answer_timeout_s > 0:  # NaN fails too
             raise ValueError(f"answer-timeout must be more than 0 seconds, got {self.answer_timeout_s}")
@@ -396,6 +403,10 @@ class EncodeJob:
     def run(self) -> JobSummary:
         settings = self.settings
         started = time.monotonic()
+        if settings.output.exists() and not settings.output.is_dir():
+            raise JobError(f"--output {settings.output} is a file; expected a folder for the job's shards")
+        if settings.tls is not None:  # before the input is read, however long that takes
+            settings.tls.check()
         source = read_images(settings.input, skip_bad=settings.skip_bad)
         rows = split_rows(len(source.images), settings.num_shards, settings.shard_index)
         directory = settings.output
@@ -413,12 +424,7 @@ class EncodeJob:
             sole_writer(directory, self.log),
         ):
             info = client.model_info()
-            if 0 < info.max_request_rows < settings.batch_size:
-                most = info.max_request_rows
-                raise JobError(
-                    f"--batch-size {settings.batch_size} is more than {settings.target} takes in one "
-                    f"request ({most} rows); pass --batch-size {most} or less"
-                )
+            batch_size = self._batch_size(info)
             model = model_record(info)
             manifest = new_manifest(settings, source, rows, model)
             manifest = prepare_output(directory, settings, source, manifest)
@@ -428,21 +434,35 @@ class EncodeJob:
             bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
             progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
             if not manifest["complete"]:
-                self._encode(client, source, rows, directory, manifest, progress)
+                self._encode(client, source, rows, batch_size, directory, manifest, progress)
             progress.close()
             return JobSummary(
                 directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
             )
+
+    def _batch_size(self, info: ModelInfo) -> int:
+        """Rows per request: --batch-size, which the server must take in one request, or else the
+        default, cut to the server's most. The output does not depend on it, so a resume may differ."""
+        most = info.max_request_rows  # 0: a server that does not say
+        if self.settings.batch_size is None:
+            return min(DEFAULT_BATCH_SIZE, most) if most > 0 else DEFAULT_BATCH_SIZE
+        if 0 < most < self.settings.batch_size:
+            raise JobError(
+                f"--batch-size {self.settings.batch_size} is more than {self.settings.target} takes in one "
+                f"request ({most} rows); pass --batch-size {most} or less"
+            )
+        return self.settings.batch_size
 
     def _shard_rows(self, rows: RowRange, shard: int) -> tuple[int, int]:
         """The input rows [start, stop) of output shard number `shard`."""
         start = rows.start + shard * self.settings.rows_per_shard
         return start, min(start + self.settings.rows_per_shard, rows.stop)
 
-    def _plan(self, rows: RowRange, first_shard: int) -> list[tuple[int, int, int]]:
-        """(shard number, start, stop) of each request still to send; requests never cross shards."""
+    def _plan(self, rows: RowRange, first_shard: int, batch: int) -> list[tuple[int, int, int]]:
+        """(shard number, start, stop) of each request of `batch` rows still to send; requests never
+        cross shards."""
         plan = []
-        batch, per_shard = self.settings.batch_size, self.settings.rows_per_shard
+        per_shard = self.settings.rows_per_shard
         for shard in range(first_shard, -(-rows.rows // per_shard)):  # whole shards, the last maybe short
             shard_start, shard_stop = self._shard_rows(rows, shard)
             plan += [(shard, a, min(a + batch, shard_stop)) for a in range(shard_start, shard_stop, batch)]
@@ -453,12 +473,13 @@ class EncodeJob:
         client: VaeClient,
         source: ImageInput,
         rows: RowRange,
+        batch_size: int,
         directory: Path,
         manifest: dict[str, Any],
         progress: Progress,
     ) -> None:
         settings = self.settings
-        plan = self._plan(rows, len(manifest["shards"]))
+        plan = self._plan(rows, len(manifest["shards"]), batch_size)
         requests = (source.images[start:stop] for _, start, stop in plan)
         means: list[npt.NDArray[np.float32]] = []
         log_vars: list[npt.NDArray[np.float32] | None] = []
@@ -599,8 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=JobSettings.batch_size,
-        help=f"rows per request (default {JobSettings.batch_size})",
+        help=f"rows per request (default {DEFAULT_BATCH_SIZE}, or the server's most if it takes fewer)",
     )
     parser.add_argument(
         "--rows-per-shard",
@@ -677,6 +697,9 @@ def merge_main(argv: Sequence[str]) -> int:
     except (JobError, EncodingsError, OSError) as error:
         print(f"vae-encode-job merge: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the merged manifest is written atomically: all of it, or none
+        print("vae-encode-job merge: interrupted; run it again", file=sys.stderr)
+        return 130
     parts = len(manifest["merged_from"])
     print(f"vae-encode-job merge: {args.output}/{MANIFEST} lists {manifest['rows']} rows from {parts} parts")
     return 0
@@ -719,6 +742,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JobError, ValueError, OSError) as error:
         print(f"vae-encode-job: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Whatever the moment, the shards committed so far are whole and listed, and --resume goes on
+        # from them (or starts over on what a run stopped before its first manifest left).
+        print(
+            "vae-encode-job: interrupted; the shards committed so far are kept: run again with --resume "
+            "to continue",
+            file=sys.stderr,
+        )
+        return 130
     print(f"vae-encode-job: {summary.line()}", file=sys.stderr)
     return 0
 

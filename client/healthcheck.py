@@ -1,5 +1,5 @@
 """`vae-healthcheck`: exit 0 when the server's grpc.health.v1 service says SERVING, 1 otherwise, 2
-for bad arguments (a certificate file that cannot be read).
+for bad arguments (a TLS file that cannot be read, or is not what its flag takes), 130 interrupted.
 
 Used by the Docker HEALTHCHECK (one quick Check) and by `make demo` (`--wait 30`: block until the
 freshly started server turns SERVING). `--wait` watches the status with the health service's Watch
@@ -89,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     what = f"{args.target}" + (f" service {args.service!r}" if args.service else "")
-    try:
+    try:  # TlsOptions checks the TLS files: else --wait would wait out handshakes that cannot succeed
         channel = open_channel(args)
-    except (OSError, ValueError) as error:  # an unreadable certificate, a key without its certificate
+    except (OSError, ValueError) as error:  # a TLS file unreadable, not what its flag takes, unpaired
         parser.exit(2, f"vae-healthcheck: {error}\n")
     try:
         if args.wait > 0:
@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TimeoutError as error:
         print(f"vae-healthcheck: {what}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during --wait: a line, not a traceback
+        print("vae-healthcheck: interrupted", file=sys.stderr)
+        return 130
     finally:
         channel.close()
     if status != SERVING:

@@ -173,9 +173,7 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
     then it is left out and listed in `rejected`. So does a subfolder, which is not read: a folder a
     class (`0/`, `1/`, ...) left out without a word would lose its images. Hidden entries are ignored.
     """
-    paths = sorted(
-        p for p in folder.iterdir() if (p.is_file() or p.is_dir()) and not p.name.startswith(".")
-    )
+    paths = sorted(p for p in folder.iterdir() if (p.is_file() or p.is_dir()) and not p.name.startswith("."))
     images: list[npt.NDArray[np.uint8]] = []
     names: list[str] = []
     rejected: list[tuple[str, str]] = []

@@ -410,6 +410,51 @@ def test_a_batch_size_larger_than_a_request_may_carry_is_refused_before_any_requ
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_without_batch_size_a_server_that_takes_fewer_rows_gets_requests_it_takes_and_a_resume_may_differ(
+    vae_bundle: Path,
+    start_server_thread: Callable[..., ServerThread],
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    """The default 256 rows a request becomes the server's most (100 here), as in vae-client encode; a
+    job begun with --batch-size 32 resumes with it to the bytes of a run that nothing interrupted."""
+    server = start_server_thread(vae_bundle, max_queue_size=100, max_samples=100)
+    argv = ["--target", server.target, "--input", str(inputs["npy"]), "--rows-per-shard", "128"]
+    assert main([*argv, "--output", str(tmp_path / "whole"), "--no-progress"]) == 0
+    assert files(tmp_path / "whole") == files(uninterrupted)  # made with --batch-size 32
+    output = tmp_path / "resumed"
+    job = paused_job(server.target, inputs["npy"], output, "after-manifest:1")  # --batch-size 32
+    job.wait_for_pause()
+    job.kill()
+    assert main([*argv, "--output", str(output), "--no-progress", "--resume"]) == 0
+    assert files(output) == files(uninterrupted)
+
+
+def test_ctrl_c_mid_job_exits_130_with_one_line_and_resume_finishes_the_same_bytes(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    """Interrupted inside a shard, with requests in flight on the stream: no traceback."""
+    output = tmp_path / "out"
+    job = paused_job(vae_server.target, inputs["npy"], output, "mid-shard:2")
+    job.wait_for_pause()
+    job.process.send_signal(signal.SIGINT)
+    assert job.process.wait(timeout=30) == 130
+    assert job.process.stderr is not None
+    assert job.process.stderr.read() == (
+        "vae-encode-job: interrupted; the shards committed so far are kept: run again with --resume to "
+        "continue\n"
+    )
+    summary = run_job(vae_server.target, inputs["npy"], output, resume=True)
+    assert (summary.rows_resumed, summary.rows) == (256, 344)
+    assert files(output) == files(uninterrupted)
+
+
 def test_split_runs_merged_equal_one_run(
     vae_server: ServerThread, inputs: dict[str, Path], uninterrupted: Path, tmp_path: Path
 ) -> None:

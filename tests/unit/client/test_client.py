@@ -32,6 +32,7 @@ from client.client import (
 )
 from service import codec
 from tests.conftest import free_port
+from tests.unit.client.conftest import TlsFiles
 from vae.v1 import vae_pb2
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -258,10 +259,91 @@ def test_a_seed_outside_uint64_is_refused_naming_the_range(seed: int) -> None:
         sample_request(4, seed, 1.0, "uint8")
 
 
-def test_mutual_tls_needs_both_the_certificate_and_the_key(tmp_path: Path) -> None:
-    (tmp_path / "cert.pem").write_text("not checked before the handshake")
-    with pytest.raises(ValueError, match="both certificate_chain and private_key"):
-        TlsOptions(certificate_chain=tmp_path / "cert.pem").credentials()
+def test_mutual_tls_needs_both_the_client_certificate_and_its_key_naming_the_flag_missing(
+    tls_files: TlsFiles,
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"client certificate .*client.pem \(--client-cert\) is given without its private key "
+        r"\(--client-key\); mutual TLS needs both",
+    ):
+        TlsOptions(certificate_chain=tls_files.client_cert).credentials()
+    with pytest.raises(
+        ValueError, match=r"client key .*client.key \(--client-key\) is given without its certificate"
+    ):
+        TlsOptions(private_key=tls_files.client_key).credentials()
+
+
+def test_sound_tls_files_make_credentials(tls_files: TlsFiles) -> None:
+    assert TlsOptions().credentials() is not None  # the system's roots
+    mutual = TlsOptions(
+        tls_files.ca, certificate_chain=tls_files.client_cert, private_key=tls_files.client_key
+    )
+    assert mutual.credentials() is not None
+
+
+def _file(tls_files: TlsFiles, name: str) -> Path:
+    return Path(getattr(tls_files, name))
+
+
+@pytest.mark.parametrize(
+    ("ca", "cert", "key", "expected"),
+    [
+        # A key given as the CA file.
+        ("ca_key", None, None, r"CA certificate \S*ca.key \(--ca-cert\): not a PEM certificate"),
+        # The certificate and the key swapped: each is named for what it is not.
+        (
+            "ca",
+            "client_key",
+            "client_cert",
+            r"client certificate \S*client.key \(--client-cert\): not a PEM certificate .*; "
+            r"client key \S*client.pem \(--client-key\): not a PEM private key",
+        ),
+        (
+            None,
+            "client_cert",
+            "other_key",
+            r"client key \S*other.key \(--client-key\): not the private key of the client certificate "
+            r"\S*client.pem \(--client-cert\)",
+        ),
+        (
+            None,
+            "client_cert",
+            "encrypted_key",
+            r"client key \S*encrypted.key \(--client-key\): the private key is encrypted; gRPC needs it "
+            "unencrypted",
+        ),
+    ],
+)
+def test_tls_files_that_are_not_what_their_flag_takes_are_refused_naming_the_file_and_what_it_should_be(
+    tls_files: TlsFiles, ca: str | None, cert: str | None, key: str | None, expected: str
+) -> None:
+    """Else gRPC takes them and fails every handshake, UNAVAILABLE, retried as if the server were down."""
+    options = TlsOptions(
+        root_certificates=None if ca is None else _file(tls_files, ca),
+        certificate_chain=None if cert is None else _file(tls_files, cert),
+        private_key=None if key is None else _file(tls_files, key),
+    )
+    with pytest.raises(ValueError, match=expected):
+        options.credentials()
+    with pytest.raises(ValueError, match=expected):
+        VaeClient("127.0.0.1:1", tls=options)
+
+
+def test_a_pem_file_whose_block_does_not_decode_is_refused_by_openssl_naming_it(
+    tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match=r"CA certificate \S*broken.pem \(--ca-cert\): not a readable PEM"):
+        TlsOptions(root_certificates=broken).credentials()
+
+
+def test_a_tls_file_that_cannot_be_read_is_named_with_its_flag(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"CA certificate \S*missing.pem \(--ca-cert\): cannot be read \(No such file"
+    ):
+        TlsOptions(root_certificates=tmp_path / "missing.pem").credentials()
 
 
 def test_a_sample_stream_without_a_seed_resumes_with_the_seed_and_chunk_size_of_its_first_chunk() -> None:

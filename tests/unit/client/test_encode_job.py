@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +45,7 @@ from client.encodings import (
 )
 from client.images import ImageInput, read_images
 from tests.conftest import free_port
+from tests.unit.client.conftest import TlsFiles
 
 MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
 
@@ -75,11 +78,11 @@ def finished_output(job: JobSettings, input_: ImageInput) -> dict[str, Any]:
 
 
 def test_requests_never_cross_a_shard_and_a_resume_skips_committed_shards(tmp_path: Path) -> None:
-    job = EncodeJob(settings(tmp_path, batch_size=3, rows_per_shard=5))
+    job = EncodeJob(settings(tmp_path, rows_per_shard=5))
     rows = split_rows(23, 2, 1)  # rows 11-22
-    plan = job._plan(rows, first_shard=0)
+    plan = job._plan(rows, first_shard=0, batch=3)
     assert plan == [(0, 11, 14), (0, 14, 16), (1, 16, 19), (1, 19, 21), (2, 21, 23)]
-    assert job._plan(rows, first_shard=2) == [(2, 21, 23)]
+    assert job._plan(rows, first_shard=2, batch=3) == [(2, 21, 23)]
 
 
 def test_a_new_job_writes_an_empty_manifest_first(tmp_path: Path) -> None:
@@ -374,9 +377,14 @@ class Recorder(WrongWidth):
     ],
 )
 def test_connection_and_stream_flags_reach_the_client_and_its_stream_in_seconds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], expected: dict[str, Any]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_files: TlsFiles,
+    flags: list[str],
+    expected: dict[str, Any],
 ) -> None:
     np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.chdir(tls_files.ca.parent)  # where ca.pem is: the job checks the TLS files first
     made: list[Recorder] = []
 
     def make(target: str, **options: Any) -> Recorder:
@@ -384,8 +392,8 @@ def test_connection_and_stream_flags_reach_the_client_and_its_stream_in_seconds(
         return made[-1]
 
     monkeypatch.setattr(encode_job, "VaeClient", make)
-    argv = ["--target", "t", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
-    assert main([*argv, "--no-progress", *flags]) == 0
+    argv = ["--target", "vae.example:50051", "--input", str(tmp_path / "x.npy"), "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "out"), *flags]) == 0
     (client,) = made
     assert client.options == expected
     assert read_manifest(tmp_path / "out")["complete"] is True
@@ -463,3 +471,117 @@ def test_a_job_stopped_before_a_shard_takes_its_name_leaves_no_shard_under_that_
         EncodeJob(job, log=io.StringIO()).run()
     assert sorted(p.name for p in job.output.iterdir()) == [".lock", MANIFEST, "shard-00000.npz.tmp"]
     assert read_manifest(job.output)["shards"] == []
+
+
+class Limited(Recorder):
+    """A client whose service takes at most 3 rows in one request; it keeps each request's rows."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        super().__init__(target, **options)
+        self.sizes: list[int] = []
+
+    def model_info(self) -> Any:
+        return type("Info", (), {**MODEL, "max_request_rows": 3})()
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            self.sizes.append(len(images))
+            zeros = np.zeros((len(images), 2), np.float32)
+            yield EncodeResult(zeros, zeros, str(MODEL["encoder_sha256"]))
+
+
+def test_without_batch_size_requests_carry_256_rows_or_the_servers_most_and_a_given_one_is_held_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As vae-client encode does: the default adapts to a server that takes fewer rows in a request; a
+    --batch-size given on the command line is refused there, naming the most it may be."""
+    np.save(tmp_path / "x.npy", np.zeros((10, 28, 28), np.uint8))
+    made: list[Limited] = []
+
+    def make(target: str, **options: Any) -> Limited:
+        made.append(Limited(target, **options))
+        return made[-1]
+
+    monkeypatch.setattr(encode_job, "VaeClient", make)
+    argv = ["--target", "vae.example:50051", "--input", str(tmp_path / "x.npy"), "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "default")]) == 0
+    assert made[-1].sizes == [3, 3, 3, 1]
+    assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "4"]) == 2
+    assert (
+        "--batch-size 4 is more than vae.example:50051 takes in one request (3 rows); pass --batch-size 3 "
+        "or less"
+    ) in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "2"]) == 0
+    assert made[-1].sizes == [2] * 5
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)  # a server that does not say: 256
+    assert EncodeJob(settings(tmp_path))._batch_size(Recorder("t").model_info()) == 256
+
+
+def test_an_output_that_is_a_file_is_refused_as_not_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    np.save(tmp_path / "samples.npy", np.zeros((4, 28, 28), np.uint8))
+    argv = ["--target", "127.0.0.1:1", "--input", str(tmp_path / "x.npy"), "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "samples.npy")]) == 2
+    assert capsys.readouterr().err == (
+        f"vae-encode-job: --output {tmp_path / 'samples.npy'} is a file; expected a folder for the job's "
+        "shards\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ["--ca-cert", "ca", "--client-cert", "client_key", "--client-key", "client_cert"],
+            r"client certificate \S*client.key \(--client-cert\): not a PEM certificate",
+        ),
+        (["--ca-cert", "ca_key"], r"CA certificate \S*ca.key \(--ca-cert\): not a PEM certificate"),
+        (
+            ["--client-cert", "client_cert"],
+            r"client certificate \S*client.pem \(--client-cert\) is given without its private key "
+            r"\(--client-key\)",
+        ),
+        (
+            ["--client-cert", "client_cert", "--client-key", "other_key"],
+            r"client key \S*other.key \(--client-key\): not the private key of the client certificate",
+        ),
+    ],
+)
+def test_tls_files_that_are_not_what_their_flags_take_exit_2_at_once_naming_them(
+    tmp_path: Path,
+    tls_files: TlsFiles,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    expected: str,
+) -> None:
+    """Not retried as an unreachable service, exit 1, which Kubernetes would run again to no end."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    files = [str(getattr(tls_files, flag)) if flag[0] != "-" else flag for flag in flags]
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--server-name", "localhost", *files]
+    started = time.monotonic()
+    assert main([*argv, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert re.match(rf"vae-encode-job: {expected}", err) and "attempts" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_exits_130_with_one_line_that_says_resume_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(self: EncodeJob) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EncodeJob, "run", interrupted)
+    argv = ["--target", "127.0.0.1:1", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # else it would stop the whole test session
+        pytest.fail("Ctrl-C escaped vae-encode-job's main: a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == (
+        "vae-encode-job: interrupted; the shards committed so far are kept: run again with --resume to "
+        "continue\n"
+    )
