@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import signal
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -85,6 +86,13 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def sigint_as_at_a_terminal() -> None:
+    """A Popen preexec_fn for a child that a test sends Ctrl-C (SIGINT): its default action back. A
+    shell's background job, as CI may run the tests, inherits SIGINT ignored, and a Python started so
+    would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ServerThread:

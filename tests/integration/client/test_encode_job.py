@@ -30,7 +30,7 @@ from client import VaeClient, read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest, write_atomic
 from client.images import ImageInput, read_images
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, sigint_as_at_a_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +97,7 @@ class PausedJob:
             command,
             cwd=ROOT,
             env={**os.environ, PAUSE_ENV: pause_at},
+            preexec_fn=sigint_as_at_a_terminal,
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
