@@ -178,7 +178,10 @@ def _pem_problem(path: Path, what: tuple[str, str]) -> str | None:
         # PKCS#8 and the older OpenSSL format mark encryption so; gRPC has no way to ask for a passphrase.
         if b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text:
             return f"{name} {path} ({flag}): the private key is encrypted; gRPC needs it unencrypted"
-    elif b"-----BEGIN CERTIFICATE-----" not in text:
+    # OpenSSL's `x509 -trustout` writes a CA as a TRUSTED CERTIFICATE, which gRPC takes too.
+    elif not (what == _CA and b"-----BEGIN TRUSTED CERTIFICATE-----" in text) and (
+        b"-----BEGIN CERTIFICATE-----" not in text
+    ):
         return f"{name} {path} ({flag}): not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
     return None
 
@@ -187,11 +190,15 @@ def _openssl_problems(ca: Path | None, cert: Path | None, key: Path | None) -> l
     """What OpenSSL (Python's ssl module) finds wrong with files whose PEM blocks are all there."""
     problems = []
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # gRPC's TLS sets no security level: neither may this check, which would else refuse the 1024-bit
+    # keys and SHA-1 signatures that gRPC still takes (OpenSSL's default level is 2).
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     if cert is not None and key is not None:
         try:
             context.load_cert_chain(cert, key, password=b"")  # an empty passphrase: else it prompts
         except ssl.SSLError as error:
-            if error.reason == "KEY_VALUES_MISMATCH":
+            # The second: a key of another algorithm than the certificate's (an RSA key, an EC one).
+            if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
                 problems.append(
                     f"client key {key} (--client-key): not the private key of the client certificate "
                     f"{cert} (--client-cert)"

@@ -170,10 +170,14 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
     """Every PNG of `folder`, in the order of their names as strings (`10.png` before `2.png`).
 
     A file that is not a 28x28 grey PNG fails the whole read, every bad file named, unless `skip_bad`:
-    then it is left out and listed in `rejected`. So does a subfolder, which is not read: a folder a
-    class (`0/`, `1/`, ...) left out without a word would lose its images. Hidden entries are ignored.
+    then it is left out and listed in `rejected`. So does anything else but a file, and a subfolder
+    with PNGs in it, which are not read: a folder a class (`0/`, `1/`, ...) left out without a word
+    would lose its images. Hidden entries are ignored, and so are subfolders without PNGs (a job's
+    output folder, a volume's lost+found).
     """
-    paths = sorted(p for p in folder.iterdir() if (p.is_file() or p.is_dir()) and not p.name.startswith("."))
+    paths = sorted(
+        p for p in folder.iterdir() if not p.name.startswith(".") and (not p.is_dir() or _holds_pngs(p))
+    )
     images: list[npt.NDArray[np.uint8]] = []
     names: list[str] = []
     rejected: list[tuple[str, str]] = []
@@ -185,9 +189,11 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
                 raise InputError(f"{folder / name}: a tab or line break in the file name; rename the file")
             if path.is_dir():
                 raise InputError(
-                    f"{path}: a folder, whose images are not read (only the PNGs directly in {folder}); "
+                    f"{path}: a folder of PNGs, which are not read (only those directly in {folder}); "
                     "encode each folder of images as an input of its own"
                 )
+            if not path.is_file():  # a link to nothing, a pipe: never opened, which could block
+                raise InputError(f"{path}: not a file")
             if path.suffix.lower() != ".png":
                 raise InputError(f"{path}: not a .png file")
             images.append(read_image_file(path))
@@ -203,6 +209,14 @@ def read_png_folder(folder: Path, *, skip_bad: bool = False) -> ImageInput:
     if not images:
         raise InputError(f"{folder}: no 28x28 grey PNG images in this folder")
     return ImageInput(np.stack(images)[:, None], "png", tuple(names), tuple(rejected))
+
+
+def _holds_pngs(folder: Path) -> bool:
+    """Whether `folder` or any folder in it holds a PNG; False where it may not be listed."""
+    try:
+        return next(folder.rglob("*.[pP][nN][gG]"), None) is not None
+    except OSError:
+        return False
 
 
 def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:

@@ -287,6 +287,25 @@ def _file(tls_files: TlsFiles, name: str) -> Path:
 
 
 @pytest.mark.parametrize(
+    ("ca", "cert", "key"),
+    [
+        ("ca", "client_cert", "client_key"),
+        ("ca_bundle", "chain", "client_key"),  # several certificates in one file
+        ("trusted_ca", None, None),
+        (None, "rsa_cert", "rsa_key"),  # 1024 bits: below OpenSSL's default security level
+    ],
+)
+def test_tls_files_that_grpc_takes_pass_the_check(
+    tls_files: TlsFiles, ca: str | None, cert: str | None, key: str | None
+) -> None:
+    TlsOptions(
+        root_certificates=None if ca is None else _file(tls_files, ca),
+        certificate_chain=None if cert is None else _file(tls_files, cert),
+        private_key=None if key is None else _file(tls_files, key),
+    ).check()
+
+
+@pytest.mark.parametrize(
     ("ca", "cert", "key", "expected"),
     [
         # A key given as the CA file.
@@ -304,6 +323,14 @@ def _file(tls_files: TlsFiles, name: str) -> Path:
             "client_cert",
             "other_key",
             r"client key \S*other.key \(--client-key\): not the private key of the client certificate "
+            r"\S*client.pem \(--client-cert\)",
+        ),
+        # A key of another algorithm: an RSA key for an EC certificate.
+        (
+            None,
+            "client_cert",
+            "rsa_key",
+            r"client key \S*rsa.key \(--client-key\): not the private key of the client certificate "
             r"\S*client.pem \(--client-cert\)",
         ),
         (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -230,12 +231,38 @@ def test_a_subfolder_of_a_png_folder_stops_the_read_instead_of_losing_its_images
     write_pngs(tmp_path / "classes", digits[:1])
     write_pngs(tmp_path / "classes" / "7", digits[1:3])
     with pytest.raises(
-        InputError, match=r"1 of 2 entries .*\n  .*classes/7: a folder, whose images are not read"
+        InputError, match=r"1 of 2 entries .*\n  .*classes/7: a folder of PNGs, which are not read"
     ):
         read_images(tmp_path / "classes")
     source = read_images(tmp_path / "classes", skip_bad=True)
     assert source.names == ("digit-00.png",)
     assert [name for name, _ in source.rejected] == ["7"]
+
+
+def test_subfolders_without_pngs_are_not_the_inputs_and_are_passed_over(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    """A job's output folder kept inside its input, a volume's lost+found: nothing there to lose."""
+    write_pngs(tmp_path / "pngs", digits[:2])
+    (tmp_path / "pngs" / "lost+found").mkdir()
+    (tmp_path / "pngs" / "encodings").mkdir()
+    np.save(tmp_path / "pngs" / "encodings" / "shard-00000.npy", np.zeros(2))
+    assert read_images(tmp_path / "pngs").names == ("digit-00.png", "digit-01.png")
+
+
+def test_an_entry_that_is_not_a_file_is_a_bad_one_and_never_opened(
+    tmp_path: Path, digits: np.ndarray
+) -> None:
+    """A pipe would block the read forever; a link to nothing would be passed over without a word."""
+    write_pngs(tmp_path / "pngs", digits[:1])
+    os.mkfifo(tmp_path / "pngs" / "pipe.png")
+    (tmp_path / "pngs" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    source = read_images(tmp_path / "pngs", skip_bad=True)
+    assert source.names == ("digit-00.png",)
+    assert dict(source.rejected) == {
+        "gone.png": f"{tmp_path / 'pngs' / 'gone.png'}: not a file",
+        "pipe.png": f"{tmp_path / 'pngs' / 'pipe.png'}: not a file",
+    }
 
 
 def write_bad_files(folder: Path) -> None:
