@@ -1,4 +1,5 @@
-"""`vae-export RUN_DIR --out BUNDLE_DIR [--name NAME] [--version VERSION] [--quantize-decoder METHOD]`."""
+"""`vae-export RUN_DIR --out BUNDLE_DIR [--name NAME] [--version VERSION] [--quantize-decoder METHOD]
+[--overwrite]`."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             "(docs/BENCHMARKS.md)"
         ),
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a bundle in --out of another model's name (one of the same name is always replaced)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             version=args.version,
             quantize_decoder=args.quantize_decoder,
+            overwrite=args.overwrite,
         )
     except (ExportError, BundleError, ValueError, OSError) as error:  # a broken metrics.json, a full disk
         print(f"vae-export: {error}", file=sys.stderr)

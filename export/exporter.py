@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -152,10 +153,13 @@ def export_run(
     name: str | None = None,
     version: str | None = None,
     quantize_decoder: str | None = None,
+    overwrite: bool = False,
 ) -> BundleSpec:
     """Export the run's model to `bundle_dir` and prove parity; returns what model.json says.
 
-    `quantize_decoder` (one of INT8_PRECISIONS) ships the decoder in int8 instead of float32.
+    `quantize_decoder` (one of INT8_PRECISIONS) ships the decoder in int8 instead of float32. A bundle
+    of another model's name is replaced only with `overwrite`; one of the same name (the run exported
+    again, or trained again) always is.
     """
     if quantize_decoder is not None and quantize_decoder not in INT8_PRECISIONS:
         raise ExportError(
@@ -166,6 +170,9 @@ def export_run(
         metrics = _final_metrics(load_metrics(run_dir))
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
+    name = name or run_dir.resolve().name
+    if not overwrite:
+        _check_not_another_models(bundle_dir, name)
     kind = config.model.kind
     latent_dim = config.model.latent_dim
     if quantize_decoder is not None and kind == "ae":
@@ -193,9 +200,7 @@ def export_run(
     except OSError as error:  # a file of that name, say
         raise ExportError(f"{bundle_dir}: cannot make the bundle folder ({error})") from error
     try:
-        bundle = _export_into(
-            staging, graphs, config, metrics, name or run_dir.resolve().name, version, quantize_decoder
-        )
+        bundle = _export_into(staging, graphs, config, metrics, name, version, quantize_decoder)
         # model.json last: until it is replaced, the old one names the old graphs' sha256s, so a
         # crash between the moves leaves a bundle that the service refuses, never a mixed one served.
         for file in (ENCODER_FILE, DECODER_FILE, MODEL_JSON):
@@ -263,6 +268,23 @@ def _export_into(
     # The consumer's own loader is the final word on whether the bundle is valid.
     ModelBundle.load(folder)
     return bundle
+
+
+def _check_not_another_models(bundle_dir: Path, name: str) -> None:
+    """Refuse to replace the bundle of another model, whose run may be gone: it would be lost."""
+    manifest = bundle_dir / MODEL_JSON
+    if not manifest.is_file():
+        return
+    try:
+        held = json.loads(manifest.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        held = None
+    if held != name:
+        what = f"the bundle of model {held!r}" if isinstance(held, str) else f"a {MODEL_JSON} it cannot read"
+        raise ExportError(
+            f"{bundle_dir} holds {what}, not {name!r}; pass --overwrite to replace it, or choose "
+            "another --out"
+        )
 
 
 def _final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -327,7 +327,7 @@ def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(
     monkeypatch.setattr(exporter, "PARITY_TOLERANCE", 0.0)
 
     with pytest.raises(ExportError, match=f"^{bundle}/encoder.onnx: output 'mean' differs from PyTorch"):
-        export_run(vae_run_dir, bundle)
+        export_run(vae_run_dir, bundle, overwrite=True)
 
     assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before  # nothing left behind
     assert ModelBundle.load(bundle).spec.kind == "ae"
@@ -346,7 +346,7 @@ def test_a_disk_that_fills_during_an_export_leaves_the_bundle_as_it_was_and_name
     monkeypatch.setattr(Path, "write_text", disk_full)  # model.json, the last file written
 
     with pytest.raises(ExportError, match=f"{bundle}: cannot write the bundle .*No space left on device"):
-        export_run(vae_run_dir, bundle)
+        export_run(vae_run_dir, bundle, overwrite=True)
 
     monkeypatch.undo()
     assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before
@@ -362,11 +362,44 @@ def test_an_export_replaces_the_bundles_files_rather_than_writing_through_their_
     for path in bundle.iterdir():  # as `cp -al` or `rsync --link-dest` keep an earlier version
         (snapshot / path.name).hardlink_to(path)
 
-    export_run(vae_run_dir, bundle)
+    export_run(vae_run_dir, bundle, overwrite=True)
 
     assert ModelBundle.load(bundle).spec.kind == "vae"
     assert ModelBundle.load(snapshot).spec.kind == "ae"
     assert sorted(path.name for path in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
+
+
+def test_a_bundle_of_another_models_name_is_replaced_only_when_told_to(
+    ae_bundle: Path, vae_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its run may be gone: the bundle would be lost."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ae_bundle, bundle)
+    before = {path.name: path.read_bytes() for path in bundle.iterdir()}
+    argv = [str(vae_run_dir), "--out", str(bundle), "--name", "vae-2"]
+
+    assert export_main(argv) == 1
+    assert (
+        f"{bundle} holds the bundle of model 'tiny-ae', not 'vae-2'; pass --overwrite to replace it"
+        in capsys.readouterr().err
+    )
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before
+
+    assert export_main([*argv, "--overwrite"]) == 0
+    assert ModelBundle.load(bundle).spec.name == "vae-2"
+
+
+def test_a_bundle_of_the_same_name_is_replaced_without_asking(
+    vae_bundle: Path, vae_run_dir: Path, tmp_path: Path
+) -> None:
+    """The run exported again, or trained again, as `make export` does after `make train`."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(vae_bundle, bundle)
+    (bundle / "model.json").write_text(
+        (bundle / "model.json").read_text().replace('"version": "', '"version": "old-')
+    )
+    spec = export_run(vae_run_dir, bundle, name="tiny-vae")
+    assert ModelBundle.load(bundle).spec.version == spec.version == ModelBundle.load(vae_bundle).spec.version
 
 
 @pytest.mark.parametrize(
