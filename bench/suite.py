@@ -50,6 +50,9 @@ SERVICE_CALL_ROWS: int = Settings.max_batch_size
 DECODER_EXTRA_ROWS = (4, 32)
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
+# PyTriton sometimes loses a race with its own handshake socket while Triton loads a model (the proxy's
+# initialize gets ConnectionRefusedError; seen in the 12-07 08:01 run): a second try, then give up.
+TRITON_START_ATTEMPTS = 2
 NAIVE_TARGET = "Sample 1/req, 32 clients / naive"
 TRITON_TARGET = "Sample 1/req, 32 clients / triton"
 Row = dict[str, Any]
@@ -344,24 +347,33 @@ def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
 def start_triton(
     bundle: Path, log_dir: Path, instances: int, threads: int, name: str = "triton"
 ) -> servers.Server:
-    """PyTriton with dynamic batching, from bench/.venv; its log is LOG_DIR/NAME-IxT.log."""
-    grpc_port, http_port, metrics_port = (servers.free_port() for _ in range(3))
-    argv = [
-        str(BENCH_PYTHON), "-m", "bench.peers.triton_server", "--model-dir", str(bundle),
-        "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-        "--instances", str(instances), "--threads", str(threads),
-    ]  # fmt: skip
-    server = servers.start(
-        f"{name}-{instances}x{threads}",
-        argv,
-        grpc_port,
-        log_dir,
-        env=TRITON_ENV,
-        ready_marker="triton: serving on",
-        timeout_s=120,
-    )
-    print(f"triton: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
-    return server
+    """PyTriton with dynamic batching, from bench/.venv; its log is LOG_DIR/NAME-IxT.log (-try2.log
+    for a second try)."""
+    for attempt in range(1, TRITON_START_ATTEMPTS + 1):
+        grpc_port, http_port, metrics_port = (servers.free_port() for _ in range(3))
+        argv = [
+            str(BENCH_PYTHON), "-m", "bench.peers.triton_server", "--model-dir", str(bundle),
+            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+            "--instances", str(instances), "--threads", str(threads),
+        ]  # fmt: skip
+        try:
+            server = servers.start(
+                f"{name}-{instances}x{threads}" + (f"-try{attempt}" if attempt > 1 else ""),
+                argv,
+                grpc_port,
+                log_dir,
+                env=TRITON_ENV,
+                ready_marker="triton: serving on",
+                timeout_s=120,
+            )
+        except servers.ServerFailed as error:
+            if attempt == TRITON_START_ATTEMPTS:
+                raise
+            print(f"triton: start failed, trying once more: {error}", flush=True)
+            continue
+        print(f"triton: ready in {server.cold_start_s:.2f} s (pid {server.pid})", flush=True)
+        return server
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _paired_triton(bundle: Path, log_dir: Path, plan: Plan) -> servers.Server | str:

@@ -154,6 +154,33 @@ def test_a_triton_that_is_not_there_says_why_its_target_is_not_measured(
     assert suite._paired_triton(Path("bundle"), Path("logs"), plan) == why
 
 
+def test_triton_that_fails_to_start_is_tried_once_more_then_given_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """PyTriton's model load sometimes loses a race with its own handshake socket."""
+    started: list[str] = []
+
+    def fails_first(name: str, *args: object, **kwargs: object) -> object:
+        started.append(name)
+        if len(started) == 1:
+            raise servers.ServerFailed(f"{name} exited with 1: see its log")
+        return SimpleNamespace(cold_start_s=1.0, pid=1)
+
+    monkeypatch.setattr(servers, "start", fails_first)
+    suite.start_triton(Path("bundle"), tmp_path, instances=2, threads=1)
+    assert started == ["triton-2x1", "triton-2x1-try2"]
+
+    def always_fails(name: str, *args: object, **kwargs: object) -> object:
+        started.append(name)
+        raise servers.ServerFailed(f"{name} exited with 1: see its log")
+
+    started.clear()
+    monkeypatch.setattr(servers, "start", always_fails)
+    with pytest.raises(servers.ServerFailed, match="triton-2x1-try2 exited with 1"):
+        suite.start_triton(Path("bundle"), tmp_path, instances=2, threads=1)
+    assert started == ["triton-2x1", "triton-2x1-try2"]
+
+
 def test_a_peer_that_dies_after_a_round_answers_nothing_and_its_target_is_not_met() -> None:
     # A dead server refuses every request; the closed loop counts them as errors and 0 images/s.
     rates = iter([1200.0, 0.0])
