@@ -88,11 +88,17 @@ def free_port() -> int:
     return port
 
 
-def sigint_as_at_a_terminal() -> None:
-    """A Popen preexec_fn for a child that a test sends Ctrl-C (SIGINT): its default action back. A
-    shell's background job, as CI may run the tests, inherits SIGINT ignored, and a Python started so
-    would never raise KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """Children started inside take Ctrl-C (SIGINT) as at a terminal. A shell's background job, as CI
+    may run the tests, has it ignored, which children inherit, and a Python started so never raises
+    KeyboardInterrupt; a handler is not inherited across exec, so they start with the default. (Not a
+    Popen preexec_fn: a fork that runs Python in a process with gRPC's threads can abort the child.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class ServerThread:

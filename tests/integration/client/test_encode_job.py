@@ -30,7 +30,7 @@ from client import VaeClient, read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest, write_atomic
 from client.images import ImageInput, read_images
-from tests.conftest import ServerThread, sigint_as_at_a_terminal
+from tests.conftest import ServerThread, sigint_not_ignored
 
 pytestmark = pytest.mark.slow
 
@@ -93,15 +93,15 @@ class PausedJob:
     def __init__(self, target: str, input_: Path, output: Path, pause_at: str, *extra: str) -> None:
         command = [sys.executable, "-m", "client.encode_job", "--target", target, "--input", str(input_)]
         command += ["--output", str(output), *CLI_OPTIONS, *extra]
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, PAUSE_ENV: pause_at},
-            preexec_fn=sigint_as_at_a_terminal,
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        with sigint_not_ignored():
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, PAUSE_ENV: pause_at},
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         self.log: list[str] = []
         self.resumed = False
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.healthcheck import main
-from tests.conftest import free_port, sigint_as_at_a_terminal
+from tests.conftest import free_port, sigint_not_ignored
 from tests.unit.client.conftest import TlsFiles
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -51,9 +51,8 @@ def test_ctrl_c_while_waiting_exits_130_with_one_line() -> None:
         listener.settimeout(30)
         command = [sys.executable, "-m", "client.healthcheck", "--wait", "30"]
         command += ["--target", f"127.0.0.1:{listener.getsockname()[1]}"]
-        process = subprocess.Popen(
-            command, cwd=ROOT, preexec_fn=sigint_as_at_a_terminal, stderr=subprocess.PIPE, text=True
-        )
+        with sigint_not_ignored():
+            process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
             connection, _ = listener.accept()
             with connection:
