@@ -19,7 +19,6 @@ import json
 import queue
 import random
 import re
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
@@ -32,7 +31,7 @@ import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
-from service import codec
+from service import codec, tls_files
 from service.errors import InvalidInput
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
@@ -136,7 +135,10 @@ class TlsOptions:
         as if the server were down. The messages name the command-line flags the CLIs fill these
         options from (client/cli.py's tls_from_args), beside the file.
         """
-        ca, cert, key = self.root_certificates, self.certificate_chain, self.private_key
+        ca, cert, key = (
+            None if path is None else Path(path)
+            for path in (self.root_certificates, self.certificate_chain, self.private_key)
+        )
         if cert is not None and key is None:
             raise ValueError(
                 f"client certificate {cert} (--client-cert) is given without its private key "
@@ -147,73 +149,36 @@ class TlsOptions:
                 f"client key {key} (--client-key) is given without its certificate (--client-cert); "
                 "mutual TLS needs both"
             )
-        problems = [
-            problem
-            for path, what in ((ca, _CA), (cert, _CLIENT_CERT), (key, _CLIENT_KEY))
-            if path is not None and (problem := _pem_problem(Path(path), what))
+        named = [
+            (
+                f"CA certificate {ca} (--ca-cert)",
+                ca and tls_files.certificate_problem(ca, "certificate", ca=True),
+            ),
+            (
+                f"client certificate {cert} (--client-cert)",
+                cert and tls_files.certificate_problem(cert, "certificate"),
+            ),
+            (f"client key {key} (--client-key)", key and tls_files.key_problem(key)),
         ]
-        if not problems:  # the markers are there: OpenSSL checks that the blocks decode, the key fits
-            problems = _openssl_problems(ca, cert, key)
+        problems = [f"{name}: {problem}" for name, problem in named if problem]
         if problems:
             raise ValueError("; ".join(problems))
-
-
-# The files of TlsOptions as messages name them: what each is, and its flag in the CLIs.
-_CA = "CA certificate", "--ca-cert"
-_CLIENT_CERT = "client certificate", "--client-cert"
-_CLIENT_KEY = "client key", "--client-key"
-
-
-def _pem_problem(path: Path, what: tuple[str, str]) -> str | None:
-    """What keeps `path` from being the PEM file `what` names (a private key, or certificates)."""
-    name, flag = what
-    try:
-        text = path.read_bytes()
-    except OSError as error:
-        return f"{name} {path} ({flag}): cannot be read ({error.strerror or error})"
-    if what == _CLIENT_KEY:
-        # PKCS#1, SEC1 and PKCS#8 keys all end their BEGIN line so.
-        if b"PRIVATE KEY-----" not in text:
-            return f"{name} {path} ({flag}): not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)"
-        # PKCS#8 and the older OpenSSL format mark encryption so; gRPC has no way to ask for a passphrase.
-        if b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text:
-            return f"{name} {path} ({flag}): the private key is encrypted; gRPC needs it unencrypted"
-    # OpenSSL's `x509 -trustout` writes a CA as a TRUSTED CERTIFICATE, which gRPC takes too.
-    elif not (what == _CA and b"-----BEGIN TRUSTED CERTIFICATE-----" in text) and (
-        b"-----BEGIN CERTIFICATE-----" not in text
-    ):
-        return f"{name} {path} ({flag}): not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
-    return None
-
-
-def _openssl_problems(ca: Path | None, cert: Path | None, key: Path | None) -> list[str]:
-    """What OpenSSL (Python's ssl module) finds wrong with files whose PEM blocks are all there."""
-    problems = []
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # gRPC's TLS sets no security level: neither may this check, which would else refuse the 1024-bit
-    # keys and SHA-1 signatures that gRPC still takes (OpenSSL's default level is 2).
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    if cert is not None and key is not None:
-        try:
-            context.load_cert_chain(cert, key, password=b"")  # an empty passphrase: else it prompts
-        except ssl.SSLError as error:
-            # The second: a key of another algorithm than the certificate's (an RSA key, an EC one).
-            if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+        # The PEM blocks are there: OpenSSL checks that they decode, and that the key fits.
+        if cert is not None and key is not None:
+            pair = tls_files.pair_problem(cert, key)
+            if pair == tls_files.KEY_MISMATCH:
                 problems.append(
                     f"client key {key} (--client-key): not the private key of the client certificate "
                     f"{cert} (--client-cert)"
                 )
-            else:
+            elif pair:
                 problems.append(
-                    f"client certificate {cert} (--client-cert) and key {key} (--client-key): not a "
-                    f"readable PEM certificate and private key ({error})"
+                    f"client certificate {cert} (--client-cert) and key {key} (--client-key): {pair}"
                 )
-    if ca is not None:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except ssl.SSLError as error:
-            problems.append(f"CA certificate {ca} (--ca-cert): not a readable PEM certificate ({error})")
-    return problems
+        if ca is not None and (trouble := tls_files.ca_problem(ca, "certificate")):
+            problems.append(f"CA certificate {ca} (--ca-cert): {trouble}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import dataclasses
 import difflib
 import math
 import os
-import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from service import tls_files
 from service.runtime import Device
 
 ENV_PREFIX = "VAE_SERVE_"
@@ -293,54 +293,26 @@ def _tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None) -
         if client_ca is not None:
             return ["--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"]
         return []
-    problems = [
-        problem
-        for flag, path, what in (
-            ("--tls-cert", cert, "certificate chain"),
-            ("--tls-key", key, "private key"),
-            ("--tls-client-ca", client_ca, "CA bundle"),
-        )
-        if path is not None and (problem := _pem_problem(flag, path, what))
+    named = [
+        (f"--tls-cert {cert}", tls_files.certificate_problem(cert, "certificate chain")),
+        (f"--tls-key {key}", tls_files.key_problem(key)),
     ]
+    if client_ca is not None:
+        named.append(
+            (f"--tls-client-ca {client_ca}", tls_files.certificate_problem(client_ca, "CA bundle", ca=True))
+        )
+    problems = [f"{name}: {problem}" for name, problem in named if problem]
     if problems:
         return problems
     # The markers are there; OpenSSL now checks that the blocks decode and that the key fits the cert.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        # An empty passphrase: OpenSSL would otherwise prompt for one on the terminal.
-        context.load_cert_chain(cert, key, password=b"")
-    except ssl.SSLError as error:
-        if error.reason == "KEY_VALUES_MISMATCH":
-            problems.append(f"--tls-key {key}: not the private key of the certificate in --tls-cert {cert}")
-        else:
-            problems.append(
-                f"--tls-cert {cert} and --tls-key {key}: not a readable PEM certificate chain and key "
-                f"({error})"
-            )
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=client_ca)
-        except ssl.SSLError as error:
-            problems.append(f"--tls-client-ca {client_ca}: not a readable PEM CA bundle ({error})")
+    pair = tls_files.pair_problem(cert, key)
+    if pair == tls_files.KEY_MISMATCH:
+        problems.append(f"--tls-key {key}: not the private key of the certificate in --tls-cert {cert}")
+    elif pair:
+        problems.append(f"--tls-cert {cert} and --tls-key {key}: {pair}")
+    if client_ca is not None and (ca := tls_files.ca_problem(client_ca, "CA bundle")):
+        problems.append(f"--tls-client-ca {client_ca}: {ca}")
     return problems
-
-
-def _pem_problem(flag: str, path: Path, what: str) -> str | None:
-    """What keeps `path` from being a PEM file of `what` (a private key, or certificates), if anything."""
-    try:
-        text = path.read_bytes()
-    except OSError as error:
-        return f"{flag} {path}: cannot read the {what} ({error.strerror or error})"
-    is_key = what == "private key"
-    # PKCS#1, SEC1 and PKCS#8 keys all end their BEGIN line so.
-    found = b"PRIVATE KEY-----" in text if is_key else b"-----BEGIN CERTIFICATE-----" in text
-    if not found:
-        block = "-----BEGIN ... PRIVATE KEY-----" if is_key else "-----BEGIN CERTIFICATE-----"
-        return f"{flag} {path}: not a PEM {what} (no {block} block)"
-    # PKCS#8 and the older OpenSSL format mark encryption so; grpc has no way to ask for a passphrase.
-    if is_key and (b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text):
-        return f"{flag} {path}: the private key is encrypted; grpc needs it unencrypted"
-    return None
 
 
 def _optional_path(text: str) -> Path | None:
