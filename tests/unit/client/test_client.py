@@ -368,7 +368,8 @@ def test_a_pem_file_whose_block_does_not_decode_is_refused_by_openssl_naming_it(
 
 def test_a_tls_file_that_cannot_be_read_is_named_with_its_flag(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"CA certificate \S*missing.pem \(--ca-cert\): cannot read the certificate \(No such file"
+        ValueError,
+        match=r"CA certificate \S*missing.pem \(--ca-cert\): cannot read the certificate \(No such file",
     ):
         TlsOptions(root_certificates=tmp_path / "missing.pem").credentials()
 
