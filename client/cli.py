@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from client.client import EncodeResult, RetryPolicy, TlsOptions, VaeClient, VaeClientError, as_wire_latents
-from client.images import InputError, load_npy, read_images, save_images
+from client.images import InputError, load_npy, read_images, save_images, save_npy
 
 DEFAULT_TARGET = "localhost:50051"
 SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
@@ -256,11 +256,11 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     if args.log_var_out is not None and any(log_var is None for log_var in log_vars):
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     mean = np.concatenate([result.mean for result in results])
-    np.save(args.out, mean)
+    save_npy(mean, args.out)
     print(f"wrote {args.out}: mean {list(mean.shape)}")
     if args.log_var_out is not None:
         log_var = np.concatenate([lv for lv in log_vars if lv is not None])
-        np.save(args.log_var_out, log_var)
+        save_npy(log_var, args.log_var_out)
         print(f"wrote {args.log_var_out}: log_var {list(log_var.shape)}")
 
 

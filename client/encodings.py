@@ -105,12 +105,16 @@ def write_atomic(path: Path, data: bytes, before_rename: Callable[[], None] | No
     temporary = path.with_name(path.name + ".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view) :]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view) :]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except BaseException:  # a full disk, a Ctrl-C: half a file helps nobody
+        temporary.unlink(missing_ok=True)
+        raise
     if before_rename is not None:
         before_rename()
     temporary.replace(path)

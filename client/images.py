@@ -15,6 +15,7 @@ shard (a file cut short ends the reader at once, with SIGBUS).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
+from client.encodings import write_atomic
 from service import codec
 from training.idx import IdxFormatError, read_idx
 
@@ -270,11 +272,21 @@ def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: in
 
 
 def save_images(images: npt.NDArray[Any], path: Path, columns: int | None = None) -> None:
-    """Write images as a PNG grid (`.png`) or as the array itself (`.npy`)."""
+    """Write images as a PNG grid (`.png`) or as the array itself (`.npy`), whole: a file of that
+    name is replaced only once the new one is written."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        np.save(path, images)
+        save_npy(images, path)
     elif path.suffix.lower() == ".png":
-        image_grid(images, columns).save(path)
+        buffer = io.BytesIO()
+        image_grid(images, columns).save(buffer, format="PNG")
+        write_atomic(path, buffer.getvalue())
     else:
         raise ValueError(f"{path}: expected a .png (an image grid) or .npy (the array) output file")
+
+
+def save_npy(array: npt.NDArray[Any], path: Path) -> None:
+    """`np.save`, whole: a file of that name is replaced only once the new one is written."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(Path(path), buffer.getvalue())

@@ -123,6 +123,27 @@ def test_a_crash_before_the_rename_leaves_the_old_file_whole(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+def test_a_write_that_fails_leaves_the_old_file_whole_and_no_half_file_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "codes.npy"
+    write_atomic(path, b"old")
+    written: list[int] = []
+
+    def disk_fills_up(descriptor: int, data: memoryview) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(1)
+        return real_write(descriptor, data[:2])  # part of it, as a short write does
+
+    real_write = os.write
+    monkeypatch.setattr(os, "write", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, b"new contents")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["codes.npy"]
+
+
 def test_a_written_file_takes_its_name_and_then_its_folder_is_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -315,6 +315,27 @@ def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
         save_images(images, tmp_path / "grid.jpg")
 
 
+@pytest.mark.parametrize("name", ["out.png", "out.npy"])
+def test_an_output_is_replaced_whole_or_not_at_all(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C or a full disk mid-write keeps the earlier output, not half of the new one."""
+    path = tmp_path / name
+    images = np.ones((4, 1, 28, 28), np.float32)
+    save_images(images, path)
+    before = path.read_bytes()
+
+    def interrupted(descriptor: int, data: memoryview) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_images(np.zeros((9, 1, 28, 28), np.float32), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_a_decompression_bomb_is_a_bad_file_not_a_crash(
     tmp_path: Path, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
