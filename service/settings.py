@@ -129,37 +129,42 @@ class Settings:
         for f in dataclasses.fields(self):  # a value given as a VAE_SERVE_* variable, or in code
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                problems.append(f"{f.name} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+                problems.append(
+                    f"{_setting(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}"
+                )
         if not self.host:
-            problems.append("host '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)")
+            problems.append("--host '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
-                problems.append(f"{name} {getattr(self, name)}: expected 0 to 65535")
+                problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to 65535")
         for name in ("max_batch_size", "max_samples"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} {getattr(self, name)}: expected at least 1")
+                problems.append(f"{_setting(name)} {getattr(self, name)}: expected at least 1")
         for name in ("intra_op_threads", "max_concurrent_batches"):
             if not 0 <= getattr(self, name) <= MAX_THREADS:
-                problems.append(f"{name} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
+                problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
         if not 0 <= self.inference_nice <= 19:
-            problems.append(f"inference_nice {self.inference_nice}: expected 0 to 19")
+            problems.append(f"--inference-nice {self.inference_nice}: expected 0 to 19")
         for name in ("max_queue_delay_ms", "grace_period_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
-                problems.append(f"{name} {getattr(self, name)}: expected a finite number, 0 or more")
+                problems.append(
+                    f"{_setting(name)} {getattr(self, name)}: expected a finite number, 0 or more"
+                )
         age = self.max_connection_age_s
         if not (age == 0 or 1 <= age <= MAX_CONNECTION_AGE_S):  # NaN fails it too
             problems.append(
-                f"max_connection_age_s {age}: expected 0 (never) or 1 to {MAX_CONNECTION_AGE_S} seconds"
+                f"--max-connection-age-s {age}: expected 0 (never) or 1 to {MAX_CONNECTION_AGE_S} seconds"
             )
         if self.max_queue_size > MAX_QUEUE_SIZE:
             problems.append(
-                f"max_queue_size {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, as a request "
+                f"--max-queue-size {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, as a request "
                 "of that many FLOAT32 images is gRPC's largest message (2 GiB)"
             )
         for name in ("max_batch_size", "max_samples"):  # a batch, and the largest Sample, must fit
             if self.max_queue_size < getattr(self, name):
                 problems.append(
-                    f"max_queue_size {self.max_queue_size}: expected at least {name} ({getattr(self, name)})"
+                    f"--max-queue-size {self.max_queue_size}: "
+                    f"expected at least {_setting(name)} ({getattr(self, name)})"
                 )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
@@ -237,6 +242,11 @@ class Settings:
             return cls(**values)
         except ValueError as error:
             parser.error(str(error))
+
+
+def _setting(name: str) -> str:
+    """A setting by its flag, which is also how --help names its VAE_SERVE_* variable."""
+    return "--" + name.replace("_", "-")
 
 
 # Settings that are gone, and why, for a deployment that still sets them.
