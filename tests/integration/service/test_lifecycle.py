@@ -244,6 +244,24 @@ def test_a_health_watch_does_not_hold_a_drain_for_its_grace_period(
         assert statuses_until_it_ends(watch) == [NOT_SERVING]
 
 
+def test_a_health_watch_stays_open_through_a_drain_so_its_client_does_not_watch_again_in_a_loop(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """A Watch that ended on NOT_SERVING would be started again at once by its client, for as long as
+    the drain lasts: it says NOT_SERVING and stays open, until the server stops."""
+    server = start_server_thread(vae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
+        assert next(watch).status == SERVING
+        server.call(server.server.begin_drain())
+        assert next(watch).status == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as still_open:
+            next(watch)
+        assert still_open.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_a_drain_lets_an_answer_still_on_its_way_to_a_slow_client_arrive_whole(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
