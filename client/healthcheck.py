@@ -23,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.cli import add_connection_arguments, open_channel, seconds_or_zero
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Between a Watch that a server ended without SERVING and the next: not a busy loop on its CPU.
+REWATCH_PAUSE_S = 0.2
 
 
 def status_name(status: int) -> str:
@@ -57,6 +59,7 @@ def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
                 last = int(response.status)
                 if last == SERVING:
                     return last
+            time.sleep(min(REWATCH_PAUSE_S, max(0.0, deadline - time.monotonic())))
         except grpc.RpcError as error:
             # A server that stops (or restarts) while we watch ends the stream: watch again.
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -1,4 +1,5 @@
-"""vae-healthcheck's exits without a server: TLS files it refuses, and Ctrl-C while it waits."""
+"""vae-healthcheck's exits without a server: TLS files it refuses, Ctrl-C while it waits, and how
+it waits on a health server that ends each Watch."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.healthcheck import main
+from client.healthcheck import REWATCH_PAUSE_S, main, wait_for_serving
 from tests.conftest import free_port, sigint_not_ignored
 from tests.unit.client.conftest import TlsFiles
 
@@ -63,3 +69,29 @@ def test_ctrl_c_while_waiting_exits_130_with_one_line() -> None:
                 process.kill()
                 process.wait()
     assert (process.returncode, err) == (130, "vae-healthcheck: interrupted\n")
+
+
+class EndsEachWatch(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # untyped library
+    """A health server that says NOT_SERVING and ends the Watch, every time."""
+
+    def __init__(self) -> None:
+        self.watches = 0
+
+    def Watch(self, request: Any, context: Any) -> Iterator[health_pb2.HealthCheckResponse]:  # noqa: N802
+        self.watches += 1
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def test_a_watch_the_server_ends_is_watched_again_after_a_pause_not_in_a_busy_loop() -> None:
+    health = EndsEachWatch()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            last = wait_for_serving(channel, "", wait_s=1.0)
+    finally:
+        server.stop(0)
+    assert last == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert 2 <= health.watches <= 1.0 / REWATCH_PAUSE_S + 1
