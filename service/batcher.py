@@ -54,7 +54,7 @@ class _Request:
     # The rest is written by whoever holds the batcher's lock.
     unanswered: int  # items not yet run; 0 once the request is answered, has failed or was cancelled
     queued: int  # rows still counted in the queue: 0 once taken, or once its caller cancelled
-    started: bool = False  # its first rows are taken: its wait for the batcher is over
+    wait_observed: bool = False  # its first rows were taken, or it left the queue before
     outputs: list[Array] | None = None
     error: BaseException | None = None
 
@@ -209,6 +209,7 @@ class Batcher:
                 self._pending_rows -= request.queued
                 request.queued = 0
                 request.unanswered = 0
+                self._waited(request, time.monotonic())
             raise
         except Exception:
             # The error's traceback holds this frame, and the request holds the error: without the
@@ -357,6 +358,7 @@ class Batcher:
             if alive and request.deadline is not None and now >= request.deadline:
                 expired.append(item)
                 alive = False
+                self._waited(request, now)
             if alive and rows + len(item.rows) > max_rows:
                 break
             self._pending.popleft()
@@ -364,17 +366,24 @@ class Batcher:
                 request.queued -= len(item.rows)
                 self._pending_rows -= len(item.rows)
             if alive:
-                if not request.started:
-                    # Once a request, until its first rows run: a large request's later rows wait for
-                    # its own earlier ones, which is work, not the contention this measures.
-                    request.started = True
-                    self._queue_wait.observe(now - request.enqueued_at)
+                self._waited(request, now)
                 batch.append(item)
                 rows += len(item.rows)
         if expired and self._loop is not None:
             failed = _failed(expired, DeadlineExceeded("the deadline passed while the request was queued"))
             self._loop.call_soon_threadsafe(_answer, failed)
         return batch
+
+    def _waited(self, request: _Request, now: float) -> None:
+        """Observe a request's wait in the queue, once (lock held): when its first rows are taken, or
+        when it leaves the queue before that, on its deadline or cancelled by its caller. Leaving those
+        out would make the metric look best when most requests give up waiting.
+
+        Only until its first rows run: a large request's later rows wait for its own earlier ones,
+        which is work, not the contention this measures."""
+        if not request.wait_observed:
+            request.wait_observed = True
+            self._queue_wait.observe(now - request.enqueued_at)
 
     def _run(self, batch: list[_Item]) -> Sequence[Array] | Exception:
         """One call of `infer` on the batch's rows: its outputs, or the error anything on the way raised

@@ -74,7 +74,8 @@ class ServiceMetrics:
             ),
             queue_wait=Histogram(
                 "vae_queue_wait_seconds",
-                "Time a request waits in the batcher before its first rows' onnxruntime call starts",
+                "Time a request waits in the batcher until its first rows' onnxruntime call starts, or until "
+                "it leaves the queue unrun (its deadline passed, or its call was cancelled)",
                 ["graph"],
                 buckets=LATENCY_BUCKETS_S,
                 registry=registry,

@@ -929,6 +929,38 @@ def test_queue_wait_records_how_long_rows_waited() -> None:
     assert waited is not None and waited >= 0.2
 
 
+def test_queue_wait_counts_the_requests_that_gave_up_waiting_not_only_those_that_ran() -> None:
+    """Behind a held call, one request's deadline passes in the queue and another's caller cancels: both
+    waited, and left out, the metric would look best when most requests give up."""
+    gate = threading.Event()
+    infer = Doubler(gate)
+    metrics = ServiceMetrics.create(process=False)
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            "decoder", infer, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64, metrics=metrics
+        )
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1)))
+        await until(infer.entered.is_set, "the first call")
+        expiring = asyncio.ensure_future(batcher.submit(rows(2), deadline=time.monotonic() + 0.1))
+        cancelled = asyncio.ensure_future(batcher.submit(rows(2)))
+        await asyncio.sleep(0.2)
+        cancelled.cancel()
+        gate.set()
+        await asyncio.wait_for(running, 10)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(expiring, 10)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    registry = metrics.registry
+    assert infer.calls == [1]  # neither of the two ran
+    assert registry.get_sample_value("vae_queue_wait_seconds_count", {"graph": "decoder"}) == 3
+    waited = registry.get_sample_value("vae_queue_wait_seconds_sum", {"graph": "decoder"})
+    assert waited is not None and waited >= 0.2 + 0.1
+
+
 @pytest.mark.parametrize(
     ("batch", "queue", "workers", "message"),
     [
