@@ -39,17 +39,20 @@ def to_tensor(array: npt.NDArray[np.generic]) -> vae_pb2.Tensor:
     raise TypeError(f"cannot send a {array.dtype} array: only float32 and uint8 are on the wire")
 
 
-def from_tensor(tensor: vae_pb2.Tensor, name: str, expected_shape: str = "") -> npt.NDArray[np.generic]:
-    """A Tensor message as a read-only array. In an error, `name` says which field is wrong, and
-    `expected_shape` ("[N, 2]", say) what it should have been where the shape is none at all."""
-    dtype = _NUMPY_DTYPES.get(tensor.dtype)
-    if dtype is None:
-        found = (
-            "dtype unset"
-            if tensor.dtype == vae_pb2.DATA_TYPE_UNSPECIFIED
-            else f"unknown dtype {tensor.dtype}"
-        )
-        raise InvalidInput(f"{name}: {found}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
+def from_tensor(
+    tensor: vae_pb2.Tensor, name: str, expected_shape: str = "", dtypes: tuple[int, ...] = (FLOAT32, UINT8)
+) -> npt.NDArray[np.generic]:
+    """A Tensor message as a read-only array, of one of `dtypes`. In an error, `name` says which field
+    is wrong, and `expected_shape` ("[N, 2]", say) what it should have been where the shape is none."""
+    if tensor.dtype not in dtypes:
+        if tensor.dtype == vae_pb2.DATA_TYPE_UNSPECIFIED:
+            found = "dtype unset"
+        elif tensor.dtype in _NUMPY_DTYPES:
+            found = f"dtype {_dtype_name(tensor.dtype)}"
+        else:
+            found = f"unknown dtype {tensor.dtype}"
+        raise InvalidInput(f"{name}: {found}; expected {' or '.join(map(_dtype_name, dtypes))}")
+    dtype = _NUMPY_DTYPES[tensor.dtype]
     shape = tuple(tensor.shape)
     field = f"{name}: shape {shape_text(shape)}"
     expected = f"; expected {expected_shape}" if expected_shape else ""

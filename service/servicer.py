@@ -150,7 +150,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         if not request.HasField("latents"):
             raise InvalidInput(f"latents: missing; expected a FLOAT32 Tensor [N, {model.spec.latent_dim}]")
         latents = checked_latents(
-            codec.from_tensor(request.latents, "latents", f"[N, {model.spec.latent_dim}]"),
+            codec.from_tensor(
+                request.latents, "latents", f"[N, {model.spec.latent_dim}]", dtypes=(codec.FLOAT32,)
+            ),
             model.spec.latent_dim,
         )
         images = await model.decode(latents, deadline_after(context.time_remaining()))

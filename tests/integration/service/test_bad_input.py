@@ -126,6 +126,16 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
         decode(tensor([3, 2], dtype=codec.UINT8)),
         "latents: dtype DATA_TYPE_UINT8; expected DATA_TYPE_FLOAT32",
     ),
+    # The dtypes Decode takes, not those of every tensor: a client that left dtype out is not sent to
+    # UINT8, which Decode refuses; nor is a UINT8 of the wrong length told about its bytes first.
+    "unspecified latents dtype": (
+        decode(tensor([1, 2], dtype=0, data=b"\0" * 8)),
+        "latents: dtype unset; expected DATA_TYPE_FLOAT32",
+    ),
+    "latents as uint8 of the wrong length": (
+        decode(tensor([1, 2], dtype=codec.UINT8, data=b"\0" * 3)),
+        "latents: dtype DATA_TYPE_UINT8; expected DATA_TYPE_FLOAT32",
+    ),
     "latents with NaN": (decode(tensor([1, 2], fill=math.nan)), "NaN or Inf"),
     "latents with Inf": (decode(tensor([1, 2], fill=-math.inf)), "NaN or Inf"),
     "an empty batch of latents": (decode(tensor([0, 2])), "empty batch"),

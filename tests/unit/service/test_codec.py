@@ -111,3 +111,21 @@ def test_a_shape_numpy_cannot_make_names_the_shape_expected() -> None:
         r" array shape \(.*\); expected \[N, 2\]$",
     ):
         from_tensor(vae_pb2.Tensor(shape=[0, 2**62, 2**62], dtype=UINT8, data=b""), "x", "[N, 2]")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "data", "message"),
+    [
+        (0, b"\0" * 8, "z: dtype unset; expected DATA_TYPE_FLOAT32"),
+        (UINT8, b"\0" * 3, "z: dtype DATA_TYPE_UINT8; expected DATA_TYPE_FLOAT32"),
+        (9, b"", "z: unknown dtype 9; expected DATA_TYPE_FLOAT32"),
+    ],
+)
+def test_a_field_that_takes_one_dtype_names_only_that_one_before_anything_else(
+    dtype: int, data: bytes, message: str
+) -> None:
+    """Decode's latents are FLOAT32 only: an error that offered UINT8 too would send the client there."""
+    tensor = vae_pb2.Tensor(shape=[1, 2], dtype=dtype, data=data)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput) as refused:
+        from_tensor(tensor, "z", dtypes=(FLOAT32,))
+    assert str(refused.value) == message
