@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -18,7 +19,8 @@ log = logging.getLogger("vae-serve")
 
 
 async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status."""
+    """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status: 0,
+    or 1 where a second signal cut the drain short."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -35,8 +37,24 @@ async def serve(settings: Settings) -> int:
     gc.freeze()
     log.info("%d start-up objects moved out of the garbage collector's sight", gc.get_freeze_count())
     await stop.wait()
-    log.info("signal received: draining for up to %.1f s", settings.grace_period_s)
-    await server.stop()
+    log.info(
+        "signal received: draining for up to %.1f s (a second signal stops at once)", settings.grace_period_s
+    )
+    stop.clear()  # and now waits for a second signal, which an operator's second Ctrl-C means
+    drain = asyncio.ensure_future(server.stop())
+    second_signal = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((drain, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    second_signal.cancel()
+    if drain.done():
+        drain.result()  # its error, if it raised one
+    else:
+        log.warning("second signal received: the drain cut short, calls still running cancelled")
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await server.stop(0)
+        log.info("stopped")
+        return 1
     log.info("stopped")
     return 0
 

@@ -186,3 +186,36 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero(
         assert list(busy.result(timeout=GRACE_S).images.shape) == [4096, 1, 28, 28]
     assert proc.wait(timeout=GRACE_S + 10) == 0
     assert time.monotonic() - signalled < GRACE_S
+
+
+def test_a_second_signal_cuts_the_drain_short_and_exits_one(
+    vae_bundle: Path, serve: Callable[..., ServeProcess]
+) -> None:
+    """An operator's second Ctrl-C stops the server at once: calls still running are cancelled, not
+    waited for through the rest of a long grace period."""
+    flags = ["--port", "0", "--metrics-port", "0", "--grace-period-s", "120", "--log-level", "info"]
+    # One slot, and a queue of 4096-image batches that takes the decoder several seconds.
+    flags += ["--max-concurrent-batches", "1", "--max-batch-size", "4096", "--max-samples", "4096"]
+    flags += ["--max-queue-size", str(16 * 4096)]
+    server = serve(serve_command(vae_bundle, *flags))
+    proc = server.process
+    port, metrics_port = (int(bound) for bound in server.wait_for_line(BOUND).groups())
+    server.wait_for_line("SERVING")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        request = vae_pb2.SampleRequest(num_samples=4096, output_dtype=vae_pb2.DATA_TYPE_UINT8)
+        calls = [stub.Sample.future(request, timeout=120) for _ in range(16)]
+        wait_until(
+            lambda: metric(metrics_port, 'vae_batch_size_sum{graph="decoder"}') >= 4096,
+            "the first batch to start",
+            lambda: proc.poll() is None,
+        )
+        proc.send_signal(signal.SIGINT)
+        server.wait_for_line("draining for up to 120.0 s")
+        proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        assert proc.wait(timeout=60) == 1
+        assert time.monotonic() - signalled < 10
+        server.wait_for_line("second signal received: the drain cut short")
+        unfinished = [call for call in calls if call.exception(timeout=30) is not None]
+        assert unfinished, "every call ran before the second signal: the test proved nothing"
