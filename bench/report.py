@@ -10,6 +10,7 @@ leaves every other line alone. A missing document is created with every section'
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -78,8 +79,14 @@ def _window(
     )
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
+def _ratio(a: float | None, b: float | None) -> str | None:
+    return None if not a or not b else _three_decimals(a / b)
+
+
+def _three_decimals(ratio: float) -> str:
+    """A ratio cut, not rounded, to three decimals: a 0.8997 or a 1.4998 must not print as the 0.9
+    or the 1.50 of a goal it misses."""
+    return f"{math.floor(ratio * 1000 + 1e-9) / 1000:.3f}"
 
 
 # ---------------------------------------------------------------- sections
@@ -104,9 +111,10 @@ def targets(results: Results) -> str:
                 _target_name(row),
                 row["ours_median"],
                 row["theirs_median"],
-                # Three decimals: 1.4948 must not print as the 1.50 of a goal it misses.
-                None if row["ratio_median"] is None else f"{row['ratio_median']:.3f}",
-                None if row["ratio_low"] is None else f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}",
+                None if row["ratio_median"] is None else _three_decimals(row["ratio_median"]),
+                None
+                if row["ratio_low"] is None
+                else f"{_three_decimals(row['ratio_low'])}-{_three_decimals(row['ratio_high'])}",
                 f"{row['rounds_met']} of {row['rounds']}",
                 f">= {row['goal']}",
                 row["met"],

@@ -109,7 +109,7 @@ def test_the_peers_ratios_divide_the_services_speed_by_each_peers_on_float32_win
     table = report.peers(results)
 
     assert (
-        "| Sample | 1 | 32 | 2,400 | 800 | 1,200 | 3.00 | 2.00 | 20.0 | 30.0 | 40.0 | 0.4 | 0.6 | 0.8 |"
+        "| Sample | 1 | 32 | 2,400 | 800 | 1,200 | 3.000 | 2.000 | 20.0 | 30.0 | 40.0 | 0.4 | 0.6 | 0.8 |"
         in table
     )
 
@@ -151,12 +151,13 @@ def test_encode_is_judged_against_the_encoders_ceiling_and_decode_against_the_de
         report.stream(results),
     )
 
-    assert unary.splitlines()[2].startswith("| Encode | 64 |") and unary.splitlines()[2].endswith("| 0.5 |")
-    assert unary.splitlines()[3].startswith("| Decode | 64 |") and unary.splitlines()[3].endswith("| 0.25 |")
+    assert unary.splitlines()[2].startswith("| Encode | 64 |") and unary.splitlines()[2].endswith("| 0.500 |")
+    assert unary.splitlines()[3].startswith("| Decode | 64 |") and unary.splitlines()[3].endswith("| 0.250 |")
     assert sample.splitlines()[2].endswith("| - |")  # no decoder ceiling measured at 7 rows a call
-    assert sample.splitlines()[3].startswith("| Sample | 64 |") and sample.splitlines()[3].endswith("| 0.5 |")
+    assert sample.splitlines()[3].startswith("| Sample | 64 |")
+    assert sample.splitlines()[3].endswith("| 0.500 |")
     # A stream is held to the encoder's best at any rows a call: 1,000 / 5,000.
-    assert stream.splitlines()[2] == "| service | UINT8 | 10,000 | 64 | 10.0 | 1,000 | 0.5 | 0.2 |"
+    assert stream.splitlines()[2] == "| service | UINT8 | 10,000 | 64 | 10.0 | 1,000 | 0.5 | 0.200 |"
 
 
 @pytest.mark.parametrize(
@@ -186,7 +187,7 @@ def test_a_goals_ratio_is_shown_to_three_decimals_so_a_near_miss_does_not_round_
         "failed_in_round": 2,
     }
     first = report.targets({"paired_targets": {"summary": [row]}}).splitlines()[2]
-    expected = "| Sample c=32 vs Triton (failed in round 2) | 2,990 | 2,000 | 1.495 | 1.200-1.700 | 1 of 3 |"
+    expected = "| Sample c=32 vs Triton (failed in round 2) | 2,990 | 2,000 | 1.494 | 1.200-1.700 | 1 of 3 |"
     assert first == expected + " >= 1.5 | no |"
 
 
@@ -246,3 +247,19 @@ def test_the_startup_table_gives_each_servers_peak_and_tritons_memory_as_the_pss
         "| naive | 0.20 | 150 | 290 | 301 |",
         "| triton | 6.56 | - | 1,100 (PSS, its processes) | - |",
     ]
+
+
+def test_a_ratio_just_short_of_a_goal_does_not_read_as_the_goal() -> None:
+    """Cut to three decimals, not rounded: 8,448 / 9,390 is 0.89968, which is not the goal's 0.9."""
+    window: report.Row = {"rpc": "Sample", "per_request": 1, "concurrency": 32, "dtype": "FLOAT32"}
+    window |= {"p99_ms": 1.0, "server_cpu_ms_per_item": 0.1}
+
+    def results(service_speed: float) -> report.Results:
+        return {
+            "service": {"windows": [{**window, "items_per_s": service_speed}]},
+            "naive": {"windows": [{**window, "items_per_s": 1000.0}]},
+            "ceilings": [{"graph": "decoder", "rows": 1, "items_per_s": 9390.0}],
+        }
+
+    assert "| 1.499 |" in report.peers(results(1499.9))
+    assert report.service_sample(results(8448.0)).splitlines()[2].endswith("| 0.899 |")
