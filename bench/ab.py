@@ -8,7 +8,8 @@
     .venv/bin/python -m bench.ab --bundle runs/bench/bundle-30-epochs --flags "service=" --naive
 
 A version is a checkout (`--tree`: `python -m service` with the tree first on sys.path), this
-checkout with extra vae-serve flags (`--flags`), or the naive peer (`--naive`, bench/peers/). Each
+checkout with extra vae-serve flags (`--flags`), or the naive peer (`--naive`, bench/peers/; with its
+own flags, `--naive-flags "t1=--threads 1"`). Each
 round starts every version in turn and runs the cells of the targets, so that the noise of a shared
 machine falls on all versions alike; every other round runs them in reverse order, so that none is
 always the first after a pause. Prints images/s and the server's CPU ms per image for each cell, as
@@ -96,6 +97,10 @@ def _flags_version(bundle: Path, flags: list[str], port: int) -> list[str]:
     return service_argv(bundle, port, *flags)
 
 
+def _naive_version(bundle: Path, flags: list[str], port: int) -> list[str]:
+    return naive_argv(bundle, port, *flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True)
@@ -104,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--flags", action="append", default=[], help='NAME="FLAGS": this checkout with these vae-serve flags'
     )
     parser.add_argument("--naive", action="store_true", help="add the naive grpc.aio peer as a version")
+    parser.add_argument(
+        "--naive-flags",
+        action="append",
+        default=[],
+        help='NAME="FLAGS": the naive peer with these flags (bench/peers/naive_server.py)',
+    )
     parser.add_argument(
         "--cell", type=parse_cell, action="append", default=[], help="RPC:PER_REQUEST:CLIENTS, a cell to add"
     )
@@ -139,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         add("--flags", item, lambda flags: partial(_flags_version, args.bundle, flags.split()))
     if args.naive:
         add("--naive", "naive=", lambda _: partial(naive_argv, args.bundle))
+    for item in args.naive_flags:
+        add("--naive-flags", item, lambda flags: partial(_naive_version, args.bundle, flags.split()))
     if len(versions) < 2:
-        parser.error("name at least two versions (--tree, --flags, --naive)")
+        parser.error("name at least two versions (--tree, --flags, --naive, --naive-flags)")
     latent_dim = bundle_latent_dim(args.bundle)
     results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
     cells = [*CELLS, *args.cell]

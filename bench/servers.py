@@ -132,3 +132,27 @@ def start(
     except BaseException:
         server.stop()
         raise
+
+
+def evict_from_page_cache(*roots: Path) -> int:
+    """Ask the kernel to drop the cached pages of every file under `roots` (each root once, however
+    they nest), as on a node that has just pulled the image: the next process to start reads them
+    from disk. Pages that a running process has mapped stay. Returns how many files it advised."""
+    unique = sorted({root.resolve() for root in roots}, key=lambda root: len(root.parts))
+    outermost = [root for i, root in enumerate(unique) if not any(root.is_relative_to(o) for o in unique[:i])]
+    evicted = 0
+    for root in outermost:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                try:
+                    descriptor = os.open(Path(folder) / name, os.O_RDONLY | os.O_NONBLOCK)
+                except OSError:  # a dangling link, a socket, a file it may not read
+                    continue
+                try:
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                    evicted += 1
+                except OSError:  # a FIFO, or a file system without page-cache advice
+                    pass
+                finally:
+                    os.close(descriptor)
+    return evicted

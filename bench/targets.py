@@ -91,6 +91,8 @@ def stream_window(
             stub = vae_pb2_grpc.VaeServiceStub(chan)
             await encode_stream(stub, data[: chunk * 4], chunk)  # warm the stream's path
             seconds, answered = await encode_stream(stub, data, chunk)
+        if answered != images:  # a stream that ended early would be timed as a fast one
+            raise servers.ServerFailed(f"the EncodeStream answered {answered:,} of {images:,} images")
         return answered / seconds
 
     return lambda: float(run(measure()))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +89,30 @@ def test_a_server_that_exits_before_it_is_ready_takes_its_process_group_with_it(
 
     child = _pid(pid_file)
     assert child is not None and _gone(child)
+
+
+def test_a_cold_start_finds_every_file_under_its_roots_dropped_from_the_page_cache_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file under the roots gets the kernel's DONTNEED once, however the roots nest; what cannot
+    be opened (a dangling link, a FIFO that would block) is passed over."""
+    bundle, venv = tmp_path / "repo" / "runs" / "bundle", tmp_path / "venv"
+    for folder in (bundle, venv / "lib"):
+        folder.mkdir(parents=True)
+    files = [bundle / "decoder.onnx", tmp_path / "repo" / "service.py", venv / "lib" / "onnxruntime.so"]
+    for path in files:
+        path.write_bytes(b"x" * 8192)
+    (tmp_path / "repo" / "gone").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "repo" / "fifo")
+    advised: list[str] = []
+
+    def posix_fadvise(descriptor: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_DONTNEED)
+        if stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+            raise OSError(errno.ESPIPE, "Illegal seek")  # as Linux answers for a pipe
+        advised.append(str(Path(f"/proc/self/fd/{descriptor}").readlink()))
+
+    monkeypatch.setattr(os, "posix_fadvise", posix_fadvise)
+    evicted = servers.evict_from_page_cache(bundle, tmp_path / "repo", venv, bundle)
+    assert sorted(advised) == sorted(map(str, files))
+    assert evicted == 3

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,7 @@ import pytest
 
 from bench import ceiling, loadgen, report, servers, suite, targets
 from bench.workloads import Shape
+from vae.v1 import vae_pb2
 
 
 def _recorder(calls: list[str], name: str, value: float) -> targets.Measure:
@@ -398,8 +401,8 @@ def test_a_naive_server_that_fails_to_start_and_a_run_without_triton_list_their_
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def start(name: str, *args: object, **kwargs: object) -> servers.Server:
-        if name == "naive-paired":
-            raise servers.ServerFailed("naive-paired exited with 1: see naive-paired.log")
+        if name == "naive-paired-1":
+            raise servers.ServerFailed("naive-paired-1 exited with 1: see naive-paired-1.log")
         return cast(servers.Server, _IdleServer())
 
     monkeypatch.setattr(servers, "start", start)
@@ -419,12 +422,13 @@ def test_a_naive_server_that_fails_to_start_and_a_run_without_triton_list_their_
     paired = suite.paired_targets(tmp_path, manifest, plan, ceilings, tmp_path / "logs")
 
     summary = {row["target"]: row for row in paired["summary"]}
-    assert len(summary) == 7
+    assert len(summary) == 8
     naive, triton = summary[suite.NAIVE_TARGET], summary[suite.TRITON_TARGET]
     assert (
         naive["not_measured"]
-        == "the naive server failed to start: naive-paired exited with 1: see naive-paired.log"
+        == "the naive server failed to start: naive-paired-1 exited with 1: see naive-paired-1.log"
     )
+    assert summary[suite.NAIVE_ONE_THREAD_TARGET]["rounds"] == 2  # the other naive server still ran
     assert triton["not_measured"] == "left out of this run by --no-triton or --quick"
     assert not naive["met"] and not triton["met"]
     assert all(
@@ -434,3 +438,34 @@ def test_a_naive_server_that_fails_to_start_and_a_run_without_triton_list_their_
         "| Sample 1/req, 32 clients / triton (not measured: left out of this run by --no-triton or --quick)"
         " | - | - | - | - | 0 of 0 | >= 2.0 | no |" in report.targets({"paired_targets": paired})
     )
+
+
+def answer_one_message(
+    requests: Iterator[vae_pb2.EncodeRequest], context: grpc.ServicerContext
+) -> Iterator[vae_pb2.EncodeResponse]:
+    """An EncodeStream that answers its first message and then ends, as if all were done."""
+    rows = next(requests).images.shape[0]
+    codes = vae_pb2.Tensor(shape=[rows, 2], dtype=vae_pb2.DATA_TYPE_FLOAT32, data=bytes(8 * rows))
+    yield vae_pb2.EncodeResponse(mean=codes)
+
+
+def test_a_stream_that_ends_before_its_last_image_is_a_failure_not_a_fast_stream() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.stream_stream_rpc_method_handler(
+        answer_one_message,
+        request_deserializer=vae_pb2.EncodeRequest.FromString,
+        response_serializer=vae_pb2.EncodeResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("vae.v1.VaeService", {"EncodeStream": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        measure = targets.stream_window(
+            cast(servers.Server, SimpleNamespace(target=f"127.0.0.1:{port}")), 256, 64
+        )
+        with pytest.raises(servers.ServerFailed, match="the EncodeStream answered 64 of 256 images"):
+            measure()
+    finally:
+        server.stop(0)
