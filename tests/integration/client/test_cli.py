@@ -42,9 +42,11 @@ def test_info_prints_model_info_as_json(vae_server: ServerThread, capsys: pytest
     assert info["name"] == "tiny-vae" and info["latent_dim"] == 2 and info["image_shape"] == [1, 28, 28]
 
 
-def test_encode_then_decode_round_trips_through_files(
+def test_encode_then_decode_round_trips_through_files_as_the_python_client_answers(
     vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
 ) -> None:
+    """mean.npy and log_var.npy hold, row for row, the posterior VaeClient.encode gives for the same
+    images (the PNG first, then the array), and d.npy the images VaeClient.decode gives for mean.npy."""
     Image.fromarray(digits[0, 0]).save(tmp_path / "digit.png")
     np.save(tmp_path / "many.npy", digits[:300])
     target = ["--target", vae_server.target]
@@ -64,14 +66,23 @@ def test_encode_then_decode_round_trips_through_files(
         ]
     )
     assert code == 0
-    mean = np.load(tmp_path / "mean.npy")
-    assert mean.shape == (301, 2) and np.load(tmp_path / "log_var.npy").shape == (301, 2)
+    with VaeClient(vae_server.target) as client:
+        expected = client.encode(np.concatenate([digits[:1], digits[:300]]))
+        assert expected.log_var is not None
+        # Not the means again: a VAE's log-variances are another output of the encoder.
+        assert not np.array_equal(expected.log_var, expected.mean)
+        mean = np.load(tmp_path / "mean.npy")
+        np.testing.assert_array_equal(mean, expected.mean)
+        np.testing.assert_array_equal(np.load(tmp_path / "log_var.npy"), expected.log_var)
+        decoded = client.decode(mean)
+    assert mean.shape == (301, 2)
     np.testing.assert_array_equal(mean[0], mean[1])  # the PNG is the first row of the array
     assert (
         cli.main(["decode", *target, "--input", str(tmp_path / "mean.npy"), "--out", str(tmp_path / "d.npy")])
         == 0
     )
-    assert np.load(tmp_path / "d.npy").shape == (301, 1, 28, 28)
+    assert decoded.shape == (301, 1, 28, 28)
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), decoded)
     assert (
         cli.main(["decode", *target, "--input", str(tmp_path / "mean.npy"), "--out", str(tmp_path / "d.png")])
         == 0

@@ -274,12 +274,34 @@ def test_mutual_tls_needs_both_the_client_certificate_and_its_key_naming_the_fla
         TlsOptions(private_key=tls_files.client_key).credentials()
 
 
-def test_sound_tls_files_make_credentials(tls_files: TlsFiles) -> None:
-    assert TlsOptions().credentials() is not None  # the system's roots
+def test_sound_tls_files_reach_grpc_each_as_what_it_is_and_no_files_mean_the_systems_roots(
+    tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC takes any bytes in each of its three places and fails only at the handshake: a key handed
+    over as the certificate chain would pass unnoticed until the first call."""
+    handed: list[dict[str, bytes | None]] = []
+    made = object()
+
+    def ssl_channel_credentials(
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> object:
+        handed.append({"root": root_certificates, "key": private_key, "chain": certificate_chain})
+        return made
+
+    monkeypatch.setattr(grpc, "ssl_channel_credentials", ssl_channel_credentials)
+    assert TlsOptions().credentials() is made
+    assert handed == [{"root": None, "key": None, "chain": None}]  # the system's root certificates
     mutual = TlsOptions(
         tls_files.ca, certificate_chain=tls_files.client_cert, private_key=tls_files.client_key
     )
-    assert mutual.credentials() is not None
+    assert mutual.credentials() is made
+    assert handed[1] == {
+        "root": tls_files.ca.read_bytes(),
+        "key": tls_files.client_key.read_bytes(),
+        "chain": tls_files.client_cert.read_bytes(),
+    }
 
 
 def _file(tls_files: TlsFiles, name: str) -> Path:

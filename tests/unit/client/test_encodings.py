@@ -450,3 +450,78 @@ def test_a_merged_manifest_is_not_read_once_its_parts_are_those_of_another_split
         match=r"its manifest.json joins 3 parts, but the folder holds 2: run vae-encode-job merge",
     ):
         read_encodings(tmp_path)
+
+
+def rewrite_part(directory: Path, part: int, parts: int, start: int, stop: int, total: int) -> None:
+    """Part `part` of `parts` written again, a whole output of its own, for rows [start, stop) of `total`."""
+    folder = directory / part_directory_name(part, parts)
+    shutil.rmtree(folder)
+    write_output(folder, start, stop, 3, total, part=part, parts=parts)
+
+
+@pytest.mark.parametrize("start", [6, 4], ids=["a gap", "an overlap"])
+def test_parts_that_do_not_follow_on_from_each_other_are_not_joined_naming_the_row(
+    tmp_path: Path, start: int
+) -> None:
+    """Each part is a sound output on its own; joined, they would leave row 5 out or hold row 4 twice."""
+    write_parts(tmp_path, 10, 2)  # rows [0, 5) and [5, 10)
+    rewrite_part(tmp_path, 1, 2, start, 10, 10)
+    message = rf"^{re.escape(str(tmp_path))}/part-00001-of-00002: starts at row {start}, expected 5$"
+    with pytest.raises(EncodingsError, match=message):
+        merged_manifest(tmp_path)
+    with pytest.raises(EncodingsError, match=message):
+        read_encodings(tmp_path)
+
+
+def test_parts_that_stop_short_of_the_inputs_last_row_are_not_joined(tmp_path: Path) -> None:
+    """Every part complete and in line, but the last one ends at row 9 of an input of 10 rows."""
+    write_parts(tmp_path, 10, 2)
+    rewrite_part(tmp_path, 1, 2, 5, 9, 10)
+    message = rf"^{re.escape(str(tmp_path))}: the parts end at row 9 of 10$"
+    with pytest.raises(EncodingsError, match=message):
+        merged_manifest(tmp_path)
+    with pytest.raises(EncodingsError, match=message):
+        read_encodings(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (lambda path: path.write_text('{"format_version": 1, "shards": ['), "Expecting value"),
+        (lambda path: (path.unlink(), path.mkdir()), "Is a directory"),
+    ],
+    ids=["torn JSON", "a folder"],
+)
+def test_a_part_whose_manifest_cannot_be_read_as_json_is_named_with_the_reason(
+    tmp_path: Path, spoil: Callable[[Path], object], reason: str
+) -> None:
+    write_parts(tmp_path, 10, 2)
+    manifest = tmp_path / "part-00001-of-00002" / MANIFEST
+    spoil(manifest)
+    with pytest.raises(
+        EncodingsError, match=rf"^{re.escape(str(manifest))}: not a readable JSON manifest \("
+    ) as refused:
+        merged_manifest(tmp_path)
+    assert reason in str(refused.value)
+
+
+def test_a_shard_the_manifest_lists_that_is_gone_is_named_as_unreadable(tmp_path: Path) -> None:
+    write_parts(tmp_path, 10, 2)
+    shard = tmp_path / "part-00001-of-00002" / "shard-00001.npz"
+    shard.unlink()
+    with pytest.raises(
+        EncodingsError,
+        match=rf"^{re.escape(str(shard))}: listed in the manifest but unreadable \(.*No such file",
+    ):
+        read_encodings(tmp_path)
+
+
+def test_a_folder_with_no_manifest_and_no_parts_is_refused_as_no_output(tmp_path: Path) -> None:
+    """Names close to a part's are not parts: a file of a part's name, or a folder named otherwise."""
+    (tmp_path / "part-00000-of-00001").write_text("a file, not a part")
+    (tmp_path / "part-0-of-1").mkdir()
+    message = rf"^{re.escape(str(tmp_path))}: no manifest.json and no part-\*-of-\* directories$"
+    with pytest.raises(EncodingsError, match=message):
+        merged_manifest(tmp_path)
+    with pytest.raises(EncodingsError, match=message):
+        read_encodings(tmp_path)

@@ -302,20 +302,54 @@ def test_the_clis_quantize_decoder_reaches_the_exporter_which_refuses_it_for_an_
     assert not (tmp_path / "bundle").exists()
 
 
+def _rows_are(batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1.0 where `batch` has `batch_size` rows, else 0.0: computed in the graph, so that the exported
+    graph, traced at TRACE_BATCH_SIZE, keeps the drift to that one size of the batches it runs."""
+    rows = torch.ones_like(batch.flatten(1)[:, 0]).sum()
+    return (rows == batch_size).to(batch.dtype)
+
+
+def _encoder_whose_log_var_drifts_at(batch_size: int) -> Callable[..., Any]:
+    def forward(graph: Any, images: torch.Tensor) -> Any:
+        mean, log_var = graph.model.encode(images)
+        return mean, log_var + 1e-3 * _rows_are(images, batch_size)
+
+    return forward
+
+
+def _decoder_whose_pixels_drift_at(batch_size: int) -> Callable[..., Any]:
+    def forward(graph: Any, z: torch.Tensor) -> Any:
+        return graph.decoder(z) + 1e-3 * _rows_are(z, batch_size)
+
+    return forward
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+@pytest.mark.parametrize(
+    ("graph", "drifting_at", "output"),
+    [
+        ("_EncoderGraph", _encoder_whose_log_var_drifts_at, "log_var"),
+        ("_DecoderGraph", _decoder_whose_pixels_drift_at, "images"),
+    ],
+    ids=["encoder", "decoder"],
+)
 def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
-    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    vae_run_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    graph: str,
+    drifting_at: Callable[[int], Callable[..., Any]],
+    output: str,
+    batch_size: int,
 ) -> None:
-    seen: list[tuple[str, int]] = []
-    original = exporter._example_input
-
-    def spy(graph, batch_size, latent_dim, seed):  # type: ignore[no-untyped-def]
-        seen.append((graph, batch_size))
-        return original(graph, batch_size, latent_dim, seed)
-
-    monkeypatch.setattr(exporter, "_example_input", spy)
-    export_run(vae_run_dir, tmp_path / "bundle")
-    for graph in ("encoder", "decoder"):
-        assert {b for g, b in seen if g == graph} >= {1, 7, 256, exporter.TRACE_BATCH_SIZE}
+    """A graph that drifts from PyTorch on one batch size alone fails the export naming that size: the
+    comparison is made at each of PARITY_BATCH_SIZES, not only at the first."""
+    assert batch_size in exporter.PARITY_BATCH_SIZES
+    monkeypatch.setattr(getattr(exporter, graph), "forward", drifting_at(batch_size))
+    figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size {batch_size}; the tolerance"
+    with pytest.raises(ExportError, match=figure):
+        export_run(vae_run_dir, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "model.json").exists()
 
 
 def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(

@@ -167,6 +167,18 @@ def test_the_model_is_loaded_with_the_queue_delay_in_seconds_and_the_other_setti
         model.sample_latents(513, seed=1, temperature=1.0)
 
 
+@pytest.mark.parametrize(("cpus", "nice"), [(1, 0), (2, 7)])
+def test_the_models_batchers_run_inference_niced_only_where_the_event_loop_has_a_cpu_of_its_own(
+    vae_bundle: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, nice: int
+) -> None:
+    """build_model hands the batchers worker_nice, not --inference-nice as given: on one CPU, niced
+    inference would get almost no CPU beside the busy event loop."""
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
+    argv = ["--model-dir", str(vae_bundle), "--device", "cpu", "--inference-nice", "7"]
+    model = server.build_model(Settings.from_args(argv, {}), ServiceMetrics.create())  # not started
+    assert [batcher._worker_nice for batcher in (model.encoder, model.decoder)] == [nice, nice]
+
+
 @pytest.mark.parametrize(
     ("cpu_max", "expected"),
     [("max 100000\n", None), ("100000 100000\n", 1), ("150000 100000\n", 2), ("50000 100000\n", 1)],
