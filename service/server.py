@@ -195,6 +195,8 @@ class HealthThatEndsWatchesAtStop(health.aio.HealthServicer):  # type: ignore[mi
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((watch, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                watch.result()  # its error (a client gone mid-write), as gRPC would have had it
         finally:
             watch.cancel()
             stopping.cancel()
