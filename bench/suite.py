@@ -337,9 +337,10 @@ def naive_argv(bundle: Path, port: int, *extra: str) -> list[str]:
 
 
 def cold_starts(bundle: Path, log_dir: Path, repeats: int = 3) -> Row:
-    """The service's seconds to SERVING, several times, each from a page cache that holds none of the
-    files a start reads (the bundle, the interpreter and its packages, this repository), but those the
-    suite itself has mapped (onnxruntime's library): the sweep before has read them all."""
+    """The service's seconds to SERVING, several times, each after the page cache has dropped the files
+    a start reads (the bundle, the interpreter and its packages, this repository), which the sweep
+    before has read: partly cold, as what this process has mapped stays (the interpreter, and the
+    compiled libraries of onnxruntime, gRPC and numpy)."""
     times = []
     for _ in range(repeats):
         servers.evict_from_page_cache(bundle, ROOT, Path(sys.prefix), Path(sys.base_prefix))

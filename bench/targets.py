@@ -202,9 +202,11 @@ def summarize(
                 "rounds": len(ratios),
                 "ours_median": round(statistics.median(p[0] for p in pairs), 1) if pairs else None,
                 "theirs_median": round(statistics.median(p[1] for p in pairs), 1) if pairs else None,
-                "ratio_median": None if median is None else round(median, 3),
-                "ratio_low": round(min(ratios), 3) if ratios else None,
-                "ratio_high": round(max(ratios), 3) if ratios else None,
+                # Six decimals: the report cuts them to three, which rounding to three first would
+                # undo (a 1.4996 stored as 1.5 would print as the goal it misses).
+                "ratio_median": None if median is None else round(median, 6),
+                "ratio_low": round(min(ratios), 6) if ratios else None,
+                "ratio_high": round(max(ratios), 6) if ratios else None,
                 "rounds_met": sum(ratio >= goal for ratio in ratios),
                 "goal": goal,
                 # Rounds cut short or dropped are too few, and in an unbalanced order, to call a

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from client.client import EncodeResult, RetryPolicy, TlsOptions, VaeClient, VaeClientError, as_wire_latents
-from client.images import InputError, load_npy, read_images, save_images, save_npy
+from client.images import InputError, load_npy, npy_bytes, read_images, save_images, write_whole
 
 DEFAULT_TARGET = "localhost:50051"
 SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
@@ -256,11 +256,13 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     if args.log_var_out is not None and any(log_var is None for log_var in log_vars):
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     mean = np.concatenate([result.mean for result in results])
-    save_npy(mean, args.out)
-    print(f"wrote {args.out}: mean {list(mean.shape)}")
+    outputs = {args.out: npy_bytes(mean)}
     if args.log_var_out is not None:
         log_var = np.concatenate([lv for lv in log_vars if lv is not None])
-        save_npy(log_var, args.log_var_out)
+        outputs[args.log_var_out] = npy_bytes(log_var)
+    write_whole(outputs)  # the two files together: never a new mean.npy beside an old log_var.npy
+    print(f"wrote {args.out}: mean {list(mean.shape)}")
+    if args.log_var_out is not None:
         print(f"wrote {args.log_var_out}: log_var {list(log_var.shape)}")
 
 

@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.cli import add_connection_arguments, open_channel, seconds_or_zero
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-# Between a Watch that a server ended without SERVING and the next: not a busy loop on its CPU.
+# Between a Watch that ended without SERVING (closed, or failed UNAVAILABLE) and the next: not a busy
+# loop on the server's CPU.
 REWATCH_PAUSE_S = 0.2
 
 
@@ -59,7 +60,6 @@ def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
                 last = int(response.status)
                 if last == SERVING:
                     return last
-            time.sleep(min(REWATCH_PAUSE_S, max(0.0, deadline - time.monotonic())))
         except grpc.RpcError as error:
             # A server that stops (or restarts) while we watch ends the stream: watch again.
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -68,6 +68,7 @@ def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
                 raise
         finally:
             call.cancel()
+        time.sleep(min(REWATCH_PAUSE_S, max(0.0, deadline - time.monotonic())))
     if last is None:
         raise TimeoutError(f"no answer within {wait_s:g} s")
     return last

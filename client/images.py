@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +28,6 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
-from client.encodings import write_atomic
 from service import codec
 from training.idx import IdxFormatError, read_idx
 
@@ -272,21 +274,48 @@ def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: in
 
 
 def save_images(images: npt.NDArray[Any], path: Path, columns: int | None = None) -> None:
-    """Write images as a PNG grid (`.png`) or as the array itself (`.npy`), whole: a file of that
-    name is replaced only once the new one is written."""
+    """Write images as a PNG grid (`.png`) or as the array itself (`.npy`), whole (`write_whole`)."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        save_npy(images, path)
+        write_whole({path: npy_bytes(images)})
     elif path.suffix.lower() == ".png":
         buffer = io.BytesIO()
         image_grid(images, columns).save(buffer, format="PNG")
-        write_atomic(path, buffer.getvalue())
+        write_whole({path: buffer.getbuffer()})
     else:
         raise ValueError(f"{path}: expected a .png (an image grid) or .npy (the array) output file")
 
 
-def save_npy(array: npt.NDArray[Any], path: Path) -> None:
-    """`np.save`, whole: a file of that name is replaced only once the new one is written."""
+def npy_bytes(array: npt.NDArray[Any]) -> memoryview:
+    """The bytes `np.save` would write."""
     buffer = io.BytesIO()
     np.save(buffer, array)
-    write_atomic(Path(path), buffer.getvalue())
+    return buffer.getbuffer()
+
+
+def write_whole(files: Mapping[Path, bytes | memoryview]) -> None:
+    """Write each file to a temporary file of its own beside it, then rename them all into place. A
+    Ctrl-C or a full disk before the renames leaves every earlier file of those names as it was (a
+    mean.npy with its log_var.npy), and no temporary file behind. New files get the mode `open`
+    would give them."""
+    mode = 0o666 & ~_umask()
+    temporaries: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temporaries[path] = Path(name)
+            with os.fdopen(descriptor, "wb") as file:
+                os.fchmod(descriptor, mode)  # not mkstemp's 0600
+                file.write(data)
+        for path, temporary in temporaries.items():
+            temporary.replace(path)
+    except BaseException:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

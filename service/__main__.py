@@ -22,9 +22,14 @@ async def serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status: 0,
     or 1 where a second signal cut the drain short."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    # The first SIGTERM or SIGINT drains; a second, an operator's second Ctrl-C, cuts the drain short.
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         server = await start_server(settings)
     except (BundleError, DeviceError, OSError) as error:
@@ -40,9 +45,8 @@ async def serve(settings: Settings) -> int:
     log.info(
         "signal received: draining for up to %.1f s (a second signal stops at once)", settings.grace_period_s
     )
-    stop.clear()  # and now waits for a second signal, which an operator's second Ctrl-C means
     drain = asyncio.ensure_future(server.stop())
-    second_signal = asyncio.ensure_future(stop.wait())
+    second_signal = asyncio.ensure_future(hurry.wait())
     await asyncio.wait((drain, second_signal), return_when=asyncio.FIRST_COMPLETED)
     second_signal.cancel()
     if drain.done():

@@ -13,6 +13,7 @@ and gRPC closes the connections once their answers have left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -149,10 +150,10 @@ class VaeServer:
             if grace > 0:
                 await self._let_answers_leave(grace)
             self.servicer.grace_over = True  # gRPC's stop cuts what still runs
-            stopped = asyncio.ensure_future(self._grpc.stop(max(0.0, ends - loop.time())))
-            await asyncio.sleep(0)  # the stop's first step refuses new calls, re-Watches included
+            # The Watches end once this task yields, inside gRPC's stop, which has refused new calls
+            # (re-Watches included) by then.
             self.health.end_watches()
-            await stopped
+            await self._grpc.stop(max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:
             await self.model.stop()
@@ -195,11 +196,11 @@ class HealthThatEndsWatchesAtStop(health.aio.HealthServicer):  # type: ignore[mi
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((watch, stopping), return_when=asyncio.FIRST_COMPLETED)
-            if watch.done():
-                watch.result()  # its error (a client gone mid-write), as gRPC would have had it
         finally:
-            watch.cancel()
             stopping.cancel()
+            watch.cancel()  # and waited for, so that the call ends after its last write
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch  # its error (a client gone mid-write), if it had one, as gRPC would have it
 
     def end_watches(self) -> None:
         """End every Watch, and those that come after at once."""

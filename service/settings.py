@@ -133,7 +133,9 @@ class Settings:
                     f"{_setting(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}"
                 )
         if not self.host:
-            problems.append("--host '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)")
+            problems.append(
+                f"{_setting('host')} '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)"
+            )
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to 65535")
@@ -144,7 +146,7 @@ class Settings:
             if not 0 <= getattr(self, name) <= MAX_THREADS:
                 problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to {MAX_THREADS}")
         if not 0 <= self.inference_nice <= 19:
-            problems.append(f"--inference-nice {self.inference_nice}: expected 0 to 19")
+            problems.append(f"{_setting('inference_nice')} {self.inference_nice}: expected 0 to 19")
         for name in ("max_queue_delay_ms", "grace_period_s"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails both
                 problems.append(
@@ -153,17 +155,18 @@ class Settings:
         age = self.max_connection_age_s
         if not (age == 0 or 1 <= age <= MAX_CONNECTION_AGE_S):  # NaN fails it too
             problems.append(
-                f"--max-connection-age-s {age}: expected 0 (never) or 1 to {MAX_CONNECTION_AGE_S} seconds"
+                f"{_setting('max_connection_age_s')} {age}: "
+                f"expected 0 (never) or 1 to {MAX_CONNECTION_AGE_S} seconds"
             )
         if self.max_queue_size > MAX_QUEUE_SIZE:
             problems.append(
-                f"--max-queue-size {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, as a request "
-                "of that many FLOAT32 images is gRPC's largest message (2 GiB)"
+                f"{_setting('max_queue_size')} {self.max_queue_size}: expected at most {MAX_QUEUE_SIZE}, "
+                "as a request of that many FLOAT32 images is gRPC's largest message (2 GiB)"
             )
         for name in ("max_batch_size", "max_samples"):  # a batch, and the largest Sample, must fit
             if self.max_queue_size < getattr(self, name):
                 problems.append(
-                    f"--max-queue-size {self.max_queue_size}: "
+                    f"{_setting('max_queue_size')} {self.max_queue_size}: "
                     f"expected at least {_setting(name)} ({getattr(self, name)})"
                 )
         if problems:
@@ -210,7 +213,7 @@ class Settings:
             description="Serve a model bundle over gRPC (vae.v1.VaeService), health, reflection, metrics.",
         )
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = _setting(f.name)
             env = ENV_PREFIX + f.name.upper()
             kind = _parser_type(f.type)
             default: Any = f.default

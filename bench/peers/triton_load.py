@@ -11,7 +11,7 @@ It sends tritonclient's generated KServe v2 messages on a grpc.aio channel, as b
 sends vae.v1's, rather than through `InferenceServerClient.infer`, which wraps each call in more Python
 (InferInput, InferResult): the load generator should cost both sides alike, as perf_analyzer's does.
 In the 12-07 05:37 run `infer` cost 0.37 ms of the shared cores a request at one image a request with
-32 clients, against 0.22 for the vae.v1 load. Side by side on one Triton (12-07 09:40, 4 rounds) the
+32 clients, against 0.22 for the vae.v1 load. Side by side on one Triton (12-07 09:35, 4 rounds) the
 messages cost 0.24-0.28 ms against `infer`'s 0.28-0.33, and Triton made the same images a second
 (1,147 against 1,127, medians).
 """

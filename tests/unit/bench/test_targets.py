@@ -128,6 +128,15 @@ def test_the_targets_table_shows_the_median_ratio_its_range_and_the_verdict(tmp_
     assert "| resident memory after warm-up (MB, 10^6 bytes) | 300 | - | - | - | - | < 250 MB | no |" in table
 
 
+def test_a_median_just_short_of_its_goal_reads_short_of_it_in_the_table() -> None:
+    """Summarized and reported: 1.4996 is not the 1.5 of its goal, at either step."""
+    measured = [{"target": "naive", "round": 1, "ours": 1499.6, "theirs": 1000.0}]
+    summary = targets.summarize(measured, {"naive": 1.5})
+    assert "| naive | 1,500 | 1,000 | 1.499 | 1.499-1.499 | 0 of 1 | >= 1.5 | no |" in report.targets(
+        {"paired_targets": {"summary": summary}}
+    )
+
+
 def test_an_unknown_ceiling_layout_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown layout 'two-thread'"):
         ceiling.layout_runs(Path("decoder.onnx"), {}, "two-thread")

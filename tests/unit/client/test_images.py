@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from PIL import Image
 
 import client.images
 from client.encode_job import fingerprint
-from client.images import InputError, image_grid, read_images, read_png_folder, save_images
+from client.images import InputError, image_grid, read_images, read_png_folder, save_images, write_whole
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -316,24 +319,56 @@ def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["out.png", "out.npy"])
-def test_an_output_is_replaced_whole_or_not_at_all(
+def test_an_output_interrupted_before_it_is_whole_leaves_the_earlier_file_and_nothing_else(
     tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Ctrl-C or a full disk mid-write keeps the earlier output, not half of the new one."""
     path = tmp_path / name
-    images = np.ones((4, 1, 28, 28), np.float32)
-    save_images(images, path)
+    save_images(np.ones((4, 1, 28, 28), np.float32), path)
     before = path.read_bytes()
+    (tmp_path / f"{name}.tmp").write_text("the user's own file")  # not a name the writer takes
 
-    def interrupted(descriptor: int, data: memoryview) -> int:
+    def interrupted(self: Path, target: Path) -> Path:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(os, "write", interrupted)
+    monkeypatch.setattr(Path, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_images(np.zeros((9, 1, 28, 28), np.float32), path)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.tmp"]
+    assert (tmp_path / f"{name}.tmp").read_text() == "the user's own file"
+
+
+def test_files_written_together_are_replaced_together_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk on the second file leaves the first as it was too: never a new mean.npy beside an
+    old log_var.npy."""
+    mean, log_var = tmp_path / "mean.npy", tmp_path / "log_var.npy"
+    write_whole({mean: b"old mean", log_var: b"old log_var"})
+    made: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def disk_full_on_the_second(dir: Path, prefix: str, suffix: str) -> tuple[int, str]:
+        if made:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        made.append(prefix)
+        return real_mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+
+    monkeypatch.setattr(tempfile, "mkstemp", disk_full_on_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        write_whole({mean: b"new mean", log_var: b"new log_var"})
+    assert (mean.read_bytes(), log_var.read_bytes()) == (b"old mean", b"old log_var")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log_var.npy", "mean.npy"]
+
+
+def test_a_written_file_gets_the_mode_the_umask_gives_a_new_file(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        write_whole({tmp_path / "grid.png": b"png"})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "grid.png").stat().st_mode) == 0o640
 
 
 def test_a_decompression_bomb_is_a_bad_file_not_a_crash(
