@@ -343,18 +343,23 @@ class _SourceFailed(Exception):
         self.error = error
 
 
-def _next_batch(source: Iterator[Any]) -> Any | None:
-    """The caller's next batch, None at their end."""
+# The end of the caller's batches: not None, which a caller's loader may yield for a batch it lacks,
+# and which must be refused as a bad batch, not taken for the end and the rest dropped without a word.
+_END = object()
+
+
+def _next_batch(source: Iterator[Any]) -> Any:
+    """The caller's next batch, _END at their end."""
     try:
-        return next(source, None)
+        return next(source, _END)
     except Exception as error:
         raise _SourceFailed(error) from None
 
 
-async def _next_async_batch(source: AsyncIterator[Any]) -> Any | None:
-    """The caller's next batch, None at their end."""
+async def _next_async_batch(source: AsyncIterator[Any]) -> Any:
+    """The caller's next batch, _END at their end."""
     try:
-        return await anext(source, None)
+        return await anext(source, _END)
     except Exception as error:
         raise _SourceFailed(error) from None
 
@@ -743,7 +748,7 @@ class VaeClient:
             nonlocal exhausted
             while not exhausted and len(pending) < max_in_flight:
                 chunk = _next_batch(source)
-                if chunk is None:
+                if chunk is _END:
                     exhausted = True
                     break
                 request = encode_request(chunk)
@@ -961,7 +966,7 @@ class AsyncVaeClient:
             nonlocal exhausted
             while not exhausted and len(pending) < max_in_flight:
                 chunk = await _next_async_batch(source)
-                if chunk is None:
+                if chunk is _END:
                     exhausted = True
                     break
                 request = encode_request(chunk)
@@ -1057,6 +1062,8 @@ def as_wire_images(images: npt.NDArray[Any]) -> npt.NDArray[np.generic]:
 
     Raises TypeError for any other dtype, naming what is accepted.
     """
+    if images is None:  # which np.asarray would make an array of one object
+        raise TypeError("images must be uint8 (0-255) or floating point (0-1), got None")
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images

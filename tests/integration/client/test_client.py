@@ -109,6 +109,25 @@ def test_invalid_argument_fails_at_once_with_the_servers_message(vae_server: Ser
         assert client.encode(np.zeros((1, 28, 28), np.uint8)).mean.shape == (1, 2)
 
 
+def test_a_none_among_the_batches_is_refused_not_taken_for_their_end(vae_server: ServerThread) -> None:
+    """A loader that yields None for a file it lacks: taken for the end, every batch after it would be
+    dropped without a word."""
+    batch = np.zeros((3, 28, 28), np.uint8)
+
+    async def streamed() -> list[Any]:
+        async def batches() -> AsyncIterator[Any]:
+            for item in (batch, None, batch):
+                yield item
+
+        async with AsyncVaeClient(vae_server.target) as client:
+            return [result async for result in client.encode_stream(batches())]
+
+    with VaeClient(vae_server.target) as client, pytest.raises(TypeError, match="got None"):
+        list(client.encode_stream(iter([batch, None, batch])))  # type: ignore[arg-type]  # as a caller may
+    with pytest.raises(TypeError, match="got None"):
+        asyncio.run(streamed())
+
+
 def test_a_request_over_the_message_size_limit_fails_at_once_saying_so(vae_server: ServerThread) -> None:
     too_many = np.zeros((11_000, 28, 28), np.float32)  # 34.5 MB, over the server's 32 MiB
     with VaeClient(vae_server.target) as client, pytest.raises(VaeClientError) as error:
