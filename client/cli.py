@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=sample_seed,
         help="the seed, 0 to 2**64-1 (default: the server picks one and says which)",
     )
-    sample.add_argument("--temperature", type=float, default=1.0, help="the prior's std (default 1)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="the prior's std, above 0 (default 1)")
     sample.add_argument(
         "--dtype", choices=["float32", "uint8"], default="uint8", help="images on the wire (default uint8)"
     )

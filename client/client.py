@@ -1114,6 +1114,11 @@ def sample_request(
         output_dtype=_output_dtype(output_dtype),  # type: ignore[arg-type]
         chunk_size=chunk_size,
     )
+    if not request.temperature > 0:  # as the wire's float32 holds it: NaN, and what rounds to 0, too
+        raise ValueError(
+            f"temperature must be above 0, got {temperature}: the wire reads 0 as 1, which would sample "
+            "at full temperature (decode zeros for the prior's centre, z = 0)"
+        )
     if seed is not None:
         if not 0 <= seed < 2**64:  # protobuf's own message says only "Value out of range"
             raise ValueError(f"seed must be an integer from 0 to 2**64-1 (a uint64), got {seed}")

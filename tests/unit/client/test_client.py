@@ -250,6 +250,15 @@ def test_a_sample_request_keeps_an_explicit_seed_and_leaves_an_absent_one_unset(
         sample_request(0, None, 1.0, "uint8")
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1e-50, -0.5, float("nan")])
+def test_a_temperature_the_wire_would_read_as_one_is_refused(temperature: float) -> None:
+    """0 on the wire means 1: asked for 0 (or 1e-50, 0 in float32), the sampler would draw at full
+    temperature without a word."""
+    with pytest.raises(ValueError, match=r"temperature must be above 0, got .*: the wire reads 0 as 1"):
+        sample_request(4, 1, temperature, "uint8")
+    assert sample_request(4, 1, 1e-40, "uint8").temperature > 0  # tiny, but still there in float32
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_a_seed_outside_uint64_is_refused_naming_the_range(seed: int) -> None:
     assert sample_request(4, 2**64 - 1, 1.0, "uint8").seed == 2**64 - 1
