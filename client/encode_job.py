@@ -155,7 +155,7 @@ class JobSettings:
     shard_index: int = 0
     num_shards: int = 1
     batch_size: int | None = None
-    """Rows per EncodeStream request; None: DEFAULT_BATCH_SIZE, or fewer where the server takes fewer."""
+    """Rows per EncodeStream request; None: DEFAULT_BATCH_SIZE, or a quarter of the server's most."""
     rows_per_shard: int = 8192
     """Rows per output shard: the unit of progress that survives a crash."""
     max_in_flight: int = 4
@@ -442,10 +442,15 @@ class EncodeJob:
 
     def _batch_size(self, info: ModelInfo) -> int:
         """Rows per request: --batch-size, which the server must take in one request, or else the
-        default, cut to the server's most. The output does not depend on it, so a resume may differ."""
+        default, cut to a quarter of the server's most. The output does not depend on it, so a resume
+        may differ.
+
+        A quarter, as the server holds a stream to a quarter of its queue: a request of the whole queue
+        fits only an empty one, and beside light traffic from other clients it was refused until the
+        job gave up (a 256-row queue, three clients of 64 rows: no shard written)."""
         most = info.max_request_rows  # 0: a server that does not say
         if self.settings.batch_size is None:
-            return min(DEFAULT_BATCH_SIZE, most) if most > 0 else DEFAULT_BATCH_SIZE
+            return min(DEFAULT_BATCH_SIZE, max(1, most // 4)) if most > 0 else DEFAULT_BATCH_SIZE
         if 0 < most < self.settings.batch_size:
             raise JobError(
                 f"--batch-size {self.settings.batch_size} is more than {self.settings.target} takes in one "
@@ -620,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        help=f"rows per request (default {DEFAULT_BATCH_SIZE}, or the server's most if it takes fewer)",
+        help=f"rows per request (default {DEFAULT_BATCH_SIZE}, or a quarter of the server's most if fewer)",
     )
     parser.add_argument(
         "--rows-per-shard",

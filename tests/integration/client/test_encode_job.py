@@ -419,7 +419,7 @@ def test_without_batch_size_a_server_that_takes_fewer_rows_gets_requests_it_take
     tmp_path: Path,
     paused_job: Callable[..., PausedJob],
 ) -> None:
-    """The default 256 rows a request becomes the server's most (100 here), as in vae-client encode; a
+    """The default 256 rows a request becomes a quarter of the server's most (25 of 100 here); a
     job begun with --batch-size 32 resumes with it to the bytes of a run that nothing interrupted."""
     server = start_server_thread(vae_bundle, max_queue_size=100, max_samples=100)
     argv = ["--target", server.target, "--input", str(inputs["npy"]), "--rows-per-shard", "128"]

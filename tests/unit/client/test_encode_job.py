@@ -481,7 +481,7 @@ class Limited(Recorder):
         self.sizes: list[int] = []
 
     def model_info(self) -> Any:
-        return type("Info", (), {**MODEL, "max_request_rows": 3})()
+        return type("Info", (), {**MODEL, "max_request_rows": 12})()
 
     def encode_stream(self, requests: Any, **options: Any) -> Any:
         for images in requests:
@@ -490,11 +490,12 @@ class Limited(Recorder):
             yield EncodeResult(zeros, zeros, str(MODEL["encoder_sha256"]))
 
 
-def test_without_batch_size_requests_carry_256_rows_or_the_servers_most_and_a_given_one_is_held_to_it(
+def test_without_batch_size_requests_carry_256_rows_or_a_quarter_of_the_servers_most_a_given_one_its_most(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """As vae-client encode does: the default adapts to a server that takes fewer rows in a request; a
-    --batch-size given on the command line is refused there, naming the most it may be."""
+    """The default adapts to a server that takes fewer rows in a request: a quarter of them, the share
+    of its queue a stream may hold, so that other clients' rows waiting do not refuse every request;
+    a --batch-size given on the command line is refused only beyond the most, naming it."""
     np.save(tmp_path / "x.npy", np.zeros((10, 28, 28), np.uint8))
     made: list[Limited] = []
 
@@ -506,10 +507,10 @@ def test_without_batch_size_requests_carry_256_rows_or_the_servers_most_and_a_gi
     argv = ["--target", "vae.example:50051", "--input", str(tmp_path / "x.npy"), "--no-progress"]
     assert main([*argv, "--output", str(tmp_path / "default")]) == 0
     assert made[-1].sizes == [3, 3, 3, 1]
-    assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "4"]) == 2
+    assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "13"]) == 2
     assert (
-        "--batch-size 4 is more than vae.example:50051 takes in one request (3 rows); pass --batch-size 3 "
-        "or less"
+        "--batch-size 13 is more than vae.example:50051 takes in one request (12 rows); pass --batch-size "
+        "12 or less"
     ) in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "2"]) == 0
     assert made[-1].sizes == [2] * 5
