@@ -246,8 +246,9 @@ class ModelInfo:
 class VaeClientError(Exception):
     """A call that failed for good: a status that is not retried, or retries exhausted.
 
-    `code` is the last gRPC status (None when the server's answer itself was malformed) and `details`
-    the server's message, which says what was expected.
+    `code` is the last gRPC status (None when the call succeeded but its answers cannot be used: a
+    malformed tensor, answers that do not match the requests, a stream resumed on another model) and
+    `details` the server's message, or this client's, which says what was expected.
     """
 
     def __init__(self, rpc: str, code: Any, details: str, attempts: int = 1) -> None:
@@ -255,7 +256,7 @@ class VaeClientError(Exception):
         self.code = code
         self.details = details
         self.attempts = attempts
-        status = code.name if code is not None else "a malformed response"
+        status = code.name if code is not None else "an answer it cannot use"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         super().__init__(f"{rpc} failed with {status}{tries}: {details}")
 
@@ -318,6 +319,11 @@ class _Retrier:
         if not retryable or self.failures >= self.policy.max_attempts:
             if too_large:
                 details += f"; {_too_large_hint(details)}"
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the server's full queue, retried already
+                details += (
+                    f"; the queue stayed full through {self.failures} attempts: send fewer rows a request, "
+                    "allow more attempts (RetryPolicy.max_attempts, --attempts), or add replicas"
+                )
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
 

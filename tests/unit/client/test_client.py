@@ -101,6 +101,19 @@ def test_a_full_queue_is_retried_with_backoff() -> None:
     assert retrier.pause_or_raise(full) > 0
 
 
+def test_a_queue_still_full_after_the_last_attempt_says_what_to_change() -> None:
+    retrier = _Retrier("Encode", RetryPolicy(max_attempts=2), random.Random(0), lambda: False)
+    full = aio_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the encoder queue is full; retry with backoff")
+    retrier.pause_or_raise(full)
+    with pytest.raises(VaeClientError) as refused:
+        retrier.pause_or_raise(full)
+    assert str(refused.value) == (
+        "Encode failed with RESOURCE_EXHAUSTED after 2 attempts: the encoder queue is full; retry with "
+        "backoff; the queue stayed full through 2 attempts: send fewer rows a request, allow more "
+        "attempts (RetryPolicy.max_attempts, --attempts), or add replicas"
+    )
+
+
 def test_a_call_the_server_cancelled_is_retried() -> None:
     """gRPC cancels the calls that reach a server as it shuts down."""
     retrier = _Retrier("Sample", FAST, random.Random(0), lambda: False)
