@@ -297,7 +297,9 @@ def write_whole(files: Mapping[Path, bytes | memoryview]) -> None:
     """Write each file to a temporary file of its own beside it, then rename them all into place. A
     Ctrl-C or a full disk before the renames leaves every earlier file of those names as it was (a
     mean.npy with its log_var.npy), and no temporary file behind. New files get the mode `open`
-    would give them."""
+    would give them. Not the job's `write_atomic`: its fixed NAME.tmp, which a resume sweeps up,
+    would replace a user's own file of that name here, and two vae-clients writing one output would
+    share it."""
     mode = 0o666 & ~_umask()
     temporaries: dict[Path, Path] = {}
     try:
