@@ -22,7 +22,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.client import EncodeResult, RetryPolicy, TlsOptions, VaeClient, VaeClientError, as_wire_latents
+from client.client import (
+    EncodeResult,
+    ModelInfo,
+    RetryPolicy,
+    TlsOptions,
+    VaeClient,
+    VaeClientError,
+    as_wire_latents,
+)
 from client.images import InputError, load_npy, npy_bytes, read_images, save_images, write_whole
 
 DEFAULT_TARGET = "localhost:50051"
@@ -191,12 +199,26 @@ def _check_image_output(args: argparse.Namespace) -> None:
         raise InputError(f"--columns must be at least 1, got {args.columns}")
 
 
-def _rows_per_request(client: VaeClient, batch_size: int) -> int:
-    """--batch-size, or fewer where the server takes fewer rows in one request."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    most = client.model_info().max_request_rows
-    return min(batch_size, most) if most > 0 else batch_size
+# Rows per Encode or Decode request when --batch-size is not given, or fewer (rows_per_request).
+DEFAULT_BATCH_SIZE = 256
+
+
+def rows_per_request(info: ModelInfo, batch_size: int | None, target: str) -> int:
+    """--batch-size, which the server must take in one request, or else the default, cut to a quarter
+    of the server's most.
+
+    A quarter, as the server holds a stream to a quarter of its queue: a request of the whole queue
+    fits only an empty one, and beside light traffic from other clients it was refused until the
+    client gave up (a 256-row queue, three clients of 64 rows)."""
+    most = info.max_request_rows  # 0: a server that does not say
+    if batch_size is None:
+        return min(DEFAULT_BATCH_SIZE, max(1, most // 4)) if most > 0 else DEFAULT_BATCH_SIZE
+    if 0 < most < batch_size:
+        raise InputError(
+            f"--batch-size {batch_size} is more than {target} takes in one request ({most} rows); "
+            f"pass --batch-size {most} or less"
+        )
+    return batch_size
 
 
 def _sample(client: VaeClient, args: argparse.Namespace) -> None:
@@ -234,7 +256,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         for name, reason in source.rejected:
             print(f"vae-client: skipped {name}: {reason}", file=sys.stderr)
         inputs.append(source.images)
-    batch = _rows_per_request(client, args.batch_size)
+    batch = rows_per_request(client.model_info(), args.batch_size, args.target)
     if args.log_var_out is not None and client.model_info().kind != "vae":
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
@@ -280,7 +302,7 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
         raise InputError(f"{args.input}: {error}") from error
     # Requests of --batch-size rows, as encode sends them: the mean.npy of a whole data set is more
     # than one request may carry (ModelInfo.max_request_rows).
-    batch = _rows_per_request(client, args.batch_size)
+    batch = rows_per_request(client.model_info(), args.batch_size, args.target)
     images = np.concatenate(
         [
             client.decode(latents[start : start + batch], output_dtype=args.dtype)
@@ -329,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", type=Path, required=True, help="the means [N,D] as .npy")
     encode.add_argument("--log-var-out", type=Path, help="also write the log-variances [N,D] here")
     encode.add_argument(
-        "--batch-size", type=int, default=256, help="images per request (default 256, or the server's most)"
+        "--batch-size",
+        type=positive_int,
+        help=f"images per request (default {DEFAULT_BATCH_SIZE}, or a quarter of the server's most if fewer)",
     )
     encode.add_argument(
         "--skip-bad",
@@ -348,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument(
         "--batch-size",
-        type=int,
-        default=256,
-        help="latent codes per request (default 256, or the server's most)",
+        type=positive_int,
+        help=f"latent codes per request (default {DEFAULT_BATCH_SIZE}, or a quarter of the server's most "
+        "if fewer)",
     )
     decode.add_argument("--columns", type=int, help="images per row of the grid (default: a square grid)")
     decode.add_argument("--out", type=Path, required=True, help="grid.png or images.npy")

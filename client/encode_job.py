@@ -54,9 +54,11 @@ import numpy as np
 import numpy.typing as npt
 
 from client.cli import (
+    DEFAULT_BATCH_SIZE,
     add_connection_arguments,
     positive_int,
     positive_seconds,
+    rows_per_request,
     seconds_or_zero,
     tls_from_args,
 )
@@ -101,8 +103,6 @@ from client.images import ImageInput, InputError, read_images
 PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
 PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
-# Rows per request when --batch-size is not given, or the server's most where it takes fewer.
-DEFAULT_BATCH_SIZE = 256
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 # Statuses that the same requests get however often the job runs again: exit 2, which the Kubernetes
@@ -424,7 +424,7 @@ class EncodeJob:
             sole_writer(directory, self.log),
         ):
             info = client.model_info()
-            batch_size = self._batch_size(info)
+            batch_size = rows_per_request(info, self.settings.batch_size, self.settings.target)
             model = model_record(info)
             manifest = new_manifest(settings, source, rows, model)
             manifest = prepare_output(directory, settings, source, manifest)
@@ -439,24 +439,6 @@ class EncodeJob:
             return JobSummary(
                 directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
             )
-
-    def _batch_size(self, info: ModelInfo) -> int:
-        """Rows per request: --batch-size, which the server must take in one request, or else the
-        default, cut to a quarter of the server's most. The output does not depend on it, so a resume
-        may differ.
-
-        A quarter, as the server holds a stream to a quarter of its queue: a request of the whole queue
-        fits only an empty one, and beside light traffic from other clients it was refused until the
-        job gave up (a 256-row queue, three clients of 64 rows: no shard written)."""
-        most = info.max_request_rows  # 0: a server that does not say
-        if self.settings.batch_size is None:
-            return min(DEFAULT_BATCH_SIZE, max(1, most // 4)) if most > 0 else DEFAULT_BATCH_SIZE
-        if 0 < most < self.settings.batch_size:
-            raise JobError(
-                f"--batch-size {self.settings.batch_size} is more than {self.settings.target} takes in one "
-                f"request ({most} rows); pass --batch-size {most} or less"
-            )
-        return self.settings.batch_size
 
     def _shard_rows(self, rows: RowRange, shard: int) -> tuple[int, int]:
         """The input rows [start, stop) of output shard number `shard`."""
@@ -624,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help=f"rows per request (default {DEFAULT_BATCH_SIZE}, or a quarter of the server's most if fewer)",
     )
     parser.add_argument(

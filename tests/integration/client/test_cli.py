@@ -122,9 +122,10 @@ def test_decode_takes_back_a_file_larger_than_one_request_in_batches_in_order(
 
 
 def test_encode_and_decode_send_no_more_rows_a_request_than_the_server_takes(
-    vae_bundle: Path, tmp_path: Path, digits: np.ndarray
+    vae_bundle: Path, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--batch-size 256 by default, against a server that takes 100 rows a request."""
+    """Against a server that takes 100 rows a request: by default a quarter of that, as a request of the
+    whole queue would fit only an empty one; an explicit --batch-size beyond it is refused."""
     server = ServerThread(vae_bundle, max_queue_size=100, max_samples=100)
     try:
         np.save(tmp_path / "images.npy", digits[:300])
@@ -133,6 +134,16 @@ def test_encode_and_decode_send_no_more_rows_a_request_than_the_server_takes(
             cli.main(["encode", "--input", str(tmp_path / "images.npy"), *argv, str(tmp_path / "m.npy")]) == 0
         )
         assert cli.main(["decode", "--input", str(tmp_path / "m.npy"), *argv, str(tmp_path / "d.npy")]) == 0
+        decodes = {"rpc": "Decode", "code": "OK"}
+        assert server.metrics.registry.get_sample_value("vae_requests_total", decodes) == 300 / 25
+        for command, input_name in (("encode", "images.npy"), ("decode", "m.npy")):
+            given = [command, "--input", str(tmp_path / input_name), "--batch-size", "101"]
+            assert cli.main([*given, *argv, str(tmp_path / "refused.npy")]) == 2
+            assert (
+                f"--batch-size 101 is more than {server.target} takes in one request (100 rows); pass "
+                "--batch-size 100 or less"
+            ) in capsys.readouterr().err
+        assert not (tmp_path / "refused.npy").exists()
         with VaeClient(server.target) as client:
             mean = np.concatenate([client.encode(digits[i : i + 100]).mean for i in (0, 100, 200)])
             images = np.concatenate([client.decode(mean[i : i + 100]) for i in (0, 100, 200)])
@@ -332,7 +343,6 @@ def test_a_bad_input_file_exits_2_naming_it(
 @pytest.mark.parametrize(
     ("command", "message"),
     [
-        (["encode", "--input", "{dir}/ok.npy", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latents must be real numbers"),
         (
             ["decode", "--input", "{dir}/bool.npy"],

@@ -29,7 +29,7 @@ from PIL import Image
 from client import VaeClient, read_encodings
 from client.encode_job import PAUSE_ENV, EncodeJob, JobError, JobSettings, JobSummary, main
 from client.encodings import EncodingsError, read_manifest, write_atomic
-from client.images import ImageInput, read_images
+from client.images import ImageInput, InputError, read_images
 from tests.conftest import ServerThread, sigint_not_ignored
 
 pytestmark = pytest.mark.slow
@@ -405,7 +405,7 @@ def test_a_batch_size_larger_than_a_request_may_carry_is_refused_before_any_requ
     vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(
-        JobError, match=r"--batch-size 5000 is more than .* takes in one request \(4096 rows\)"
+        InputError, match=r"--batch-size 5000 is more than .* takes in one request \(4096 rows\)"
     ):
         run_job(vae_server.target, inputs["npy"], tmp_path / "out", batch_size=5000)
     assert not (tmp_path / "out" / "manifest.json").exists()

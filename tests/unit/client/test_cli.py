@@ -154,6 +154,22 @@ def test_attempts_below_one_are_refused_naming_the_flag(
     assert "argument --attempts: expected a whole number" in err and message in err
 
 
+@pytest.mark.parametrize("batch_size", ["0", "-3", "a few"])
+@pytest.mark.parametrize(
+    ("main", "command"),
+    [
+        (cli.main, ["encode", "--input", "x.npy", "--out", "m.npy"]),
+        (cli.main, ["decode", "--input", "m.npy", "--out", "d.npy"]),
+        (encode_job.main, ["--input", "x.npy", "--output", "out"]),
+    ],
+)
+def test_a_batch_size_below_one_is_refused_naming_the_flag_before_any_call(
+    capsys: pytest.CaptureFixture[str], main: Main, command: list[str], batch_size: str
+) -> None:
+    err = refusal(main, [*command, "--batch-size", batch_size, "--target", "127.0.0.1:1"], capsys)
+    assert "argument --batch-size: expected a whole number" in err
+
+
 INFO = ModelInfo(
     name="vae",
     version="1",

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from client import encode_job
+from client.cli import rows_per_request
 from client.client import EncodeResult, TlsOptions
 from client.encode_job import (
     JOB_RETRY,
@@ -515,7 +516,7 @@ def test_without_batch_size_requests_carry_256_rows_or_a_quarter_of_the_servers_
     assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "2"]) == 0
     assert made[-1].sizes == [2] * 5
     monkeypatch.setattr(encode_job, "VaeClient", Recorder)  # a server that does not say: 256
-    assert EncodeJob(settings(tmp_path))._batch_size(Recorder("t").model_info()) == 256
+    assert rows_per_request(Recorder("t").model_info(), None, "t") == 256
 
 
 def test_an_output_that_is_a_file_is_refused_as_not_a_folder(
