@@ -279,6 +279,7 @@ class _Retrier:
     rng: random.Random
     client_closed: Callable[[], bool]
     on_retry: Callable[[], None] = lambda: None
+    tls: bool = False
     failures: int = 0
     pause_s: float = 0.0
 
@@ -324,6 +325,8 @@ class _Retrier:
                     f"; the queue stayed full through {self.failures} attempts: send fewer rows a request, "
                     "allow more attempts (RetryPolicy.max_attempts, --attempts), or add replicas"
                 )
+            elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details, self.tls)):
+                details += f"; {hint}"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
 
@@ -337,6 +340,28 @@ def _too_large_hint(details: str) -> str:
             "images (4x smaller), or pass a larger max_message_bytes"
         )
     return "send fewer images per request (encode_stream takes them in batches)"
+
+
+def _tls_hint(details: str, tls: bool) -> str | None:
+    """What to change where the connection failed as one does between a client and a server that
+    disagree on TLS. gRPC's own words name neither side's settings."""
+    if tls and "WRONG_VERSION_NUMBER" in details:  # the server's first bytes were not TLS
+        return "the server does not seem to take TLS: connect without it (no --tls or --ca-cert, tls=None)"
+    if tls and "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            "the server's certificate is not from a CA this client trusts: pass the CA that signed it "
+            "(--ca-cert, TlsOptions.root_certificates)"
+        )
+    if details.endswith(
+        "Socket closed"
+    ):  # a TLS port closes a plaintext connection, mutual TLS an unknown client
+        if not tls:
+            return "if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)"
+        return (
+            "if the server takes only clients with a certificate (mutual TLS), pass one its CA signed "
+            "(--client-cert and --client-key, TlsOptions.certificate_chain and private_key)"
+        )
+    return None
 
 
 class _SourceFailed(Exception):
@@ -523,7 +548,9 @@ class _ClientState:
                 raise ValueError(f"metadata {key!r}: expected a value of printable ASCII text")
 
     def retrier(self, rpc: str) -> _Retrier:
-        return _Retrier(rpc, self.retry, self.rng, lambda: self.closed, self._count_retry)
+        return _Retrier(
+            rpc, self.retry, self.rng, lambda: self.closed, self._count_retry, self.tls is not None
+        )
 
     def _count_retry(self) -> None:
         self.retries += 1
@@ -821,7 +848,8 @@ class AsyncVaeClient:
     >>> async with AsyncVaeClient("localhost:50051") as client:  # doctest: +SKIP
     ...     result = await client.encode(images)
 
-    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop).
+    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop); made outside
+    one, it raises RuntimeError saying so.
     """
 
     def __init__(
@@ -837,6 +865,15 @@ class AsyncVaeClient:
         self._state = _ClientState(
             target, tls, timeout_s, retry or RetryPolicy(), metadata, max_message_bytes
         )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # Made outside, its first call would fail with grpc.aio's "attached to a different loop".
+            raise RuntimeError(
+                "AsyncVaeClient must be created inside the event loop that uses it (in a coroutine, as "
+                "in `async with AsyncVaeClient(...)`): grpc.aio binds its channel to that loop. Outside "
+                "an event loop, use VaeClient"
+            ) from None
         self._channel = self._state.open(grpc.aio)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
         self._closing = asyncio.Event()  # wakes a call that waits to retry

@@ -315,7 +315,13 @@ def prepare_output(
             )
         found = read_manifest(directory)
         check_resumable(directory, found, manifest, settings.target)
-        verify_shards(directory, found)
+        try:
+            verify_shards(directory, found)
+        except EncodingsError as error:
+            # The job does not write over what it cannot read: the disk may be failing.
+            raise JobError(
+                f"{error}; --resume cannot continue this output: run the job again with a new --output"
+            ) from error
         manifest = found
     elif directory.is_dir():
         # --resume may start over on what a run killed before its first manifest left, and nothing

@@ -123,11 +123,10 @@ def model_name(target: str, tls: TlsOptions | None) -> str:
         return client.model_info().name
 
 
-def refusal(target: str, tls: TlsOptions | None) -> grpc.StatusCode:
+def refusal(target: str, tls: TlsOptions | None) -> VaeClientError:
     with pytest.raises(VaeClientError) as refused:
         model_name(target, tls)
-    code: grpc.StatusCode = refused.value.code
-    return code
+    return refused.value
 
 
 def test_a_client_that_trusts_the_ca_is_served_over_tls(tls_server: ServerThread, pki: Pki) -> None:
@@ -145,13 +144,38 @@ def test_vae_client_info_with_ca_cert_works_over_tls(
     assert json.loads(capsys.readouterr().out)["name"] == "tiny-vae"
 
 
-def test_a_plaintext_client_is_refused_by_the_tls_port(tls_server: ServerThread, pki: Pki) -> None:
-    assert refusal(tls_server.target, None) == grpc.StatusCode.UNAVAILABLE
+# gRPC's own words for these refusals ("Socket closed", "WRONG_VERSION_NUMBER") name no setting: the
+# client's error says which to change.
+def test_a_plaintext_client_is_refused_by_the_tls_port_and_told_of_tls(
+    tls_server: ServerThread, pki: Pki
+) -> None:
+    refused = refusal(tls_server.target, None)
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert str(refused).endswith(
+        "; if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)"
+    )
     assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"  # up
 
 
-def test_a_client_that_does_not_trust_the_ca_is_refused(tls_server: ServerThread, pki: Pki) -> None:
-    assert refusal(tls_server.target, TlsOptions()) == grpc.StatusCode.UNAVAILABLE  # system roots only
+def test_a_tls_client_of_a_plaintext_port_is_told_that_the_server_takes_no_tls(
+    vae_server: ServerThread, pki: Pki
+) -> None:
+    refused = refusal(vae_server.target, TlsOptions(root_certificates=pki.ca))
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert str(refused).endswith(
+        "; the server does not seem to take TLS: connect without it (no --tls or --ca-cert, tls=None)"
+    )
+
+
+def test_a_client_that_does_not_trust_the_ca_is_refused_and_told_to_pass_it(
+    tls_server: ServerThread, pki: Pki
+) -> None:
+    refused = refusal(tls_server.target, TlsOptions())  # system roots only
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert str(refused).endswith(
+        "; the server's certificate is not from a CA this client trusts: pass the CA that signed it "
+        "(--ca-cert, TlsOptions.root_certificates)"
+    )
     assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"
 
 
@@ -162,9 +186,13 @@ def test_mutual_tls_serves_only_clients_with_a_certificate_from_the_ca(
     without_certificate = TlsOptions(root_certificates=pki.ca)
     from_the_ca = TlsOptions(pki.ca, certificate_chain=pki.client_cert, private_key=pki.client_key)
     from_another_ca = TlsOptions(pki.ca, certificate_chain=pki.stranger_cert, private_key=pki.stranger_key)
-    assert refusal(target, without_certificate) == grpc.StatusCode.UNAVAILABLE
-    assert refusal(target, from_another_ca) == grpc.StatusCode.UNAVAILABLE
-    assert refusal(target, None) == grpc.StatusCode.UNAVAILABLE
+    for refused in (refusal(target, without_certificate), refusal(target, from_another_ca)):
+        assert refused.code == grpc.StatusCode.UNAVAILABLE
+        assert str(refused).endswith(
+            "; if the server takes only clients with a certificate (mutual TLS), pass one its CA signed "
+            "(--client-cert and --client-key, TlsOptions.certificate_chain and private_key)"
+        )
+    assert refusal(target, None).code == grpc.StatusCode.UNAVAILABLE
     assert model_name(target, from_the_ca) == "tiny-vae"
 
 

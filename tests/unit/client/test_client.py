@@ -201,6 +201,13 @@ def test_an_async_call_whose_task_is_cancelled_raises_cancelled_error(never_answ
     asyncio.run(cancelled())
 
 
+def test_an_async_client_made_outside_an_event_loop_is_refused_saying_where_to_make_it() -> None:
+    """grpc.aio binds a channel to the loop it is made in: its first call would fail with "attached to
+    a different loop", naming neither the client nor the fix."""
+    with pytest.raises(RuntimeError, match=r"^AsyncVaeClient must be created inside the event loop"):
+        AsyncVaeClient(f"127.0.0.1:{free_port()}")
+
+
 # Pauses far longer than any test: a close must cut them short.
 PATIENT = RetryPolicy(max_attempts=3, initial_backoff_s=60.0, max_backoff_s=60.0)
 

@@ -207,12 +207,20 @@ def test_a_split_job_refuses_an_output_that_holds_the_parts_of_another_split(
     assert [p.name for p in output.iterdir()] == ["part-00000-of-00003"]
 
 
-def test_a_resume_refuses_a_committed_shard_that_is_corrupt(tmp_path: Path) -> None:
+def test_a_resume_refuses_a_committed_shard_that_is_corrupt_saying_what_to_do_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
     job = settings(tmp_path, rows_per_shard=5, resume=True)
     finished_output(job, source())
     (job.output / "shard-00000.npz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"shard-00000.npz: sha256 differs"):
+    before = {path.name: path.read_bytes() for path in job.output.iterdir()}
+    with pytest.raises(
+        JobError,
+        match=r"shard-00000.npz: sha256 differs from the manifest's: the file is corrupt; --resume cannot "
+        r"continue this output: run the job again with a new --output$",
+    ):
         prepare_output(job.output, job, source(), manifest_for(job, source()))
+    assert {path.name: path.read_bytes() for path in job.output.iterdir()} == before
 
 
 def test_the_manifest_records_input_model_and_range(tmp_path: Path) -> None:
