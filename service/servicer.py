@@ -44,6 +44,8 @@ ENCODE_STREAM_LOOKAHEAD = 4
 ENCODE_STREAM_QUEUE_FRACTION = 0.25
 # SampleStream: chunks being decoded ahead of the one being sent.
 SAMPLE_STREAM_LOOKAHEAD = 2
+# How long an EncodeStream whose requests have ended waits for gRPC to say that its client cancelled.
+CANCEL_SETTLE_S = 0.002
 
 # Every status a call of this service ends with; each (rpc, code) series of vae_requests_total exists
 # from the start at 0, because Prometheus's rate() and increase() take a series' first sample as their
@@ -246,6 +248,10 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         max_rows = int(model.encoder.max_queue_size * ENCODE_STREAM_QUEUE_FRACTION)
         async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD, max_rows):
             yield response
+        # grpc.aio ends the requests of a call its client cancelled as it ends those of a client that
+        # finished sending, and cancels this handler only a moment later: wait that moment, or a
+        # cancelled stream with nothing left to answer would be counted OK.
+        await asyncio.sleep(CANCEL_SETTLE_S)
 
     async def _next_unless_draining(self, requests: AsyncIterator[Request]) -> Request | None:
         """A stream's next request, None at its end, or ModelNotReady once draining starts, even while
