@@ -325,7 +325,7 @@ class _Retrier:
                     f"; the queue stayed full through {self.failures} attempts: send fewer rows a request, "
                     "allow more attempts (RetryPolicy.max_attempts, --attempts), or add replicas"
                 )
-            elif code == grpc.StatusCode.UNAVAILABLE and (hint := _tls_hint(details, self.tls)):
+            elif code == grpc.StatusCode.UNAVAILABLE and (hint := tls_hint(details, self.tls)):
                 details += f"; {hint}"
             raise VaeClientError(self.rpc, code, details, self.failures) from error
         return self.policy.backoff_s(self.failures, self.rng)
@@ -342,7 +342,7 @@ def _too_large_hint(details: str) -> str:
     return "send fewer images per request (encode_stream takes them in batches)"
 
 
-def _tls_hint(details: str, tls: bool) -> str | None:
+def tls_hint(details: str, tls: bool) -> str | None:
     """What to change where the connection failed as one does between a client and a server that
     disagree on TLS. gRPC's own words name neither side's settings."""
     if tls and "WRONG_VERSION_NUMBER" in details:  # the server's first bytes were not TLS

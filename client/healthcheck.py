@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.cli import add_connection_arguments, open_channel, seconds_or_zero
+from client.cli import add_connection_arguments, open_channel, seconds_or_zero, tls_from_args
+from client.client import tls_hint
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Between a Watch that ended without SERVING (closed, or failed UNAVAILABLE) and the next: not a busy
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     what = f"{args.target}" + (f" service {args.service!r}" if args.service else "")
     try:  # TlsOptions checks the TLS files: else --wait would wait out handshakes that cannot succeed
+        tls = tls_from_args(args)
         channel = open_channel(args)
     except (OSError, ValueError) as error:  # a TLS file unreadable, not what its flag takes, unpaired
         parser.exit(2, f"vae-healthcheck: {error}\n")
@@ -106,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error.code() == grpc.StatusCode.NOT_FOUND:
             print(f"vae-healthcheck: {what}: the server knows no such service", file=sys.stderr)
         else:
-            print(f"vae-healthcheck: {what}: {error.code().name}: {error.details()}", file=sys.stderr)
+            details = error.details() or ""
+            if error.code() == grpc.StatusCode.UNAVAILABLE and (hint := tls_hint(details, tls is not None)):
+                details += f"; {hint}"
+            print(f"vae-healthcheck: {what}: {error.code().name}: {details}", file=sys.stderr)
         return 1
     except TimeoutError as error:
         print(f"vae-healthcheck: {what}: {error}", file=sys.stderr)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from client import cli
+from client import cli, healthcheck
 from client.client import RetryPolicy, TlsOptions, VaeClient, VaeClientError
 from service.settings import Settings
 from tests.conftest import ServerThread
@@ -155,6 +155,15 @@ def test_a_plaintext_client_is_refused_by_the_tls_port_and_told_of_tls(
         "; if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)"
     )
     assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"  # up
+
+
+def test_vae_healthcheck_in_plaintext_against_the_tls_port_exits_1_and_is_told_of_tls(
+    tls_server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert healthcheck.main(["--target", tls_server.target]) == 1
+    assert capsys.readouterr().err.endswith(
+        "Socket closed; if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)\n"
+    )
 
 
 def test_a_tls_client_of_a_plaintext_port_is_told_that_the_server_takes_no_tls(
