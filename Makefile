@@ -65,7 +65,8 @@ compare: evaluate ## write the AE-vs-VAE table and figures into docs/ae-vs-vae.m
 
 export: $(BUNDLE)/model.json ## export the VAE run to runs/bundle: two ONNX graphs and model.json, parity checked
 
-$(BUNDLE)/model.json: $(VAE_RUN)/checkpoint.pt
+# And again after each evaluation, whose result model.json carries.
+$(BUNDLE)/model.json: $(VAE_RUN)/checkpoint.pt $(wildcard $(VAE_RUN)/metrics.json)
 	$(BIN)/vae-export $(VAE_RUN) --out $(BUNDLE)
 
 DEMO_TARGET ?= 127.0.0.1:50051
