@@ -171,6 +171,7 @@ def export_run(
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise ExportError(f"{run_dir}: cannot load the run ({error})") from error
     name = name or run_dir.resolve().name
+    _check_a_bundle_folder(bundle_dir)
     if not overwrite:
         _check_not_another_models(bundle_dir, name)
     kind = config.model.kind
@@ -268,6 +269,20 @@ def _export_into(
     # The consumer's own loader is the final word on whether the bundle is valid.
     ModelBundle.load(folder)
     return bundle
+
+
+def _check_a_bundle_folder(bundle_dir: Path) -> None:
+    """Refuse a folder that holds files but no bundle (a training run's, say: the arguments swapped),
+    whatever --overwrite says: the bundle's files would be dropped among files that are not its own."""
+    if (bundle_dir / MODEL_JSON).is_file() or not bundle_dir.is_dir():
+        return
+    # Left by an export that was killed: the next one may go on.
+    present = sorted(path.name for path in bundle_dir.iterdir() if not path.name.startswith(".export-"))
+    if present:
+        raise ExportError(
+            f"{bundle_dir} holds files but no bundle ({MODEL_JSON}; it holds {', '.join(present[:3])}); "
+            "choose a new or empty --out"
+        )
 
 
 def _check_not_another_models(bundle_dir: Path, name: str) -> None:

@@ -423,6 +423,33 @@ def test_a_bundle_of_another_models_name_is_replaced_only_when_told_to(
     assert ModelBundle.load(bundle).spec.name == "vae-2"
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_that_holds_files_but_no_bundle_is_never_written_into(
+    vae_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], overwrite: list[str]
+) -> None:
+    """A training run given as --out (the two arguments swapped), or a folder of the user's own."""
+    run = tmp_path / "ae"
+    shutil.copytree(vae_run_dir, run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+
+    assert export_main([str(vae_run_dir), "--out", str(run), *overwrite]) == 1
+    assert (
+        f"{run} holds files but no bundle (model.json; it holds checkpoint.pt, config.json, metrics.json); "
+        "choose a new or empty --out"
+    ) in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+def test_an_empty_folder_or_one_left_with_a_killed_exports_staging_folder_takes_the_bundle(
+    vae_run_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "killed" / ".export-x1y2").mkdir(parents=True)
+    for bundle in (tmp_path / "empty", tmp_path / "killed"):
+        exported = export_run(vae_run_dir, bundle)
+        assert ModelBundle.load(bundle).spec.version == exported.version
+
+
 def test_a_bundle_of_the_same_name_is_replaced_without_asking(
     vae_bundle: Path, vae_run_dir: Path, tmp_path: Path
 ) -> None:
