@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -38,6 +39,21 @@ def grpc_address(host: str, port: int) -> str:
     """HOST:PORT as gRPC parses it: an IPv6 address goes in brackets, as in a URL."""
     bare_ipv6 = ":" in host and not host.startswith("[")
     return f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"
+
+
+def refusal_to_bind(host: str, port: int) -> str | None:
+    """Why the system refuses HOST:PORT ("Address already in use"), asked of it directly: gRPC says
+    only that the bind failed. None where it binds now."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind(address)
+    except OSError as error:  # socket.gaierror included
+        return error.strerror
+    return None
 
 
 # On a drain, how long the last answers get to reach their clients before the connections close.
@@ -94,7 +110,8 @@ class VaeServer:
             else:
                 self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc's way of saying the address is taken or invalid
-            raise OSError(f"cannot bind the gRPC port {address}: {error}") from error
+            reason = refusal_to_bind(settings.host, settings.port) or str(error)
+            raise OSError(f"cannot bind the gRPC port {address} (--port, --host): {reason}") from error
         await server.start()
         self._grpc = server
         try:
@@ -103,7 +120,9 @@ class VaeServer:
             )
         except OSError as error:
             await self.stop(0)
-            raise OSError(f"cannot bind the metrics port {settings.metrics_port}: {error}") from error
+            raise OSError(
+                f"cannot bind the metrics port {settings.metrics_port} (--metrics-port): {error}"
+            ) from error
         self.metrics_port = self._metrics_http.port
         log.info(
             "gRPC (%s) on %s:%d, metrics (plain HTTP) on %s:%d/metrics; NOT_SERVING until the model loads",

@@ -389,6 +389,24 @@ def test_a_cancelled_request_is_dropped_before_it_runs(
     assert decoder_rows_run(server) == BUSY_ROWS
 
 
+def test_a_port_in_use_is_refused_at_start_naming_the_port_its_flag_and_why(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """gRPC's own message says only that the bind failed, and to set GRPC_VERBOSITY."""
+    running = start_server_thread(vae_bundle)
+    with pytest.raises(OSError) as refused:
+        start_server_thread(vae_bundle, port=running.server.port)
+    assert str(refused.value) == (
+        f"cannot bind the gRPC port 127.0.0.1:{running.server.port} (--port, --host): Address already in use"
+    )
+    with pytest.raises(OSError) as refused:
+        start_server_thread(vae_bundle, metrics_port=running.server.metrics_port)
+    assert str(refused.value) == (
+        f"cannot bind the metrics port {running.server.metrics_port} (--metrics-port): [Errno 98] Address "
+        "already in use"
+    )
+
+
 def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeeds(
     vae_bundle: Path, start_server_thread: StartServer
 ) -> None:
