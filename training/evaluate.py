@@ -222,7 +222,8 @@ def judge(probabilities: np.ndarray) -> dict[str, Any]:
         "mean_confidence": float(probabilities.max(axis=1).mean()),
         "fraction_confident_90": float((probabilities.max(axis=1) > 0.9).mean()),
         "predicted_digit_counts": counts.tolist(),
-        "predicted_digit_entropy_nats": float(-(nonzero * np.log(nonzero)).sum()),
+        # Sum p log(1/p), not -(sum p log p): one digit alone would be -0.0, printed "-0.000".
+        "predicted_digit_entropy_nats": float((nonzero * np.log(1 / nonzero)).sum()),
     }
 
 

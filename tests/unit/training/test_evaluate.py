@@ -113,6 +113,7 @@ def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> No
         "predicted_digit_counts": [0, 0, 0, 50, 0, 0, 0, 0, 0, 0],
         "predicted_digit_entropy_nats": 0.0,
     }
+    assert math.copysign(1, judge(sure_of_one)["predicted_digit_entropy_nats"]) == 1  # not -0.0
 
 
 def test_the_importance_weighted_bound_is_tighter_than_the_elbo(runs: dict[str, Path]) -> None:
