@@ -293,7 +293,9 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
     _check_not_an_input("--out", args.out, [args.input])
     latents = load_npy(args.input, "latent codes [N,D], real numbers")
     if not isinstance(latents, np.ndarray) or latents.ndim != 2:
-        raise InputError(f"{args.input}: expected one array of latent codes [N,D]")
+        got = f", got an array of shape {list(latents.shape)}" if isinstance(latents, np.ndarray) else ""
+        hint = " (images are encoded with `vae-client encode`)" if got and latents.ndim in (3, 4) else ""
+        raise InputError(f"{args.input}: expected one array of latent codes [N,D]{got}{hint}")
     if len(latents) == 0:
         raise InputError(f"{args.input}: holds no latent codes")
     try:  # the whole file, before the first request

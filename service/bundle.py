@@ -284,6 +284,11 @@ class ModelBundle:
             raise BundleError(f"{path}: not a directory; expected a model bundle written by vae-export")
         model_json = path / MODEL_JSON
         if not model_json.is_file():
+            if (path / "checkpoint.pt").is_file():  # vae-train's: the service reads bundles alone
+                raise BundleError(
+                    f"{model_json}: not found; {path} is a training run: export it first "
+                    f"(vae-export {path} --out BUNDLE) and serve BUNDLE"
+                )
             raise BundleError(f"{model_json}: not found; expected a model bundle written by vae-export")
         try:
             data = json.loads(model_json.read_text())

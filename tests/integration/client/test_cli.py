@@ -345,6 +345,11 @@ def test_a_bad_input_file_exits_2_naming_it(
     [
         (["decode", "--input", "{dir}/complex.npy"], "complex.npy: latents must be real numbers"),
         (
+            ["decode", "--input", "{dir}/ok.npy"],
+            "ok.npy: expected one array of latent codes [N,D], got an array of shape [2, 28, 28] (images are "
+            "encoded with `vae-client encode`)",
+        ),
+        (
             ["decode", "--input", "{dir}/bool.npy"],
             "bool.npy: latents must be real numbers (floating point or integer), got bool",
         ),

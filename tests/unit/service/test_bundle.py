@@ -57,6 +57,15 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
         ModelBundle.load(tmp_path)
 
 
+def test_a_training_run_given_as_the_bundle_is_refused_saying_to_export_it(vae_run_dir: Path) -> None:
+    with pytest.raises(BundleError) as refused:
+        ModelBundle.load(vae_run_dir)
+    assert str(refused.value) == (
+        f"{vae_run_dir / 'model.json'}: not found; {vae_run_dir} is a training run: export it first "
+        f"(vae-export {vae_run_dir} --out BUNDLE) and serve BUNDLE"
+    )
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
