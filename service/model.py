@@ -6,10 +6,12 @@ and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,16 @@ def draw_latents(num_samples: int, latent_dim: int, seed: int, temperature: floa
     return z
 
 
+@contextlib.contextmanager
+def _naming_the_field(field: str) -> Iterator[None]:
+    """The batcher's refusals (more rows than a request may send) name the request's field, as the
+    codec's do: the batcher does not know what its rows are."""
+    try:
+        yield
+    except InvalidInput as error:
+        raise InvalidInput(f"{field}: {error}") from None
+
+
 class VaeModel:
     """A loaded bundle behind one dynamic batcher per graph."""
 
@@ -195,11 +207,13 @@ class VaeModel:
         await self.decoder.stop()
 
     async def encode(self, images: Float32Array, deadline: float | None = None) -> Encoding:
-        outputs = await self.encoder.submit(images, deadline)
+        with _naming_the_field("images"):
+            outputs = await self.encoder.submit(images, deadline)
         return Encoding(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
     async def decode(self, latents: Float32Array, deadline: float | None = None) -> Float32Array:
-        (images,) = await self.decoder.submit(latents, deadline)
+        with _naming_the_field("latents"):
+            (images,) = await self.decoder.submit(latents, deadline)
         return images
 
     def sample_latents(

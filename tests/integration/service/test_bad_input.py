@@ -118,7 +118,15 @@ BAD_REQUESTS: dict[str, tuple[Call, str]] = {
     ),
     "too many images in a stream's request": (
         encode_stream(tensor([4097, 1, 28, 28], dtype=codec.UINT8)),
-        "the stream's request 1 (counting from 0): 4097 rows is more than one request may send here (4096,",
+        "the stream's request 1 (counting from 0): images: 4097 rows is more than one request may send here",
+    ),
+    "too many latents": (
+        decode(tensor([4097, 2])),
+        "latents: 4097 rows is more than one request may send here (4096, ModelInfo.max_request_rows)",
+    ),
+    "too many images": (
+        encode(tensor([4097, 28, 28], dtype=codec.UINT8)),
+        "images: 4097 rows is more than one request may send here (4096, ModelInfo.max_request_rows)",
     ),
     "latents missing": (decode(None), "latents: missing; expected a FLOAT32 Tensor [N, 2]"),
     "latents of the wrong width": (decode(tensor([3, 5])), "latents: shape [3, 5]; expected [N, 2]"),
