@@ -34,6 +34,7 @@ from client.client import (
 from client.images import InputError, load_npy, npy_bytes, read_images, save_images, write_whole
 
 DEFAULT_TARGET = "localhost:50051"
+COMMANDS = ("sample", "encode", "decode", "info")
 SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
 
 
@@ -388,7 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # argparse would take the flag's value for the command: "invalid choice: 'localhost:50051'".
+        command = next((word for word in argv if word in COMMANDS), "COMMAND")
+        parser.error(
+            f"{argv[0]}: the command comes first, its options after it (vae-client {command} {argv[0]} ...)"
+        )
+    args = parser.parse_args(argv)
     try:
         with _client(args) as client:
             args.run(client, args)

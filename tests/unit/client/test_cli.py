@@ -170,6 +170,18 @@ def test_a_batch_size_below_one_is_refused_naming_the_flag_before_any_call(
     assert "argument --batch-size: expected a whole number" in err
 
 
+def test_an_option_before_the_command_is_refused_saying_where_it_goes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = refusal(cli.main, ["--target", "localhost:50051", "sample", "--out", "g.png"], capsys)
+    assert (
+        "vae-client: error: --target: the command comes first, its options after it (vae-client sample "
+        "--target ...)"
+    ) in err
+    (commands,) = (action for action in cli.build_parser()._actions if action.dest == "command")
+    assert tuple(commands.choices or ()) == cli.COMMANDS
+
+
 INFO = ModelInfo(
     name="vae",
     version="1",
