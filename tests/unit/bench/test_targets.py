@@ -452,8 +452,9 @@ def test_a_naive_server_that_fails_to_start_and_a_run_without_triton_list_their_
 def answer_one_message(
     requests: Iterator[vae_pb2.EncodeRequest], context: grpc.ServicerContext
 ) -> Iterator[vae_pb2.EncodeResponse]:
-    """An EncodeStream that answers its first message and then ends, as if all were done."""
-    rows = next(requests).images.shape[0]
+    """An EncodeStream that answers its first message and then ends, as if all were done. It reads
+    every message first: a stream ended while its client still sends fails the send, INTERNAL."""
+    rows = [request.images.shape[0] for request in requests][0]
     codes = vae_pb2.Tensor(shape=[rows, 2], dtype=vae_pb2.DATA_TYPE_FLOAT32, data=bytes(8 * rows))
     yield vae_pb2.EncodeResponse(mean=codes)
 
