@@ -276,8 +276,12 @@ def _check_a_bundle_folder(bundle_dir: Path) -> None:
     whatever --overwrite says: the bundle's files would be dropped among files that are not its own."""
     if (bundle_dir / MODEL_JSON).is_file() or not bundle_dir.is_dir():
         return
-    # Left by an export that was killed: the next one may go on.
-    present = sorted(path.name for path in bundle_dir.iterdir() if not path.name.startswith(".export-"))
+    # Not foreign: a bundle's own files (a first export killed before its model.json moved in, which
+    # the next one replaces), hidden files (its staging folders, .gitkeep) and a volume's lost+found.
+    own = {ENCODER_FILE, DECODER_FILE, MODEL_JSON, "lost+found"}
+    present = sorted(
+        path.name for path in bundle_dir.iterdir() if path.name not in own and path.name[0] != "."
+    )
     if present:
         raise ExportError(
             f"{bundle_dir} holds files but no bundle ({MODEL_JSON}; it holds {', '.join(present[:3])}); "

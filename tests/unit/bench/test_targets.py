@@ -454,7 +454,8 @@ def answer_one_message(
 ) -> Iterator[vae_pb2.EncodeResponse]:
     """An EncodeStream that answers its first message and then ends, as if all were done. It reads
     every message first: a stream ended while its client still sends fails the send, INTERNAL."""
-    rows = [request.images.shape[0] for request in requests][0]
+    sizes = [request.images.shape[0] for request in requests]
+    rows = sizes[0]
     codes = vae_pb2.Tensor(shape=[rows, 2], dtype=vae_pb2.DATA_TYPE_FLOAT32, data=bytes(8 * rows))
     yield vae_pb2.EncodeResponse(mean=codes)
 

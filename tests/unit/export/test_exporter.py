@@ -440,11 +440,14 @@ def test_a_folder_that_holds_files_but_no_bundle_is_never_written_into(
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
-def test_an_empty_folder_or_one_left_with_a_killed_exports_staging_folder_takes_the_bundle(
+def test_an_empty_folder_or_one_a_killed_first_export_left_takes_the_bundle(
     vae_run_dir: Path, tmp_path: Path
 ) -> None:
-    (tmp_path / "empty").mkdir()
+    """Killed before its model.json moved in, an export leaves its staging folder or its graphs; a
+    fresh volume holds lost+found."""
+    (tmp_path / "empty" / "lost+found").mkdir(parents=True)
     (tmp_path / "killed" / ".export-x1y2").mkdir(parents=True)
+    (tmp_path / "killed" / "encoder.onnx").write_bytes(b"half")
     for bundle in (tmp_path / "empty", tmp_path / "killed"):
         exported = export_run(vae_run_dir, bundle)
         assert ModelBundle.load(bundle).spec.version == exported.version
