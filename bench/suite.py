@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
 # Images per Sample request in the targets held to the all-core ceiling.
 TARGET_SAMPLE_SIZES = (64, 256)
-# The target's stream: messages of vae-encode-job's default size (client/encode_job.py, --batch-size).
+# The target's stream: messages of vae-encode-job's default size (client/cli.py, DEFAULT_BATCH_SIZE).
 TARGET_STREAM_CHUNK = 256
 # The rows of the service's own calls (its default --max-batch-size): the ceiling measures them too,
 # so that no call size the service uses is missing from "the best at any rows a call".

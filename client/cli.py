@@ -212,12 +212,13 @@ def rows_per_request(info: ModelInfo, batch_size: int | None, target: str) -> in
     fits only an empty one, and beside light traffic from other clients it was refused until the
     client gave up (a 256-row queue, three clients of 64 rows)."""
     most = info.max_request_rows  # 0: a server that does not say
+    default = min(DEFAULT_BATCH_SIZE, max(1, most // 4)) if most > 0 else DEFAULT_BATCH_SIZE
     if batch_size is None:
-        return min(DEFAULT_BATCH_SIZE, max(1, most // 4)) if most > 0 else DEFAULT_BATCH_SIZE
+        return default
     if 0 < most < batch_size:
         raise InputError(
             f"--batch-size {batch_size} is more than {target} takes in one request ({most} rows); "
-            f"pass --batch-size {most} or less"
+            f"pass --batch-size {most} or less, or leave it out ({default} by default)"
         )
     return batch_size
 
@@ -257,8 +258,9 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         for name, reason in source.rejected:
             print(f"vae-client: skipped {name}: {reason}", file=sys.stderr)
         inputs.append(source.images)
-    batch = rows_per_request(client.model_info(), args.batch_size, args.target)
-    if args.log_var_out is not None and client.model_info().kind != "vae":
+    info = client.model_info()
+    batch = rows_per_request(info, args.batch_size, args.target)
+    if args.log_var_out is not None and info.kind != "vae":
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
     # One stream of bounded requests, so that a large array stays under the message size limit. Each
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] != "-h" and not "--help".startswith(argv[0]):
         # argparse would take the flag's value for the command: "invalid choice: 'localhost:50051'".
         command = next((word for word in argv if word in COMMANDS), "COMMAND")
         parser.error(

@@ -346,15 +346,14 @@ def tls_hint(details: str, tls: bool) -> str | None:
     """What to change where the connection failed as one does between a client and a server that
     disagree on TLS. gRPC's own words name neither side's settings."""
     if tls and "WRONG_VERSION_NUMBER" in details:  # the server's first bytes were not TLS
-        return "the server does not seem to take TLS: connect without it (no --tls or --ca-cert, tls=None)"
+        return "the server does not seem to take TLS: connect without it (none of the TLS flags, tls=None)"
     if tls and "CERTIFICATE_VERIFY_FAILED" in details:
         return (
             "the server's certificate is not from a CA this client trusts: pass the CA that signed it "
             "(--ca-cert, TlsOptions.root_certificates)"
         )
-    if details.endswith(
-        "Socket closed"
-    ):  # a TLS port closes a plaintext connection, mutual TLS an unknown client
+    # How a TLS port ends a plaintext connection, and mutual TLS a client it does not know.
+    if details.endswith("Socket closed"):
         if not tls:
             return "if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)"
         return (

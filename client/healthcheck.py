@@ -27,6 +27,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # Between a Watch that ended without SERVING (closed, or failed UNAVAILABLE) and the next: not a busy
 # loop on the server's CPU.
 REWATCH_PAUSE_S = 0.2
+# After --wait ran out with no answer: the deadline of a last Check that says why.
+LAST_TRY_S = 2.0
 
 
 def status_name(status: int) -> str:
@@ -75,6 +77,14 @@ def wait_for_serving(channel: Any, service: str, wait_s: float) -> int:
     return last
 
 
+def described(error: grpc.RpcError, tls: bool) -> str:
+    """CODE: details, and what to change where the client's TLS settings and the server's disagree."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and (hint := tls_hint(details, tls)):
+        details += f"; {hint}"
+    return f"{error.code().name}: {details}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vae-healthcheck", description="Exit 0 when the gRPC health service reports SERVING."
@@ -108,13 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error.code() == grpc.StatusCode.NOT_FOUND:
             print(f"vae-healthcheck: {what}: the server knows no such service", file=sys.stderr)
         else:
-            details = error.details() or ""
-            if error.code() == grpc.StatusCode.UNAVAILABLE and (hint := tls_hint(details, tls is not None)):
-                details += f"; {hint}"
-            print(f"vae-healthcheck: {what}: {error.code().name}: {details}", file=sys.stderr)
+            print(f"vae-healthcheck: {what}: {described(error, tls is not None)}", file=sys.stderr)
         return 1
     except TimeoutError as error:
-        print(f"vae-healthcheck: {what}: {error}", file=sys.stderr)
+        why = ""
+        try:  # wait_for_ready waits out a failure to connect: one last try says which it was
+            check(channel, args.service, LAST_TRY_S)
+        except grpc.RpcError as last:
+            why = f"; the last try: {described(last, tls is not None)}"
+        print(f"vae-healthcheck: {what}: {error}{why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C during --wait: a line, not a traceback
         print("vae-healthcheck: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -45,15 +46,20 @@ def refusal_to_bind(host: str, port: int) -> str | None:
     """Why the system refuses HOST:PORT ("Address already in use"), asked of it directly: gRPC says
     only that the bind failed. None where it binds now."""
     try:
-        family, kind, protocol, _, address = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM
-        )[0]
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            probe.bind(address)
-    except OSError as error:  # socket.gaierror included
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM)
+    except OSError as error:  # socket.gaierror: no such host
         return error.strerror
-    return None
+    reasons = []
+    for family, kind, protocol, _, address in addresses:  # gRPC binds each, IPv6 and IPv4
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return error.strerror
+            reasons.append(error.strerror)
+    return reasons[0] if reasons else None
 
 
 # On a drain, how long the last answers get to reach their clients before the connections close.
@@ -121,7 +127,8 @@ class VaeServer:
         except OSError as error:
             await self.stop(0)
             raise OSError(
-                f"cannot bind the metrics port {settings.metrics_port} (--metrics-port): {error}"
+                f"cannot bind the metrics port {settings.metrics_port} (--metrics-port): "
+                f"{error.strerror or error}"
             ) from error
         self.metrics_port = self._metrics_http.port
         log.info(

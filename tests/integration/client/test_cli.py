@@ -141,7 +141,7 @@ def test_encode_and_decode_send_no_more_rows_a_request_than_the_server_takes(
             assert cli.main([*given, *argv, str(tmp_path / "refused.npy")]) == 2
             assert (
                 f"--batch-size 101 is more than {server.target} takes in one request (100 rows); pass "
-                "--batch-size 100 or less"
+                "--batch-size 100 or less, or leave it out (25 by default)"
             ) in capsys.readouterr().err
         assert not (tmp_path / "refused.npy").exists()
         with VaeClient(server.target) as client:

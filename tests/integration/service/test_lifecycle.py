@@ -402,8 +402,7 @@ def test_a_port_in_use_is_refused_at_start_naming_the_port_its_flag_and_why(
     with pytest.raises(OSError) as refused:
         start_server_thread(vae_bundle, metrics_port=running.server.metrics_port)
     assert str(refused.value) == (
-        f"cannot bind the metrics port {running.server.metrics_port} (--metrics-port): [Errno 98] Address "
-        "already in use"
+        f"cannot bind the metrics port {running.server.metrics_port} (--metrics-port): Address already in use"
     )
 
 

@@ -157,10 +157,12 @@ def test_a_plaintext_client_is_refused_by_the_tls_port_and_told_of_tls(
     assert model_name(tls_server.target, TlsOptions(root_certificates=pki.ca)) == "tiny-vae"  # up
 
 
+@pytest.mark.parametrize("wait", [[], ["--wait", "1"]])
 def test_vae_healthcheck_in_plaintext_against_the_tls_port_exits_1_and_is_told_of_tls(
-    tls_server: ServerThread, capsys: pytest.CaptureFixture[str]
+    tls_server: ServerThread, capsys: pytest.CaptureFixture[str], wait: list[str]
 ) -> None:
-    assert healthcheck.main(["--target", tls_server.target]) == 1
+    """With --wait too, which waits out the refused connections and then tries once more."""
+    assert healthcheck.main(["--target", tls_server.target, *wait]) == 1
     assert capsys.readouterr().err.endswith(
         "Socket closed; if the server takes TLS only, connect with TLS (--tls or --ca-cert, TlsOptions)\n"
     )
@@ -172,7 +174,7 @@ def test_a_tls_client_of_a_plaintext_port_is_told_that_the_server_takes_no_tls(
     refused = refusal(vae_server.target, TlsOptions(root_certificates=pki.ca))
     assert refused.code == grpc.StatusCode.UNAVAILABLE
     assert str(refused).endswith(
-        "; the server does not seem to take TLS: connect without it (no --tls or --ca-cert, tls=None)"
+        "; the server does not seem to take TLS: connect without it (none of the TLS flags, tls=None)"
     )
 
 

@@ -519,7 +519,7 @@ def test_without_batch_size_requests_carry_256_rows_or_a_quarter_of_the_servers_
     assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "13"]) == 2
     assert (
         "--batch-size 13 is more than vae.example:50051 takes in one request (12 rows); pass --batch-size "
-        "12 or less"
+        "12 or less, or leave it out (3 by default)\n"
     ) in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "given"), "--batch-size", "2"]) == 0
     assert made[-1].sizes == [2] * 5
