@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -12,11 +15,12 @@ from types import SimpleNamespace
 from typing import cast
 
 import grpc
+import numpy as np
 import pytest
 
 from bench import ceiling, loadgen, report, servers, suite, targets
-from bench.workloads import Shape
-from vae.v1 import vae_pb2
+from bench.workloads import Shape, encode_stream
+from vae.v1 import vae_pb2, vae_pb2_grpc
 
 
 def _recorder(calls: list[str], name: str, value: float) -> targets.Measure:
@@ -460,10 +464,22 @@ def answer_one_message(
     yield vae_pb2.EncodeResponse(mean=codes)
 
 
-def test_a_stream_that_ends_before_its_last_image_is_a_failure_not_a_fast_stream() -> None:
+def answer_every_message_then_pause(
+    requests: Iterator[vae_pb2.EncodeRequest], context: grpc.ServicerContext
+) -> Iterator[vae_pb2.EncodeResponse]:
+    """An EncodeStream that answers at once, and sends its status only a second after the last answer."""
+    for request in requests:
+        rows = request.images.shape[0]
+        yield vae_pb2.EncodeResponse(mean=vae_pb2.Tensor(shape=[rows, 2], dtype=vae_pb2.DATA_TYPE_FLOAT32))
+    time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def fake_encode_stream(answer: Callable[..., Iterator[vae_pb2.EncodeResponse]]) -> Iterator[str]:
+    """A server on 127.0.0.1 whose EncodeStream is `answer`; yields its target."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     handler = grpc.stream_stream_rpc_method_handler(
-        answer_one_message,
+        answer,
         request_deserializer=vae_pb2.EncodeRequest.FromString,
         response_serializer=vae_pb2.EncodeResponse.SerializeToString,
     )
@@ -473,10 +489,25 @@ def test_a_stream_that_ends_before_its_last_image_is_a_failure_not_a_fast_stream
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        measure = targets.stream_window(
-            cast(servers.Server, SimpleNamespace(target=f"127.0.0.1:{port}")), 256, 64
-        )
-        with pytest.raises(servers.ServerFailed, match="the EncodeStream answered 64 of 256 images"):
-            measure()
+        yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+def test_a_stream_that_ends_before_its_last_image_is_a_failure_not_a_fast_stream() -> None:
+    with fake_encode_stream(answer_one_message) as target:
+        measure = targets.stream_window(cast(servers.Server, SimpleNamespace(target=target)), 256, 64)
+        with pytest.raises(servers.ServerFailed, match="the EncodeStream answered 64 of 256 images"):
+            measure()
+
+
+def test_a_stream_is_timed_to_its_last_answer_not_to_the_status_after_it() -> None:
+    async def timed(target: str) -> tuple[float, int]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            images = np.zeros((256, 28, 28), np.uint8)
+            return await encode_stream(vae_pb2_grpc.VaeServiceStub(channel), images, 64)
+
+    with fake_encode_stream(answer_every_message_then_pause) as target:
+        seconds, answered = asyncio.run(timed(target))
+    assert answered == 256
+    assert 0 < seconds < 0.9
