@@ -153,15 +153,14 @@ def tls_from_args(args: argparse.Namespace) -> TlsOptions | None:
     )
 
 
-def open_channel(args: argparse.Namespace) -> Any:
-    """A plain grpc.Channel to `--target` with the TLS flags applied (for services other than vae.v1)."""
-    tls = tls_from_args(args)
+def open_channel(target: str, tls: TlsOptions | None) -> Any:
+    """A plain grpc.Channel to `target`, over TLS where `tls` is given (for services other than vae.v1)."""
     if tls is None:
-        return grpc.insecure_channel(args.target)
+        return grpc.insecure_channel(target)
     options = (
         [("grpc.ssl_target_name_override", tls.server_name_override)] if tls.server_name_override else []
     )
-    return grpc.secure_channel(args.target, tls.credentials(), options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options)
 
 
 def _client(args: argparse.Namespace) -> VaeClient:

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = f"{args.target}" + (f" service {args.service!r}" if args.service else "")
     try:  # TlsOptions checks the TLS files: else --wait would wait out handshakes that cannot succeed
         tls = tls_from_args(args)
-        channel = open_channel(args)
+        channel = open_channel(args.target, tls)
     except (OSError, ValueError) as error:  # a TLS file unreadable, not what its flag takes, unpaired
         parser.exit(2, f"vae-healthcheck: {error}\n")
     try:
