@@ -248,10 +248,20 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         max_rows = int(model.encoder.max_queue_size * ENCODE_STREAM_QUEUE_FRACTION)
         async for response in _in_order(calls(), ENCODE_STREAM_LOOKAHEAD, max_rows):
             yield response
-        # grpc.aio ends the requests of a call its client cancelled as it ends those of a client that
-        # finished sending, and cancels this handler only a moment later: wait that moment, or a
-        # cancelled stream with nothing left to answer would be counted OK.
-        await asyncio.sleep(CANCEL_SETTLE_S)
+        await self._let_a_cancel_settle(context)
+
+    async def _let_a_cancel_settle(self, context: grpc.aio.ServicerContext) -> None:
+        """grpc.aio ends the requests of a call its client cancelled as it ends those of a client that
+        finished sending, and cancels the handler only a moment later: wait that moment, or a cancelled
+        stream with nothing left to answer would be counted OK. Never into the client's deadline or a
+        drain, which would turn a stream answered in full into a failed one."""
+        wait = CANCEL_SETTLE_S
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, remaining - DEADLINE_SLACK_S)
+        if wait > 0 and not self.draining:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), wait)
 
     async def _next_unless_draining(self, requests: AsyncIterator[Request]) -> Request | None:
         """A stream's next request, None at its end, or ModelNotReady once draining starts, even while
@@ -369,12 +379,13 @@ def add_to_server(servicer: VaeServicer, server: grpc.aio.Server) -> None:
 
 @contextlib.contextmanager
 def _naming_the_request(index: int) -> Iterator[None]:
-    """Bad input in a stream's request, named by its place: the status ends the whole stream, so the
-    client learns from it alone which request was refused (those before it are answered)."""
+    """A stream's request refused (bad input, a full queue), named by its place: the status ends the
+    whole stream, so the client learns from it alone which request was refused (those before it are
+    answered)."""
     try:
         yield
-    except InvalidInput as error:
-        raise InvalidInput(f"the stream's request {index} (counting from 0): {error}") from None
+    except (InvalidInput, Overloaded) as error:
+        raise type(error)(f"the stream's request {index} (counting from 0): {error}") from None
 
 
 def _images_of(request: vae_pb2.EncodeRequest) -> np.ndarray[Any, np.dtype[np.float32]]:

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import service.servicer
 from service import codec
 from tests.conftest import ServerThread
 from tests.integration.service.conftest import (
@@ -322,3 +323,14 @@ def test_encode_stream_answers_a_client_that_waits_for_each_answer(stub: vae_pb2
         answered.put(response)
         count += 1
     assert count == 3
+
+
+def test_an_encode_stream_answered_in_full_ends_ok_even_where_its_deadline_is_near(
+    stub: vae_pb2_grpc.VaeServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream's wait at its end for a late cancel (made long here) stops short of the deadline."""
+    monkeypatch.setattr(service.servicer, "CANCEL_SETTLE_S", 30.0)
+    images = digits(stub, 2)
+    call = stub.EncodeStream(iter([vae_pb2.EncodeRequest(images=codec.to_tensor(images))] * 2), timeout=1.5)
+    assert len(list(call)) == 2
+    assert call.code() == grpc.StatusCode.OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+import service.servicer
 from service.codec import to_tensor
 from service.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from service.metrics import ServiceMetrics
@@ -109,6 +111,37 @@ def test_a_cancellation_at_or_near_the_deadline_counts_as_the_deadline() -> None
 def test_a_call_cut_when_a_drains_grace_period_ran_out_counts_as_unavailable_as_its_client_sees_it() -> None:
     for remaining in (None, 0.0, 30.0):
         assert code_of_cancellation(_Remaining(remaining), grace_over=True) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_stream_answered_in_full_waits_for_a_late_cancel_but_never_into_its_deadline_or_a_drain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settle = 1.0  # long enough to tell a wait from none on a busy machine
+    monkeypatch.setattr(service.servicer, "CANCEL_SETTLE_S", settle)
+
+    async def waited(remaining: float | None, drain_after: float | None = None) -> float:
+        servicer = VaeServicer(ServiceMetrics.create(process=False))
+        if drain_after is not None:
+            asyncio.get_running_loop().call_later(drain_after, servicer.start_draining)
+        started = time.monotonic()
+        await servicer._let_a_cancel_settle(_Remaining(remaining))
+        return time.monotonic() - started
+
+    async def scenario() -> list[float]:
+        return list(
+            await asyncio.gather(
+                waited(None),
+                waited(30.0),
+                waited(DEADLINE_SLACK_S + 0.1),  # waits until the deadline is DEADLINE_SLACK_S away
+                waited(DEADLINE_SLACK_S / 2),
+                waited(None, drain_after=0.0),
+                waited(None, drain_after=0.1),
+            )
+        )
+
+    no_deadline, far_deadline, *stopped_short = asyncio.run(scenario())
+    assert no_deadline >= settle * 0.95 and far_deadline >= settle * 0.95
+    assert all(seconds < settle / 2 for seconds in stopped_short), stopped_short
 
 
 def test_every_status_of_every_rpc_is_exported_at_zero_before_the_first_call() -> None:
