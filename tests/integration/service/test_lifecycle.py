@@ -423,6 +423,30 @@ def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeed
         assert list(queued.result(timeout=30).images.shape) == [3000, 1, 28, 28]
 
 
+def test_a_streams_request_refused_for_a_full_queue_is_named_by_its_place(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    server = start_server_thread(vae_bundle, max_queue_size=64, max_samples=64)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        requests: queue.SimpleQueue[vae_pb2.EncodeRequest | None] = queue.SimpleQueue()
+        stream = stub.EncodeStream(iter(requests.get, None), timeout=30)
+        requests.put(encode_request(np.zeros((2, 28, 28), np.uint8)))
+        assert list(next(stream).mean.shape) == [2, 2]
+        with held_inference(server, "encoder"):
+            filler = stub.Encode.future(encode_request(np.zeros((64, 28, 28), np.uint8)), timeout=30)
+            wait_for_metric(server, "vae_batch_size_sum", {"graph": "encoder"}, 2 + 32)  # 2 calls held
+            requests.put(encode_request(np.zeros((40, 28, 28), np.uint8)))  # 32 rows wait: no room
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stream)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (refused.value.details() or "").startswith(
+            "the stream's request 1 (counting from 0): the encoder queue is full (32 of 64 rows waiting)"
+        )
+        assert list(filler.result(timeout=30).mean.shape) == [64, 2]
+        requests.put(None)
+
+
 def workers_started_by(start: Callable[[], ServerThread]) -> tuple[ServerThread, dict[str, int]]:
     """A server, and the native ids of the threads it started (its inference workers), by name."""
     before = set(threading.enumerate())
