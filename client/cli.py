@@ -30,6 +30,7 @@ from client.client import (
     VaeClient,
     VaeClientError,
     as_wire_latents,
+    sample_request,
 )
 from client.images import InputError, load_npy, npy_bytes, read_images, save_images, write_whole
 
@@ -178,6 +179,8 @@ def _check_output(path: Path | None, suffixes: tuple[str, ...]) -> None:
         return
     if path.suffix.lower() not in suffixes:
         raise InputError(f"{path}: expected a {' or '.join(suffixes)} file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; expected a {' or '.join(suffixes)} file")
     if not path.parent.is_dir():
         raise InputError(f"{path}: no folder {path.parent} to write it in")
     try:  # a file made and dropped at once: what the command will do there, permissions and all
@@ -197,6 +200,8 @@ def _check_image_output(args: argparse.Namespace) -> None:
     _check_output(args.out, (".png", ".npy"))
     if args.columns is not None and args.columns < 1:
         raise InputError(f"--columns must be at least 1, got {args.columns}")
+    if args.columns is not None and args.out.suffix.lower() != ".png":
+        raise InputError(f"--columns: lays out a .png grid, and {args.out} is an array")
 
 
 # Rows per Encode or Decode request when --batch-size is not given, or fewer (rows_per_request).
@@ -226,6 +231,7 @@ def _sample(client: VaeClient, args: argparse.Namespace) -> None:
     _check_image_output(args)
     if args.num_samples < 1:  # before asking the server anything
         raise InputError(f"-n/--num-samples must be at least 1, got {args.num_samples}")
+    sample_request(args.num_samples, args.seed, args.temperature, args.dtype)  # the rest, likewise
     # A SampleStream is held to the same limit, so the only way past it is several seeds: say so here
     # in words of this command's flags, rather than pass on the server's "num_samples".
     most = client.model_info().max_samples
@@ -304,6 +310,12 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
         latents = as_wire_latents(latents)
     except (TypeError, ValueError) as error:  # not real numbers, or beyond float32: said by as_wire_latents
         raise InputError(f"{args.input}: {error}") from error
+    not_finite = np.flatnonzero(~np.isfinite(latents).all(axis=1))
+    if len(not_finite):
+        raise InputError(
+            f"{args.input}: NaN or Inf in {len(not_finite)} of its {len(latents)} latent codes, the first "
+            f"in row {not_finite[0]} (counting from 0); nothing was decoded"
+        )
     # Requests of --batch-size rows, as encode sends them: the mean.npy of a whole data set is more
     # than one request may carry (ModelInfo.max_request_rows).
     batch = rows_per_request(client.model_info(), args.batch_size, args.target)
@@ -350,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = command("encode", "encode images to their posterior mean (and log-variance), written as .npy")
     encode.add_argument(
-        "--input", type=Path, nargs="+", required=True, help="image files, .npy arrays, IDX files or folders"
+        "--input",
+        type=Path,
+        nargs="+",
+        action="extend",  # given twice, both lists: the default would keep only the last
+        required=True,
+        help="image files, .npy arrays, IDX files or folders",
     )
     encode.add_argument("--out", type=Path, required=True, help="the means [N,D] as .npy")
     encode.add_argument("--log-var-out", type=Path, help="also write the log-variances [N,D] here")

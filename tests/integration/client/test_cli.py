@@ -264,6 +264,20 @@ def test_encode_takes_uint8_and_float32_inputs_in_one_call(
     np.testing.assert_array_equal(mean[:3], mean[3:])  # the same images, as bytes and as [0,1] floats
 
 
+def test_encode_given_input_twice_encodes_both_in_order(
+    vae_server: ServerThread, tmp_path: Path, digits: np.ndarray
+) -> None:
+    np.save(tmp_path / "first.npy", digits[:3])
+    np.save(tmp_path / "second.npy", digits[3:5])
+    twice = ["--input", str(tmp_path / "first.npy"), "--input", str(tmp_path / "second.npy")]
+    once = ["--input", str(tmp_path / "first.npy"), str(tmp_path / "second.npy")]
+    for name, inputs in (("twice", twice), ("once", once)):
+        out = str(tmp_path / f"{name}.npy")
+        assert cli.main(["encode", "--target", vae_server.target, *inputs, "--out", out]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "twice.npy"), np.load(tmp_path / "once.npy"))
+    assert np.load(tmp_path / "twice.npy").shape == (5, 2)
+
+
 def test_encode_skip_bad_leaves_out_the_bad_files_of_a_png_folder_and_names_them(
     vae_server: ServerThread, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -390,6 +404,15 @@ def test_a_bad_input_file_exits_2_naming_it(
             "empty.npy: not a readable .npy array (No data left in file)",
         ),
         (["decode", "--input", "{dir}/ok.npy", "--columns", "0"], "--columns must be at least 1, got 0"),
+        (
+            ["decode", "--input", "{dir}/nan.npy"],
+            "nan.npy: NaN or Inf in 1 of its 40 latent codes, the first in row 35 (counting from 0); "
+            "nothing was decoded",
+        ),
+        (["sample", "--out", "{dir}/folder.png"], "folder.png: is a folder; expected a .png or .npy file"),
+        (["encode", "--input", "{dir}/ok.npy", "--out", "{dir}/folder.npy"], "folder.npy: is a folder"),
+        (["sample", "--temperature", "0", "--out", "{dir}/g.png"], "temperature must be above 0, got 0.0"),
+        (["sample", "--columns", "4", "--out", "{dir}/g.npy"], "--columns: lays out a .png grid"),
     ],
 )
 def test_bad_arguments_and_latent_files_exit_2_before_any_call(
@@ -404,6 +427,11 @@ def test_bad_arguments_and_latent_files_exit_2_before_any_call(
     np.save(tmp_path / "bool.npy", np.zeros((2, 2), bool))
     np.save(tmp_path / "huge.npy", np.full((2, 2), 1e300))
     (tmp_path / "empty.npy").write_bytes(b"")
+    codes = np.zeros((40, 2), np.float32)
+    codes[35, 1] = np.nan
+    np.save(tmp_path / "nan.npy", codes)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "folder.npy").mkdir()
     argv = [part.format(dir=tmp_path, name=tmp_path.name) for part in command]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out.npy")]
     answered = requests_answered(vae_server)
