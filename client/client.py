@@ -21,7 +21,15 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +65,7 @@ RETRYABLE_CODES = frozenset(
 GRPC_AIO_SEND_FAILED = "Internal error from Core"
 _OUTPUT_DTYPES: dict[str, int] = {"float32": codec.FLOAT32, "uint8": codec.UINT8}
 _DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+UINT32_MAX = 2**32 - 1  # SampleRequest's num_samples and chunk_size
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,10 @@ class VaeClientError(Exception):
         status = code.name if code is not None else "an answer it cannot use"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         super().__init__(f"{rpc} failed with {status}{tries}: {details}")
+
+    def __reduce__(self) -> tuple[type[VaeClientError], tuple[str, Any, str, int]]:
+        # Made again from its fields, not from its message: a process pool pickles a worker's error.
+        return type(self), (self.rpc, self.code, self.details, self.attempts)
 
 
 @dataclass
@@ -532,6 +545,7 @@ class _ClientState:
     closed: bool = False
 
     def __post_init__(self) -> None:
+        check_seconds("timeout_s", self.timeout_s)
         # Else gRPC refuses the first call: INTERNAL "Invalid metadata", or an error of its own type.
         for key, value in self.metadata:
             if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-"):
@@ -569,7 +583,7 @@ class _ClientState:
         return options
 
     def timeout(self, timeout_s: float | None) -> float | None:
-        return self.timeout_s if timeout_s is None else timeout_s
+        return self.timeout_s if timeout_s is None else check_seconds("timeout_s", timeout_s)
 
     def open(self, grpc_module: Any) -> Any:
         """A channel from `grpc_module` (grpc or grpc.aio) with these settings."""
@@ -674,6 +688,9 @@ class VaeClient:
     def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
         """Encode images [N,1,28,28] or [N,28,28], uint8 0-255 or float in [0,1].
 
+        One request: N is at most the server's `ModelInfo.max_request_rows` (INVALID_ARGUMENT beyond
+        it). `encode_stream` takes a data set of any size in batches.
+
         >>> result = client.encode(np.zeros((2, 28, 28), np.uint8))  # doctest: +SKIP
         >>> result.mean.shape  # (2, latent_dim)  # doctest: +SKIP
         """
@@ -688,6 +705,8 @@ class VaeClient:
         timeout_s: float | None = None,
     ) -> npt.NDArray[np.generic]:
         """Decode latent codes [N,D] to images [N,1,28,28] (float32 in [0,1], or uint8 0-255).
+
+        One request: N is at most the server's `ModelInfo.max_request_rows` (INVALID_ARGUMENT beyond it).
 
         >>> images = client.decode(np.zeros((1, 2), np.float32))  # doctest: +SKIP
         """
@@ -730,14 +749,18 @@ class VaeClient:
         >>> for chunk in client.sample_stream(1000, chunk_size=250, seed=7):  # doctest: +SKIP
         ...     print(chunk.offset, chunk.images.shape)
         """
+        # Checked here, where the caller gets the stream, rather than at its first answer.
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
+        return self._sample_stream(request, self._state.timeout(timeout_s))
+
+    def _sample_stream(
+        self, request: vae_pb2.SampleRequest, timeout_s: float | None
+    ) -> Generator[SampleResult, None, None]:
         retrier = self._state.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             with retrier:
-                call = self._stub.SampleStream(
-                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
-                )
+                call = self._stub.SampleStream(request, timeout=timeout_s, metadata=self._state.metadata)
                 try:
                     for response in call:
                         if (result := resume.accept(response, call.initial_metadata())) is not None:
@@ -768,9 +791,16 @@ class VaeClient:
         >>> batches = (images[i : i + 256] for i in range(0, len(images), 256))  # doctest: +SKIP
         >>> means = np.concatenate([r.mean for r in client.encode_stream(batches)])  # doctest: +SKIP
         """
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        source = iter(chunks)
+        _check_stream_settings(max_in_flight, timeout_s, answer_timeout_s)
+        return self._encode_stream(iter(chunks), max_in_flight, timeout_s, answer_timeout_s)
+
+    def _encode_stream(
+        self,
+        source: Iterator[npt.NDArray[Any]],
+        max_in_flight: int,
+        timeout_s: float | None,
+        answer_timeout_s: float | None,
+    ) -> Generator[EncodeResult, None, None]:
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
         answered = first = 0
@@ -842,7 +872,8 @@ class VaeClient:
 
 
 class AsyncVaeClient:
-    """An asyncio client of VaeService, with the methods of VaeClient as coroutines.
+    """An asyncio client of VaeService, with the methods of VaeClient: the unary calls as coroutines,
+    the streams as async iterators (`async for`).
 
     >>> async with AsyncVaeClient("localhost:50051") as client:  # doctest: +SKIP
     ...     result = await client.encode(images)
@@ -950,7 +981,7 @@ class AsyncVaeClient:
         request = sample_request(num_samples, seed, temperature, output_dtype)
         return sample_result(await self._unary("Sample", request, timeout_s), "Sample")
 
-    async def sample_stream(
+    def sample_stream(
         self,
         num_samples: int,
         *,
@@ -959,20 +990,23 @@ class AsyncVaeClient:
         temperature: float = 1.0,
         output_dtype: ImageDtype = "float32",
         timeout_s: float | None = None,
-    ) -> AsyncIterator[SampleResult]:
+    ) -> AsyncGenerator[SampleResult, None]:
         """Draw `num_samples` images in chunks; a broken stream resumes as in VaeClient.sample_stream.
 
         >>> async for chunk in client.sample_stream(1000, chunk_size=250):  # doctest: +SKIP
         ...     print(chunk.offset)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype, chunk_size)
+        return self._sample_stream(request, self._state.timeout(timeout_s))
+
+    async def _sample_stream(
+        self, request: vae_pb2.SampleRequest, timeout_s: float | None
+    ) -> AsyncGenerator[SampleResult, None]:
         retrier = self._state.retrier("SampleStream")
         resume = _SampleResume(request)
         while True:
             with retrier:
-                call = self._stub.SampleStream(
-                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
-                )
+                call = self._stub.SampleStream(request, timeout=timeout_s, metadata=self._state.metadata)
                 try:
                     async for response in call:
                         if (result := resume.accept(response, await call.initial_metadata())) is not None:
@@ -983,22 +1017,29 @@ class AsyncVaeClient:
                     call.cancel()
             await self._pause(retrier.pause_s)
 
-    async def encode_stream(
+    def encode_stream(
         self,
         chunks: Iterable[npt.NDArray[Any]] | AsyncIterable[npt.NDArray[Any]],
         *,
         max_in_flight: int = 4,
         timeout_s: float | None = None,
         answer_timeout_s: float | None = None,
-    ) -> AsyncIterator[EncodeResult]:
+    ) -> AsyncGenerator[EncodeResult, None]:
         """Encode a stream of image batches, at most `max_in_flight` unanswered; see VaeClient.encode_stream.
 
         >>> async for result in client.encode_stream(batches):  # doctest: +SKIP
         ...     store(result.mean)
         """
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        source = _aiter(chunks)
+        _check_stream_settings(max_in_flight, timeout_s, answer_timeout_s)
+        return self._encode_stream(_aiter(chunks), max_in_flight, timeout_s, answer_timeout_s)
+
+    async def _encode_stream(
+        self,
+        source: AsyncIterator[npt.NDArray[Any]],
+        max_in_flight: int,
+        timeout_s: float | None,
+        answer_timeout_s: float | None,
+    ) -> AsyncGenerator[EncodeResult, None]:
         pending: collections.deque[Any] = collections.deque()
         exhausted = False
         answered = first = 0
@@ -1099,6 +1140,21 @@ async def _aiter(chunks: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[An
             yield chunk
 
 
+def _check_stream_settings(max_in_flight: int, timeout_s: float | None, answer_timeout: float | None) -> None:
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    check_seconds("timeout_s", timeout_s)
+    check_seconds("answer_timeout_s", answer_timeout)
+
+
+def check_seconds(name: str, seconds: float | None) -> float | None:
+    """`seconds` if it is None (no limit) or above 0: a deadline of 0 or less fails every attempt at
+    once, and the retries with it, as DEADLINE_EXCEEDED."""
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"{name} must be above 0 seconds, or None for no limit; got {seconds}")
+    return seconds
+
+
 def as_wire_images(images: npt.NDArray[Any]) -> npt.NDArray[np.generic]:
     """Images as they travel: uint8 stays uint8 (4x fewer bytes), floats become float32.
 
@@ -1148,8 +1204,10 @@ def sample_request(
     output_dtype: ImageDtype,
     chunk_size: int = 0,
 ) -> vae_pb2.SampleRequest:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if not 1 <= num_samples <= UINT32_MAX:  # protobuf's own message says only "Value out of range"
+        raise ValueError(f"num_samples must be at least 1 (and at most 2**32-1), got {num_samples}")
+    if not 0 <= chunk_size <= UINT32_MAX:
+        raise ValueError(f"chunk_size must be 0 (the server's batch size) or more, got {chunk_size}")
     request = vae_pb2.SampleRequest(
         num_samples=num_samples,
         temperature=temperature,

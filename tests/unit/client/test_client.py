@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,63 @@ def test_a_seed_outside_uint64_is_refused_naming_the_range(seed: int) -> None:
         ValueError, match=rf"seed must be an integer from 0 to 2\*\*64-1 \(a uint64\), got {seed}"
     ):
         sample_request(4, seed, 1.0, "uint8")
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "chunk_size", "message"),
+    [
+        (2**32, 0, r"num_samples must be at least 1 \(and at most 2\*\*32-1\), got 4294967296"),
+        (4, -1, r"chunk_size must be 0 \(the server's batch size\) or more, got -1"),
+        (4, 2**32, r"chunk_size must be 0 .* got 4294967296"),
+    ],
+)
+def test_counts_outside_uint32_are_refused_naming_the_field(
+    num_samples: int, chunk_size: int, message: str
+) -> None:
+    """protobuf's own message says only "Value out of range"."""
+    with pytest.raises(ValueError, match=message):
+        sample_request(num_samples, None, 1.0, "uint8", chunk_size)
+
+
+def test_a_deadline_of_zero_or_less_is_refused_where_it_is_given() -> None:
+    """It would fail every attempt at once as DEADLINE_EXCEEDED, retries and all."""
+    for timeout_s in (0.0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match=r"timeout_s must be above 0 seconds, or None for no limit"):
+            VaeClient("127.0.0.1:1", timeout_s=timeout_s)
+    with VaeClient("127.0.0.1:1", retry=FAST) as client:
+        with pytest.raises(ValueError, match="timeout_s must be above 0 seconds"):
+            client.model_info(timeout_s=0)
+        assert client.retries == 0
+
+
+def test_a_streams_arguments_are_checked_when_it_is_asked_for_not_at_its_first_answer() -> None:
+    bad_streams: list[tuple[str, Callable[[Any], Any]]] = [
+        ("num_samples", lambda client: client.sample_stream(0)),
+        ("chunk_size", lambda client: client.sample_stream(4, chunk_size=-1)),
+        ("timeout_s", lambda client: client.sample_stream(4, timeout_s=-1)),
+        ("max_in_flight", lambda client: client.encode_stream([], max_in_flight=0)),
+        ("timeout_s", lambda client: client.encode_stream([], timeout_s=0)),
+        ("answer_timeout_s", lambda client: client.encode_stream([], answer_timeout_s=0)),
+    ]
+    with VaeClient("127.0.0.1:1") as client:
+        for name, stream in bad_streams:
+            with pytest.raises(ValueError, match=name):
+                stream(client)
+
+    async def asynchronous() -> None:
+        async with AsyncVaeClient("127.0.0.1:1") as client:
+            for name, stream in bad_streams:
+                with pytest.raises(ValueError, match=name):
+                    stream(client)
+
+    asyncio.run(asynchronous())
+
+
+def test_a_client_error_survives_pickling_as_a_process_pool_sends_it_back() -> None:
+    error = VaeClientError("Sample", grpc.StatusCode.INVALID_ARGUMENT, "num_samples: 65 is more", attempts=2)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.rpc, copy.code, copy.details, copy.attempts) == ("Sample", error.code, error.details, 2)
+    assert str(copy) == str(error)
 
 
 def test_mutual_tls_needs_both_the_client_certificate_and_its_key_naming_the_flag_missing(
