@@ -114,7 +114,7 @@ def sample_seed(text: str) -> int:
 def add_connection_arguments(
     parser: argparse.ArgumentParser,
     default_timeout_s: float = 30.0,
-    timeout_help: str = "deadline of each attempt of a call; an encode stream has none",
+    timeout_help: str = "deadline of each attempt of a call; of each answer of encode's stream",
 ) -> None:
     """The flags that say where the server is and how to reach it, shared by every client command."""
     group = parser.add_argument_group("connection")
@@ -271,7 +271,8 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
     chunks = (images[start : start + batch] for images in inputs for start in range(0, len(images), batch))
     results: list[EncodeResult] = []
-    for result in client.encode_stream(chunks):
+    # A server that hangs while its connection lives would hold the stream, and the command, forever.
+    for result in client.encode_stream(chunks, answer_timeout_s=args.timeout):
         # A stream that reconnects may reach a replica of another model (a rolling update).
         if results and result.encoder_sha256 != results[0].encoder_sha256:
             row = sum(len(earlier.mean) for earlier in results)

@@ -588,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode a data set through the service into resumable shards. "
         "`vae-encode-job merge --output DIR` joins the parts of a split job.",
     )
-    add_connection_arguments(parser)
+    add_connection_arguments(
+        parser, timeout_help="deadline of each attempt of a unary call; the stream has --answer-timeout"
+    )
     parser.add_argument(
         "--input",
         type=Path,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from client import VaeClient, cli, healthcheck
 from tests.conftest import ServerThread, free_port
+from tests.integration.service.conftest import held_inference
 
 pytestmark = pytest.mark.slow
 
@@ -276,6 +277,22 @@ def test_encode_given_input_twice_encodes_both_in_order(
         assert cli.main(["encode", "--target", vae_server.target, *inputs, "--out", out]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "twice.npy"), np.load(tmp_path / "once.npy"))
     assert np.load(tmp_path / "twice.npy").shape == (5, 2)
+
+
+def test_encode_gives_up_on_a_server_that_stops_answering_after_timeout_instead_of_hanging(
+    vae_bundle: Path,
+    start_server_thread: Callable[..., ServerThread],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = start_server_thread(vae_bundle)
+    np.save(tmp_path / "images.npy", np.zeros((3, 28, 28), np.uint8))
+    argv = ["encode", "--target", server.target, "--input", str(tmp_path / "images.npy")]
+    argv += ["--out", str(tmp_path / "mean.npy"), "--timeout", "0.5", "--attempts", "1"]
+    with held_inference(server, "encoder"):
+        assert cli.main(argv) == 1
+    assert "DEADLINE_EXCEEDED: no answer within 0.5 s, so the stream was abandoned" in capsys.readouterr().err
+    assert not (tmp_path / "mean.npy").exists()
 
 
 def test_encode_skip_bad_leaves_out_the_bad_files_of_a_png_folder_and_names_them(
