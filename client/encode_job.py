@@ -22,8 +22,9 @@ manifest that lists them.
 
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
 stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
-shard could not be written mid-job (a full disk, a volume error), which a run with --resume picks up
-from the last committed shard; 2 bad arguments (a TLS file that is not what its flag takes among
+shard could not be written mid-job (a full disk, a volume error), or a mapped input changed mid-job,
+which a run with --resume picks up from the last committed shard (where the input's content is the
+same); 2 bad arguments (a TLS file that is not what its flag takes among
 them), input or output directory, rows or requests that the service refuses (INVALID_ARGUMENT), or a
 model other than the one the output was begun with (a rolling update reached mid-job): running again
 cannot help until the input, the options, the output or the model changes; 130 interrupted (Ctrl-C),
@@ -123,6 +124,11 @@ class JobError(Exception):
 class WriteFailed(Exception):
     """A shard or the manifest could not be written once the job was under way; what was committed
     before it stays, and a retry with --resume goes on from there."""
+
+
+class InputChanged(Exception):
+    """A mapped input's size or modification time changed mid-job: the rows read since may be another
+    file's. What was committed before stays; --resume goes on if the content is still the same."""
 
 
 @contextlib.contextmanager
@@ -303,6 +309,21 @@ def refuse_other_output(output: Path, parts: int) -> None:
         )
 
 
+def refuse_a_folder_not_the_jobs(directory: Path, resume: bool) -> None:
+    """Refuse an --output that holds files and no manifest. --resume may start over on what a run
+    killed before its first manifest left, and nothing else: no other file there is the job's."""
+    if (directory / MANIFEST).is_file() or not directory.is_dir():
+        return
+    present = sorted(path.name for path in directory.iterdir() if path.name != LOCK)
+    foreign = [name for name in present if name not in _BEFORE_MANIFEST]
+    if foreign or (present and not resume):
+        shown = ", ".join((foreign or present)[:3])
+        raise JobError(
+            f"{directory} is not empty and holds no manifest (it holds {shown}); "
+            "choose an empty or new --output"
+        )
+
+
 def prepare_output(
     directory: Path, settings: JobSettings, source: ImageInput, manifest: dict[str, Any]
 ) -> dict[str, Any]:
@@ -323,17 +344,8 @@ def prepare_output(
                 f"{error}; --resume cannot continue this output: run the job again with a new --output"
             ) from error
         manifest = found
-    elif directory.is_dir():
-        # --resume may start over on what a run killed before its first manifest left, and nothing
-        # else: without a manifest, no other file here is the job's to delete.
-        present = sorted(path.name for path in directory.iterdir() if path.name != LOCK)
-        foreign = [name for name in present if name not in _BEFORE_MANIFEST]
-        if foreign or (present and not settings.resume):
-            shown = ", ".join((foreign or present)[:3])
-            raise JobError(
-                f"{directory} is not empty and holds no manifest (it holds {shown}); "
-                "choose an empty or new --output"
-            )
+    else:
+        refuse_a_folder_not_the_jobs(directory, settings.resume)
     create_directory(directory)
     # Files of a run killed before it committed them; the manifest does not list them.
     listed = {entry["file"] for entry in manifest["shards"]}
@@ -422,29 +434,29 @@ class EncodeJob:
         for name, reason in source.rejected:
             print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
 
-        create_directory(directory)
-        with (
-            VaeClient(
-                settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
-            ) as client,
-            sole_writer(directory, self.log),
-        ):
+        with VaeClient(
+            settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
+        ) as client:
             info = client.model_info()
             batch_size = rows_per_request(info, self.settings.batch_size, self.settings.target)
-            model = model_record(info)
-            manifest = new_manifest(settings, source, rows, model)
-            manifest = prepare_output(directory, settings, source, manifest)
-            resumed = sum(entry["stop"] - entry["start"] for entry in manifest["shards"])
-            if resumed:
-                print(f"vae-encode-job: resuming {directory} at row {rows.start + resumed}", file=self.log)
-            bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
-            progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
-            if not manifest["complete"]:
-                self._encode(client, source, rows, batch_size, directory, manifest, progress)
-            progress.close()
-            return JobSummary(
-                directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
-            )
+            # Refused before anything is written there (checked again under the lock, in prepare_output).
+            refuse_a_folder_not_the_jobs(directory, settings.resume)
+            create_directory(directory)
+            with sole_writer(directory, self.log):
+                manifest = new_manifest(settings, source, rows, model_record(info))
+                manifest = prepare_output(directory, settings, source, manifest)
+                resumed = sum(entry["stop"] - entry["start"] for entry in manifest["shards"])
+                if resumed:
+                    resuming_at = rows.start + resumed
+                    print(f"vae-encode-job: resuming {directory} at row {resuming_at}", file=self.log)
+                bar = settings.progress_bar if settings.progress_bar is not None else self.log.isatty()
+                progress = Progress(rows.rows, resumed, self.log, bar, settings.log_every_s)
+                if not manifest["complete"]:
+                    self._encode(client, source, rows, batch_size, directory, manifest, progress)
+                progress.close()
+                return JobSummary(
+                    directory, rows.rows - resumed, resumed, time.monotonic() - started, client.retries
+                )
 
     def _shard_rows(self, rows: RowRange, shard: int) -> tuple[int, int]:
         """The input rows [start, stop) of output shard number `shard`."""
@@ -510,11 +522,18 @@ class EncodeJob:
                 "are kept. Resume once every replica serves that model, or start a new --output for the "
                 "other one"
             )
-        if result.mean.shape != (stop - start, model["latent_dim"]):
-            raise JobError(
-                f"rows [{start}, {stop}): the service answered means of shape "
-                f"{list(result.mean.shape)}, expected {[stop - start, model['latent_dim']]}"
-            )
+        expected = [stop - start, model["latent_dim"]]
+        log_var_shape = None if result.log_var is None else list(result.log_var.shape)
+        # A VAE answers log-variances of the means' shape, and an AE none.
+        for name, shape, wanted in (
+            ("means", list(result.mean.shape), expected),
+            ("log-variances", log_var_shape, expected if model["kind"] == "vae" else None),
+        ):
+            if shape != wanted:
+                raise JobError(
+                    f"rows [{start}, {stop}): the service answered {name} of shape {shape}, expected "
+                    f"{wanted} from {model['kind']} {model['name']}"
+                )
 
     def _commit(
         self,
@@ -531,9 +550,11 @@ class EncodeJob:
         try:  # a mapped input rewritten under the job: these rows may be the new file's
             source.check_unchanged()
         except InputError as error:
-            raise JobError(
-                f"{error}; the shards committed before it ({committed}) were "
-                "encoded from the input as it was: start a new --output for the new input"
+            raise InputChanged(
+                f"{error}; the shards committed before it ({committed}) were encoded from the input as "
+                "it was. Run again with --resume: it goes on where the content is still what it was (a "
+                "file only touched or copied over with the same bytes), and refuses it otherwise (then "
+                "start a new --output for the new input)"
             ) from error
         mean = np.concatenate(means)
         stop = start + len(mean)
@@ -668,8 +689,8 @@ def _naming_the_input_rows(error: VaeClientError, plan: list[tuple[int, int, int
     """`error` led by the input rows of the request the server refused, where it names one: the
     stream's numbering means nothing to whoever must find the bad row in the input."""
     number = refused_stream_request(error)
-    if number is None or number >= len(plan):
-        return error
+    if number is None or number >= len(plan) or error.code != grpc.StatusCode.INVALID_ARGUMENT:
+        return error  # a full queue, say, is not these rows' fault
     _, start, stop = plan[number]
     details = f"input rows [{start}, {stop}): {error.details}"
     return VaeClientError(error.rpc, error.code, details, error.attempts)
@@ -726,11 +747,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             pause_at=parse_pause_at(os.environ.get(PAUSE_ENV, "")),
         )
         summary = EncodeJob(settings).run()
-    except (VaeClientError, WriteFailed) as error:
+    except (VaeClientError, WriteFailed, InputChanged) as error:
         if isinstance(error, VaeClientError) and error.code in REFUSED_CODES:
             print(f"vae-encode-job: {error}; {REFUSED_CODES[error.code]}", file=sys.stderr)
             return 2
-        print(f"vae-encode-job: stopped: {error}", file=sys.stderr)
+        # The other two say so themselves, with what else to check.
+        kept = "; the shards committed so far are kept: run again with --resume to continue"
+        hint = kept if isinstance(error, VaeClientError) else ""
+        print(f"vae-encode-job: stopped: {error}{hint}", file=sys.stderr)
         return 1
     # Bad settings or input (InputError and EncodingsError are ValueErrors), and an unreadable input,
     # an output it may not write, a full disk.

@@ -83,9 +83,11 @@ def as_image_batch(array: npt.NDArray[Any], source: str) -> npt.NDArray[Any]:
         return array
     if not np.issubdtype(array.dtype, np.floating):
         raise InputError(f"{source}: dtype {array.dtype}: {expected}")
-    array = array.astype(np.float32, copy=False)
-    _check_pixel_range(array, source, expected)
-    return array
+    converted = array.astype(np.float32, copy=False)
+    if converted is not array:  # a copy in memory, which numpy still types as the file's np.memmap
+        converted = converted.view(np.ndarray)
+    _check_pixel_range(converted, source, expected)
+    return converted
 
 
 # Rows checked at a time, so that checking a mapped file needs no temporary as large as the file.

@@ -254,10 +254,34 @@ def test_a_mapped_input_rewritten_mid_job_stops_it_before_the_next_shard(
     job.wait_for_pause()
     np.save(input_, 255 - digits)  # in place: same inode, same size
     code, log = job.carry_on()
-    assert code == 2
+    assert code == 1
     assert f"{input_}: changed while it was being read" in log
     assert "the shards committed before it (1) were encoded from the input as it was" in log
     assert len(read_manifest(tmp_path / "out")["shards"]) == 1
+    with pytest.raises(JobError, match="use a new --output for different input"):  # as the stop said
+        run_job(vae_server.target, input_, tmp_path / "out", resume=True)
+
+
+def test_a_mapped_input_only_touched_mid_job_stops_it_and_resume_finishes_the_same_bytes(
+    vae_server: ServerThread,
+    inputs: dict[str, Path],
+    uninterrupted: Path,
+    tmp_path: Path,
+    paused_job: Callable[..., PausedJob],
+) -> None:
+    """Its size and time are all the job can watch without reading it again; the resume reads it."""
+    input_ = tmp_path / "digits.npy"
+    shutil.copy(inputs["npy"], input_)
+    job = paused_job(vae_server.target, input_, tmp_path / "out", "mid-shard:1")
+    job.wait_for_pause()
+    os.utime(input_, ns=(0, 0))
+    code, log = job.carry_on()
+    assert code == 1
+    assert "Run again with --resume: it goes on where the content is still what it was" in log
+    summary = run_job(vae_server.target, input_, tmp_path / "out", resume=True)
+    assert (summary.rows_resumed, summary.rows) == (128, 472)
+    shards = {name: data for name, data in files(tmp_path / "out").items() if name.startswith("shard-")}
+    assert shards == {name: data for name, data in files(uninterrupted).items() if name.startswith("shard-")}
 
 
 def test_a_job_killed_twice_still_ends_with_every_row_once(
@@ -408,7 +432,16 @@ def test_a_batch_size_larger_than_a_request_may_carry_is_refused_before_any_requ
         InputError, match=r"--batch-size 5000 is more than .* takes in one request \(4096 rows\)"
     ):
         run_job(vae_server.target, inputs["npy"], tmp_path / "out", batch_size=5000)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_holds_other_files_is_refused_and_left_as_it_was(
+    vae_server: ServerThread, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(JobError, match=r"not empty and holds no manifest \(it holds notes.txt\)"):
+        run_job(vae_server.target, inputs["npy"], tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # no lock file left behind
 
 
 def test_without_batch_size_a_server_that_takes_fewer_rows_gets_requests_it_takes_and_a_resume_may_differ(

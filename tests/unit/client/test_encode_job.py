@@ -20,7 +20,7 @@ import pytest
 
 from client import encode_job
 from client.cli import rows_per_request
-from client.client import EncodeResult, TlsOptions
+from client.client import EncodeResult, TlsOptions, VaeClientError
 from client.encode_job import (
     JOB_RETRY,
     EncodeJob,
@@ -47,6 +47,8 @@ from client.encodings import (
 from client.images import ImageInput, read_images
 from tests.conftest import free_port
 from tests.unit.client.conftest import TlsFiles
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 MODEL = {"name": "vae", "version": "1", "kind": "vae", "latent_dim": 2, "encoder_sha256": "ab" * 32}
 
@@ -285,7 +287,7 @@ def test_progress_draws_a_bar_on_a_terminal_and_logs_lines_otherwise() -> None:
 
 
 def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the_index(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Exit 2 (bad input or arguments) fails a Kubernetes index for good; an outage must not."""
     np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
@@ -293,6 +295,9 @@ def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the
     assert (
         main([*argv, "--output", str(tmp_path / "out"), "--attempts", "1", "--timeout", "2", "--no-progress"])
         == 1
+    )
+    assert capsys.readouterr().err.endswith(
+        "; the shards committed so far are kept: run again with --resume to continue\n"
     )
 
 
@@ -341,6 +346,51 @@ def test_answers_of_the_wrong_shape_stop_the_job_before_a_shard_is_written(
     with pytest.raises(JobError, match=r"means of shape \[4, 1\], expected \[4, 2\]"):
         EncodeJob(settings, log=io.StringIO()).run()
     assert not list((tmp_path / "out").glob("shard-*"))
+
+
+class ShortLogVar(WrongWidth):
+    """A client whose service answers log-variances one row short."""
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            mean = np.zeros((len(images), 2), np.float32)
+            yield EncodeResult(mean, mean[1:], str(MODEL["encoder_sha256"]))
+
+
+class NoLogVar(WrongWidth):
+    """A client whose VAE's service answers no log-variances."""
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            yield EncodeResult(np.zeros((len(images), 2), np.float32), None, str(MODEL["encoder_sha256"]))
+
+
+@pytest.mark.parametrize(
+    ("client", "message"),
+    [
+        (ShortLogVar, r"log-variances of shape \[3, 2\], expected \[4, 2\] from vae"),
+        (NoLogVar, r"log-variances of shape None, expected \[4, 2\] from vae"),
+    ],
+)
+def test_a_vaes_answers_without_log_variances_of_the_means_shape_stop_the_job_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: type, message: str
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", client)
+    settings = JobSettings(target="t", input=tmp_path / "x.npy", output=tmp_path / "out", progress_bar=False)
+    with pytest.raises(JobError, match=message):
+        EncodeJob(settings, log=io.StringIO()).run()
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_a_full_queue_is_not_blamed_on_the_rows_of_the_request_it_refused() -> None:
+    plan = [(0, 0, 16), (0, 16, 32)]
+    refused = "the stream's request 1 (counting from 0): images: contains NaN or Inf"
+    bad = encode_job._naming_the_input_rows(VaeClientError("EncodeStream", INVALID, refused), plan)
+    assert bad.details == f"input rows [16, 32): {refused}"
+    full = "the stream's request 1 (counting from 0): the encoder queue is full (60 of 64 rows waiting)"
+    busy = VaeClientError("EncodeStream", grpc.StatusCode.RESOURCE_EXHAUSTED, full, attempts=10)
+    assert encode_job._naming_the_input_rows(busy, plan) is busy
 
 
 class Recorder(WrongWidth):

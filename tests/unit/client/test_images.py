@@ -8,6 +8,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,6 +62,18 @@ def test_a_float64_npy_in_0_1_is_sent_as_float32(tmp_path: Path, digits: np.ndar
     images = read_images(tmp_path / "x.npy").images
     assert images.dtype == np.float32
     np.testing.assert_allclose(images[:, 0], digits / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.dtype(">f4")])
+def test_a_npy_converted_to_float32_is_read_into_memory_and_no_longer_watched(
+    tmp_path: Path, digits: np.ndarray, dtype: Any
+) -> None:
+    """Its rows cannot change under the job once converted: a touched file must not stop it."""
+    np.save(tmp_path / "x.npy", (digits / 255.0).astype(dtype))
+    source = read_images(tmp_path / "x.npy")
+    assert source.mapped_from is None and type(source.images) is np.ndarray
+    np.save(tmp_path / "y.npy", (digits / 255.0).astype(np.float32))  # as it travels: mapped, watched
+    assert read_images(tmp_path / "y.npy").mapped_from is not None
 
 
 @pytest.mark.parametrize(
