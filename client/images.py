@@ -75,6 +75,8 @@ def as_image_batch(array: npt.NDArray[Any], source: str) -> npt.NDArray[Any]:
     shape = array.shape
     if len(shape) == 3 and shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
         array = array.reshape(shape[0], 1, IMAGE_SIDE, IMAGE_SIDE)
+    elif shape[1:] == (IMAGE_SIDE * IMAGE_SIDE,):  # flat rows, as some MNIST loaders give them
+        raise InputError(f"{source}: shape {list(shape)}: {expected} (reshape flat rows to [N,28,28] first)")
     elif not (len(shape) == 4 and shape[1:] == (1, IMAGE_SIDE, IMAGE_SIDE)):
         raise InputError(f"{source}: shape {list(shape)}: {expected}")
     if array.shape[0] == 0:
@@ -140,7 +142,9 @@ def read_npy_images(path: Path) -> npt.NDArray[Any]:
     except (OSError, ValueError, EOFError):  # not mappable, damaged or empty: read, for numpy's account
         array = load_npy(path, "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1")
     if not isinstance(array, np.ndarray):
-        raise InputError(f"{path}: holds several arrays; expected one .npy array of images")
+        raise InputError(
+            f"{path}: a .npz archive (numpy.savez), not a .npy array; save the images alone with numpy.save"
+        )
     if not array.flags.c_contiguous:  # Fortran order: read in row order once, not strided per request
         array = np.ascontiguousarray(array)
     return as_image_batch(array, str(path))

@@ -81,6 +81,11 @@ def test_a_npy_converted_to_float32_is_read_into_memory_and_no_longer_watched(
     [
         (np.zeros((3, 32, 32), np.uint8), "shape [3, 32, 32]"),
         (np.zeros((3, 3, 28, 28), np.uint8), "shape [3, 3, 28, 28]"),
+        (
+            np.zeros((3, 784), np.uint8),
+            "shape [3, 784]: expected images [N,28,28] or [N,1,28,28], uint8 0-255 "
+            "or float 0-1 (reshape flat rows to [N,28,28] first)",
+        ),
         (np.zeros((0, 28, 28), np.uint8), "holds no images"),
         (np.zeros((2, 28, 28), np.int32), "dtype int32"),
         (np.full((2, 28, 28), 255.0), "must lie in [0, 1]"),
@@ -108,6 +113,9 @@ def test_a_npz_archive_is_refused_saying_to_save_the_images_as_npy(
     with pytest.raises(InputError) as error:
         read_images(tmp_path / "digits.npz")
     assert f"{tmp_path / 'digits.npz'}: a .npz archive" in str(error.value)
+    (tmp_path / "digits.npz").rename(tmp_path / "named.npy")  # an archive by another name: said as such
+    with pytest.raises(InputError, match=r"named.npy: a .npz archive \(numpy.savez\), not a .npy array"):
+        read_images(tmp_path / "named.npy")
     assert "save the images alone with numpy.save as a .npy file" in str(error.value)
     assert EXPECTED_FORMATS in str(error.value) and "magic number" not in str(error.value)
 
