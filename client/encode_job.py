@@ -27,9 +27,9 @@ which a run with --resume picks up from the last committed shard (where the inpu
 same); 2 bad arguments (a TLS file that is not what its flag takes among
 them), input or output directory, rows or requests that the service refuses (INVALID_ARGUMENT), or a
 model other than the one the output was begun with (a rolling update reached mid-job): running again
-cannot help until the input, the options, the output or the model changes; 130 interrupted (Ctrl-C),
-which --resume continues. --skip-bad leaves out unreadable PNG files as they are read; it does not
-skip rows that the service refuses.
+cannot help until the input, the options, the output or the model changes; 130 interrupted (Ctrl-C)
+and 143 terminated (SIGTERM, as Kubernetes stops a pod), which --resume continues. --skip-bad leaves
+out unreadable PNG files as they are read; it does not skip rows that the service refuses.
 
 Requests carry --batch-size rows: by default 256, or fewer where the server takes fewer in one request
 (ModelInfo.max_request_rows); a --batch-size given and more than that is refused. The output is the
@@ -43,6 +43,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -721,7 +722,25 @@ def merge_main(argv: Sequence[str]) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as Kubernetes stops a pod: handled as Ctrl-C is, whatever the moment."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # As PID 1 in a container, a process with no handler of its own ignores SIGTERM: Kubernetes would
+    # wait out the pod's grace period and SIGKILL it, and nothing would say where the job stopped.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
@@ -761,15 +780,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JobError, ValueError, OSError) as error:
         print(f"vae-encode-job: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Whatever the moment, the shards committed so far are whole and listed, and --resume goes on
         # from them (or starts over on what a run stopped before its first manifest left).
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         print(
-            "vae-encode-job: interrupted; the shards committed so far are kept: run again with --resume "
+            f"vae-encode-job: {how}; the shards committed so far are kept: run again with --resume "
             "to continue",
             file=sys.stderr,
         )
-        return 130
+        return code
     print(f"vae-encode-job: {summary.line()}", file=sys.stderr)
     return 0
 

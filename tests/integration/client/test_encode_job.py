@@ -466,23 +466,30 @@ def test_without_batch_size_a_server_that_takes_fewer_rows_gets_requests_it_take
     assert files(output) == files(uninterrupted)
 
 
-def test_ctrl_c_mid_job_exits_130_with_one_line_and_resume_finishes_the_same_bytes(
+@pytest.mark.parametrize(
+    ("sent", "code", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+)
+def test_ctrl_c_or_sigterm_mid_job_exits_with_one_line_and_resume_finishes_the_same_bytes(
     vae_server: ServerThread,
     inputs: dict[str, Path],
     uninterrupted: Path,
     tmp_path: Path,
     paused_job: Callable[..., PausedJob],
+    sent: signal.Signals,
+    code: int,
+    said: str,
 ) -> None:
-    """Interrupted inside a shard, with requests in flight on the stream: no traceback."""
+    """Stopped inside a shard, with requests in flight on the stream: no traceback. SIGTERM is how
+    Kubernetes stops a pod; as PID 1 the job would ignore it without a handler of its own."""
     output = tmp_path / "out"
     job = paused_job(vae_server.target, inputs["npy"], output, "mid-shard:2")
     job.wait_for_pause()
-    job.process.send_signal(signal.SIGINT)
-    assert job.process.wait(timeout=30) == 130
+    job.process.send_signal(sent)
+    assert job.process.wait(timeout=30) == code
     assert job.process.stderr is not None
     assert job.process.stderr.read() == (
-        "vae-encode-job: interrupted; the shards committed so far are kept: run again with --resume to "
-        "continue\n"
+        f"vae-encode-job: {said}; the shards committed so far are kept: run again with --resume to continue\n"
     )
     summary = run_job(vae_server.target, inputs["npy"], output, resume=True)
     assert (summary.rows_resumed, summary.rows) == (256, 344)
