@@ -22,13 +22,23 @@ if [ -f "$BUNDLE_DIR/model.json" ] && [ "$RETRAIN" != "1" ]; then
     exit 0
 fi
 
+# As PID 1 in its container, sh ignores SIGTERM, and `docker compose stop` would wait out its grace
+# period and kill it: pass the signal to the step that runs instead (nothing is published half-written).
+step=
+trap 'if [ -n "$step" ]; then kill -TERM "$step" 2>/dev/null; wait "$step"; fi; exit 143' TERM INT
+run() {
+    "$@" &
+    step=$!
+    wait "$step"
+}
+
 rm -rf "$RUN_DIR"
-vae-train --model "$MODEL" --dataset "$DATASET" --latent-dim "$LATENT_DIM" --epochs "$EPOCHS" \
+run vae-train --model "$MODEL" --dataset "$DATASET" --latent-dim "$LATENT_DIM" --epochs "$EPOCHS" \
     --device "$DEVICE" --no-progress --out "$RUN_DIR" "$@"
 
 staging="$BUNDLE_DIR.staging"
 rm -rf "$staging"
-vae-export "$RUN_DIR" --out "$staging" --name "$NAME"
+run vae-export "$RUN_DIR" --out "$staging" --name "$NAME"
 rm -rf "$BUNDLE_DIR.previous"
 if [ -d "$BUNDLE_DIR" ]; then
     mv "$BUNDLE_DIR" "$BUNDLE_DIR.previous"

@@ -1,0 +1,57 @@
+"""deploy/scripts/train-and-export.sh, the trainer image's entry point, with stand-ins for vae-train
+and vae-export on its PATH: it publishes a bundle whole, and a stop reaches the step that runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[3] / "deploy" / "scripts" / "train-and-export.sh"
+
+
+def stand_ins(folder: Path, train: str) -> dict[str, str]:
+    """An environment whose vae-train runs `train` (shell) and whose vae-export writes a model.json."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vae-train").write_text(f"#!/bin/sh\n{train}\n")
+    (bin_dir / "vae-export").write_text('#!/bin/sh\nmkdir -p "$3" && echo {} > "$3/model.json"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "BUNDLE_DIR": str(folder / "models" / "vae"),
+        "VAE_TRAIN_RUN_DIR": str(folder / "run"),
+    }
+
+
+def test_a_trained_run_is_published_as_a_whole_bundle(tmp_path: Path) -> None:
+    env = stand_ins(tmp_path, "exit 0")
+    result = subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["vae"]
+    assert (tmp_path / "models" / "vae" / "model.json").is_file()
+
+
+def test_sigterm_reaches_the_step_that_runs_and_nothing_is_published(tmp_path: Path) -> None:
+    """As PID 1 in its container, sh ignores SIGTERM: docker compose stop waited out its grace period."""
+    stopped = tmp_path / "vae-train-stopped"
+    started = tmp_path / "vae-train-started"
+    env = stand_ins(
+        tmp_path, f"trap 'touch {stopped}; kill $!; exit 143' TERM; touch {started}; sleep 60 & wait $!"
+    )
+    script = subprocess.Popen(["sh", str(SCRIPT)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "vae-train never started"
+            time.sleep(0.05)
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=30) == 143
+    finally:
+        script.kill()
+    assert stopped.exists()
+    assert not (tmp_path / "models").exists()
