@@ -189,6 +189,8 @@ def export_run(
         _Graph("encoder", ENCODER_FILE, _EncoderGraph(model).eval(), model.encode, *signatures["encoder"]),
         _Graph("decoder", DECODER_FILE, _DecoderGraph(model).eval(), model.decode, *signatures["decoder"]),
     ]
+    created = not bundle_dir.exists()  # and so removed again if the export fails
+    exported = False
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
         # Everything is written here first and moved into place once it loads: a failed export (a
@@ -206,12 +208,16 @@ def export_run(
         # crash between the moves leaves a bundle that the service refuses, never a mixed one served.
         for file in (ENCODER_FILE, DECODER_FILE, MODEL_JSON):
             (staging / file).replace(bundle_dir / file)
+        exported = True
     except OSError as error:
         raise ExportError(f"{bundle_dir}: cannot write the bundle ({error})") from error
     except (ExportError, BundleError) as error:  # named by the files they are about, not by staging's
         raise ExportError(str(error).replace(str(staging), str(bundle_dir))) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not exported:
+            with contextlib.suppress(OSError):  # not empty: then it is not only ours to remove
+                bundle_dir.rmdir()
     return bundle
 
 

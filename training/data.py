@@ -80,8 +80,8 @@ def load_training_splits(
     train, validation = np.setdiff1d(kept, held_out), np.intersect1d(kept, held_out)
     if len(train) == 0 or len(validation) == 0:
         raise ValueError(
-            f"limit {limit} leaves {len(train)} images to train on and {len(validation)} to validate; "
-            "raise it"
+            f"validation_fraction {validation_fraction} and limit {limit} leave {len(train)} images to "
+            f"train on and {len(validation)} to validate; raise the limit or change the fraction"
         )
     return full.subset(train), full.subset(validation)
 

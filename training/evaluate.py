@@ -327,11 +327,19 @@ class Evaluator:
         return dataset, data_dir, test
 
     def training_data_dir(self, config: TrainConfig) -> Path | None:
-        """Where the run's training images are: --data-dir when it names the run's own dataset (a
-        run moved to another machine), else where the run found them."""
-        if self.data_dir is not None and self.dataset in (None, config.dataset):
-            return self.data_dir
-        return Path(config.data_dir) if config.data_dir else None
+        """Where the run's training images are (the digit classifier and the kNN score the codes
+        against them): --data-dir where it holds the run's own dataset's (a run moved to another
+        machine), else where the run found them (a --data-dir of the t10k files alone)."""
+        recorded = Path(config.data_dir) if config.data_dir else None
+        if self.data_dir is None or self.dataset not in (None, config.dataset):
+            return recorded
+        if (
+            recorded is not None
+            and not _holds_training_files(config.dataset, self.data_dir)
+            and _holds_training_files(config.dataset, recorded)
+        ):
+            return recorded
+        return self.data_dir  # where the error, if any, names the folder given
 
     def classifier(
         self, config: TrainConfig, train: ImageSet, test: ImageSet, test_name: str
@@ -352,12 +360,18 @@ class Evaluator:
         started = time.perf_counter()
         config, model = load_run(run_dir, self.device)
         test_name, test_dir, test = self.test_set(config)
-        train, _ = load_training_splits(
-            config.dataset,
-            self.training_data_dir(config),
-            validation_fraction=config.validation_fraction,
-            limit=config.limit,
-        )
+        try:
+            train, _ = load_training_splits(
+                config.dataset,
+                self.training_data_dir(config),
+                validation_fraction=config.validation_fraction,
+                limit=config.limit,
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error}: the run's training images are needed too, as the digit classifier and the "
+                "kNN score the codes against them"
+            ) from error
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         numpy_rng = np.random.default_rng(self.seed)
         codes, _ = encode(model, test.images, self.device)
@@ -492,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _holds_training_files(dataset: str, data_dir: Path) -> bool:
+    try:
+        idx_files(dataset, data_dir, "train")
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -530,14 +552,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"same files ({test_images.pop()}): put each in torchvision's layout (MNIST/raw, "
                     "FashionMNIST/raw), evaluate one dataset at a time, or name the test set with --dataset"
                 )
-        # Read first: a metrics.json that cannot be read must not throw away minutes of evaluation.
+        # Read first: a metrics.json that cannot be read, or weights that cannot be used, must not
+        # throw away minutes of evaluation, nor leave some runs evaluated anew and others not.
         metrics_of_runs = [load_metrics(run_dir) for run_dir in args.run_dirs]
-        runs = []
-        for run_dir, metrics in zip(args.run_dirs, metrics_of_runs, strict=True):
-            result = evaluator.evaluate(run_dir)
+        for run_dir in args.run_dirs:
+            load_run(run_dir)
+        runs = [evaluator.evaluate(run_dir) for run_dir in args.run_dirs]
+        for run_dir, metrics, result in zip(args.run_dirs, metrics_of_runs, runs, strict=True):
             metrics["evaluation"] = result
             save_metrics(run_dir, metrics)
-            runs.append(result)
     except (ValueError, OSError) as error:
         parser.exit(2, f"vae-evaluate: error: {error}\n")
     report: dict[str, Any] = {"command": command, "runs": runs}

@@ -463,8 +463,11 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     yet) is simply started again. A folder of anything else is never written into: its files could
     share a run's names (config.json, metrics.json, figures/).
     """
-    if not out.is_dir() or not any(out.iterdir()):
-        return  # a new folder (or a file, which the run's own mkdir names in its error)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder for the run")
+    # Hidden files (.gitkeep) and a volume's lost+found are no other run's and no one's work.
+    if not out.is_dir() or all(path.name[0] == "." or path.name == "lost+found" for path in out.iterdir()):
+        return
     if not (out / CONFIG_FILE).is_file():
         raise ValueError(
             f"{out} holds files but no run of vae-train ({CONFIG_FILE}); choose a new or empty --out"

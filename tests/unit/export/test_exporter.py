@@ -265,8 +265,9 @@ def test_a_graph_that_drifts_from_pytorch_fails_the_export_naming_the_output_and
     monkeypatch.setattr(getattr(exporter, graph), "forward", drifting_forward)
     figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size 1; the tolerance is 0.0001"
     with pytest.raises(ExportError, match=figure):
-        export_run(vae_run_dir, tmp_path / "bundle")
-    assert not (tmp_path / "bundle" / "model.json").exists()
+        export_run(vae_run_dir, tmp_path / "new" / "bundle")
+    assert list(tmp_path.iterdir()) == [tmp_path / "new"]  # the folder it made for the bundle is gone
+    assert not any((tmp_path / "new").iterdir())
 
 
 def test_the_cli_prints_a_summary_and_fails_clearly(
@@ -348,8 +349,9 @@ def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
     monkeypatch.setattr(getattr(exporter, graph), "forward", drifting_at(batch_size))
     figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size {batch_size}; the tolerance"
     with pytest.raises(ExportError, match=figure):
-        export_run(vae_run_dir, tmp_path / "bundle")
-    assert not (tmp_path / "bundle" / "model.json").exists()
+        export_run(vae_run_dir, tmp_path / "new" / "bundle")
+    assert list(tmp_path.iterdir()) == [tmp_path / "new"]  # the folder it made for the bundle is gone
+    assert not any((tmp_path / "new").iterdir())
 
 
 def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(

@@ -58,9 +58,12 @@ def test_a_limited_run_never_trains_on_the_held_out_test_images() -> None:
     assert all(row.tobytes() in test_rows for row in validation.images)
 
 
-def test_a_limit_too_small_to_split_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"leaves .* images to train on and .* to validate; raise it"):
+def test_a_limit_or_a_fraction_that_leaves_a_split_empty_is_refused_naming_both() -> None:
+    advice = "raise the limit or change the fraction"
+    with pytest.raises(ValueError, match=rf"limit 3 leave .* to validate; {advice}"):
         load_training_splits("mnist-5k", limit=3)
+    with pytest.raises(ValueError, match=r"validation_fraction 0.9999 and limit None leave 0 images"):
+        load_training_splits("mnist-5k", validation_fraction=0.9999)
 
 
 def test_a_limited_test_set_is_a_spread_of_every_digit() -> None:

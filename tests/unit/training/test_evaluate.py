@@ -172,6 +172,32 @@ def test_the_training_images_are_read_from_data_dir_when_it_names_the_runs_datas
     assert Evaluator(None, None, None, 1, 0, cpu).training_data_dir(config) == Path("/where/it/trained")
 
 
+def test_a_data_dir_of_the_t10k_files_alone_leaves_the_training_images_where_the_run_found_them(
+    tmp_path: Path,
+) -> None:
+    """As README and docs/ae-vs-vae.md suggest for the official test set; --data-dir is still the
+    folder a missing file is looked for in, where neither folder holds the training files."""
+    t10k, trained, empty = tmp_path / "t10k", tmp_path / "trained", tmp_path / "empty"
+    for folder in (t10k, trained, empty):
+        folder.mkdir()
+    write_t10k(t10k, 10)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (trained / stem).write_bytes(b"")  # found by name: what is in them is read later
+    cpu = torch.device("cpu")
+    assert (
+        Evaluator(None, t10k, None, 1, 0, cpu).training_data_dir(
+            TrainConfig(dataset="mnist", data_dir=str(trained))
+        )
+        == trained
+    )
+    assert (
+        Evaluator(None, t10k, None, 1, 0, cpu).training_data_dir(
+            TrainConfig(dataset="mnist", data_dir=str(empty))
+        )
+        == t10k
+    )
+
+
 def test_evaluation_on_a_folder_with_only_the_two_official_t10k_files(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -282,6 +308,24 @@ def test_a_metrics_file_that_cannot_be_read_stops_the_command_before_it_evaluate
     assert exit_.value.code == 2
     assert f"{run / 'metrics.json'}: not valid JSON" in capsys.readouterr().err
     assert not (run / "figures").exists()
+
+
+def test_a_run_that_cannot_be_loaded_stops_the_command_before_any_run_is_evaluated_or_written(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, broken = tmp_path / "first", tmp_path / "broken"
+    shutil.copytree(runs["vae"], first, ignore=shutil.ignore_patterns("figures"))
+    shutil.copytree(runs["vae"], broken, ignore=shutil.ignore_patterns("figures"))
+    state = torch.load(broken / "checkpoint.pt", weights_only=True)
+    state[next(name for name, tensor in state.items() if tensor.is_floating_point())].view(-1)[0] = math.nan
+    torch.save(state, broken / "checkpoint.pt")
+    metrics = (first / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(first), str(broken), "--limit", "20", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "NaN" in capsys.readouterr().err
+    assert (first / "metrics.json").read_bytes() == metrics
+    assert not (first / "figures").exists()
 
 
 def test_a_data_dir_for_runs_scored_on_mnist_5k_which_reads_none_is_refused(

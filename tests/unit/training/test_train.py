@@ -207,6 +207,21 @@ def files_in(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
+def test_a_folder_of_hidden_files_or_a_volumes_lost_found_is_trained_into_and_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    (out / "lost+found").mkdir(parents=True)
+    (out / ".gitkeep").write_text("")
+    assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").is_file() and (out / ".gitkeep").is_file()
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_RUN_ARGV, "--out", str(tmp_path / "a-file")])
+    assert exit_.value.code == 2
+    assert f"--out {tmp_path / 'a-file'} is a file; expected a folder for the run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("files", "message"),
     [
