@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from training.models import VAE, ModelConfig, build_model
 from training.run import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    METRICS_FILE,
     TrainConfig,
     json_text,
     load_config,
@@ -458,10 +461,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an --out whose files a new run would replace without being asked to.
 
-    A new run starts by removing the old one's weights, metrics and figures, before it knows it will
-    end well: a trained run is replaced only with --overwrite. A run that never finished (no weights
-    yet) is simply started again. A folder of anything else is never written into: its files could
-    share a run's names (config.json, metrics.json, figures/).
+    A trained run is replaced only with --overwrite (and only once the new one has ended well:
+    train_in_place_of). A run that never finished (no weights yet) is simply started again. A folder
+    of anything else is never written into: its files could share a run's names (config.json,
+    metrics.json, figures/).
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a folder for the run")
@@ -483,13 +486,31 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+def train_in_place_of(
+    config: TrainConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True
+) -> dict[str, Any]:
+    """Train beside the trained run in `out_dir` and replace it only once the new run has ended
+    well: one that diverges, or a Ctrl-C, leaves the old run whole."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.training-", dir=out_dir.parent))
+    try:
+        metrics = train(config, staging, device=device, progress=progress)
+        save_config(out_dir, config)  # drops the old run's weights, metrics and figures first
+        for name in (METRICS_FILE, CHECKPOINT_FILE):  # the weights last: they make it a trained run
+            (staging / name).replace(out_dir / name)
+        return metrics
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
         check_out_dir(args.out, args.overwrite)
-        metrics = train(config, args.out, device=args.device, progress=not args.no_progress)
+        replacing = (args.out / CHECKPOINT_FILE).is_file()  # with --overwrite, as check_out_dir made sure
+        run = train_in_place_of if replacing else train
+        metrics = run(config, args.out, device=args.device, progress=not args.no_progress)
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}

@@ -171,7 +171,8 @@ def test_the_command_line_trains_and_prints_the_final_losses(
 def test_the_command_line_replaces_a_trained_run_only_when_told_to(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A run starts by removing the old one's weights: one that then diverges would leave neither."""
+    """A new run in a trained run's place could diverge: the old one's weights are never replaced
+    unasked."""
     out = tmp_path / "run"
     argv = [
         "--model",
@@ -198,6 +199,23 @@ def test_the_command_line_replaces_a_trained_run_only_when_told_to(
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == trained
     assert main([*argv, "--seed", "1", "--overwrite"]) == 0
     assert load_config(out).seed == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no training folder left beside it
+
+
+def test_an_overwrite_that_diverges_leaves_the_trained_run_it_was_to_replace_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0
+    (out / "figures").mkdir()  # as vae-evaluate leaves them
+    (out / "figures" / "latent_scatter.png").write_bytes(b"png")
+    trained = files_in(out)
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_RUN_ARGV, "--lr", "1e8", "--overwrite", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert "the loss is not finite" in capsys.readouterr().err
+    assert files_in(out) == trained
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
 
 
 TINY_RUN_ARGV = ["--model", "ae", "--epochs", "1", "--limit", "64", "--device", "cpu", "--no-progress"]
