@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from client.client import (
+    MAX_SECONDS,
     EncodeResult,
     ModelInfo,
     RetryPolicy,
@@ -41,10 +42,6 @@ SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
 
 class MixedEncoders(Exception):
     """An encode whose answers came from two encoders (a reconnect reached a replica of another model)."""
-
-
-# gRPC takes a deadline billions of seconds away for one already passed: a year is long enough.
-MAX_SECONDS = 365 * 24 * 3600.0
 
 
 # gRPC's own name-resolver schemes, passed on as they are: `dns:///HOST:PORT` balances over every address.

@@ -1147,11 +1147,18 @@ def _check_stream_settings(max_in_flight: int, timeout_s: float | None, answer_t
     check_seconds("answer_timeout_s", answer_timeout)
 
 
+# gRPC takes a deadline billions of seconds away (or an infinite one) for one already passed.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def check_seconds(name: str, seconds: float | None) -> float | None:
-    """`seconds` if it is None (no limit) or above 0: a deadline of 0 or less fails every attempt at
-    once, and the retries with it, as DEADLINE_EXCEEDED."""
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f"{name} must be above 0 seconds, or None for no limit; got {seconds}")
+    """`seconds` if it is None (no limit) or above 0 and at most a year: a deadline of 0 or less, or
+    one gRPC cannot hold, fails every attempt at once, and the retries with it, as DEADLINE_EXCEEDED."""
+    if seconds is not None and not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be above 0 seconds and at most {MAX_SECONDS:g} (a year), or None for no limit; "
+            f"got {seconds}"
+        )
     return seconds
 
 
@@ -1207,7 +1214,9 @@ def sample_request(
     if not 1 <= num_samples <= UINT32_MAX:  # protobuf's own message says only "Value out of range"
         raise ValueError(f"num_samples must be at least 1 (and at most 2**32-1), got {num_samples}")
     if not 0 <= chunk_size <= UINT32_MAX:
-        raise ValueError(f"chunk_size must be 0 (the server's batch size) or more, got {chunk_size}")
+        raise ValueError(
+            f"chunk_size must be 0 (the server's batch size) or more (and at most 2**32-1), got {chunk_size}"
+        )
     request = vae_pb2.SampleRequest(
         num_samples=num_samples,
         temperature=temperature,

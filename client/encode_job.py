@@ -45,6 +45,7 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -128,8 +129,9 @@ class WriteFailed(Exception):
 
 
 class InputChanged(Exception):
-    """A mapped input's size or modification time changed mid-job: the rows read since may be another
-    file's. What was committed before stays; --resume goes on if the content is still the same."""
+    """A mapped input was rewritten or replaced mid-job (its inode, size or modification time changed):
+    the rows read since may be another file's. What was committed before stays; --resume goes on if
+    the content is still the same."""
 
 
 @contextlib.contextmanager
@@ -524,17 +526,13 @@ class EncodeJob:
                 "other one"
             )
         expected = [stop - start, model["latent_dim"]]
-        log_var_shape = None if result.log_var is None else list(result.log_var.shape)
-        # A VAE answers log-variances of the means' shape, and an AE none.
-        for name, shape, wanted in (
-            ("means", list(result.mean.shape), expected),
-            ("log-variances", log_var_shape, expected if model["kind"] == "vae" else None),
-        ):
-            if shape != wanted:
-                raise JobError(
-                    f"rows [{start}, {stop}): the service answered {name} of shape {shape}, expected "
-                    f"{wanted} from {model['kind']} {model['name']}"
-                )
+        rows = f"rows [{start}, {stop}): the service answered"
+        if list(result.mean.shape) != expected:
+            raise JobError(f"{rows} means of shape {list(result.mean.shape)}, expected {expected}")
+        if model["kind"] == "vae" and result.log_var is None:
+            raise JobError(f"{rows} no log-variances, which the VAE {model['name']} has")
+        if result.log_var is not None and list(result.log_var.shape) != expected:
+            raise JobError(f"{rows} log-variances of shape {list(result.log_var.shape)}, expected {expected}")
 
     def _commit(
         self,
@@ -733,6 +731,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     # As PID 1 in a container, a process with no handler of its own ignores SIGTERM: Kubernetes would
     # wait out the pod's grace period and SIGKILL it, and nothing would say where the job stopped.
+    if threading.current_thread() is not threading.main_thread():  # only there can a handler be set
+        return _main(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)

@@ -142,6 +142,7 @@ def read_npy_images(path: Path) -> npt.NDArray[Any]:
     except (OSError, ValueError, EOFError):  # not mappable, damaged or empty: read, for numpy's account
         array = load_npy(path, "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1")
     if not isinstance(array, np.ndarray):
+        array.close()  # np.load's NpzFile holds the file open
         raise InputError(
             f"{path}: a .npz archive (numpy.savez), not a .npy array; save the images alone with numpy.save"
         )

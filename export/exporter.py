@@ -189,8 +189,27 @@ def export_run(
         _Graph("encoder", ENCODER_FILE, _EncoderGraph(model).eval(), model.encode, *signatures["encoder"]),
         _Graph("decoder", DECODER_FILE, _DecoderGraph(model).eval(), model.decode, *signatures["decoder"]),
     ]
-    created = not bundle_dir.exists()  # and so removed again if the export fails
-    exported = False
+    made = [folder for folder in (bundle_dir, *bundle_dir.parents) if not folder.exists()]
+    try:
+        return _export_through_staging(bundle_dir, graphs, config, metrics, name, version, quantize_decoder)
+    except BaseException:
+        for folder in made:  # the folders this export made, deepest first, each only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _export_through_staging(
+    bundle_dir: Path,
+    graphs: list[_Graph],
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    name: str,
+    version: str | None,
+    quantize_decoder: str | None,
+) -> BundleSpec:
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
         # Everything is written here first and moved into place once it loads: a failed export (a
@@ -208,16 +227,12 @@ def export_run(
         # crash between the moves leaves a bundle that the service refuses, never a mixed one served.
         for file in (ENCODER_FILE, DECODER_FILE, MODEL_JSON):
             (staging / file).replace(bundle_dir / file)
-        exported = True
     except OSError as error:
         raise ExportError(f"{bundle_dir}: cannot write the bundle ({error})") from error
     except (ExportError, BundleError) as error:  # named by the files they are about, not by staging's
         raise ExportError(str(error).replace(str(staging), str(bundle_dir))) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not exported:
-            with contextlib.suppress(OSError):  # not empty: then it is not only ours to remove
-                bundle_dir.rmdir()
     return bundle
 
 

@@ -10,6 +10,10 @@ import os
 import signal
 import sys
 
+# onnxruntime records a device id under ~/.cache/Microsoft as it is imported, for its usage events,
+# unless this is set first: a server has no business writing there (a read-only root in its image).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from service.allocator import reuse_large_blocks
 from service.errors import BundleError, DeviceError
 from service.server import start_server

@@ -7,15 +7,10 @@ use is read back from `session.get_providers()`: `--device cuda` without it fail
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-# onnxruntime records a device id under ~/.cache/Microsoft at import, for its usage events, unless
-# this is set first: a server has no business writing there (a read-only root in its container).
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np
 import numpy.typing as npt

@@ -253,15 +253,14 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     async def _let_a_cancel_settle(self, context: grpc.aio.ServicerContext) -> None:
         """grpc.aio ends the requests of a call its client cancelled as it ends those of a client that
         finished sending, and cancels the handler only a moment later: wait that moment, or a cancelled
-        stream with nothing left to answer would be counted OK. Never into the client's deadline or a
-        drain, which would turn a stream answered in full into a failed one."""
+        stream with nothing left to answer would be counted OK. Never into the client's deadline, nor
+        once a drain began (its grace period may be short), which would fail a stream answered in full."""
         wait = CANCEL_SETTLE_S
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining - DEADLINE_SLACK_S)
         if wait > 0 and not self.draining:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._draining.wait(), wait)
+            await asyncio.sleep(wait)
 
     async def _next_unless_draining(self, requests: AsyncIterator[Request]) -> Request | None:
         """A stream's next request, None at its end, or ModelNotReady once draining starts, even while

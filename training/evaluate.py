@@ -356,22 +356,31 @@ class Evaluator:
             self._classifiers[key] = train_classifier(train, test, self.device, self.seed)
         return self._classifiers[key]
 
+    def check(self, run_dir: Path) -> None:
+        """Raise what `evaluate` would for want of a file, before any run is evaluated and its figures
+        drawn: the run's weights, its test set, and its training images (found by name)."""
+        config, _ = load_run(run_dir)
+        self.test_set(config)
+        data_dir = self.training_data_dir(config)
+        if config.dataset != "mnist-5k" and data_dir is not None:
+            try:
+                idx_files(config.dataset, data_dir, "train")
+            except FileNotFoundError as error:
+                raise FileNotFoundError(
+                    f"{error}: the run's training images are needed too, as the digit classifier and "
+                    "the kNN score the codes against them"
+                ) from error
+
     def evaluate(self, run_dir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         config, model = load_run(run_dir, self.device)
         test_name, test_dir, test = self.test_set(config)
-        try:
-            train, _ = load_training_splits(
-                config.dataset,
-                self.training_data_dir(config),
-                validation_fraction=config.validation_fraction,
-                limit=config.limit,
-            )
-        except FileNotFoundError as error:
-            raise FileNotFoundError(
-                f"{error}: the run's training images are needed too, as the digit classifier and the "
-                "kNN score the codes against them"
-            ) from error
+        train, _ = load_training_splits(
+            config.dataset,
+            self.training_data_dir(config),
+            validation_fraction=config.validation_fraction,
+            limit=config.limit,
+        )
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         numpy_rng = np.random.default_rng(self.seed)
         codes, _ = encode(model, test.images, self.device)
@@ -552,11 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"same files ({test_images.pop()}): put each in torchvision's layout (MNIST/raw, "
                     "FashionMNIST/raw), evaluate one dataset at a time, or name the test set with --dataset"
                 )
-        # Read first: a metrics.json that cannot be read, or weights that cannot be used, must not
-        # throw away minutes of evaluation, nor leave some runs evaluated anew and others not.
+        # Read first: a metrics.json that cannot be read, weights that cannot be used or data that is
+        # not there must not throw away minutes of evaluation, nor leave some runs evaluated anew.
         metrics_of_runs = [load_metrics(run_dir) for run_dir in args.run_dirs]
         for run_dir in args.run_dirs:
-            load_run(run_dir)
+            evaluator.check(run_dir)
         runs = [evaluator.evaluate(run_dir) for run_dir in args.run_dirs]
         for run_dir, metrics, result in zip(args.run_dirs, metrics_of_runs, runs, strict=True):
             metrics["evaluation"] = result

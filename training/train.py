@@ -490,8 +490,10 @@ def train_in_place_of(
     config: TrainConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True
 ) -> dict[str, Any]:
     """Train beside the trained run in `out_dir` and replace it only once the new run has ended
-    well: one that diverges, or a Ctrl-C, leaves the old run whole."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.training-", dir=out_dir.parent))
+    well: one that diverges, or a Ctrl-C, leaves the old run whole. The new run is trained in a
+    hidden folder inside `out_dir` (its metrics.json there shows each epoch), on the same file system
+    as the run it replaces, even where `out_dir` is a volume of its own."""
+    staging = Path(tempfile.mkdtemp(prefix=".training-", dir=out_dir))
     try:
         metrics = train(config, staging, device=device, progress=progress)
         save_config(out_dir, config)  # drops the old run's weights, metrics and figures first

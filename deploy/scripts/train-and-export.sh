@@ -23,13 +23,22 @@ if [ -f "$BUNDLE_DIR/model.json" ] && [ "$RETRAIN" != "1" ]; then
 fi
 
 # As PID 1 in its container, sh ignores SIGTERM, and `docker compose stop` would wait out its grace
-# period and kill it: pass the signal to the step that runs instead (nothing is published half-written).
+# period and kill it: stop the step that runs instead, and exit as the signal says.
 step=
-trap 'if [ -n "$step" ]; then kill -TERM "$step" 2>/dev/null; wait "$step"; fi; exit 143' TERM INT
+stop() {
+    if [ -n "$step" ]; then
+        kill -TERM "$step" 2>/dev/null || true
+        wait "$step" || true
+    fi
+    exit "$1"
+}
+trap 'stop 143' TERM
+trap 'stop 130' INT
 run() {
     "$@" &
     step=$!
     wait "$step"
+    step=
 }
 
 rm -rf "$RUN_DIR"
@@ -39,6 +48,7 @@ run vae-train --model "$MODEL" --dataset "$DATASET" --latent-dim "$LATENT_DIM" -
 staging="$BUNDLE_DIR.staging"
 rm -rf "$staging"
 run vae-export "$RUN_DIR" --out "$staging" --name "$NAME"
+trap '' TERM INT  # the renames that publish it are not cut half-way
 rm -rf "$BUNDLE_DIR.previous"
 if [ -d "$BUNDLE_DIR" ]; then
     mv "$BUNDLE_DIR" "$BUNDLE_DIR.previous"

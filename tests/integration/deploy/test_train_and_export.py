@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[3] / "deploy" / "scripts" / "train-and-export.sh"
 
 
@@ -36,7 +38,10 @@ def test_a_trained_run_is_published_as_a_whole_bundle(tmp_path: Path) -> None:
     assert (tmp_path / "models" / "vae" / "model.json").is_file()
 
 
-def test_sigterm_reaches_the_step_that_runs_and_nothing_is_published(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_reaches_the_step_that_runs_and_nothing_is_published(
+    tmp_path: Path, sent: signal.Signals, code: int
+) -> None:
     """As PID 1 in its container, sh ignores SIGTERM: docker compose stop waited out its grace period."""
     stopped = tmp_path / "vae-train-stopped"
     started = tmp_path / "vae-train-started"
@@ -49,8 +54,8 @@ def test_sigterm_reaches_the_step_that_runs_and_nothing_is_published(tmp_path: P
         while not started.exists():
             assert time.monotonic() < deadline, "vae-train never started"
             time.sleep(0.05)
-        script.send_signal(signal.SIGTERM)
-        assert script.wait(timeout=30) == 143
+        script.send_signal(sent)
+        assert script.wait(timeout=30) == code
     finally:
         script.kill()
     assert stopped.exists()

@@ -293,7 +293,7 @@ def test_a_seed_outside_uint64_is_refused_naming_the_range(seed: int) -> None:
     ("num_samples", "chunk_size", "message"),
     [
         (2**32, 0, r"num_samples must be at least 1 \(and at most 2\*\*32-1\), got 4294967296"),
-        (4, -1, r"chunk_size must be 0 \(the server's batch size\) or more, got -1"),
+        (4, -1, r"chunk_size must be 0 \(the server's batch size\) or more \(and at most 2\*\*32-1\), got"),
         (4, 2**32, r"chunk_size must be 0 .* got 4294967296"),
     ],
 )
@@ -305,10 +305,11 @@ def test_counts_outside_uint32_are_refused_naming_the_field(
         sample_request(num_samples, None, 1.0, "uint8", chunk_size)
 
 
-def test_a_deadline_of_zero_or_less_is_refused_where_it_is_given() -> None:
-    """It would fail every attempt at once as DEADLINE_EXCEEDED, retries and all."""
-    for timeout_s in (0.0, -5.0, float("nan")):
-        with pytest.raises(ValueError, match=r"timeout_s must be above 0 seconds, or None for no limit"):
+def test_a_deadline_of_zero_or_less_or_beyond_a_year_is_refused_where_it_is_given() -> None:
+    """It would fail every attempt at once as DEADLINE_EXCEEDED, retries and all: gRPC takes an
+    infinite deadline, or one billions of seconds away, for one already passed."""
+    for timeout_s in (0.0, -5.0, float("nan"), float("inf"), 1e12):
+        with pytest.raises(ValueError, match=r"timeout_s must be above 0 seconds and at most 3.1536e\+07"):
             VaeClient("127.0.0.1:1", timeout_s=timeout_s)
     with VaeClient("127.0.0.1:1", retry=FAST) as client:
         with pytest.raises(ValueError, match="timeout_s must be above 0 seconds"):

@@ -301,6 +301,16 @@ def test_a_service_that_stays_unreachable_exits_1_so_that_kubernetes_retries_the
     )
 
 
+def test_the_job_runs_from_a_thread_other_than_the_main_one_where_no_signal_handler_can_be_set(
+    tmp_path: Path,
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    argv = ["--target", f"127.0.0.1:{free_port()}", "--input", str(tmp_path / "x.npy")]
+    argv += ["--output", str(tmp_path / "out"), "--attempts", "1", "--no-progress"]
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        assert thread.submit(main, argv).result(timeout=60) == 1  # unreachable: exit 1, not a ValueError
+
+
 def test_a_target_that_serves_no_vae_service_exits_1_for_a_retry_naming_the_status(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -368,8 +378,8 @@ class NoLogVar(WrongWidth):
 @pytest.mark.parametrize(
     ("client", "message"),
     [
-        (ShortLogVar, r"log-variances of shape \[3, 2\], expected \[4, 2\] from vae"),
-        (NoLogVar, r"log-variances of shape None, expected \[4, 2\] from vae"),
+        (ShortLogVar, r"rows \[0, 4\): the service answered log-variances of shape \[3, 2\], expected"),
+        (NoLogVar, r"rows \[0, 4\): the service answered no log-variances, which the VAE vae has"),
     ],
 )
 def test_a_vaes_answers_without_log_variances_of_the_means_shape_stop_the_job_too(

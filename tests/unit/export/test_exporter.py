@@ -266,8 +266,7 @@ def test_a_graph_that_drifts_from_pytorch_fails_the_export_naming_the_output_and
     figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size 1; the tolerance is 0.0001"
     with pytest.raises(ExportError, match=figure):
         export_run(vae_run_dir, tmp_path / "new" / "bundle")
-    assert list(tmp_path.iterdir()) == [tmp_path / "new"]  # the folder it made for the bundle is gone
-    assert not any((tmp_path / "new").iterdir())
+    assert not any(tmp_path.iterdir())  # the folders it made for the bundle are gone
 
 
 def test_the_cli_prints_a_summary_and_fails_clearly(
@@ -350,8 +349,7 @@ def test_parity_is_checked_on_every_parity_batch_size_of_both_graphs(
     figure = rf"output '{output}' differs from PyTorch by 0.001.* on batch size {batch_size}; the tolerance"
     with pytest.raises(ExportError, match=figure):
         export_run(vae_run_dir, tmp_path / "new" / "bundle")
-    assert list(tmp_path.iterdir()) == [tmp_path / "new"]  # the folder it made for the bundle is gone
-    assert not any((tmp_path / "new").iterdir())
+    assert not any(tmp_path.iterdir())  # the folders it made for the bundle are gone
 
 
 def test_a_failed_export_over_a_bundle_leaves_that_bundle_as_it_was(

@@ -119,10 +119,10 @@ def test_a_stream_answered_in_full_waits_for_a_late_cancel_but_never_into_its_de
     settle = 1.0  # long enough to tell a wait from none on a busy machine
     monkeypatch.setattr(service.servicer, "CANCEL_SETTLE_S", settle)
 
-    async def waited(remaining: float | None, drain_after: float | None = None) -> float:
+    async def waited(remaining: float | None, draining: bool = False) -> float:
         servicer = VaeServicer(ServiceMetrics.create(process=False))
-        if drain_after is not None:
-            asyncio.get_running_loop().call_later(drain_after, servicer.start_draining)
+        if draining:
+            servicer.start_draining()
         started = time.monotonic()
         await servicer._let_a_cancel_settle(_Remaining(remaining))
         return time.monotonic() - started
@@ -134,8 +134,7 @@ def test_a_stream_answered_in_full_waits_for_a_late_cancel_but_never_into_its_de
                 waited(30.0),
                 waited(DEADLINE_SLACK_S + 0.1),  # waits until the deadline is DEADLINE_SLACK_S away
                 waited(DEADLINE_SLACK_S / 2),
-                waited(None, drain_after=0.0),
-                waited(None, drain_after=0.1),
+                waited(None, draining=True),
             )
         )
 

@@ -328,6 +328,26 @@ def test_a_run_that_cannot_be_loaded_stops_the_command_before_any_run_is_evaluat
     assert not (first / "figures").exists()
 
 
+def test_training_images_that_are_not_there_stop_the_command_before_any_run_is_evaluated(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The digit classifier and the kNN need the run's training images: found missing only once the
+    first run's figures were drawn, they left it half evaluated."""
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(runs["vae"], first, ignore=shutil.ignore_patterns("figures"))
+    shutil.copytree(runs["vae"], moved, ignore=shutil.ignore_patterns("figures"))
+    t10k_only = tmp_path / "t10k"
+    t10k_only.mkdir()
+    write_t10k(t10k_only, 20)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "dataset": "mnist", "data_dir": str(t10k_only)}))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(first), str(moved), "--limit", "20", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "the run's training images are needed too" in capsys.readouterr().err
+    assert not (first / "figures").exists()
+
+
 def test_a_data_dir_for_runs_scored_on_mnist_5k_which_reads_none_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
