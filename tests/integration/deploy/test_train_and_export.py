@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import sigint_not_ignored
+
 SCRIPT = Path(__file__).resolve().parents[3] / "deploy" / "scripts" / "train-and-export.sh"
 
 
@@ -48,7 +50,8 @@ def test_a_stop_reaches_the_step_that_runs_and_nothing_is_published(
     env = stand_ins(
         tmp_path, f"trap 'touch {stopped}; kill $!; exit 143' TERM; touch {started}; sleep 60 & wait $!"
     )
-    script = subprocess.Popen(["sh", str(SCRIPT)], env=env)
+    with sigint_not_ignored():  # a shell may not trap a signal it started with ignored
+        script = subprocess.Popen(["sh", str(SCRIPT)], env=env)
     try:
         deadline = time.monotonic() + 30
         while not started.exists():
