@@ -68,7 +68,13 @@ async def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings.from_args(argv, os.environ)
+    try:
+        settings = Settings.from_args(argv, os.environ)
+    except SystemExit as refused:
+        if refused.code:  # not --help: a misspelt variable may be why ("--model-dir is required")
+            for warning in unknown_variables(os.environ):
+                print(f"vae-serve: {warning}", file=sys.stderr)
+        raise
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

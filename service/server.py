@@ -120,15 +120,14 @@ class VaeServer:
             raise OSError(f"cannot bind the gRPC port {address} (--port, --host): {reason}") from error
         await server.start()
         self._grpc = server
+        metrics_host = settings.metrics_host or settings.host
         try:
-            self._metrics_http = MetricsHttpServer(
-                self.metrics, settings.metrics_host or settings.host, settings.metrics_port
-            )
-        except OSError as error:
+            self._metrics_http = MetricsHttpServer(self.metrics, metrics_host, settings.metrics_port)
+        except OSError as error:  # the port in use, or a host that is not this machine's
             await self.stop(0)
             raise OSError(
-                f"cannot bind the metrics port {settings.metrics_port} (--metrics-port): "
-                f"{error.strerror or error}"
+                f"cannot bind the metrics port {metrics_host}:{settings.metrics_port} (--metrics-port, "
+                f"--metrics-host, else --host): {error.strerror or error}"
             ) from error
         self.metrics_port = self._metrics_http.port
         log.info(

@@ -402,8 +402,12 @@ def test_a_port_in_use_is_refused_at_start_naming_the_port_its_flag_and_why(
     with pytest.raises(OSError) as refused:
         start_server_thread(vae_bundle, metrics_port=running.server.metrics_port)
     assert str(refused.value) == (
-        f"cannot bind the metrics port {running.server.metrics_port} (--metrics-port): Address already in use"
+        f"cannot bind the metrics port 127.0.0.1:{running.server.metrics_port} "
+        "(--metrics-port, --metrics-host, else --host): Address already in use"
     )
+    with pytest.raises(OSError) as refused:  # an address of no interface here
+        start_server_thread(vae_bundle, metrics_host="192.0.2.1")
+    assert str(refused.value).startswith("cannot bind the metrics port 192.0.2.1:0 (--metrics-port, --metr")
 
 
 def test_a_full_queue_is_resource_exhausted_and_the_queued_request_still_succeeds(

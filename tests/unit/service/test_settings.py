@@ -11,6 +11,7 @@ import pytest
 
 from service import server
 from service import settings as settings_module
+from service.__main__ import main as serve_main
 from service.errors import InvalidInput
 from service.metrics import ServiceMetrics
 from service.settings import Settings, usable_cpus
@@ -60,6 +61,27 @@ def test_a_variable_that_is_no_setting_is_named_with_the_setting_it_resembles() 
     assert settings_module.unknown_variables({"VAE_SERVE_ZZZ": "1"}) == [
         "VAE_SERVE_ZZZ is not a setting of vae-serve; ignored"
     ]
+
+
+def test_a_misspelt_required_variable_is_named_beside_the_refusal_it_causes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Logged at start otherwise, the hint would never show where the start fails for want of it."""
+    for name in [name for name in os.environ if name.startswith("VAE_SERVE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VAE_SERVE_MODELDIR", "bundle")
+    with pytest.raises(SystemExit) as refused:
+        serve_main([])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: --model-dir" in err
+    assert err.endswith(
+        "vae-serve: VAE_SERVE_MODELDIR is not a setting of vae-serve; ignored "
+        "(did you mean VAE_SERVE_MODEL_DIR?)\n"
+    )
+    with pytest.raises(SystemExit) as helped:
+        serve_main(["--help"])
+    assert helped.value.code == 0 and "is not a setting" not in capsys.readouterr().err
 
 
 def test_the_graphs_run_their_nodes_in_order_so_there_is_no_inter_op_setting(
