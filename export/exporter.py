@@ -191,7 +191,10 @@ def export_run(
     ]
     made = [folder for folder in (bundle_dir, *bundle_dir.parents) if not folder.exists()]
     try:
-        return _export_through_staging(bundle_dir, graphs, config, metrics, name, version, quantize_decoder)
+        return _export_through_staging(
+            bundle_dir,
+            lambda folder: _export_into(folder, graphs, config, metrics, name, version, quantize_decoder),
+        )
     except BaseException:
         for folder in made:  # the folders this export made, deepest first, each only while empty
             try:
@@ -201,15 +204,9 @@ def export_run(
         raise
 
 
-def _export_through_staging(
-    bundle_dir: Path,
-    graphs: list[_Graph],
-    config: TrainConfig,
-    metrics: dict[str, Any],
-    name: str,
-    version: str | None,
-    quantize_decoder: str | None,
-) -> BundleSpec:
+def _export_through_staging(bundle_dir: Path, export_into: Callable[[Path], BundleSpec]) -> BundleSpec:
+    """`export_into` writes the bundle into a staging folder inside `bundle_dir`; its files then
+    replace the bundle's."""
     try:
         bundle_dir.mkdir(parents=True, exist_ok=True)
         # Everything is written here first and moved into place once it loads: a failed export (a
@@ -222,7 +219,7 @@ def _export_through_staging(
     except OSError as error:  # a file of that name, say
         raise ExportError(f"{bundle_dir}: cannot make the bundle folder ({error})") from error
     try:
-        bundle = _export_into(staging, graphs, config, metrics, name, version, quantize_decoder)
+        bundle = export_into(staging)
         # model.json last: until it is replaced, the old one names the old graphs' sha256s, so a
         # crash between the moves leaves a bundle that the service refuses, never a mixed one served.
         for file in (ENCODER_FILE, DECODER_FILE, MODEL_JSON):
