@@ -281,7 +281,8 @@ class ModelBundle:
     def load(cls, path: Path) -> ModelBundle:
         """Read model.json and verify both graph files against it; raises BundleError."""
         if not path.is_dir():
-            raise BundleError(f"{path}: not a directory; expected a model bundle written by vae-export")
+            what = "not a directory" if path.exists() else "no such folder"
+            raise BundleError(f"{path}: {what}; expected a model bundle written by vae-export")
         model_json = path / MODEL_JSON
         if not model_json.is_file():
             if (path / "checkpoint.pt").is_file():  # vae-train's: the service reads bundles alone

@@ -57,6 +57,14 @@ def test_a_directory_without_model_json_is_refused(tmp_path: Path) -> None:
         ModelBundle.load(tmp_path)
 
 
+def test_a_bundle_path_that_is_missing_or_a_file_is_refused_saying_which(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"nowhere: no such folder; expected a model bundle written by"):
+        ModelBundle.load(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BundleError, match=r"a-file: not a directory; expected a model bundle"):
+        ModelBundle.load(tmp_path / "a-file")
+
+
 def test_a_training_run_given_as_the_bundle_is_refused_saying_to_export_it(vae_run_dir: Path) -> None:
     with pytest.raises(BundleError) as refused:
         ModelBundle.load(vae_run_dir)
