@@ -2,6 +2,7 @@
 
 from client.client import (
     AsyncVaeClient,
+    DecodeResult,
     EncodeResult,
     ModelInfo,
     RetryPolicy,
@@ -14,6 +15,7 @@ from client.encodings import EncodingsError, read_encodings
 
 __all__ = [
     "AsyncVaeClient",
+    "DecodeResult",
     "EncodeResult",
     "EncodingsError",
     "ModelInfo",

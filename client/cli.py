@@ -24,6 +24,7 @@ import numpy as np
 
 from client.client import (
     MAX_SECONDS,
+    DecodeResult,
     EncodeResult,
     ModelInfo,
     RetryPolicy,
@@ -40,8 +41,9 @@ COMMANDS = ("sample", "encode", "decode", "info")
 SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
 
 
-class MixedEncoders(Exception):
-    """An encode whose answers came from two encoders (a reconnect reached a replica of another model)."""
+class MixedModels(Exception):
+    """An encode or decode whose answers came from two models' graphs (in a rolling update, a reconnect
+    or a later request reached a replica of another model)."""
 
 
 # gRPC's own name-resolver schemes, passed on as they are: `dns:///HOST:PORT` balances over every address.
@@ -273,7 +275,7 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
         # A stream that reconnects may reach a replica of another model (a rolling update).
         if results and result.encoder_sha256 != results[0].encoder_sha256:
             row = sum(len(earlier.mean) for earlier in results)
-            raise MixedEncoders(
+            raise MixedModels(
                 f"the rows before row {row} were encoded by encoder sha256 {results[0].encoder_sha256}, "
                 f"row {row} by encoder sha256 {result.encoder_sha256}: {args.target} changed model "
                 "mid-way, and one file cannot hold two latent spaces; nothing was written. Run the "
@@ -317,12 +319,19 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
     # Requests of --batch-size rows, as encode sends them: the mean.npy of a whole data set is more
     # than one request may carry (ModelInfo.max_request_rows).
     batch = rows_per_request(client.model_info(), args.batch_size, args.target)
-    images = np.concatenate(
-        [
-            client.decode(latents[start : start + batch], output_dtype=args.dtype)
-            for start in range(0, len(latents), batch)
-        ]
-    )
+    results: list[DecodeResult] = []
+    for start in range(0, len(latents), batch):
+        result = client.decode_result(latents[start : start + batch], output_dtype=args.dtype)
+        # Each request may reach another replica: in a rolling update, one of another model.
+        if results and result.decoder_sha256 != results[0].decoder_sha256:
+            raise MixedModels(
+                f"the images before row {start} were decoded by decoder sha256 {results[0].decoder_sha256}, "
+                f"row {start} by decoder sha256 {result.decoder_sha256}: {args.target} changed model "
+                "mid-way, and one file cannot hold two models' images; nothing was written. Run the "
+                "command again once every replica serves the same model"
+            )
+        results.append(result)
+    images = np.concatenate([result.images for result in results])
     save_images(images, args.out, args.columns)
     print(f"wrote {args.out}: {len(images)} images")
 
@@ -417,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             args.run(client, args)
-    except (VaeClientError, MixedEncoders) as error:
+    except (VaeClientError, MixedModels) as error:
         print(f"vae-client: {error}", file=sys.stderr)
         # The server refused the input as sent: bad input, as the command's own checks report it.
         refused = isinstance(error, VaeClientError) and error.code == grpc.StatusCode.INVALID_ARGUMENT

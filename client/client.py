@@ -197,8 +197,19 @@ class EncodeResult:
     mean: npt.NDArray[np.float32]
     log_var: npt.NDArray[np.float32] | None
     encoder_sha256: str | None = None
-    """From an encode stream: the sha256 of the encoder graph that answered (the server's metadata).
-    A stream that reconnects may reach another replica, so it is given with each result."""
+    """The sha256 of the encoder graph that answered (the server's metadata; None from a server that
+    does not send it). A stream that reconnects may reach another replica, so it is given with each
+    result."""
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Images [N,1,28,28] and the sha256 of the decoder graph that made them (the server's metadata;
+    None from a server that does not send it): a file decoded in several requests is one model's
+    images only where every answer names the same decoder."""
+
+    images: npt.NDArray[np.generic]
+    decoder_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,9 @@ class SampleResult:
     seed: int
     offset: int = 0
     """For a SampleStream chunk, the index of its first image within the whole sample."""
+    decoder_sha256: str | None = None
+    """The sha256 of the decoder graph that made them (the server's metadata; None from a server that
+    does not send it): the same seed gives the same images on every replica of one model only."""
 
 
 @dataclass(frozen=True)
@@ -618,7 +632,7 @@ class _SampleResume:
         self.request.seed = response.seed
         if response.offset < self.delivered:
             return None
-        result = sample_result(response, "SampleStream")
+        result = sample_result(response, "SampleStream", decoder)
         self.request.chunk_size = self.request.chunk_size or len(result.images)
         self.delivered = result.offset + len(result.images)
         return result
@@ -677,12 +691,16 @@ class VaeClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
+    def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> tuple[Any, Any]:
+        """The answer, and its trailing metadata."""
         method = getattr(self._stub, rpc)
         retrier = self._state.retrier(rpc)
         while True:
             with retrier:
-                return method(request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata)
+                response, call = method.with_call(
+                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
+                )
+                return response, call.trailing_metadata()
             self._pause(retrier.pause_s)
 
     def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
@@ -694,8 +712,8 @@ class VaeClient:
         >>> result = client.encode(np.zeros((2, 28, 28), np.uint8))  # doctest: +SKIP
         >>> result.mean.shape  # (2, latent_dim)  # doctest: +SKIP
         """
-        response = self._unary("Encode", encode_request(images), timeout_s)
-        return encode_result(response)
+        response, trailers = self._unary("Encode", encode_request(images), timeout_s)
+        return encode_result(response, _graph_sha256(trailers, codec.ENCODER_SHA256_METADATA))
 
     def decode(
         self,
@@ -710,8 +728,24 @@ class VaeClient:
 
         >>> images = client.decode(np.zeros((1, 2), np.float32))  # doctest: +SKIP
         """
-        response = self._unary("Decode", decode_request(latents, output_dtype), timeout_s)
-        return _array(response.images, "Decode", "images")
+        return self.decode_result(latents, output_dtype=output_dtype, timeout_s=timeout_s).images
+
+    def decode_result(
+        self,
+        latents: npt.NDArray[Any],
+        *,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> DecodeResult:
+        """`decode`, with the sha256 of the decoder that answered: the requests of one file may reach
+        replicas of two models in a rolling update.
+
+        >>> client.decode_result(np.zeros((1, 2), np.float32)).decoder_sha256  # doctest: +SKIP
+        '5f0c...'
+        """
+        request = decode_request(latents, output_dtype)
+        response, trailers = self._unary("Decode", request, timeout_s)
+        return decode_result(response, trailers)
 
     def sample(
         self,
@@ -728,7 +762,8 @@ class VaeClient:
         (64, 1, 28, 28)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype)
-        return sample_result(self._unary("Sample", request, timeout_s), "Sample")
+        response, trailers = self._unary("Sample", request, timeout_s)
+        return sample_result(response, "Sample", _graph_sha256(trailers, codec.DECODER_SHA256_METADATA))
 
     def sample_stream(
         self,
@@ -868,7 +903,8 @@ class VaeClient:
         >>> client.model_info().version  # doctest: +SKIP
         '20260101-abcdef'
         """
-        return ModelInfo.from_message(self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s))
+        message, _ = self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
+        return ModelInfo.from_message(message)
 
 
 class AsyncVaeClient:
@@ -933,14 +969,14 @@ class AsyncVaeClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> Any:
+    async def _unary(self, rpc: str, request: Any, timeout_s: float | None) -> tuple[Any, Any]:
+        """The answer, and its trailing metadata."""
         method = getattr(self._stub, rpc)
         retrier = self._state.retrier(rpc)
         while True:
             with retrier:
-                return await method(
-                    request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata
-                )
+                call = method(request, timeout=self._state.timeout(timeout_s), metadata=self._state.metadata)
+                return await call, await call.trailing_metadata()
             await self._pause(retrier.pause_s)
 
     async def encode(self, images: npt.NDArray[Any], *, timeout_s: float | None = None) -> EncodeResult:
@@ -948,7 +984,8 @@ class AsyncVaeClient:
 
         >>> (await client.encode(np.zeros((2, 28, 28), np.uint8))).mean.shape  # doctest: +SKIP
         """
-        return encode_result(await self._unary("Encode", encode_request(images), timeout_s))
+        response, trailers = await self._unary("Encode", encode_request(images), timeout_s)
+        return encode_result(response, _graph_sha256(trailers, codec.ENCODER_SHA256_METADATA))
 
     async def decode(
         self,
@@ -961,8 +998,19 @@ class AsyncVaeClient:
 
         >>> images = await client.decode(np.zeros((1, 2), np.float32), output_dtype="uint8")  # doctest: +SKIP
         """
-        response = await self._unary("Decode", decode_request(latents, output_dtype), timeout_s)
-        return _array(response.images, "Decode", "images")
+        return (await self.decode_result(latents, output_dtype=output_dtype, timeout_s=timeout_s)).images
+
+    async def decode_result(
+        self,
+        latents: npt.NDArray[Any],
+        *,
+        output_dtype: ImageDtype = "float32",
+        timeout_s: float | None = None,
+    ) -> DecodeResult:
+        """`decode`, with the sha256 of the decoder that answered (VaeClient.decode_result)."""
+        request = decode_request(latents, output_dtype)
+        response, trailers = await self._unary("Decode", request, timeout_s)
+        return decode_result(response, trailers)
 
     async def sample(
         self,
@@ -979,7 +1027,8 @@ class AsyncVaeClient:
         3
         """
         request = sample_request(num_samples, seed, temperature, output_dtype)
-        return sample_result(await self._unary("Sample", request, timeout_s), "Sample")
+        response, trailers = await self._unary("Sample", request, timeout_s)
+        return sample_result(response, "Sample", _graph_sha256(trailers, codec.DECODER_SHA256_METADATA))
 
     def sample_stream(
         self,
@@ -1113,7 +1162,7 @@ class AsyncVaeClient:
         >>> (await client.model_info()).latent_dim  # doctest: +SKIP
         2
         """
-        message = await self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
+        message, _ = await self._unary("GetModelInfo", vae_pb2.GetModelInfoRequest(), timeout_s)
         return ModelInfo.from_message(message)
 
 
@@ -1254,15 +1303,23 @@ def encode_result(response: vae_pb2.EncodeResponse, encoder_sha256: str | None =
     return EncodeResult(mean=mean, log_var=log_var, encoder_sha256=encoder_sha256)
 
 
+def decode_result(response: vae_pb2.DecodeResponse, trailing_metadata: Any) -> DecodeResult:
+    images = _array(response.images, "Decode", "images")
+    return DecodeResult(images, _graph_sha256(trailing_metadata, codec.DECODER_SHA256_METADATA))
+
+
 def _graph_sha256(metadata: Any, key: str) -> str | None:
-    """A graph's sha256 from a stream's initial metadata (a codec *_SHA256_METADATA key), if sent."""
+    """A graph's sha256 from a call's metadata (a codec *_SHA256_METADATA key), if sent."""
     return dict(metadata or ()).get(key)
 
 
-def sample_result(response: vae_pb2.SampleResponse, rpc: str) -> SampleResult:
+def sample_result(
+    response: vae_pb2.SampleResponse, rpc: str, decoder_sha256: str | None = None
+) -> SampleResult:
     return SampleResult(
         images=_array(response.images, rpc, "images"),
         latents=_array(response.latents, rpc, "latents"),
         seed=response.seed,
         offset=response.offset,
+        decoder_sha256=decoder_sha256,
     )

@@ -136,6 +136,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         images = _images_of(_parsed(request))
         encoding = await model.encode(images, deadline_after(context.time_remaining()))
         self._count_items("Encode", len(images))
+        context.set_trailing_metadata(((codec.ENCODER_SHA256_METADATA, model.spec.encoder.sha256),))
         return _encode_response(encoding.mean, encoding.log_var)
 
     async def Decode(  # noqa: N802
@@ -159,6 +160,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         )
         images = await model.decode(latents, deadline_after(context.time_remaining()))
         self._count_items("Decode", len(latents))
+        context.set_trailing_metadata(((codec.DECODER_SHA256_METADATA, model.spec.decoder.sha256),))
         return vae_pb2.DecodeResponse(images=_images_tensor(images, request.output_dtype))
 
     async def Sample(  # noqa: N802
@@ -179,6 +181,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             deadline_after(context.time_remaining()),
         )
         self._count_items("Sample", len(samples.images))
+        context.set_trailing_metadata(((codec.DECODER_SHA256_METADATA, model.spec.decoder.sha256),))
         return vae_pb2.SampleResponse(
             images=_images_tensor(samples.images, request.output_dtype),
             latents=codec.to_tensor(samples.latents),

@@ -73,7 +73,8 @@ class VaeServiceServicer:
 
     def Encode(self, request, context):
         """Encode maps images [N,1,28,28] in [0,1] (FLOAT32) or 0-255 (UINT8) to the posterior's mean and
-        log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`.
+        log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`. An answer's
+        trailing metadata carries `vae-encoder-sha256`, the encoder graph that answered it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +82,8 @@ class VaeServiceServicer:
 
     def Decode(self, request, context):
         """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1].
+        An answer's trailing metadata carries `vae-decoder-sha256`, the decoder graph that answered it, so
+        that a client sending a file in several requests can tell when some reached another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,7 +92,7 @@ class VaeServiceServicer:
     def Sample(self, request, context):
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
         gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-        float32 rounding: docs/api.md).
+        float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,14 +37,18 @@ class VaeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> VaeServiceAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]
     """Encode maps images [N,1,28,28] in [0,1] (FLOAT32) or 0-255 (UINT8) to the posterior's mean and
-    log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`.
+    log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`. An answer's
+    trailing metadata carries `vae-encoder-sha256`, the encoder graph that answered it.
     """
     Decode: _grpc.UnaryUnaryMultiCallable[_vae_pb2.DecodeRequest, _vae_pb2.DecodeResponse]
-    """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1]."""
+    """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1].
+    An answer's trailing metadata carries `vae-decoder-sha256`, the decoder graph that answered it, so
+    that a client sending a file in several requests can tell when some reached another model.
+    """
     Sample: _grpc.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
     gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-    float32 rounding: docs/api.md).
+    float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
     """
     EncodeStream: _grpc.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -67,14 +71,18 @@ class VaeServiceAsyncStub(VaeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]  # type: ignore[assignment]
     """Encode maps images [N,1,28,28] in [0,1] (FLOAT32) or 0-255 (UINT8) to the posterior's mean and
-    log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`.
+    log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`. An answer's
+    trailing metadata carries `vae-encoder-sha256`, the encoder graph that answered it.
     """
     Decode: _aio.UnaryUnaryMultiCallable[_vae_pb2.DecodeRequest, _vae_pb2.DecodeResponse]  # type: ignore[assignment]
-    """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1]."""
+    """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1].
+    An answer's trailing metadata carries `vae-decoder-sha256`, the decoder graph that answered it, so
+    that a client sending a file in several requests can tell when some reached another model.
+    """
     Sample: _aio.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]  # type: ignore[assignment]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
     gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-    float32 rounding: docs/api.md).
+    float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
     """
     EncodeStream: _aio.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]  # type: ignore[assignment]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -100,7 +108,8 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_vae_pb2.EncodeResponse, _abc.Awaitable[_vae_pb2.EncodeResponse]]:
         """Encode maps images [N,1,28,28] in [0,1] (FLOAT32) or 0-255 (UINT8) to the posterior's mean and
-        log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`.
+        log-variance, each [N,D]. An AE bundle returns its codes as `mean` and no `log_var`. An answer's
+        trailing metadata carries `vae-encoder-sha256`, the encoder graph that answered it.
         """
 
     @_abc_1.abstractmethod
@@ -109,7 +118,10 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vae_pb2.DecodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vae_pb2.DecodeResponse, _abc.Awaitable[_vae_pb2.DecodeResponse]]:
-        """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1]."""
+        """Decode maps latent codes [N,D] to images [N,1,28,28]: the decoder's mean, pixel values in [0,1].
+        An answer's trailing metadata carries `vae-decoder-sha256`, the decoder graph that answered it, so
+        that a client sending a file in several requests can tell when some reached another model.
+        """
 
     @_abc_1.abstractmethod
     def Sample(
@@ -119,7 +131,7 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_vae_pb2.SampleResponse, _abc.Awaitable[_vae_pb2.SampleResponse]]:
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
         gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-        float32 rounding: docs/api.md).
+        float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
         """
 
     @_abc_1.abstractmethod

@@ -167,13 +167,14 @@ def test_sample_beyond_the_servers_limit_exits_2_naming_the_flag_and_the_limit(
     assert not (tmp_path / "g.npy").exists()
 
 
-def hold_encoder_once_rows_were_answered(
-    server: ServerThread, rows: int
+def hold_graph_once_rows_were_answered(
+    server: ServerThread, graph: str, rows: int
 ) -> tuple[threading.Event, threading.Event]:
-    """Make the first encoder call after `rows` rows wait: (an event set once it waits, its release)."""
+    """Make the first call of `graph` ("encoder" or "decoder") after `rows` rows wait: (an event set
+    once it waits, its release)."""
     held, release = threading.Event(), threading.Event()
-    encoder = server.server.model.encoder  # type: ignore[union-attr]
-    infer, seen = encoder._infer, [0]
+    batcher = getattr(server.server.model, graph)
+    infer, seen = batcher._infer, [0]
 
     def held_after(inputs: np.ndarray) -> Any:
         if seen[0] >= rows and not held.is_set():
@@ -182,7 +183,7 @@ def hold_encoder_once_rows_were_answered(
         seen[0] += len(inputs)
         return infer(inputs)
 
-    encoder._infer = held_after
+    batcher._infer = held_after
     return held, release
 
 
@@ -207,7 +208,7 @@ def test_an_encode_whose_stream_reconnects_to_another_encoder_exits_1_naming_bot
     servers = [ServerThread(vae_bundle)]
     port = servers[0].server.port
     # Requests of 10 rows, 4 in flight: the encoder sees rows 40 on only once an answer has come back.
-    held, release = hold_encoder_once_rows_were_answered(servers[0], rows=40)
+    held, release = hold_graph_once_rows_were_answered(servers[0], "encoder", rows=40)
 
     def roll_out() -> None:
         if not held.wait(60):
@@ -241,6 +242,48 @@ def test_an_encode_whose_stream_reconnects_to_another_encoder_exits_1_naming_bot
     assert f"encoded by encoder sha256 {hashes[0]}" in err and f"by encoder sha256 {hashes[1]}" in err
     assert "nothing was written" in err
     assert not (tmp_path / "mean.npy").exists()
+
+
+def test_a_decode_whose_later_requests_reach_another_decoder_exits_1_naming_both_and_writes_nothing(
+    vae_bundle: Path, ae_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling update mid-file: the retried request, and those after it, reach a replica of another
+    model, whose images would pass for the first model's."""
+    np.save(tmp_path / "z.npy", np.random.default_rng(0).normal(size=(70, 2)).astype(np.float32))
+    servers = [ServerThread(vae_bundle)]
+    port = servers[0].server.port
+    held, release = hold_graph_once_rows_were_answered(servers[0], "decoder", rows=40)
+
+    def roll_out() -> None:
+        if not held.wait(60):
+            return
+        stopping = threading.Thread(target=servers[0].stop, kwargs={"grace_s": 0})
+        stopping.start()  # fails the held call, which the client retries
+        wait_until_free(port)
+        servers.append(ServerThread(ae_bundle, port=port))
+        release.set()
+        stopping.join()
+
+    update = threading.Thread(target=roll_out)
+    update.start()
+    try:
+        argv = ["decode", "--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "z.npy")]
+        code = cli.main([*argv, "--batch-size", "10", "--attempts", "20", "--out", str(tmp_path / "out.npy")])
+    finally:
+        held.set()
+        release.set()
+        update.join()
+        for server in servers:
+            server.stop(grace_s=0)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    vae_decoder, ae_decoder = (
+        hashlib.sha256((bundle / "decoder.onnx").read_bytes()).hexdigest()
+        for bundle in (vae_bundle, ae_bundle)
+    )
+    assert f"before row 40 were decoded by decoder sha256 {vae_decoder}" in err
+    assert f"row 40 by decoder sha256 {ae_decoder}" in err and "nothing was written" in err
+    assert not (tmp_path / "out.npy").exists()
 
 
 def test_encode_takes_uint8_and_float32_inputs_in_one_call(

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from client import cli, encode_job, healthcheck
-from client.client import ModelInfo, RetryPolicy, SampleResult, TlsOptions
+from client.client import DecodeResult, ModelInfo, RetryPolicy, SampleResult, TlsOptions
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -215,9 +215,9 @@ class FakeClient:
     def model_info(self) -> ModelInfo:
         return INFO
 
-    def decode(self, latents: npt.NDArray[Any], *, output_dtype: str) -> npt.NDArray[Any]:
+    def decode_result(self, latents: npt.NDArray[Any], *, output_dtype: str) -> DecodeResult:
         self.dtypes.append(output_dtype)
-        return np.zeros((len(latents), 1, 28, 28), output_dtype)
+        return DecodeResult(np.zeros((len(latents), 1, 28, 28), output_dtype), INFO.decoder_sha256)
 
     def sample(self, num_samples: int, *, output_dtype: str, **options: Any) -> SampleResult:
         self.dtypes.append(output_dtype)
@@ -248,6 +248,27 @@ def test_ctrl_c_ends_vae_client_with_one_line_and_exit_130(
     monkeypatch.setattr(cli, "VaeClient", Interrupted)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err == "vae-client: interrupted\n"
+
+
+def test_a_decode_whose_answers_come_from_two_decoders_exits_1_naming_both_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling update mid-file: the requests after the first reach a replica of another model."""
+
+    class RollingUpdate(FakeClient):
+        def decode_result(self, latents: npt.NDArray[Any], *, output_dtype: str) -> DecodeResult:
+            answered = super().decode_result(latents, output_dtype=output_dtype)
+            decoder = INFO.decoder_sha256 if len(self.dtypes) == 1 else "ef" * 32
+            return DecodeResult(answered.images, decoder)
+
+    monkeypatch.setattr(cli, "VaeClient", RollingUpdate)
+    np.save(tmp_path / "z.npy", np.zeros((25, 2), np.float32))
+    argv = ["decode", "--input", str(tmp_path / "z.npy"), "--batch-size", "10"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out.npy")]) == 1
+    err = capsys.readouterr().err
+    assert f"before row 10 were decoded by decoder sha256 {'cd' * 32}" in err
+    assert f"row 10 by decoder sha256 {'ef' * 32}" in err and "nothing was written" in err
+    assert not (tmp_path / "out.npy").exists()
 
 
 def test_connection_flags_reach_the_client_and_a_client_certificate_turns_tls_on(
