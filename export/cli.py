@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, BundleError, ValueError, OSError) as error:  # a broken metrics.json, a full disk
         print(f"vae-export: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # an existing bundle is kept whole: the export writes beside it first
+        print("vae-export: interrupted", file=sys.stderr)
+        return 130
     summary = {
         "bundle": str(args.out),
         "name": spec.name,

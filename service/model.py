@@ -6,6 +6,7 @@ and knows nothing of gRPC.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -250,13 +251,25 @@ def _check_sample_fits_a_message(max_samples: int, latent_dim: int) -> None:
 def _check_requests_fit(max_queue_size: int, latent_dim: int) -> None:
     """Refuse a --max-queue-size (ModelInfo.max_request_rows) whose Decode request of this bundle's
     latents the server would not take, or whose Encode answer (mean and log_var) gRPC cannot send."""
+    overflow = _message_overflow(max_queue_size, latent_dim)
+    if overflow is not None:
+        largest = bisect.bisect_left(
+            range(max_queue_size), True, key=lambda rows: _message_overflow(rows + 1, latent_dim) is not None
+        )
+        raise BundleError(
+            f"--max-queue-size {max_queue_size}: {overflow}; pass --max-queue-size {largest} or less"
+        )
+
+
+def _message_overflow(rows: int, latent_dim: int) -> str | None:
+    """Which message of `rows` rows of this bundle's latents is too large, if one is."""
     for what, row_bytes, limit in (
-        ("a Decode request", 4 * latent_dim, max_message_bytes(max_queue_size)),
+        ("a Decode request", 4 * latent_dim, max_message_bytes(rows)),
         ("an Encode answer", 8 * latent_dim, GRPC_MAX_MESSAGE_BYTES),
     ):
-        if max_queue_size * row_bytes + MESSAGE_FRAMING_BYTES > limit:
-            raise BundleError(
-                f"--max-queue-size {max_queue_size}: {what} of that many {latent_dim}-dimensional latents "
-                f"is more than the {limit:,} bytes of the largest message it may travel in; pass a smaller "
-                "--max-queue-size"
+        if rows * row_bytes + MESSAGE_FRAMING_BYTES > limit:
+            return (
+                f"{what} of that many {latent_dim}-dimensional latents is more than the {limit:,} bytes "
+                "of the largest message it may travel in"
             )
+    return None

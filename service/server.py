@@ -147,7 +147,7 @@ class VaeServer:
         model.start()
         self.model = model
         log.info(
-            "inference: %d calls at a time per graph, at nice +%d, %s",
+            "inference: --max-concurrent-batches %d per graph, at nice +%d, %s",
             batching.max_concurrent_batches,
             batching.worker_nice,
             f"pinned to CPUs {', '.join(map(str, batching.worker_cpus))}"

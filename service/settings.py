@@ -90,10 +90,15 @@ class Settings:
         metadata={"help": "how long the oldest waiting rows wait for a fuller batch while another runs"},
     )
     max_queue_size: int = field(
-        default=4096, metadata={"help": "the most rows waiting per graph; beyond, RESOURCE_EXHAUSTED"}
+        default=4096,
+        metadata={
+            "help": "the most rows waiting per graph; beyond, RESOURCE_EXHAUSTED. Also the most rows one "
+            "Encode or Decode request may carry: at least --max-samples and --max-batch-size"
+        },
     )
     max_samples: int = field(
-        default=1024, metadata={"help": "the most images one Sample request may ask for"}
+        default=1024,
+        metadata={"help": "the most images one Sample request may ask for (at most --max-queue-size)"},
     )
     grace_period_s: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long in-flight requests get to finish"}

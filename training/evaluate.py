@@ -572,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_metrics(run_dir, metrics)
     except (ValueError, OSError) as error:
         parser.exit(2, f"vae-evaluate: error: {error}\n")
+    except KeyboardInterrupt:
+        print("vae-evaluate: interrupted", file=sys.stderr)
+        return 130
     report: dict[str, Any] = {"command": command, "runs": runs}
     if len(runs) == 1:  # as the interface contract names them: `vae-evaluate RUN_DIR | jq .elbo_nats`
         report = {"command": command, **runs[0], "runs": runs}

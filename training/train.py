@@ -515,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = run(config, args.out, device=args.device, progress=not args.no_progress)
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; an earlier run in --out is kept whole
+        print("vae-train: interrupted", file=sys.stderr)
+        return 130
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
     print(json_text(summary))
     return 0

@@ -496,3 +496,20 @@ def test_model_json_and_the_summary_give_the_opset_the_graphs_were_written_in(
         model = onnx.load(str(tmp_path / "bundle" / graph.file))
         assert {graph.opset} == {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
     assert json.loads(capsys.readouterr().out)["opset"] == 18
+
+
+def test_ctrl_c_ends_vae_export_with_one_line_and_exit_130_and_keeps_the_bundle(
+    vae_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bundle"
+    assert export_main([str(vae_run_dir), "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "_check_parity", interrupted)  # once a new graph is written
+    assert export_main([str(vae_run_dir), "--out", str(out), "--version", "2"]) == 130
+    assert capsys.readouterr().err == "vae-export: interrupted\n"
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

@@ -161,7 +161,7 @@ def test_a_queue_is_refused_where_a_full_decode_request_would_pass_the_servers_m
     with pytest.raises(
         BundleError,
         match=r"--max-queue-size 4096: a Decode request of that many 1985-dimensional latents is more than "
-        r"the 33,554,432 bytes of the largest message it may travel in; pass a smaller --max-queue-size",
+        r"the 33,554,432 bytes of the largest message it may travel in; pass --max-queue-size 4093 or less",
     ):
         _check_requests_fit(4096, latent_dim=1985)
     with pytest.raises(BundleError, match=r"--max-queue-size 16384: a Decode request"):
@@ -171,8 +171,12 @@ def test_a_queue_is_refused_where_a_full_decode_request_would_pass_the_servers_m
 def test_a_queue_is_refused_where_a_full_encode_answer_would_pass_grpcs_2_gib() -> None:
     """(2**31 - 1 - 1 MiB) // (8 bytes x 392 dimensions) = 684,414 rows of mean and log_var."""
     _check_requests_fit(684_000, latent_dim=392)
-    with pytest.raises(BundleError, match=r"an Encode answer of that many 393-dimensional latents"):
+    with pytest.raises(BundleError, match=r"an Encode answer of that many 393-dimensional latents") as error:
         _check_requests_fit(684_000, latent_dim=393)
+    largest = int(str(error.value).split("pass --max-queue-size ")[1].split()[0])
+    _check_requests_fit(largest, latent_dim=393)  # the largest it names fits, one more does not
+    with pytest.raises(BundleError):
+        _check_requests_fit(largest + 1, latent_dim=393)
 
 
 def test_max_samples_is_refused_where_a_samples_float32_images_and_latents_pass_grpcs_2_gib() -> None:

@@ -640,3 +640,17 @@ def test_the_reported_likelihoods_are_the_means_of_the_per_image_terms(
     assert vae["kl_nats"] == pytest.approx(terms["kl"].mean())
     assert vae["iw_nll_nats"] == pytest.approx(terms["iw_nll"].mean())
     assert vae["elbo_nats_stderr"] == pytest.approx(_standard_error(terms["recon"] + terms["kl"]))
+
+
+def test_ctrl_c_ends_vae_evaluate_with_one_line_and_exit_130_and_saves_nothing(
+    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {kind: (run / "metrics.json").read_bytes() for kind, run in runs.items()}
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "evaluate", interrupted)
+    assert main([str(runs["ae"]), str(runs["vae"]), "--no-figures"]) == 130
+    assert capsys.readouterr().err == "vae-evaluate: interrupted\n"
+    assert {kind: (run / "metrics.json").read_bytes() for kind, run in runs.items()} == before

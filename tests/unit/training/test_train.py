@@ -693,3 +693,20 @@ def test_the_learning_rate_follows_its_schedule_over_all_the_steps_of_the_run(
     history = train(config, tmp_path, progress=False)["history"]
     rates = [record["learning_rate"] for record in history]
     assert rates == pytest.approx([fraction * config.learning_rate for fraction in fractions])
+
+
+def test_ctrl_c_ends_vae_train_with_one_line_and_exit_130_and_keeps_the_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0
+    before = files_in(out)
+    capsys.readouterr()
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "random_shift", interrupted)  # mid-epoch
+    assert main([*TINY_RUN_ARGV, "--overwrite", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "vae-train: interrupted\n"
+    assert files_in(out) == before
