@@ -221,9 +221,6 @@ class SampleResult:
     seed: int
     offset: int = 0
     """For a SampleStream chunk, the index of its first image within the whole sample."""
-    decoder_sha256: str | None = None
-    """The sha256 of the decoder graph that made them (the server's metadata; None from a server that
-    does not send it): the same seed gives the same images on every replica of one model only."""
 
 
 @dataclass(frozen=True)
@@ -632,7 +629,7 @@ class _SampleResume:
         self.request.seed = response.seed
         if response.offset < self.delivered:
             return None
-        result = sample_result(response, "SampleStream", decoder)
+        result = sample_result(response, "SampleStream")
         self.request.chunk_size = self.request.chunk_size or len(result.images)
         self.delivered = result.offset + len(result.images)
         return result
@@ -762,8 +759,8 @@ class VaeClient:
         (64, 1, 28, 28)
         """
         request = sample_request(num_samples, seed, temperature, output_dtype)
-        response, trailers = self._unary("Sample", request, timeout_s)
-        return sample_result(response, "Sample", _graph_sha256(trailers, codec.DECODER_SHA256_METADATA))
+        response, _ = self._unary("Sample", request, timeout_s)
+        return sample_result(response, "Sample")
 
     def sample_stream(
         self,
@@ -1027,8 +1024,8 @@ class AsyncVaeClient:
         3
         """
         request = sample_request(num_samples, seed, temperature, output_dtype)
-        response, trailers = await self._unary("Sample", request, timeout_s)
-        return sample_result(response, "Sample", _graph_sha256(trailers, codec.DECODER_SHA256_METADATA))
+        response, _ = await self._unary("Sample", request, timeout_s)
+        return sample_result(response, "Sample")
 
     def sample_stream(
         self,
@@ -1313,13 +1310,10 @@ def _graph_sha256(metadata: Any, key: str) -> str | None:
     return dict(metadata or ()).get(key)
 
 
-def sample_result(
-    response: vae_pb2.SampleResponse, rpc: str, decoder_sha256: str | None = None
-) -> SampleResult:
+def sample_result(response: vae_pb2.SampleResponse, rpc: str) -> SampleResult:
     return SampleResult(
         images=_array(response.images, rpc, "images"),
         latents=_array(response.latents, rpc, "latents"),
         seed=response.seed,
         offset=response.offset,
-        decoder_sha256=decoder_sha256,
     )

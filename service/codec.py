@@ -19,7 +19,8 @@ FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
 UINT8 = vae_pb2.DATA_TYPE_UINT8
 # The sha256 of the graph that answered, so that a client can tell when a reconnect, or a file sent in
 # several requests, reached another model: the streams' initial metadata (EncodeStream's encoder,
-# SampleStream's decoder) and the trailing metadata of the unary calls' answers.
+# SampleStream's decoder) and the trailing metadata of Encode's and Decode's answers. Not Sample's:
+# at one image a request it cost 2-4% of the images (docs/BENCHMARKS.md).
 ENCODER_SHA256_METADATA = "vae-encoder-sha256"
 DECODER_SHA256_METADATA = "vae-decoder-sha256"
 # numpy 2's limit on an array's dimensions (NPY_MAXDIMS); the service's tensors have 2 to 4.

@@ -181,7 +181,6 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             deadline_after(context.time_remaining()),
         )
         self._count_items("Sample", len(samples.images))
-        context.set_trailing_metadata(((codec.DECODER_SHA256_METADATA, model.spec.decoder.sha256),))
         return vae_pb2.SampleResponse(
             images=_images_tensor(samples.images, request.output_dtype),
             latents=codec.to_tensor(samples.latents),

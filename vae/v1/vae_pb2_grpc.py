@@ -92,7 +92,7 @@ class VaeServiceServicer:
     def Sample(self, request, context):
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
         gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-        float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
+        float32 rounding: docs/api.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,7 @@ class VaeServiceStub:
     Sample: _grpc.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
     gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-    float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
+    float32 rounding: docs/api.md).
     """
     EncodeStream: _grpc.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -82,7 +82,7 @@ class VaeServiceAsyncStub(VaeServiceStub):
     Sample: _aio.UnaryUnaryMultiCallable[_vae_pb2.SampleRequest, _vae_pb2.SampleResponse]  # type: ignore[assignment]
     """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
     gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-    float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
+    float32 rounding: docs/api.md).
     """
     EncodeStream: _aio.StreamStreamMultiCallable[_vae_pb2.EncodeRequest, _vae_pb2.EncodeResponse]  # type: ignore[assignment]
     """EncodeStream encodes a stream of requests and answers each one, in the order they came. Its
@@ -131,7 +131,7 @@ class VaeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_vae_pb2.SampleResponse, _abc.Awaitable[_vae_pb2.SampleResponse]]:
         """Sample draws z ~ N(0, temperature^2 I) from the request's seed and decodes it. The same seed
         gives byte-identical images on every CPU replica of a model and every run (on CUDA, equal to
-        float32 rounding: docs/api.md). An answer's trailing metadata carries `vae-decoder-sha256`.
+        float32 rounding: docs/api.md).
         """
 
     @_abc_1.abstractmethod
