@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,30 @@ SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
 class MixedModels(Exception):
     """An encode or decode whose answers came from two models' graphs (in a rolling update, a reconnect
     or a later request reached a replica of another model)."""
+
+
+@dataclass
+class OneModel:
+    """Refuses a file's answers once they name a second graph: `check` each answer's sha256 with the
+    row it starts at. An answer that names none (a server older than the metadata) is not checked."""
+
+    graph: str  # "encoder" or "decoder"
+    target: str
+    first: tuple[int, str] | None = None  # the first row whose answer named its graph, and the graph
+
+    def check(self, row: int, sha256: str | None) -> None:
+        if sha256 is None:
+            return
+        if self.first is None:
+            self.first = (row, sha256)
+        elif sha256 != self.first[1]:
+            first_row, first_sha256 = self.first
+            raise MixedModels(
+                f"row {first_row} was answered by {self.graph} sha256 {first_sha256}, row {row} by "
+                f"{self.graph} sha256 {sha256}: {self.target} changed model mid-way, and one file cannot "
+                "hold two models' answers; nothing was written. Run the command again once every "
+                "replica serves the same model"
+            )
 
 
 # gRPC's own name-resolver schemes, passed on as they are: `dns:///HOST:PORT` balances over every address.
@@ -270,18 +295,12 @@ def _encode(client: VaeClient, args: argparse.Namespace) -> None:
     # input keeps its own dtype (uint8 and float32 files may be mixed): the server scales each request.
     chunks = (images[start : start + batch] for images in inputs for start in range(0, len(images), batch))
     results: list[EncodeResult] = []
+    one_model, row = OneModel("encoder", args.target), 0
     # A server that hangs while its connection lives would hold the stream, and the command, forever.
     for result in client.encode_stream(chunks, answer_timeout_s=args.timeout):
-        # A stream that reconnects may reach a replica of another model (a rolling update).
-        if results and result.encoder_sha256 != results[0].encoder_sha256:
-            row = sum(len(earlier.mean) for earlier in results)
-            raise MixedModels(
-                f"the rows before row {row} were encoded by encoder sha256 {results[0].encoder_sha256}, "
-                f"row {row} by encoder sha256 {result.encoder_sha256}: {args.target} changed model "
-                "mid-way, and one file cannot hold two latent spaces; nothing was written. Run the "
-                "command again once every replica serves the same model"
-            )
+        one_model.check(row, result.encoder_sha256)  # a reconnect may reach a replica of another model
         results.append(result)
+        row += len(result.mean)
     log_vars = [result.log_var for result in results]
     if args.log_var_out is not None and any(log_var is None for log_var in log_vars):
         raise InputError("--log-var-out: the served model is an AE, which has no log-variance")
@@ -320,16 +339,10 @@ def _decode(client: VaeClient, args: argparse.Namespace) -> None:
     # than one request may carry (ModelInfo.max_request_rows).
     batch = rows_per_request(client.model_info(), args.batch_size, args.target)
     results: list[DecodeResult] = []
+    one_model = OneModel("decoder", args.target)
     for start in range(0, len(latents), batch):
         result = client.decode_result(latents[start : start + batch], output_dtype=args.dtype)
-        # Each request may reach another replica: in a rolling update, one of another model.
-        if results and result.decoder_sha256 != results[0].decoder_sha256:
-            raise MixedModels(
-                f"the images before row {start} were decoded by decoder sha256 {results[0].decoder_sha256}, "
-                f"row {start} by decoder sha256 {result.decoder_sha256}: {args.target} changed model "
-                "mid-way, and one file cannot hold two models' images; nothing was written. Run the "
-                "command again once every replica serves the same model"
-            )
+        one_model.check(start, result.decoder_sha256)  # each request may reach another replica
         results.append(result)
     images = np.concatenate([result.images for result in results])
     save_images(images, args.out, args.columns)

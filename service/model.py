@@ -185,7 +185,7 @@ class VaeModel:
         """Verify and load a bundle, warm both graphs up; raises BundleError or DeviceError."""
         bundle = ModelBundle.load(bundle_dir)
         _check_sample_fits_a_message(batching.max_samples, bundle.spec.latent_dim)
-        _check_requests_fit(batching.max_queue_size, bundle.spec.latent_dim)
+        _check_requests_fit(batching, bundle.spec.latent_dim)
         runtime = Runtime(bundle, device, threads)
         runtime.warm_up()
         if bundle.spec.kind == "ae":
@@ -248,17 +248,22 @@ def _check_sample_fits_a_message(max_samples: int, latent_dim: int) -> None:
         )
 
 
-def _check_requests_fit(max_queue_size: int, latent_dim: int) -> None:
+def _check_requests_fit(batching: BatchingSettings, latent_dim: int) -> None:
     """Refuse a --max-queue-size (ModelInfo.max_request_rows) whose Decode request of this bundle's
     latents the server would not take, or whose Encode answer (mean and log_var) gRPC cannot send."""
+    max_queue_size = batching.max_queue_size
     overflow = _message_overflow(max_queue_size, latent_dim)
-    if overflow is not None:
-        largest = bisect.bisect_left(
-            range(max_queue_size), True, key=lambda rows: _message_overflow(rows + 1, latent_dim) is not None
-        )
-        raise BundleError(
-            f"--max-queue-size {max_queue_size}: {overflow}; pass --max-queue-size {largest} or less"
-        )
+    if overflow is None:
+        return
+    largest = bisect.bisect_left(
+        range(max_queue_size), True, key=lambda rows: _message_overflow(rows + 1, latent_dim) is not None
+    )
+    if largest == 0:
+        raise BundleError(f"one row of {latent_dim}-dimensional latents is more than a message may carry")
+    hint = f"pass --max-queue-size {largest} or less"
+    if largest < max(batching.max_samples, batching.max_batch_size):  # which the queue must hold
+        hint += ", and --max-samples and --max-batch-size no more than it"
+    raise BundleError(f"--max-queue-size {max_queue_size}: {overflow}; {hint}")
 
 
 def _message_overflow(rows: int, latent_dim: int) -> str | None:

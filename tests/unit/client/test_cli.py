@@ -266,9 +266,38 @@ def test_a_decode_whose_answers_come_from_two_decoders_exits_1_naming_both_and_w
     argv = ["decode", "--input", str(tmp_path / "z.npy"), "--batch-size", "10"]
     assert cli.main([*argv, "--out", str(tmp_path / "out.npy")]) == 1
     err = capsys.readouterr().err
-    assert f"before row 10 were decoded by decoder sha256 {'cd' * 32}" in err
-    assert f"row 10 by decoder sha256 {'ef' * 32}" in err and "nothing was written" in err
+    assert f"row 0 was answered by decoder sha256 {'cd' * 32}, row 10 by decoder sha256 {'ef' * 32}" in err
+    assert "nothing was written" in err
     assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("decoders", "refused"),
+    [
+        ([None, None, None], False),  # a server older than the metadata: nothing to check
+        ([None, "cd" * 32, "cd" * 32], False),  # its upgrade, the model the same
+        ([None, "cd" * 32, "ef" * 32], True),  # two named decoders: row 10's and row 20's
+    ],
+)
+def test_a_decode_checks_only_the_answers_that_name_their_decoder(
+    decoders: list[str | None],
+    refused: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Named(FakeClient):
+        def decode_result(self, latents: npt.NDArray[Any], *, output_dtype: str) -> DecodeResult:
+            answered = super().decode_result(latents, output_dtype=output_dtype)
+            return DecodeResult(answered.images, decoders[len(self.dtypes) - 1])
+
+    monkeypatch.setattr(cli, "VaeClient", Named)
+    np.save(tmp_path / "z.npy", np.zeros((25, 2), np.float32))
+    argv = ["decode", "--input", str(tmp_path / "z.npy"), "--batch-size", "10"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out.npy")]) == (1 if refused else 0)
+    if refused:
+        assert "row 10 was answered by decoder sha256 cdcd" in capsys.readouterr().err
+    assert (tmp_path / "out.npy").exists() is not refused
 
 
 def test_connection_flags_reach_the_client_and_a_client_certificate_turns_tls_on(

@@ -153,30 +153,54 @@ def test_a_deadline_is_that_many_seconds_from_now_on_the_monotonic_clock() -> No
     assert deadline is not None and before + 30 <= deadline <= time.monotonic() + 30
 
 
+def queue(max_queue_size: int, max_samples: int = 1024) -> BatchingSettings:
+    """vae-serve's batching defaults, with this queue size and sample limit."""
+    return BatchingSettings(
+        max_batch_size=16,
+        max_queue_delay_s=0.002,
+        max_queue_size=max_queue_size,
+        max_samples=max_samples,
+        max_concurrent_batches=1,
+        worker_nice=0,
+        worker_cpus=(),
+    )
+
+
 def test_a_queue_is_refused_where_a_full_decode_request_would_pass_the_servers_message_limit() -> None:
     """Wider than 784 dimensions, latents outgrow images: at the 32 MiB floor, (32 MiB - 1 MiB of
     framing) // (4 bytes x 4,096 rows) = 1,984 dimensions."""
-    _check_requests_fit(4096, latent_dim=1984)
-    _check_requests_fit(16384, latent_dim=784)  # images set the limit, and a latent row is no larger
+    _check_requests_fit(queue(4096), latent_dim=1984)
+    _check_requests_fit(queue(16384), latent_dim=784)  # images set the limit, and a latent row is no larger
     with pytest.raises(
         BundleError,
         match=r"--max-queue-size 4096: a Decode request of that many 1985-dimensional latents is more than "
-        r"the 33,554,432 bytes of the largest message it may travel in; pass --max-queue-size 4093 or less",
+        r"the 33,554,432 bytes of the largest message it may travel in; pass --max-queue-size 4093 or less$",
     ):
-        _check_requests_fit(4096, latent_dim=1985)
+        _check_requests_fit(queue(4096), latent_dim=1985)
     with pytest.raises(BundleError, match=r"--max-queue-size 16384: a Decode request"):
-        _check_requests_fit(16384, latent_dim=785)
+        _check_requests_fit(queue(16384), latent_dim=785)
 
 
 def test_a_queue_is_refused_where_a_full_encode_answer_would_pass_grpcs_2_gib() -> None:
     """(2**31 - 1 - 1 MiB) // (8 bytes x 392 dimensions) = 684,414 rows of mean and log_var."""
-    _check_requests_fit(684_000, latent_dim=392)
+    _check_requests_fit(queue(684_000), latent_dim=392)
     with pytest.raises(BundleError, match=r"an Encode answer of that many 393-dimensional latents") as error:
-        _check_requests_fit(684_000, latent_dim=393)
+        _check_requests_fit(queue(684_000), latent_dim=393)
     largest = int(str(error.value).split("pass --max-queue-size ")[1].split()[0])
-    _check_requests_fit(largest, latent_dim=393)  # the largest it names fits, one more does not
+    _check_requests_fit(queue(largest), latent_dim=393)  # the largest it names fits, one more does not
     with pytest.raises(BundleError):
-        _check_requests_fit(largest + 1, latent_dim=393)
+        _check_requests_fit(queue(largest + 1), latent_dim=393)
+
+
+def test_the_queue_size_a_wide_bundle_allows_is_named_with_the_limits_that_must_come_down_with_it() -> None:
+    """A queue holds a whole Sample and a whole batch: a queue below them is refused at start."""
+    with pytest.raises(
+        BundleError,
+        match=r"pass --max-queue-size 812 or less, and --max-samples and --max-batch-size no more than it$",
+    ):
+        _check_requests_fit(queue(4096, max_samples=1024), latent_dim=10_000)
+    with pytest.raises(BundleError, match=r"one row of 9000000-dimensional latents is more than a message"):
+        _check_requests_fit(queue(16, max_samples=1), latent_dim=9_000_000)
 
 
 def test_max_samples_is_refused_where_a_samples_float32_images_and_latents_pass_grpcs_2_gib() -> None:
