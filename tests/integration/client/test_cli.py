@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,49 +201,56 @@ def wait_until_free(port: int) -> None:
     raise AssertionError(f"port {port} still taken")
 
 
-def test_an_encode_whose_stream_reconnects_to_another_encoder_exits_1_naming_both_and_writes_nothing(
-    vae_bundle: Path, ae_bundle: Path, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A rolling update mid-encode: the stream's reconnect reaches a replica of another model."""
-    np.save(tmp_path / "images.npy", digits)
-    servers = [ServerThread(vae_bundle)]
+@contextlib.contextmanager
+def rolling_update(first: Path, then: Path, graph: str, rows: int) -> Iterator[int]:
+    """A server of the bundle `first`, replaced on its port by one of `then` once its `graph` has
+    answered `rows` rows: the next call of that graph waits while the server stops at once (a stream
+    is cut, the waiting call fails) and the new one starts. Yields the port."""
+    servers = [ServerThread(first)]
     port = servers[0].server.port
-    # Requests of 10 rows, 4 in flight: the encoder sees rows 40 on only once an answer has come back.
-    held, release = hold_graph_once_rows_were_answered(servers[0], "encoder", rows=40)
+    held, release = hold_graph_once_rows_were_answered(servers[0], graph, rows)
 
     def roll_out() -> None:
         if not held.wait(60):
             return
         stopping = threading.Thread(target=servers[0].stop, kwargs={"grace_s": 0})
-        stopping.start()  # cuts the stream at once; the held call ends once released
+        stopping.start()
         wait_until_free(port)
-        servers.append(ServerThread(ae_bundle, port=port))
+        servers.append(ServerThread(then, port=port))
         release.set()
         stopping.join()
 
     update = threading.Thread(target=roll_out)
     update.start()
     try:
-        argv = ["encode", "--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "images.npy")]
-        code = cli.main(
-            [*argv, "--batch-size", "10", "--attempts", "20", "--out", str(tmp_path / "mean.npy")]
-        )
+        yield port
     finally:
         held.set()
         release.set()
         update.join()
         for server in servers:
             server.stop(grace_s=0)
+
+
+def graph_sha256(bundle: Path, graph: str) -> str:
+    return hashlib.sha256((bundle / f"{graph}.onnx").read_bytes()).hexdigest()
+
+
+def test_an_encode_whose_stream_reconnects_to_another_encoder_exits_1_naming_both_and_writes_nothing(
+    vae_bundle: Path, ae_bundle: Path, tmp_path: Path, digits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rolling update mid-encode: the stream's reconnect reaches a replica of another model."""
+    np.save(tmp_path / "images.npy", digits)
+    # Requests of 10 rows, 4 in flight: the encoder sees rows 40 on only once an answer has come back.
+    with rolling_update(vae_bundle, ae_bundle, "encoder", rows=40) as port:
+        argv = ["encode", "--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "images.npy")]
+        code = cli.main(
+            [*argv, "--batch-size", "10", "--attempts", "20", "--out", str(tmp_path / "mean.npy")]
+        )
     err = capsys.readouterr().err
     assert code == 1, err
-    hashes = [
-        hashlib.sha256((bundle / "encoder.onnx").read_bytes()).hexdigest()
-        for bundle in (vae_bundle, ae_bundle)
-    ]
-    assert (
-        f"row 0 was answered by encoder sha256 {hashes[0]}" in err and f"by encoder sha256 {hashes[1]}" in err
-    )
-    assert "nothing was written" in err
+    assert f"row 0 was answered by encoder sha256 {graph_sha256(vae_bundle, 'encoder')}" in err
+    assert f"by encoder sha256 {graph_sha256(ae_bundle, 'encoder')}" in err and "nothing was written" in err
     assert not (tmp_path / "mean.npy").exists()
 
 
@@ -252,40 +260,14 @@ def test_a_decode_whose_later_requests_reach_another_decoder_exits_1_naming_both
     """A rolling update mid-file: the retried request, and those after it, reach a replica of another
     model, whose images would pass for the first model's."""
     np.save(tmp_path / "z.npy", np.random.default_rng(0).normal(size=(70, 2)).astype(np.float32))
-    servers = [ServerThread(vae_bundle)]
-    port = servers[0].server.port
-    held, release = hold_graph_once_rows_were_answered(servers[0], "decoder", rows=40)
-
-    def roll_out() -> None:
-        if not held.wait(60):
-            return
-        stopping = threading.Thread(target=servers[0].stop, kwargs={"grace_s": 0})
-        stopping.start()  # fails the held call, which the client retries
-        wait_until_free(port)
-        servers.append(ServerThread(ae_bundle, port=port))
-        release.set()
-        stopping.join()
-
-    update = threading.Thread(target=roll_out)
-    update.start()
-    try:
+    with rolling_update(vae_bundle, ae_bundle, "decoder", rows=40) as port:
         argv = ["decode", "--target", f"127.0.0.1:{port}", "--input", str(tmp_path / "z.npy")]
         code = cli.main([*argv, "--batch-size", "10", "--attempts", "20", "--out", str(tmp_path / "out.npy")])
-    finally:
-        held.set()
-        release.set()
-        update.join()
-        for server in servers:
-            server.stop(grace_s=0)
     err = capsys.readouterr().err
     assert code == 1, err
-    vae_decoder, ae_decoder = (
-        hashlib.sha256((bundle / "decoder.onnx").read_bytes()).hexdigest()
-        for bundle in (vae_bundle, ae_bundle)
-    )
-    assert f"row 0 was answered by decoder sha256 {vae_decoder}" in err
-    assert f"row 40 by decoder sha256 {ae_decoder}" in err and "nothing was written" in err
-    assert not (tmp_path / "out.npy").exists()
+    assert f"row 0 was answered by decoder sha256 {graph_sha256(vae_bundle, 'decoder')}" in err
+    assert f"row 40 by decoder sha256 {graph_sha256(ae_bundle, 'decoder')}" in err
+    assert "nothing was written" in err and not (tmp_path / "out.npy").exists()
 
 
 def test_encode_takes_uint8_and_float32_inputs_in_one_call(
