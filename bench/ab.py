@@ -39,7 +39,9 @@ Cell = tuple[Shape, int]  # a shape, and how many clients send it
 CELLS: tuple[Cell, ...] = ((Shape("Sample", 64), 4), (Shape("Sample", 256), 4), (Shape("Sample", 1), 32))
 STREAM_IMAGES = 10_000
 
-Measures = dict[str, tuple[float, float]]  # cell -> (items/s, server CPU ms/item)
+# cell -> (items/s, server CPU ms/item), or None for a window with failed requests, whose rate is no
+# fair figure (the requests refused cost the server little): it is left out of the medians.
+Measures = dict[str, tuple[float, float] | None]
 
 
 def parse_cell(text: str) -> Cell:
@@ -67,10 +69,10 @@ async def measure(
                 warmup_s=0.5,
                 server_pid=server.pid,
             )
-            measures[f"{shape.name}, {concurrency} clients"] = (
-                window.items_per_s,
-                window.cpu_ms_per_item or 0.0,
-            )
+            cell = f"{shape.name}, {concurrency} clients"
+            if window.errors:
+                print(f"  {cell}: failed requests {dict(window.errors)}; left out of the medians")
+            measures[cell] = None if window.errors else (window.items_per_s, window.cpu_ms_per_item or 0.0)
         images = random_images(STREAM_IMAGES, "FLOAT32")
         await encode_stream(stub, images[: stream_chunk * 4], stream_chunk)
         cpu_before = process_tree_cpu_s(server.pid)
@@ -155,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(versions) < 2:
         parser.error("name at least two versions (--tree, --flags, --naive, --naive-flags)")
     latent_dim = bundle_latent_dim(args.bundle)
-    results: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in versions}
+    results: dict[str, dict[str, list[tuple[float, float] | None]]] = {name: {} for name in versions}
     cells = [*CELLS, *args.cell]
     order = list(versions.items())
     for round_index in range(args.rounds):
@@ -168,17 +170,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.stop()
             for cell, value in measures.items():
                 results[name].setdefault(cell, []).append(value)
-            print(f"round {round_index + 1} {name}: " + ", ".join(f"{v[0]:,.0f}" for v in measures.values()))
+            figures = (f"{v[0]:,.0f}" if v else "failed" for v in measures.values())
+            print(f"round {round_index + 1} {name}: " + ", ".join(figures))
     print("\nmedians: images/s (server CPU ms/image)")
-    for cell in next(iter(results.values())):
-        row = []
-        for name in versions:
-            values = results[name][cell]
-            rate = statistics.median(v[0] for v in values)
-            cpu = statistics.median(v[1] for v in values)
-            row.append(f"{name} {rate:,.0f} ({cpu:.3f})")
-        print(f"  {cell}: " + "  ".join(row))
+    for cell in dict.fromkeys(cell for measured in results.values() for cell in measured):
+        print(f"  {cell}: " + "  ".join(median_text(name, results[name].get(cell, [])) for name in versions))
     return 0
+
+
+def median_text(name: str, windows: Sequence[tuple[float, float] | None]) -> str:
+    """A version's medians for a cell over its clean windows, saying how many were left out."""
+    clean = [window for window in windows if window is not None]
+    left_out = f" [{len(windows) - len(clean)} of {len(windows)} left out: failed requests]"
+    if not clean:
+        return f"{name} -{left_out}"
+    rate = statistics.median(rate for rate, _ in clean)
+    cpu = statistics.median(cpu for _, cpu in clean)
+    return f"{name} {rate:,.0f} ({cpu:.3f})" + (left_out if len(clean) < len(windows) else "")
 
 
 if __name__ == "__main__":

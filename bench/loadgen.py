@@ -59,6 +59,11 @@ class Window:
     def requests_per_s(self) -> float:
         return self.requests / self.duration_s
 
+    @property
+    def requests_sent(self) -> int:
+        """Answered or failed: the client spent its CPU on both."""
+        return self.requests + sum(self.errors.values())
+
     def latency_ms(self, quantile: float) -> float:
         return percentile(self.latencies_ms, quantile)
 
@@ -84,8 +89,8 @@ class Window:
             "server_cpu_ms_per_item": _rounded(self.cpu_ms_per_item),
             "client_cpu_ms_per_request": _rounded(
                 None
-                if self.client_cpu_s is None or not self.requests
-                else 1000 * self.client_cpu_s / self.requests
+                if self.client_cpu_s is None or not self.requests_sent
+                else 1000 * self.client_cpu_s / self.requests_sent
             ),
         }
 

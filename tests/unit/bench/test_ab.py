@@ -1,4 +1,4 @@
-"""bench.ab's extra cells: RPC:PER_REQUEST:CLIENTS, refused with the expected form otherwise."""
+"""bench.ab: its extra cells (RPC:PER_REQUEST:CLIENTS), its versions, and medians of clean windows only."""
 
 import argparse
 import json
@@ -52,6 +52,9 @@ def test_versions_are_named_once_and_a_tree_must_be_a_checkout(
 
 
 class _IdleServer:
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
     def stop(self) -> None:
         pass
 
@@ -71,3 +74,20 @@ def test_requests_carry_the_latent_size_of_the_bundles_model(
 
     assert main(["--bundle", str(tmp_path), "--flags", "a=", "--flags", "b=", "--rounds", "1"]) == 0
     assert sizes == [8, 8]
+
+
+def test_a_window_with_failed_requests_is_left_out_of_the_medians_and_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model.json").write_text(json.dumps({"latent_dim": 2}))
+    windows = {"a": [(100.0, 0.5), (300.0, 0.7), (200.0, 0.6)], "b": [None, (50.0, 0.2), None]}
+
+    async def measure(server: object, *args: object) -> dict[str, object]:
+        return {"Sample 64/req, 4 clients": windows[server.name].pop(0)}  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(ab, "measure", measure)
+    monkeypatch.setattr(servers, "start", lambda name, *args, **kwargs: _IdleServer(name))
+
+    assert main(["--bundle", str(tmp_path), "--flags", "a=", "--flags", "b=", "--rounds", "3"]) == 0
+    medians = capsys.readouterr().out.split("medians:")[1]
+    assert "a 200 (0.600)  b 50 (0.200) [2 of 3 left out: failed requests]" in medians

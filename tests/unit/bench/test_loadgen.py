@@ -76,7 +76,7 @@ def test_a_windows_summary_divides_by_its_duration_items_and_requests() -> None:
         "p99_ms": 10.0,
         "errors": {"UNAVAILABLE": 1},
         "server_cpu_ms_per_item": 12.5,  # 500 ms over 40 items
-        "client_cpu_ms_per_request": 2.0,  # 20 ms over 10 requests
+        "client_cpu_ms_per_request": 1.8182,  # 20 ms over 11 requests: the failed one cost CPU too
     }
 
 
