@@ -80,7 +80,7 @@ def load(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
 def throughput(
     runs: list[Callable[[], int]], duration_s: float, warmup_s: float, layout: str = "custom"
 ) -> Measured:
-    """Call each function of `runs` in a loop in its own thread (one: the caller's); images a second.
+    """Call each function of `runs` in a loop in its own thread; images a second.
 
     Each function does one unit of work and returns how many images it made.
     """
@@ -162,17 +162,10 @@ def layout_runs(path: Path, feed: Feed, layout: str) -> list[Callable[[], int]]:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
-def layouts(
-    path: Path, feed: Feed, duration_s: float, warmup_s: float, spinning: bool | None = None
-) -> list[Measured]:
-    """The three layouts of LAYOUTS for one graph and one input."""
-    results = []
-    default = load(path, session_options(0, spinning=spinning))
-    results.append(throughput([graph_runner(default, feed)], duration_s, warmup_s, "default"))
-    del default
-    for layout in ("1-thread", "per-core"):
-        results.append(throughput(layout_runs(path, feed, layout), duration_s, warmup_s, layout))
-    return results
+def layouts(path: Path, feed: Feed, duration_s: float, warmup_s: float) -> list[Measured]:
+    """The three layouts of LAYOUTS for one graph and one input, one after the other (each layout's
+    sessions are freed before the next one loads)."""
+    return [throughput(layout_runs(path, feed, layout), duration_s, warmup_s, layout) for layout in LAYOUTS]
 
 
 def decoder_feed(rows: int, latent_dim: int, seed: int = 0) -> Feed:
