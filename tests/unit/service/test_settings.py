@@ -3,6 +3,7 @@ model as the units its parts take."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -191,14 +192,21 @@ def test_the_model_is_loaded_with_the_queue_delay_in_seconds_and_the_other_setti
 
 @pytest.mark.parametrize(("cpus", "nice"), [(1, 0), (2, 7)])
 def test_the_models_batchers_run_inference_niced_only_where_the_event_loop_has_a_cpu_of_its_own(
-    vae_bundle: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, nice: int
+    vae_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cpus: int, nice: int
 ) -> None:
     """build_model hands the batchers worker_nice, not --inference-nice as given: on one CPU, niced
-    inference would get almost no CPU beside the busy event loop."""
+    inference would get almost no CPU beside the busy event loop. It says so where it drops the flag."""
     monkeypatch.setattr(settings_module, "usable_cpus", lambda: cpus)
     argv = ["--model-dir", str(vae_bundle), "--device", "cpu", "--inference-nice", "7"]
-    model = server.build_model(Settings.from_args(argv, {}), ServiceMetrics.create())  # not started
+    with caplog.at_level(logging.WARNING, logger="service.server"):
+        model = server.build_model(Settings.from_args(argv, {}), ServiceMetrics.create())  # not started
     assert [batcher._worker_nice for batcher in (model.encoder, model.decoder)] == [nice, nice]
+    warnings = [record.getMessage() for record in caplog.records if "--inference-nice" in record.getMessage()]
+    assert len(warnings) == (0 if nice else 1)
+    assert all(
+        warning.startswith("--inference-nice 7 not applied: this process may use one CPU")
+        for warning in warnings
+    )
 
 
 @pytest.mark.parametrize(
