@@ -358,19 +358,24 @@ def prepare_output(
         ):
             stale.unlink()
     # Each list written where this input has one, and otherwise removed: a run killed before its
-    # first manifest may have left the lists of other input, which --resume starts over on.
+    # first manifest may have left the lists of other input, which --resume starts over on. What is
+    # already there is not written again, so a resume writes nothing before its first shard.
     for path, lines in (
         (directory / INPUTS_LIST, source.names),
         (directory / REJECTED_LIST, [f"{name}\t{why}" for name, why in source.rejected]),
     ):
-        if lines:
-            write_atomic(path, _list_bytes(lines))
-        else:
+        if not lines:
             path.unlink(missing_ok=True)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file() or manifest_path.read_bytes() != manifest_bytes(manifest):
+        elif _differs(path, _list_bytes(lines)):
+            write_atomic(path, _list_bytes(lines))
+    if _differs(directory / MANIFEST, manifest_bytes(manifest)):
         write_manifest(directory, manifest)
     return manifest
+
+
+def _differs(path: Path, content: bytes) -> bool:
+    """Whether the file at `path` is missing or holds anything but `content`."""
+    return not path.is_file() or path.read_bytes() != content
 
 
 class Progress:
@@ -437,13 +442,13 @@ class EncodeJob:
         for name, reason in source.rejected:
             print(f"vae-encode-job: skipped {name}: {reason}", file=self.log)
 
+        # Refused before the service is asked anything (checked again under the lock, in prepare_output).
+        refuse_a_folder_not_the_jobs(directory, settings.resume)
         with VaeClient(
             settings.target, tls=settings.tls, timeout_s=settings.timeout_s, retry=settings.retry
         ) as client:
             info = client.model_info()
             batch_size = rows_per_request(info, self.settings.batch_size, self.settings.target)
-            # Refused before anything is written there (checked again under the lock, in prepare_output).
-            refuse_a_folder_not_the_jobs(directory, settings.resume)
             create_directory(directory)
             with sole_writer(directory, self.log):
                 manifest = new_manifest(settings, source, rows, model_record(info))

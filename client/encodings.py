@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"  # held by the one job (or merge) writing the directory
 INPUTS_LIST = "inputs.txt"
 REJECTED_LIST = "rejected.txt"
-_PART_NAME = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+_PART_NAME = re.compile(r"^part-(\d{5,})-of-(\d{5,})$")  # 100000 parts: six digits
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

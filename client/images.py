@@ -19,10 +19,10 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,7 @@ EXPECTED_FORMATS = (
     "or a folder of PNGs"
 )
 _NPY_MAGIC = b"\x93NUMPY"
+T = TypeVar("T")
 
 
 def load_npy(path: Path, what: str) -> Any:
@@ -135,20 +136,57 @@ def load_npy(path: Path, what: str) -> Any:
         raise InputError(f"{path}: not a readable .npy array ({error}); expected {what}") from error
 
 
+NPY_IMAGES = "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1"
+
+
 def read_npy_images(path: Path) -> npt.NDArray[Any]:
     """A .npy array of images, mapped read-only where it can be, and checked by `as_image_batch`."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):  # not mappable, damaged or empty: read, for numpy's account
-        array = load_npy(path, "images [N,28,28] or [N,1,28,28], uint8 0-255 or float 0-1")
+        if shortfall := _npy_shortfall(path):  # else numpy would try to allocate all it declares
+            raise InputError(f"{path}: {shortfall}") from None
+        array = _in_memory(path, lambda: load_npy(path, NPY_IMAGES))
     if not isinstance(array, np.ndarray):
         array.close()  # np.load's NpzFile holds the file open
         raise InputError(
             f"{path}: a .npz archive (numpy.savez), not a .npy array; save the images alone with numpy.save"
         )
     if not array.flags.c_contiguous:  # Fortran order: read in row order once, not strided per request
-        array = np.ascontiguousarray(array)
-    return as_image_batch(array, str(path))
+        array = _in_memory(path, lambda: np.ascontiguousarray(array))
+    return _in_memory(path, lambda: as_image_batch(array, str(path)))
+
+
+def _npy_shortfall(path: Path) -> str | None:
+    """What a .npy file whose header reads lacks of the array it declares (cut short), or None."""
+    try:
+        with path.open("rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(file)
+            held = path.stat().st_size - file.tell()
+    except (OSError, ValueError):
+        return None  # no header to go by: load_npy says what the file is
+    declared = math.prod(shape) * dtype.itemsize
+    if held >= declared:
+        return None
+    return f"declares {dtype} {list(shape)} ({declared:,} bytes of data) but holds {held:,}: cut short"
+
+
+def _in_memory(path: Path, read: Callable[[], T]) -> T:
+    """`read()`, whose copy of the file in memory may not fit: then an InputError that says why."""
+    try:
+        return read()
+    except MemoryError:
+        raise InputError(
+            f"{path}: too large to read into memory. A C-ordered .npy of uint8 or float32 images is "
+            "mapped from disk instead, whatever its size: save the images that way (numpy.save of "
+            "a uint8 array, or astype(np.float32))"
+        ) from None
 
 
 def read_idx_images(path: Path) -> npt.NDArray[Any]:
@@ -235,8 +273,10 @@ def read_images(path: Path, *, skip_bad: bool = False) -> ImageInput:
     path = Path(path)
     if path.is_dir():
         return read_png_folder(path, skip_bad=skip_bad)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not path.is_file():  # a pipe (<(...)) or a device: images are read by mapping a file
+        raise InputError(f"{path}: not a regular file or folder; save the images to a file first")
     if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}:
         return ImageInput(read_image_file(path)[None, None], "png")
     identity = _identity(path)  # before reading, so that a change while it is read shows

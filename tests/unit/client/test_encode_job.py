@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +157,20 @@ def test_a_resume_continues_from_the_committed_shards_and_drops_uncommitted_file
     manifest = prepare_output(job.output, job, source(), manifest_for(job, source()))
     assert manifest == committed
     assert sorted(p.name for p in job.output.iterdir()) == [MANIFEST, "shard-00000.npz"]
+
+
+def test_a_resume_writes_nothing_before_its_first_shard_where_its_files_are_already_there(
+    tmp_path: Path,
+) -> None:
+    """So that a resume on a disk still full fails where the job writes its shards (exit 1, retried)."""
+    job = settings(tmp_path, rows_per_shard=5, resume=True)
+    pngs = replace(source(), names=tuple(f"{i}.png" for i in range(10)), rejected=(("x.png", "bad"),))
+    finished_output(job, pngs)
+    for path in job.output.iterdir():
+        os.utime(path, ns=(0, 0))
+    prepare_output(job.output, job, pngs, manifest_for(job, pngs))
+    files = sorted((path.name, path.stat().st_mtime_ns) for path in job.output.iterdir())
+    assert files == [("inputs.txt", 0), (MANIFEST, 0), ("rejected.txt", 0), ("shard-00000.npz", 0)]
 
 
 def test_a_resume_with_another_encoder_is_refused_saying_so(tmp_path: Path) -> None:
@@ -598,6 +613,18 @@ def test_an_output_that_is_a_file_is_refused_as_not_a_folder(
         f"vae-encode-job: --output {tmp_path / 'samples.npy'} is a file; expected a folder for the job's "
         "shards\n"
     )
+
+
+def test_a_folder_that_is_not_the_jobs_is_refused_before_the_service_is_asked_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 at once, not exit 1 after the retries against a service that is down (127.0.0.1:1)."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("mine")
+    argv = ["--target", "127.0.0.1:1", "--input", str(tmp_path / "x.npy"), "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "not empty and holds no manifest (it holds precious.txt)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

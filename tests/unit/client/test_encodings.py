@@ -410,6 +410,14 @@ def test_parts_of_two_different_splits_are_not_joined(tmp_path: Path) -> None:
         read_encodings(tmp_path)
 
 
+def test_a_split_in_100000_parts_is_seen_though_its_folders_take_six_digits(tmp_path: Path) -> None:
+    """A Kubernetes Indexed Job may have 100,000 completions: `part-00000-of-100000`."""
+    write_output(tmp_path / part_directory_name(0, 100_000), 0, 1, 3, 100_000, part=0, parts=100_000)
+    write_parts(tmp_path, 10, 2)
+    with pytest.raises(EncodingsError, match=r"split in different ways: \[2, 100000\]"):
+        read_encodings(tmp_path)
+
+
 def test_a_manifest_of_another_format_version_is_refused(tmp_path: Path) -> None:
     manifest = write_output(tmp_path, 0, 10, 4, 10)
     write_manifest(tmp_path, {**manifest, "format_version": 2})

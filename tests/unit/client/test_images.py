@@ -166,6 +166,49 @@ def test_nan_or_out_of_range_pixels_are_found_in_any_block_of_a_large_file(
             read_images(tmp_path / "bad.npy")
 
 
+@pytest.mark.parametrize("kept_bytes", [0, 784 * 5 + 17])
+def test_a_npy_cut_short_is_refused_with_what_it_declares_and_holds(
+    tmp_path: Path, digits: np.ndarray, kept_bytes: int
+) -> None:
+    """As a copy of a data set stopped part way: numpy would try to allocate all the rows it declares."""
+    whole = tmp_path / "whole.npy"
+    np.save(whole, digits)
+    header_bytes = whole.stat().st_size - digits.nbytes
+    path = tmp_path / "cut.npy"
+    path.write_bytes(whole.read_bytes()[: header_bytes + kept_bytes])
+    with pytest.raises(InputError) as error:
+        read_images(path)
+    assert str(error.value) == (
+        f"{path}: declares uint8 [6, 28, 28] (4,704 bytes of data) but holds {kept_bytes:,}: cut short"
+    )
+
+
+def test_images_too_large_for_memory_are_refused_saying_which_npy_would_be_mapped_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float64 images are converted in memory (uint8 and float32 are mapped): a copy that may not fit."""
+    np.save(tmp_path / "f64.npy", np.zeros((3, 28, 28)))
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(client.images, "as_image_batch", out_of_memory)
+    with pytest.raises(InputError) as error:
+        read_images(tmp_path / "f64.npy")
+    assert str(error.value).startswith(f"{tmp_path / 'f64.npy'}: too large to read into memory")
+    assert "A C-ordered .npy of uint8 or float32 images is mapped from disk" in str(error.value)
+
+
+def test_a_pipe_given_as_input_is_refused_as_not_a_regular_file(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(
+        InputError, match="pipe: not a regular file or folder; save the images to a file first"
+    ):
+        read_images(tmp_path / "pipe")
+    with pytest.raises(InputError, match=r"missing\.npy: no such file or folder"):
+        read_images(tmp_path / "missing.npy")
+
+
 def anonymous_memory_bytes() -> int:
     """This process's resident memory that is not a mapped file (RssAnon in /proc/self/status)."""
     status = Path("/proc/self/status").read_text()
