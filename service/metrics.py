@@ -103,27 +103,32 @@ METRICS_PATH = "/metrics"
 class MetricsHttpServer:
     """`GET /metrics` on its own port, one thread per scrape; any other path is 404.
 
-    It binds as gRPC's port does: a wildcard host (0.0.0.0, ::) is every address of both families,
-    on one IPv6 socket that takes IPv4 too, so that a Prometheus that reaches the pod over IPv6
-    finds /metrics wherever it finds gRPC; IPv4 alone on a kernel without IPv6.
+    It binds as gRPC's port does, so that a Prometheus finds /metrics wherever it finds gRPC: a
+    wildcard host (0.0.0.0, ::) is every address of both families, on one IPv6 socket that takes IPv4
+    too (IPv4 alone on a kernel without IPv6); a name is each of its addresses (localhost: ::1 and
+    127.0.0.1), on one port.
     """
 
     def __init__(self, metrics: ServiceMetrics, host: str, port: int) -> None:
         app = _at_metrics_path_only(make_wsgi_app(metrics.registry))
         host = host.strip("[]")  # gRPC's spelling of an IPv6 address
-        if _is_wildcard(host):
-            self._server = _bind_every_address(port, app)
-        else:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-            self._server = _MetricsServer((host, port), family, app)
-        self.port: int = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-        self._thread.start()
+        self._servers = (
+            [_bind_every_address(port, app)] if _is_wildcard(host) else _bind_each_address(host, port, app)
+        )
+        self.port: int = self._servers[0].server_port
+        self._threads = [
+            threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+            for server in self._servers
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join()
 
 
 def _at_metrics_path_only(app: Any) -> Any:
@@ -168,6 +173,23 @@ def _is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:  # a name, such as localhost
         return False
+
+
+def _bind_each_address(host: str, port: int, app: Any) -> list[_MetricsServer]:
+    """A listener on each address `host` resolves to, all on one port (for port 0, the first one's)."""
+    resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = dict.fromkeys((family, str(sockaddr[0])) for family, _, _, _, sockaddr in resolved)
+    servers: list[_MetricsServer] = []
+    try:
+        for family, address in addresses:
+            servers.append(
+                _MetricsServer((address, servers[0].server_port if servers else port), family, app)
+            )
+    except OSError:
+        for server in servers:
+            server.server_close()
+        raise
+    return servers
 
 
 def _bind_every_address(

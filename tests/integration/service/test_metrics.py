@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -149,6 +150,26 @@ def test_metrics_bind_an_ipv6_address_in_brackets_as_grpc_spells_it() -> None:
     http = MetricsHttpServer(ServiceMetrics.create(), "[::ffff:127.0.0.1]", 0)  # 127.0.0.1, spelt IPv6
     try:
         assert "vae_requests_total" in _get(f"http://127.0.0.1:{http.port}/metrics")
+    finally:
+        http.stop()
+
+
+def test_metrics_on_a_name_listen_on_each_of_its_addresses_as_grpc_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """localhost is ::1 and 127.0.0.1 on many hosts (Debian's /etc/hosts): a scrape of either finds it."""
+    resolve = socket.getaddrinfo
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "two-addresses.test":
+            return resolve(host, *args, **kwargs)
+        return [*resolve("::1", *args, **kwargs), *resolve("127.0.0.1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    http = MetricsHttpServer(ServiceMetrics.create(), "two-addresses.test", 0)
+    try:
+        for address in ("[::1]", "127.0.0.1"):
+            assert "vae_requests_total" in _get(f"http://{address}:{http.port}/metrics"), address
     finally:
         http.stop()
 
