@@ -203,9 +203,13 @@ class Batcher:
         try:
             return await request.future
         except asyncio.CancelledError:
-            # The workers skip its rows from now on; they stop counting against the queue (its
-            # limit, its depth) now, not when a worker reaches them.
+            # Its rows leave the queue now (its limit, its depth, and the memory they hold), not when
+            # a worker would reach them; parts already taken run, and their answers go nowhere.
             with self._lock:
+                if request.queued:
+                    kept = [item for item in self._pending if item.request is not request]
+                    self._pending.clear()
+                    self._pending.extend(kept)
                 self._pending_rows -= request.queued
                 request.queued = 0
                 request.unanswered = 0
