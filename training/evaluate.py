@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +47,10 @@ from training.data import DATASETS, ImageSet, idx_files, load_test_set, load_tra
 from training.losses import bernoulli_nll, gaussian_kl
 from training.models import VAE, AutoEncoder
 from training.run import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
     FIGURES_DIR,
+    METRICS_FILE,
     TrainConfig,
     json_text,
     load_config,
@@ -303,7 +308,6 @@ class Evaluator:
     iw_samples: int
     seed: int
     device: torch.device
-    write_figures: bool = True
 
     def __post_init__(self) -> None:
         self._classifiers: dict[tuple[Any, ...], TrainedClassifier] = {}
@@ -371,7 +375,9 @@ class Evaluator:
                     "the kNN score the codes against them"
                 ) from error
 
-    def evaluate(self, run_dir: Path) -> dict[str, Any]:
+    def evaluate(self, run_dir: Path, figures_dir: Path | None = None) -> dict[str, Any]:
+        """The run's evaluation; its figures drawn into `figures_dir` where one is given, and named in
+        the result by where `publish_figures` puts them: RUN_DIR/figures/."""
         started = time.perf_counter()
         config, model = load_run(run_dir, self.device)
         test_name, test_dir, test = self.test_set(config)
@@ -439,22 +445,22 @@ class Evaluator:
         }
         result["limitation_2_centre_and_range"] = centre_and_range(codes)
         result["limitation_3_uneven_spread"] = spread_by_digit(codes, test.labels, train_codes, train.labels)
-        if self.write_figures:
-            result["figures"] = self.draw(run_dir, config, model, codes, test, reconstructed, prior_images)
+        if figures_dir is not None:
+            drawn = self.draw(figures_dir, config, model, codes, test, reconstructed, prior_images)
+            result["figures"] = {name: str(run_dir / FIGURES_DIR / path.name) for name, path in drawn.items()}
         result["seconds"] = time.perf_counter() - started
         return result
 
     def draw(
         self,
-        run_dir: Path,
+        folder: Path,
         config: TrainConfig,
         model: AutoEncoder | VAE,
         codes: np.ndarray,
         test: ImageSet,
         reconstructed: np.ndarray,
         prior_images: np.ndarray,
-    ) -> dict[str, str]:
-        folder = run_dir / FIGURES_DIR
+    ) -> dict[str, Path]:
         kind = config.model.kind.upper()
         # Spread over the test set: mnist-5k's held-out split is sorted by digit.
         shown = np.linspace(0, len(test) - 1, min(12, len(test))).astype(int)
@@ -484,7 +490,7 @@ class Evaluator:
                 folder / "manifold.png",
                 f"{kind}: decoded grid over [-3, 3]^2",
             )
-        return {name: str(path) for name, path in paths.items()}
+        return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_that_owns(path: Path, run_dirs: Sequence[Path]) -> Path | None:
+    """The run among `run_dirs` whose config, weights, metrics or figures `path` is, if any."""
+    target = path.resolve()
+    for run_dir in run_dirs:
+        own = [run_dir / name for name in (CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE)]
+        if target in {file.resolve() for file in own} or (run_dir / FIGURES_DIR).resolve() in target.parents:
+            return run_dir
+    return None
+
+
+def stage_figures(run_dir: Path) -> Path:
+    """A hidden folder in the run for its new figures (vae-train passes hidden files over)."""
+    return Path(tempfile.mkdtemp(prefix=".figures-", dir=run_dir))
+
+
+def publish_figures(staged: Path, figures_dir: Path) -> None:
+    """Move each figure drawn in `staged` over its earlier version in `figures_dir`."""
+    figures_dir.mkdir(exist_ok=True)
+    for figure in staged.iterdir():
+        figure.replace(figures_dir / figure.name)
+
+
 def _holds_training_files(dataset: str, data_dir: Path) -> bool:
     try:
         idx_files(dataset, data_dir, "train")
@@ -530,6 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--iw-samples must be at least 1, got {args.iw_samples}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.json is not None and (run_dir := _run_that_owns(args.json, args.run_dirs)) is not None:
+        parser.error(
+            f"--json {args.json}: a file of the run {run_dir}, which it would replace; "
+            "write the report elsewhere"
+        )
     command = "vae-evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         evaluator = Evaluator(
@@ -539,7 +572,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             iw_samples=args.iw_samples,
             seed=args.seed,
             device=resolve_device(args.device),
-            write_figures=not args.no_figures,
         )
         # Runs on mnist-5k, scored on its held-out split, read nothing from a folder: say so, rather
         # than score the split while the user thinks DIR's test set was read.
@@ -566,10 +598,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_of_runs = [load_metrics(run_dir) for run_dir in args.run_dirs]
         for run_dir in args.run_dirs:
             evaluator.check(run_dir)
-        runs = [evaluator.evaluate(run_dir) for run_dir in args.run_dirs]
-        for run_dir, metrics, result in zip(args.run_dirs, metrics_of_runs, runs, strict=True):
-            metrics["evaluation"] = result
-            save_metrics(run_dir, metrics)
+        # Each run's figures are drawn aside and take their places with its metrics.json, once every
+        # run is evaluated: a run that fails part way leaves the earlier runs' figures as they were.
+        staged = {} if args.no_figures else {run_dir: stage_figures(run_dir) for run_dir in args.run_dirs}
+        try:
+            runs = [evaluator.evaluate(run_dir, staged.get(run_dir)) for run_dir in args.run_dirs]
+            for run_dir, metrics, result in zip(args.run_dirs, metrics_of_runs, runs, strict=True):
+                if run_dir in staged:
+                    publish_figures(staged[run_dir], run_dir / FIGURES_DIR)
+                metrics["evaluation"] = result
+                save_metrics(run_dir, metrics)
+        finally:
+            for folder in staged.values():
+                shutil.rmtree(folder, ignore_errors=True)
     except (ValueError, OSError) as error:
         parser.exit(2, f"vae-evaluate: error: {error}\n")
     except KeyboardInterrupt:

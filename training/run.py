@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +185,11 @@ def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[TrainCo
         model.load_state_dict(state)
     except Exception as error:  # whatever torch makes of a file that is not such a state_dict
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if isinstance(error, pickle.UnpicklingError):  # torch's first line advises weights_only=False
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+            first_line = "not tensors alone, which is all a checkpoint is read as" + (
+                f": {detail.group(1).strip()}" if detail else ""
+            )
         raise ValueError(
             f"{path}: not the weights of the model {CONFIG_FILE} describes ({first_line})"
         ) from error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import math
 import shutil
 import sys
@@ -486,6 +487,37 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+# Held by the vae-train writing a run (hidden: check_out_dir passes it over).
+LOCK_FILE = ".vae-train.lock"
+
+
+@contextmanager
+def sole_trainer(out: Path) -> Iterator[None]:
+    """Hold --out for one vae-train. A second one would take the first's run, whose weights are not
+    written yet, for one that never finished, and train in the same folder: its config beside the
+    other's weights. A run refused before it wrote anything leaves no lock, nor a folder it made."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOCK_FILE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{out} is being trained by another vae-train; wait for it to end, or choose another --out"
+            ) from None
+        except OSError as error:  # a volume without locks (some NFS setups): better than no training
+            print(
+                f"vae-train: cannot lock {out} ({error}); run one vae-train there at a time", file=sys.stderr
+            )
+        try:
+            yield
+        finally:
+            if [path.name for path in out.iterdir()] == [LOCK_FILE]:
+                (out / LOCK_FILE).unlink()
+                if created:
+                    out.rmdir()
+
+
 def train_in_place_of(
     config: TrainConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True
 ) -> dict[str, Any]:
@@ -509,10 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        check_out_dir(args.out, args.overwrite)
-        replacing = (args.out / CHECKPOINT_FILE).is_file()  # with --overwrite, as check_out_dir made sure
-        run = train_in_place_of if replacing else train
-        metrics = run(config, args.out, device=args.device, progress=not args.no_progress)
+        check_out_dir(args.out, args.overwrite)  # before the lock is written into a folder not a run's
+        with sole_trainer(args.out):
+            check_out_dir(args.out, args.overwrite)  # again: another vae-train may have ended meanwhile
+            replacing = (args.out / CHECKPOINT_FILE).is_file()  # with --overwrite, as check_out_dir made sure
+            run = train_in_place_of if replacing else train
+            metrics = run(config, args.out, device=args.device, progress=not args.no_progress)
     except (ValueError, OSError, FloatingPointError) as error:  # the last: a diverged run
         parser.exit(2, f"vae-train: error: {error}\n")
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; an earlier run in --out is kept whole

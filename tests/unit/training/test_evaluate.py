@@ -432,6 +432,39 @@ def test_the_aes_recon_nats_is_scored_from_its_decoders_logits_so_confident_mist
     assert report["recon_nats"] == pytest.approx(float(exact.mean()), rel=1e-6)
 
 
+def test_a_run_that_fails_part_way_leaves_the_earlier_runs_figures_and_metrics_as_they_were(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checks cannot foresee every failure (training images that are there but corrupt); the
+    figures of the runs evaluated before it must still match their metrics.json."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(runs["vae"], first)
+    shutil.copytree(runs["ae"], second)
+    flags = ["--limit", "20", "--iw-samples", "2", "--device", "cpu"]
+    assert main([str(first), *flags]) == 0
+    before = {path.name: path.read_bytes() for path in (first / "figures").iterdir()}
+    before["metrics.json"] = (first / "metrics.json").read_bytes()
+    evaluate = evaluate_module.Evaluator.evaluate
+
+    def fails_on_the_second(self: Any, run_dir: Path, figures_dir: Path | None = None) -> Any:
+        if run_dir == second:
+            raise OSError("train-images-idx3-ubyte.gz: truncated")
+        return evaluate(self, run_dir, figures_dir)
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "evaluate", fails_on_the_second)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(first), str(second), *flags, "--seed", "1"])
+    assert exit_.value.code == 2 and "truncated" in capsys.readouterr().err
+    after = {path.name: path.read_bytes() for path in (first / "figures").iterdir()}
+    assert {**after, "metrics.json": (first / "metrics.json").read_bytes()} == before
+    assert sorted(path.name for path in first.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "figures",
+        "metrics.json",
+    ]
+
+
 def test_one_runs_figures_are_also_at_the_top_level_by_the_contracts_names(
     runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -456,6 +489,26 @@ def test_a_json_path_that_cannot_be_written_is_an_error_after_the_report_is_prin
 
 
 @pytest.mark.parametrize(
+    "name", ["checkpoint.pt", "metrics.json", "config.json", "figures/prior_samples.png"]
+)
+def test_a_json_path_that_is_a_file_of_a_run_being_evaluated_is_refused_before_anything_runs(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """The weights replaced by the report, after which vae-export refuses the run."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["ae"], run)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), "--device", "cpu", "--json", str(run / "." / name)])
+    assert exit_.value.code == 2
+    assert (
+        f"a file of the run {run}, which it would replace; write the report elsewhere"
+        in capsys.readouterr().err
+    )
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
     ("damage", "message"),
     [
         (lambda path: path.write_bytes(path.read_bytes()[:1000]), "not the weights of the model"),
@@ -476,7 +529,9 @@ def test_a_broken_checkpoint_is_a_clear_error_naming_it(
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--limit", "20", "--device", "cpu", "--no-figures"])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error
+    assert "weights_only" not in error  # torch's advice to load the file as a pickle, running its code
 
 
 def test_codes_of_any_size_are_drawn_in_a_plane_even_a_single_one() -> None:
@@ -523,7 +578,7 @@ def test_claim_one_judges_the_decodes_of_normal_points_as_prior_samples_and_of_t
 
     monkeypatch.setattr(evaluate_module, "decode", decode_spy)
     monkeypatch.setattr(evaluate_module, "class_probabilities", probabilities_spy)
-    Evaluator(None, None, 100, 4, 0, torch.device("cpu"), write_figures=False).evaluate(runs["ae"])
+    Evaluator(None, None, 100, 4, 0, torch.device("cpu")).evaluate(runs["ae"])
     prior, box = judged[-3], judged[-2]  # then the real test images
 
     def kurtosis(points: np.ndarray) -> np.ndarray:  # 3 for a normal, 1.8 for a uniform

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 from pathlib import Path
@@ -276,6 +277,24 @@ def test_a_run_that_never_finished_is_started_again_without_overwrite(tmp_path: 
     save_config(out, tiny(seed=5))  # what a run cut short before its weights leaves
     assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0
     assert (out / "checkpoint.pt").is_file() and load_config(out).seed == 0
+
+
+def test_a_second_vae_train_on_a_folder_being_trained_is_refused_and_touches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first has written its config and no weights yet: a run that never finished, to the
+    second, which would otherwise train beside it (one's config with the other's weights)."""
+    out = tmp_path / "run"
+    save_config(out, tiny(seed=5))
+    with (out / train_module.LOCK_FILE).open("a") as first:  # held as the first vae-train holds it
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = files_in(out)
+        with pytest.raises(SystemExit) as exit_:
+            main([*TINY_RUN_ARGV, "--out", str(out)])
+        assert files_in(out) == before
+    assert exit_.value.code == 2
+    assert f"{out} is being trained by another vae-train" in capsys.readouterr().err
+    assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0  # once the first has ended
 
 
 def test_a_relative_data_dir_is_kept_absolute_so_the_run_evaluates_from_anywhere(
