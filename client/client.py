@@ -29,6 +29,7 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Mapping,
 )
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,6 +558,13 @@ class _ClientState:
 
     def __post_init__(self) -> None:
         check_seconds("timeout_s", self.timeout_s)
+        if isinstance(self.metadata, Mapping) or not all(
+            isinstance(pair, tuple | list) and len(pair) == 2 for pair in self.metadata
+        ):
+            raise ValueError(
+                "metadata: expected (key, value) pairs, such as [('x-request-id', '7')] "
+                "(for a dict: list(metadata.items()))"
+            )
         # Else gRPC refuses the first call: INTERNAL "Invalid metadata", or an error of its own type.
         for key, value in self.metadata:
             if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-"):
@@ -633,6 +641,11 @@ class _SampleResume:
         self.request.chunk_size = self.request.chunk_size or len(result.images)
         self.delivered = result.offset + len(result.images)
         return result
+
+    @property
+    def complete(self) -> bool:
+        """Every image asked for delivered: a stream broken after its last chunk is not asked again."""
+        return self.delivered >= self.request.num_samples
 
 
 class VaeClient:
@@ -801,6 +814,8 @@ class VaeClient:
                     return
                 finally:
                     call.cancel()
+            if resume.complete:
+                return
             self._pause(retrier.pause_s)
 
     def encode_stream(
@@ -1061,6 +1076,8 @@ class AsyncVaeClient:
                     return
                 finally:
                     call.cancel()
+            if resume.complete:
+                return
             await self._pause(retrier.pause_s)
 
     def encode_stream(

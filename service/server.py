@@ -85,17 +85,7 @@ class VaeServer:
     async def start(self) -> None:
         """Bind and start serving health (NOT_SERVING), reflection and /metrics; the model comes later."""
         settings = self.settings
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", max_message_bytes(settings.max_queue_size)),
-            ("grpc.max_send_message_length", -1),
-            # Without this two servers could bind the same port on Linux and split its traffic.
-            ("grpc.so_reuseport", 0),
-        ]
-        if settings.max_connection_age_s > 0:
-            # With gRPC's default grace, unbounded, the calls in flight on an aged connection finish on
-            # it: a bound would cut any call longer than what is left of it, again on every retry.
-            options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=grpc_options(settings))
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in (OVERALL, SERVICE_NAME):
@@ -230,6 +220,28 @@ class HealthThatEndsWatchesAtStop(health.aio.HealthServicer):  # type: ignore[mi
     def end_watches(self) -> None:
         """End every Watch, and those that come after at once."""
         self._stopping.set()
+
+
+# The shortest interval at which a client may ping a connection whose calls are quiet (keepalive):
+# VaeClient pings every 30 s. gRPC's default, 5 minutes, answered its third ping with GOAWAY
+# "too_many_pings", which failed every call on the connection (an EncodeStream whose source paused).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    """The gRPC server's channel arguments."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes(settings.max_queue_size)),
+        ("grpc.max_send_message_length", -1),
+        # Without this two servers could bind the same port on Linux and split its traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ]
+    if settings.max_connection_age_s > 0:
+        # With gRPC's default grace, unbounded, the calls in flight on an aged connection finish on
+        # it: a bound would cut any call longer than what is left of it, again on every retry.
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+    return options
 
 
 def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:

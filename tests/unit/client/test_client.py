@@ -21,9 +21,11 @@ import pytest
 from client.client import (
     AsyncVaeClient,
     RetryPolicy,
+    SampleResult,
     TlsOptions,
     VaeClient,
     VaeClientError,
+    _ClientState,
     _numbered_as_the_callers,
     _Retrier,
     _SampleResume,
@@ -32,6 +34,8 @@ from client.client import (
     sample_request,
 )
 from service import codec
+from service.server import grpc_options
+from service.settings import Settings
 from tests.conftest import free_port
 from tests.unit.client.conftest import TlsFiles
 from vae.v1 import vae_pb2
@@ -148,6 +152,59 @@ def never_answering_server() -> Iterator[str]:
     finally:
         answer.set()
         server.stop(None)
+
+
+@pytest.fixture
+def server_that_fails_after_its_last_chunk() -> Iterator[tuple[str, list[int]]]:
+    """A SampleStream that sends every chunk, then ends UNAVAILABLE, as a replica killed between its
+    last chunk and its status would: its target, and the num_samples of each call it took."""
+    calls: list[int] = []
+
+    def sample_stream(
+        request: vae_pb2.SampleRequest, context: grpc.ServicerContext
+    ) -> Iterator[vae_pb2.SampleResponse]:
+        calls.append(request.num_samples)
+        for offset in range(0, request.num_samples, 4):
+            images = np.full((min(4, request.num_samples - offset), 1, 28, 28), offset, np.uint8)
+            latents = np.zeros((len(images), 2), np.float32)
+            yield vae_pb2.SampleResponse(
+                images=codec.to_tensor(images), latents=codec.to_tensor(latents), seed=9, offset=offset
+            )
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away after its last chunk")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handler = grpc.unary_stream_rpc_method_handler(
+        sample_stream,
+        request_deserializer=vae_pb2.SampleRequest.FromString,
+        response_serializer=vae_pb2.SampleResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("vae.v1.VaeService", {"SampleStream": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", calls
+    finally:
+        server.stop(None)
+
+
+def test_a_sample_stream_broken_after_its_last_chunk_ends_with_every_image_and_asks_nothing_again(
+    server_that_fails_after_its_last_chunk: tuple[str, list[int]],
+) -> None:
+    """It asked again for all of them and dropped the answer, then raised once the replica stayed
+    away: list(client.sample_stream(8)) lost every image."""
+    target, calls = server_that_fails_after_its_last_chunk
+    with VaeClient(target, retry=FAST) as client:
+        chunks = list(client.sample_stream(8))
+
+    async def drawn_async() -> list[SampleResult]:
+        async with AsyncVaeClient(target, retry=FAST) as client:
+            return [chunk async for chunk in client.sample_stream(8)]
+
+    for drawn in (chunks, asyncio.run(drawn_async())):
+        assert [chunk.offset for chunk in drawn] == [0, 4]
+    assert calls == [8, 8]  # one call from each client
 
 
 def test_a_call_cut_by_closing_the_client_is_not_retried(never_answering_server: str) -> None:
@@ -592,6 +649,8 @@ def test_a_refused_request_of_a_stream_opened_again_is_numbered_among_the_caller
             "metadata 'authorization': expected a value of printable ASCII",
         ),
         ((("authorization", "Bearer x\n"),), "metadata 'authorization': expected a value of printable ASCII"),
+        ({"authorization": "Bearer x"}, "metadata: expected (key, value) pairs"),
+        (("authorization", "Bearer x"), "metadata: expected (key, value) pairs"),
     ],
 )
 @pytest.mark.parametrize("client_class", [VaeClient, AsyncVaeClient])
@@ -601,6 +660,14 @@ def test_metadata_that_grpc_would_refuse_at_the_first_call_is_refused_at_once_na
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         client_class("127.0.0.1:1", metadata=metadata)
     assert "Bearer" not in str(error.value)  # a value may be a credential
+
+
+def test_the_server_takes_the_clients_keepalive_pings_on_a_quiet_call() -> None:
+    """Pings more often than the server allows are strikes: GOAWAY, and every call on the connection
+    fails UNAVAILABLE (an EncodeStream whose source paused for two minutes)."""
+    client = dict(_ClientState("t", None, None, FAST, (), 1).options())
+    server = dict(grpc_options(Settings(model_dir=Path("bundle"))))
+    assert server["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
 
 
 def test_metadata_of_lowercase_keys_ascii_values_and_binary_values_under_bin_keys_is_taken() -> None:
