@@ -14,10 +14,19 @@ import sys
 # unless this is set first: a server has no business writing there (a read-only root in its image).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from service.allocator import reuse_large_blocks
-from service.errors import BundleError, DeviceError
-from service.server import start_server
-from service.settings import Settings, unknown_variables
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# Until serve() takes it over. As a container's PID 1, a process ignores a signal it has no handler
+# for: a `docker stop` during the imports waited out its timeout for a SIGKILL.
+signal.signal(signal.SIGTERM, _exit_on_signal)
+
+from service.allocator import reuse_large_blocks  # noqa: E402 (after the handler)
+from service.errors import BundleError, DeviceError  # noqa: E402 (after the handler)
+from service.server import start_server  # noqa: E402 (after the handler)
+from service.settings import Settings, unknown_variables  # noqa: E402 (after the handler)
 
 log = logging.getLogger("vae-serve")
 
@@ -34,8 +43,19 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    starting = asyncio.ensure_future(start_server(settings))
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if not starting.done():
+        # Health still says NOT_SERVING and nothing was answered: nothing to drain. The model loads on
+        # in a thread that nothing can stop and that an orderly exit would wait for (minutes of a GPU's
+        # start-up, past Kubernetes' grace period), so the process ends here.
+        log.info("signal received while the model loads: stopped before serving")
+        logging.shutdown()
+        os._exit(0)
     try:
-        server = await start_server(settings)
+        server = starting.result()
     except (BundleError, DeviceError, OSError) as error:
         log.error("cannot serve: %s", error)
         return 1

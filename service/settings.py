@@ -141,6 +141,9 @@ class Settings:
             problems.append(
                 f"{_setting('host')} '': expected an address or name to listen on (0.0.0.0, ::, 127.0.0.1...)"
             )
+        for name in ("host", "metrics_host"):
+            if getattr(self, name) and (problem := _host_problem(getattr(self, name))):
+                problems.append(f"{_setting(name)} {getattr(self, name)!r}: {problem}")
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to 65535")
@@ -299,6 +302,16 @@ def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     if quota == "max":
         return cpus
     return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is no address or host name, or None; said here, as the resolver raises UnicodeError
+    (a traceback, not a refusal) for a name such as ".svc" (a template whose variable was empty)."""
+    try:
+        host.strip("[]").encode("idna")
+    except UnicodeError:
+        return "not an address or host name (a label of it is empty or over 63 characters)"
+    return None
 
 
 def _tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None) -> list[str]:

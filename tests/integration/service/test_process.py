@@ -254,3 +254,35 @@ def test_a_second_signal_cuts_the_drain_short_and_exits_one(
         server.wait_for_line("second signal received: the drain cut short")
         unfinished = [call for call in calls if call.exception(timeout=30) is not None]
         assert unfinished, "every call ran before the second signal: the test proved nothing"
+
+
+# vae-serve whose model takes 60 s to load, as a large bundle on a GPU may: build_model sleeps first.
+SLOW_LOAD = (
+    "import sys, time; import service.server as server; load = server.build_model; "
+    "server.build_model = lambda *args: (time.sleep(60), load(*args))[1]; "
+    "from service.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_a_signal_while_the_model_loads_stops_the_server_at_once_without_serving(
+    vae_bundle: Path, serve: Callable[..., ServeProcess]
+) -> None:
+    """It waited for the load to end, turned SERVING, and only then drained: on a GPU, past the pod's
+    termination grace period."""
+    flags = ["--model-dir", str(vae_bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    server = serve([sys.executable, "-c", SLOW_LOAD, *flags, "--log-level", "info"])
+    server.wait_for_line("NOT_SERVING until the model loads")
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for_line("signal received while the model loads: stopped before serving")
+    assert server.process.wait(timeout=WAIT_S) == 0
+    assert time.monotonic() - signalled < 30
+    assert not any("SERVING" in line and "NOT_SERVING" not in line for line in server.log)
+
+
+def test_a_sigterm_before_the_event_loop_takes_signals_over_ends_the_process_with_143() -> None:
+    """As a container's PID 1, a process ignores a signal it has no handler for: a `docker stop` during
+    the imports waited out its timeout. Importing vae-serve's module installs one, before its slow imports."""
+    script = "import os, signal, time, service.__main__; os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stderr

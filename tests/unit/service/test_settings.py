@@ -123,6 +123,8 @@ def test_an_empty_model_dir_is_refused_not_read_as_the_current_folder(
         (["--max-queue-size", "8", "--max-batch-size", "16"], {}, "expected at least --max-batch-size (16)"),
         (["--max-queue-size", "512", "--max-samples", "1024"], {}, "expected at least --max-samples (1024)"),
         (["--host", ""], {}, "--host '': expected an address or name to listen on"),
+        (["--host", ".svc"], {}, "--host '.svc': not an address or host name (a label of it is empty"),
+        (["--metrics-host", "vae..local"], {}, "--metrics-host 'vae..local': not an address or host name"),
         (["--port", "70000"], {}, "expected 0 to 65535"),
         (["--metrics-port", "65536"], {}, "--metrics-port 65536: expected 0 to 65535"),
         (["--metrics-port", "-1"], {}, "--metrics-port -1: expected 0 to 65535"),
