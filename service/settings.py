@@ -341,6 +341,8 @@ def _tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None) -
         problems.append(f"--tls-key {key}: not the private key of the certificate in --tls-cert {cert}")
     elif pair:
         problems.append(f"--tls-cert {cert} and --tls-key {key}: {pair}")
+    elif validity := tls_files.validity_problem(cert):
+        problems.append(f"--tls-cert {cert}: {validity}")
     if client_ca is not None and (ca := tls_files.ca_problem(client_ca, "CA bundle")):
         problems.append(f"--tls-client-ca {client_ca}: {ca}")
     return problems

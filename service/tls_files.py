@@ -9,7 +9,9 @@ SHA-1 signatures, which gRPC's own TLS still serves.
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
+from typing import Any
 
 # What `pair_problem` says of a key that is not the certificate's, for the caller to name both files.
 KEY_MISMATCH = "not the private key of the certificate"
@@ -50,6 +52,24 @@ def pair_problem(cert: Path, key: Path) -> str | None:
         if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return KEY_MISMATCH
         return f"not a readable PEM certificate chain and private key ({error})"
+    return None
+
+
+def validity_problem(cert: Path, now: float | None = None) -> str | None:
+    """Whether the first certificate in `cert`, the server's own, is outside its dates: then every
+    handshake fails ("certificate has expired"), while the server logs SERVING. None where it is
+    within them, or where this Python cannot read them (CPython's decoder is not public API)."""
+    decode: Any = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    try:
+        fields = decode(str(cert))
+        not_before, not_after = (ssl.cert_time_to_seconds(fields[name]) for name in ("notBefore", "notAfter"))
+    except (TypeError, KeyError, ValueError, OSError):  # the first: no decoder; SSLError is an OSError
+        return None
+    now = time.time() if now is None else now
+    if now > not_after:
+        return f"the certificate expired on {fields['notAfter']}: renew it"
+    if now < not_before:
+        return f"the certificate is not valid before {fields['notBefore']} (is this machine's clock right?)"
     return None
 
 

@@ -3,12 +3,17 @@ model as the units its parts take."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from service import server
 from service import settings as settings_module
@@ -384,3 +389,46 @@ def test_bad_tls_files_are_refused_naming_the_flag_and_file(
     with pytest.raises(ValueError, match="invalid settings") as refused:
         tls_settings(tmp_path, cert, key, client_ca)
     assert message.format(dir=tmp_path) in str(refused.value)
+
+
+def certificate_and_key(valid_from: datetime.datetime, valid_to: datetime.datetime) -> tuple[str, str]:
+    """A self-signed P-256 certificate valid between the two dates, and its key, as PEM texts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vae-serving")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_to)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+@pytest.mark.parametrize(
+    ("valid_from", "valid_to", "message"),
+    [
+        ((2020, 1, 1), (2020, 2, 1), "the certificate expired on Feb  1 00:00:00 2020 GMT: renew it"),
+        ((2099, 1, 1), (2099, 2, 1), "the certificate is not valid before Jan  1 00:00:00 2099 GMT"),
+    ],
+)
+def test_a_server_certificate_outside_its_dates_is_refused_at_start(
+    tmp_path: Path, valid_from: tuple[int, int, int], valid_to: tuple[int, int, int], message: str
+) -> None:
+    """Else the server said SERVING while every handshake failed, which clients retry as UNAVAILABLE."""
+    outside, within = tmp_path / "outside", tmp_path / "within"
+    outside.mkdir()
+    within.mkdir()
+    dates = [datetime.datetime(*date, tzinfo=datetime.UTC) for date in (valid_from, valid_to)]
+    with pytest.raises(ValueError) as refused:
+        tls_settings(outside, *certificate_and_key(*dates))
+    assert f"--tls-cert {outside / 'server.pem'}: {message}" in str(refused.value)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = certificate_and_key(now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+    assert tls_settings(within, *valid).tls_mode == "TLS"
