@@ -372,6 +372,10 @@ def tls_hint(details: str, tls: bool) -> str | None:
     disagree on TLS. gRPC's own words name neither side's settings."""
     if tls and "WRONG_VERSION_NUMBER" in details:  # the server's first bytes were not TLS
         return "the server does not seem to take TLS: connect without it (none of the TLS flags, tls=None)"
+    if tls and "certificate has expired" in details:
+        return (
+            "the server's certificate has expired (or this machine's clock is wrong): it needs a renewed one"
+        )
     if tls and "CERTIFICATE_VERIFY_FAILED" in details:
         return (
             "the server's certificate is not from a CA this client trusts: pass the CA that signed it "

@@ -32,6 +32,7 @@ from client.client import (
     as_wire_images,
     as_wire_latents,
     sample_request,
+    tls_hint,
 )
 from service import codec
 from service.server import grpc_options
@@ -117,6 +118,14 @@ def test_a_queue_still_full_after_the_last_attempt_says_what_to_change() -> None
         "backoff; the queue stayed full through 2 attempts: send fewer rows a request, allow more "
         "attempts (RetryPolicy.max_attempts, --attempts), or add replicas"
     )
+
+
+def test_a_server_certificate_that_expired_is_said_so_not_blamed_on_the_clients_ca() -> None:
+    details = "failed to connect to all addresses; ...: CERTIFICATE_VERIFY_FAILED: certificate has expired"
+    assert tls_hint(details, tls=True) == (
+        "the server's certificate has expired (or this machine's clock is wrong): it needs a renewed one"
+    )
+    assert "--ca-cert" in str(tls_hint("...: CERTIFICATE_VERIFY_FAILED: self-signed certificate", tls=True))
 
 
 def test_a_call_the_server_cancelled_is_retried() -> None:
