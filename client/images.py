@@ -18,6 +18,7 @@ import dataclasses
 import io
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -343,21 +344,26 @@ def npy_bytes(array: npt.NDArray[Any]) -> memoryview:
 def write_whole(files: Mapping[Path, bytes | memoryview]) -> None:
     """Write each file to a temporary file of its own beside it, then rename them all into place. A
     Ctrl-C or a full disk before the renames leaves every earlier file of those names as it was (a
-    mean.npy with its log_var.npy), and no temporary file behind. New files get the mode `open`
-    would give them. Not the job's `write_atomic`: its fixed NAME.tmp, which a resume sweeps up,
-    would replace a user's own file of that name here, and two vae-clients writing one output would
-    share it."""
-    mode = 0o666 & ~_umask()
+    mean.npy with its log_var.npy), and no temporary file behind. A file replaced keeps its mode, new
+    ones get the mode `open` would give them, and a symbolic link is written through, as `open`
+    would. Not the job's `write_atomic`: its fixed NAME.tmp, which a resume sweeps up, would replace a
+    user's own file of that name here, and two vae-clients writing one output would share it."""
+    new_file_mode = 0o666 & ~_umask()
     temporaries: dict[Path, Path] = {}
     try:
         for path, data in files.items():
-            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temporaries[path] = Path(name)
-            with os.fdopen(descriptor, "wb") as file:
-                os.fchmod(descriptor, mode)  # not mkstemp's 0600
-                file.write(data)
-        for path, temporary in temporaries.items():
-            temporary.replace(path)
+            target = path.resolve() if path.is_symlink() else path
+            mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else new_file_mode
+            descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            temporaries[target] = Path(name)
+            try:
+                with os.fdopen(descriptor, "wb") as file:
+                    os.fchmod(descriptor, mode)  # not mkstemp's 0600
+                    file.write(data)
+            except OSError as error:  # a full disk says only "No space left on device"
+                raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
+        for target, temporary in temporaries.items():
+            temporary.replace(target)
     except BaseException:
         for temporary in temporaries.values():
             temporary.unlink(missing_ok=True)

@@ -435,6 +435,31 @@ def test_a_written_file_gets_the_mode_the_umask_gives_a_new_file(tmp_path: Path)
     assert stat.S_IMODE((tmp_path / "grid.png").stat().st_mode) == 0o640
 
 
+def test_a_file_replaced_keeps_its_mode_and_a_symbolic_link_is_written_through(tmp_path: Path) -> None:
+    (tmp_path / "private.npy").write_bytes(b"old")
+    (tmp_path / "private.npy").chmod(0o600)
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "grid.png").write_bytes(b"old")
+    (tmp_path / "grid.png").symlink_to(tmp_path / "shared" / "grid.png")
+    write_whole({tmp_path / "private.npy": b"new", tmp_path / "grid.png": b"new grid"})
+    assert stat.S_IMODE((tmp_path / "private.npy").stat().st_mode) == 0o600
+    assert (tmp_path / "grid.png").is_symlink()
+    assert (tmp_path / "shared" / "grid.png").read_bytes() == b"new grid"
+    assert sorted(path.name for path in (tmp_path / "shared").iterdir()) == ["grid.png"]
+
+
+def test_a_write_that_fails_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a full disk, where the system says only "No space left on device"."""
+
+    def full(descriptor: int, mode: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fchmod", full)
+    with pytest.raises(OSError, match=r"cannot write \S*samples.npy: No space left on device"):
+        write_whole({tmp_path / "samples.npy": b"data"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_decompression_bomb_is_a_bad_file_not_a_crash(
     tmp_path: Path, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
