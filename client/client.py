@@ -833,7 +833,8 @@ class VaeClient:
         """Encode a stream of image batches over one EncodeStream call; one result per batch, in order.
 
         At most `max_in_flight` batches are sent and not yet answered, so memory stays bounded
-        whatever the input's length. When the stream breaks on a transient failure (a server restart,
+        whatever the input's length. The input is read that far ahead before the next answer is handed
+        back: one whose next batch waits on an earlier answer needs `max_in_flight=1`. When the stream breaks on a transient failure (a server restart,
         say), a new stream is opened and the unanswered batches are sent again: nothing is lost and
         nothing is answered twice. `timeout_s` bounds each stream attempt; None means no deadline.
         `answer_timeout_s` bounds each wait for the next answer: past it the stream is abandoned and
