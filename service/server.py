@@ -18,11 +18,12 @@ import errno
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service.metrics import MetricsHttpServer, ServiceMetrics
 from service.model import BatchingSettings, VaeModel, max_message_bytes
@@ -76,6 +77,13 @@ class VaeServer:
         self.metrics = metrics if metrics is not None else ServiceMetrics.create()
         self.servicer = VaeServicer(self.metrics)
         self.health = HealthThatEndsWatchesAtStop()
+        self.reflection = ReflectionThatEndsAtStop(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
+        )
         self.model: VaeModel | None = None
         self.port = 0
         self.metrics_port = 0
@@ -90,14 +98,7 @@ class VaeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in (OVERALL, SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
         address = grpc_address(settings.host, settings.port)
         credentials = server_credentials(settings)
         try:
@@ -165,9 +166,10 @@ class VaeServer:
             if grace > 0:
                 await self._let_answers_leave(grace)
             self.servicer.grace_over = True  # gRPC's stop cuts what still runs
-            # The Watches end once this task yields, inside gRPC's stop, which has refused new calls
-            # (re-Watches included) by then.
+            # The Watches and reflection streams end once this task yields, inside gRPC's stop, which
+            # has refused new calls (re-Watches included) by then.
             self.health.end_watches()
+            self.reflection.end_streams()
             await self._grpc.stop(max(0.0, ends - loop.time()))
             self._grpc = None
         if self.model is not None:
@@ -242,6 +244,43 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         # it: a bound would cut any call longer than what is left of it, again on every retry.
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
     return options
+
+
+class ReflectionThatEndsAtStop(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # untyped library
+    """Server reflection whose streams end as the server stops. A client may hold one open between its
+    questions (an interactive tool's), and gRPC's stop waits for every open call: a drain took its
+    whole grace period instead of as long as its last answers."""
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        super().__init__(service_names)
+        self._stopping = asyncio.Event()
+
+    async def ServerReflectionInfo(  # noqa: N802
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        answers = super().ServerReflectionInfo(request_iterator, context)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                answer = asyncio.ensure_future(anext(answers))
+                await asyncio.wait((answer, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not answer.done():  # waiting for the client's next question: none will be answered
+                    answer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await answer  # so that the generator has stopped before it is closed
+                    return
+                try:
+                    response = answer.result()
+                except StopAsyncIteration:
+                    return
+                yield response
+        finally:
+            stopping.cancel()
+            await answers.aclose()
+
+    def end_streams(self) -> None:
+        """End every reflection stream, and those that come after at once."""
+        self._stopping.set()
 
 
 def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:

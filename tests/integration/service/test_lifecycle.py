@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from client.client import encode_request
@@ -242,6 +243,27 @@ def test_a_health_watch_does_not_hold_a_drain_for_its_grace_period(
         server.stop(grace_s=30)
         assert time.monotonic() - started < 10, "the drain waited for the health watch"
         assert statuses_until_it_ends(watch) == [NOT_SERVING]
+
+
+def test_a_reflection_stream_held_open_does_not_hold_a_drain_for_its_grace_period(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """An interactive tool may keep its reflection stream open between questions: the drain took its
+    whole grace period."""
+    server = start_server_thread(vae_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        questions: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+        questions.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(questions.get, None)
+        )
+        services = [service.name for service in next(stream).list_services_response.service]
+        assert "vae.v1.VaeService" in services
+        started = time.monotonic()
+        server.stop(grace_s=30)
+        assert time.monotonic() - started < 10, "the drain waited for the reflection stream"
+        assert list(stream) == []  # it ended
+        questions.put(None)
 
 
 def test_a_health_watch_stays_open_through_a_drain_so_its_client_does_not_watch_again_in_a_loop(
