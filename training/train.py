@@ -552,9 +552,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; an earlier run in --out is kept whole
         print("vae-train: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises a bare RuntimeError
+        if not _out_of_memory(error):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(
+            f"vae-train: out of memory ({first_line}): lower --batch-size, or the model's size "
+            "(--latent-dim); an earlier run in --out is kept whole",
+            file=sys.stderr,
+        )
+        return 1
     summary = {"run_dir": str(args.out), **metrics["final"], "train_seconds": metrics["train_seconds"]}
     print(json_text(summary))
     return 0
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,34 @@ def test_a_second_vae_train_on_a_folder_being_trained_is_refused_and_touches_not
     assert main([*TINY_RUN_ARGV, "--out", str(out)]) == 0  # once the first has ended
 
 
+def test_a_run_out_of_memory_ends_with_one_line_that_says_what_to_lower_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `--latent-dim 100000000` ends: torch's CPU allocator raises a bare RuntimeError."""
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(train_module, "train", out_of_memory)
+    assert main([*TINY_RUN_ARGV, "--out", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("vae-train: out of memory ([enforce fail at alloc_cpu.cpp:127]")
+    assert error.endswith(
+        "lower --batch-size, or the model's size (--latent-dim); an earlier run in --out is kept whole\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+    def a_bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(train_module, "train", a_bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # not hidden behind a line
+        main([*TINY_RUN_ARGV, "--out", str(tmp_path / "run")])
+
+
 def test_a_relative_data_dir_is_kept_absolute_so_the_run_evaluates_from_anywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
