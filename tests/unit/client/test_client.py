@@ -163,6 +163,26 @@ def never_answering_server() -> Iterator[str]:
         server.stop(None)
 
 
+@contextlib.contextmanager
+def serving_sample_stream(handler: Callable[..., Any]) -> Iterator[str]:
+    """A gRPC server whose VaeService has only SampleStream, answered by `handler`: its target."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    method = grpc.unary_stream_rpc_method_handler(
+        handler,
+        request_deserializer=vae_pb2.SampleRequest.FromString,
+        response_serializer=vae_pb2.SampleResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("vae.v1.VaeService", {"SampleStream": method})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
 @pytest.fixture
 def server_that_fails_after_its_last_chunk() -> Iterator[tuple[str, list[int]]]:
     """A SampleStream that sends every chunk, then ends UNAVAILABLE, as a replica killed between its
@@ -181,21 +201,8 @@ def server_that_fails_after_its_last_chunk() -> Iterator[tuple[str, list[int]]]:
             )
         context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away after its last chunk")
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    handler = grpc.unary_stream_rpc_method_handler(
-        sample_stream,
-        request_deserializer=vae_pb2.SampleRequest.FromString,
-        response_serializer=vae_pb2.SampleResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("vae.v1.VaeService", {"SampleStream": handler})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", calls
-    finally:
-        server.stop(None)
+    with serving_sample_stream(sample_stream) as target:
+        yield target, calls
 
 
 def test_a_sample_stream_broken_after_its_last_chunk_ends_with_every_image_and_asks_nothing_again(
@@ -611,24 +618,13 @@ def test_a_stream_that_makes_progress_between_failures_is_not_given_up_on() -> N
         if len(calls) * chunk < request.num_samples:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    handler = grpc.unary_stream_rpc_method_handler(
-        one_more_chunk_each_call,
-        request_deserializer=vae_pb2.SampleRequest.FromString,
-        response_serializer=vae_pb2.SampleResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("vae.v1.VaeService", {"SampleStream": handler})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with VaeClient(f"127.0.0.1:{port}", retry=FAST, timeout_s=5) as client:
-            offsets = [chunk.offset for chunk in client.sample_stream(10, chunk_size=2, seed=7)]
-        assert offsets == [0, 2, 4, 6, 8]  # five calls, four failures: more than FAST's 3 attempts
-        assert client.retries == 4
-    finally:
-        server.stop(None)
+    with (
+        serving_sample_stream(one_more_chunk_each_call) as target,
+        VaeClient(target, retry=FAST, timeout_s=5) as client,
+    ):
+        offsets = [chunk.offset for chunk in client.sample_stream(10, chunk_size=2, seed=7)]
+    assert offsets == [0, 2, 4, 6, 8]  # five calls, four failures: more than FAST's 3 attempts
+    assert client.retries == 4
 
 
 def test_a_refused_request_of_a_stream_opened_again_is_numbered_among_the_callers_batches() -> None:
