@@ -33,7 +33,8 @@ log = logging.getLogger("vae-serve")
 
 async def serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then drain within the grace period; returns the exit status: 0,
-    or 1 where a second signal cut the drain short."""
+    or 1 where a second signal cut the drain short. A signal while the model loads ends the process
+    there, with 0."""
     loop = asyncio.get_running_loop()
     # The first SIGTERM or SIGINT drains; a second, an operator's second Ctrl-C, cuts the drain short.
     stop, hurry = asyncio.Event(), asyncio.Event()
