@@ -834,11 +834,12 @@ class VaeClient:
 
         At most `max_in_flight` batches are sent and not yet answered, so memory stays bounded
         whatever the input's length. The input is read that far ahead before the next answer is handed
-        back: one whose next batch waits on an earlier answer needs `max_in_flight=1`. When the stream breaks on a transient failure (a server restart,
-        say), a new stream is opened and the unanswered batches are sent again: nothing is lost and
-        nothing is answered twice. `timeout_s` bounds each stream attempt; None means no deadline.
-        `answer_timeout_s` bounds each wait for the next answer: past it the stream is abandoned and
-        opened again, as after a transient failure (None: wait as long as the connection lives).
+        back: one whose next batch waits on an earlier answer needs `max_in_flight=1`. When the stream
+        breaks on a transient failure (a server restart, say), a new stream is opened and the
+        unanswered batches are sent again: nothing is lost and nothing is answered twice. `timeout_s`
+        bounds each stream attempt; None means no deadline. `answer_timeout_s` bounds each wait for
+        the next answer: past it the stream is abandoned and opened again, as after a transient
+        failure (None: wait as long as the connection lives).
 
         >>> batches = (images[i : i + 256] for i in range(0, len(images), 256))  # doctest: +SKIP
         >>> means = np.concatenate([r.mean for r in client.encode_stream(batches)])  # doctest: +SKIP
