@@ -22,7 +22,7 @@ manifest that lists them.
 
 Transient errors are retried with backoff (a restarted server is reconnected to); INVALID_ARGUMENT
 stops the job with the server's message. Exit status: 0 done; 1 the service failed the job, or a
-shard could not be written mid-job (a full disk, a volume error), or a mapped input changed mid-job,
+shard could not be written (a full disk, a volume error; at the start too), or a mapped input changed mid-job,
 which a run with --resume picks up from the last committed shard (where the input's content is the
 same); 2 bad arguments (a TLS file that is not what its flag takes among
 them), input or output directory, rows or requests that the service refuses (INVALID_ARGUMENT), or a
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -781,10 +782,12 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"vae-encode-job: stopped: {error}{hint}", file=sys.stderr)
         return 1
     # Bad settings or input (InputError and EncodingsError are ValueErrors), and an unreadable input,
-    # an output it may not write, a full disk.
+    # an output it may not write; or a disk full or failing as the job starts, which may clear, as it
+    # may mid-job: exit 1, retried.
     except (JobError, ValueError, OSError) as error:
         print(f"vae-encode-job: {error}", file=sys.stderr)
-        return 2
+        disk_failed = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+        return 1 if disk_failed else 2
     except KeyboardInterrupt as stop:
         # Whatever the moment, the shards committed so far are whole and listed, and --resume goes on
         # from them (or starts over on what a run stopped before its first manifest left).

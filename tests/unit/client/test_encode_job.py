@@ -3,6 +3,7 @@ and the flags that reach the client and its stream."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -555,6 +556,21 @@ def test_a_job_stopped_before_a_shard_takes_its_name_leaves_no_shard_under_that_
         EncodeJob(job, log=io.StringIO()).run()
     assert sorted(p.name for p in job.output.iterdir()) == [".lock", MANIFEST, "shard-00000.npz.tmp"]
     assert read_manifest(job.output)["shards"] == []
+
+
+def test_a_disk_full_as_the_job_starts_exits_1_for_a_retry_as_it_does_mid_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+
+    def disk_full(directory: Path, manifest: dict[str, Any]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(encode_job, "write_manifest", disk_full)  # the job's first write
+    argv = ["--target", "127.0.0.1:1", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
 
 
 class Limited(Recorder):
