@@ -285,13 +285,13 @@ class ReflectionThatEndsAtStop(reflection.aio.ReflectionServicer):  # type: igno
 
 def build_model(settings: Settings, metrics: ServiceMetrics) -> VaeModel:
     """The settings' bundle, loaded and warmed, behind batchers as the settings say; not started yet."""
-    # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
     if settings.inference_nice and not settings.worker_nice:
         log.warning(
             "--inference-nice %d not applied: this process may use one CPU, where niced inference "
             "would get almost none beside the event loop",
             settings.inference_nice,
         )
+    # Resolved once: the CPU layout comes from the affinity and the cgroup quota.
     batching = BatchingSettings(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
