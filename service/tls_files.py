@@ -55,7 +55,7 @@ def pair_problem(cert: Path, key: Path) -> str | None:
     return None
 
 
-def validity_problem(cert: Path, now: float | None = None) -> str | None:
+def validity_problem(cert: Path) -> str | None:
     """Whether the first certificate in `cert`, the server's own, is outside its dates: then every
     handshake fails ("certificate has expired"), while the server logs SERVING. None where it is
     within them, or where this Python cannot read them (CPython's decoder is not public API)."""
@@ -65,7 +65,7 @@ def validity_problem(cert: Path, now: float | None = None) -> str | None:
         not_before, not_after = (ssl.cert_time_to_seconds(fields[name]) for name in ("notBefore", "notAfter"))
     except (TypeError, KeyError, ValueError, OSError):  # the first: no decoder; SSLError is an OSError
         return None
-    now = time.time() if now is None else now
+    now = time.time()
     if now > not_after:
         return f"the certificate expired on {fields['notAfter']}: renew it"
     if now < not_before:
