@@ -116,18 +116,17 @@ class VaeServer:
             self._metrics_http = MetricsHttpServer(self.metrics, metrics_host, settings.metrics_port)
         except OSError as error:  # the port in use, or a host that is not this machine's
             await self.stop(0)
+            address = grpc_address(metrics_host, settings.metrics_port)
             raise OSError(
-                f"cannot bind the metrics port {metrics_host}:{settings.metrics_port} (--metrics-port, "
-                f"--metrics-host, else --host): {error.strerror or error}"
+                f"cannot bind the metrics port {address} (--metrics-port, --metrics-host, else --host): "
+                f"{error.strerror or error}"
             ) from error
         self.metrics_port = self._metrics_http.port
         log.info(
-            "gRPC (%s) on %s:%d, metrics (plain HTTP) on %s:%d/metrics; NOT_SERVING until the model loads",
+            "gRPC (%s) on %s, metrics (plain HTTP) on %s/metrics; NOT_SERVING until the model loads",
             settings.tls_mode,
-            settings.host,
-            self.port,
-            settings.metrics_host or settings.host,
-            self.metrics_port,
+            grpc_address(settings.host, self.port),
+            grpc_address(metrics_host, self.metrics_port),
         )
 
     async def load_model(self) -> None:

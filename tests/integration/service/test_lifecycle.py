@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import socket
@@ -409,6 +410,17 @@ def test_a_cancelled_request_is_dropped_before_it_runs(
             wait_for_queue_depth(server, 0)  # its rows leave the queue while the decoder is still held
         busy.result(timeout=30)
     assert decoder_rows_run(server) == BUSY_ROWS
+
+
+def test_the_start_log_spells_an_ipv6_address_in_brackets_as_a_client_dials_it(
+    vae_bundle: Path, start_server_thread: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.server"):
+        server = start_server_thread(vae_bundle, host="::ffff:127.0.0.1", load=False)  # 127.0.0.1, spelt IPv6
+    assert (
+        f"on [::ffff:127.0.0.1]:{server.server.port}, metrics (plain HTTP) on "
+        f"[::ffff:127.0.0.1]:{server.server.metrics_port}/metrics"
+    ) in caplog.text
 
 
 def test_a_port_in_use_is_refused_at_start_naming_the_port_its_flag_and_why(
