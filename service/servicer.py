@@ -47,15 +47,19 @@ SAMPLE_STREAM_LOOKAHEAD = 2
 # How long an EncodeStream whose requests have ended waits for gRPC to say that its client cancelled.
 CANCEL_SETTLE_S = 0.002
 
-# Every status a call of this service ends with; each (rpc, code) series of vae_requests_total exists
-# from the start at 0, because Prometheus's rate() and increase() take a series' first sample as their
-# base: a count born at 1 would be lost, so a replica's first burst of errors would fire no alert.
+# Every status a call of this service ends with. Each (rpc, code) series of vae_requests_total, and each
+# RPC's series of vae_items_total and vae_request_duration_seconds, exists from the start at 0, because
+# Prometheus's rate() and increase() take a series' first sample as their base: a count born at 1 would
+# be lost, so a replica's first burst of errors would fire no alert, and its first images count none.
 ANSWERED_CODES = (
     grpc.StatusCode.OK,
     *STATUS_CODES.values(),
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.INTERNAL,
 )
+
+# The RPCs that carry images or latent codes, counted in vae_items_total.
+ITEM_RPCS = ("Encode", "Decode", "Sample", "EncodeStream", "SampleStream")
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -81,8 +85,11 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.grace_over = False
         self.metrics = metrics
         for rpc in vae_pb2.DESCRIPTOR.services_by_name["VaeService"].methods_by_name:
+            metrics.request_duration.labels(rpc)
             for code in ANSWERED_CODES:
                 metrics.requests.labels(rpc, code.name)
+        for rpc in ITEM_RPCS:
+            metrics.items.labels(rpc)
         # Calls being answered: a drain waits for them before gRPC closes the connections.
         self._calls = 0
         self._no_calls = asyncio.Event()

@@ -497,3 +497,38 @@ def test_the_queue_wait_hpa_reads_an_idle_pod_as_no_wait_not_nan(
         [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def error_ratio_panels() -> list[tuple[str, str]]:
+    return [(panel, expr) for panel, expr in dashboard_queries() if "error ratio" in panel]
+
+
+@pytest.mark.parametrize(("panel", "expr"), error_ratio_panels(), ids=[t for t, _ in error_ratio_panels()])
+def test_an_error_ratio_panel_shows_no_value_for_replicas_without_traffic_not_nan(
+    prometheus_binary: Path, tmp_path: Path, panel: str, expr: str
+) -> None:
+    # 0/0 would be NaN: Grafana draws a stat of "NaN" on a quiet service.
+    series = [
+        {
+            "series": f'vae_requests_total{{job="vae", instance="a", rpc="Sample", code="{code}"}}',
+            "values": "7x20",
+        }
+        for code in ("OK", "INTERNAL")
+    ]
+    promql = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+    test = {
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "promql_expr_test": [{"expr": promql, "eval_time": "4m", "exp_samples": []}],
+            }
+        ]
+    }
+    test_file = tmp_path / "quiet_test.yml"
+    test_file.write_text(yaml.safe_dump(test))
+    promtool = prometheus_binary.with_name("promtool")
+    result = subprocess.run(
+        [str(promtool), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"panel {panel!r}: " + result.stdout + result.stderr

@@ -161,6 +161,15 @@ def test_every_status_of_every_rpc_is_exported_at_zero_before_the_first_call() -
     for rpc in rpcs:
         for code in codes:
             assert metrics.registry.get_sample_value("vae_requests_total", {"rpc": rpc, "code": code}) == 0
+        assert metrics.registry.get_sample_value("vae_request_duration_seconds_count", {"rpc": rpc}) == 0
+
+
+def test_the_items_of_every_rpc_that_carries_them_are_exported_at_zero_before_the_first_call() -> None:
+    """Else a replica's first images would be missing from rate(vae_items_total), the Images/s panel."""
+    metrics = ServiceMetrics.create(process=False)
+    VaeServicer(metrics)
+    for rpc in ("Encode", "Decode", "Sample", "EncodeStream", "SampleStream"):
+        assert metrics.registry.get_sample_value("vae_items_total", {"rpc": rpc}) == 0, rpc
 
 
 def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> None:
