@@ -13,8 +13,9 @@ CACHE="$(realpath -m "${DEPLOY_CACHE:-.cache}")"  # absolute: it goes on PATH
 TOOLS="$CACHE/deploy-tools"
 PROMETHEUS_ROOT="$CACHE/prometheus"
 PYTHON="${PYTHON:-python3}"
-# The Kubernetes version the manifests are validated against: the newest kubernetes-validate knows.
-KUBERNETES_VERSION="${KUBERNETES_VERSION:-1.37.0}"
+# The Kubernetes versions the manifests are validated against: the oldest they support (the preStop
+# sleep action is 1.30's) and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS="${KUBERNETES_VERSIONS:-1.30.0 1.37.0}"
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -103,14 +104,20 @@ promtool test rules deploy/prometheus/tests/*.yml
 step "grafana provisioning"
 "$TOOLS/bin/python" deploy/scripts/check_grafana.py deploy/grafana
 
-step "kubectl kustomize ($(kubectl version --client | awk '/Kustomize/ {print $3}')) + kubernetes-validate --strict, Kubernetes $KUBERNETES_VERSION"
+step "kubectl kustomize ($(kubectl version --client | awk '/Kustomize/ {print $3}')) + kubernetes-validate --strict, Kubernetes $KUBERNETES_VERSIONS"
+validate() {
+    local version
+    for version in $KUBERNETES_VERSIONS; do
+        kubernetes-validate --strict --quiet --kubernetes-version "$version" "$@"
+    done
+}
 for kustomization in overlays/cpu overlays/gpu encode-job; do
     out="$rendered/${kustomization//\//-}.yaml"
     kubectl kustomize "deploy/k8s/$kustomization" >"$out"
-    kubernetes-validate --strict --quiet --kubernetes-version "$KUBERNETES_VERSION" "$out"
+    validate "$out"
     echo "deploy/k8s/$kustomization: $(grep -c '^kind:' "$out") resources valid"
 done
-kubernetes-validate --strict --quiet --kubernetes-version "$KUBERNETES_VERSION" deploy/k8s/examples/*.yaml
+validate deploy/k8s/examples/*.yaml
 echo "deploy/k8s/examples: valid"
 "$TOOLS/bin/python" deploy/scripts/check_k8s.py "$rendered"/*.yaml
 
