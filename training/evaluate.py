@@ -232,6 +232,20 @@ def judge(probabilities: np.ndarray) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def nearest_distances(queries: np.ndarray, reference: np.ndarray, device: torch.device) -> np.ndarray:
+    """Each query's Euclidean distance to its nearest reference row (images or codes, flattened)."""
+    flat_reference = torch.from_numpy(reference.reshape(len(reference), -1)).to(device, torch.float32)
+    reference_norms = (flat_reference**2).sum(dim=1)
+    out = []
+    for start in range(0, len(queries), BATCH_SIZE):
+        chunk = queries[start : start + BATCH_SIZE]
+        flat = torch.from_numpy(chunk.reshape(len(chunk), -1)).to(device, torch.float32)
+        squared = (flat**2).sum(dim=1, keepdim=True) + reference_norms - 2.0 * flat @ flat_reference.T
+        out.append(squared.min(dim=1).values.clamp_min(0.0).sqrt().cpu())
+    return torch.cat(out).double().numpy()
+
+
 # ---------------------------------------------------------------- the latent statistics
 
 
@@ -437,11 +451,29 @@ class Evaluator:
             "train_images": classifier.train_images,
             "epochs": classifier.epochs,
         }
+        # The classifier is as sure of many images that are no digit (fragments of strokes) as of
+        # real ones, so each set is also scored by how far its images are from the training images,
+        # beside real unseen digits' distance. And the box's points are split by how far each lies
+        # from every training code: its farthest quarter is the latent space's empty part.
+        box_room = nearest_distances(box_points, train_codes, self.device)
+        by_room = np.argsort(box_room, kind="stable")
+        nearest, farthest = by_room[: len(by_room) // 4], by_room[-(len(by_room) // 4) :]
+
+        def judged(images: np.ndarray) -> dict[str, Any]:
+            distances = nearest_distances(images, train.images, self.device)
+            return judge(class_probabilities(classifier.model, images, self.device)) | {
+                "mean_distance_to_nearest_training_image": float(distances.mean())
+            }
+
         result["limitation_1_empty_space"] = {
             "random_points": RANDOM_POINTS,
-            "prior_samples": judge(class_probabilities(classifier.model, prior_images, self.device)),
-            "code_box_samples": judge(class_probabilities(classifier.model, box_images, self.device)),
-            "real_test_images": judge(class_probabilities(classifier.model, test.images, self.device)),
+            "prior_samples": judged(prior_images),
+            "code_box_samples": judged(box_images),
+            "code_box_nearest_quarter": judged(box_images[nearest])
+            | {"mean_distance_to_nearest_training_code": float(box_room[nearest].mean())},
+            "code_box_farthest_quarter": judged(box_images[farthest])
+            | {"mean_distance_to_nearest_training_code": float(box_room[farthest].mean())},
+            "real_test_images": judged(test.images),
         }
         result["limitation_2_centre_and_range"] = centre_and_range(codes)
         result["limitation_3_uneven_spread"] = spread_by_digit(codes, test.labels, train_codes, train.labels)

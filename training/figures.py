@@ -29,14 +29,15 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plane(codes: np.ndarray) -> tuple[np.ndarray, str, str]:
-    """The codes' first two dimensions, or their first two principal components when D > 2."""
+    """The codes' first two dimensions, or, when D > 2, their projection on the two directions along
+    which they vary most (the first two principal components), around the latent space's origin and
+    not the codes' mean, so that codes off centre show off centre."""
     if codes.shape[1] == 1:
         return np.column_stack([codes[:, 0], np.zeros(len(codes))]), "z1", "(none)"
     if codes.shape[1] == 2:
         return codes, "z1", "z2"
-    centred = codes - codes.mean(axis=0)
-    _, _, components = np.linalg.svd(centred, full_matrices=False)
-    points = centred @ components[:2].T
+    _, _, components = np.linalg.svd(codes - codes.mean(axis=0), full_matrices=False)
+    points = codes @ components[:2].T
     # A single code has a single component: the plane's second axis is then 0.
     return np.pad(points, ((0, 0), (0, 2 - points.shape[1]))), "PC1", "PC2"
 
@@ -47,17 +48,19 @@ PRIOR_95_RADIUS = float(np.sqrt(-2 * np.log(0.05)))
 
 def draw_scatter(axes: Axes, codes: np.ndarray, labels: np.ndarray, title: str) -> None:
     """The codes in their plane, coloured by digit, on equal axes (a digit's shape and the space's
-    scale are the point), with the prior's 95% circle where the plane is the latent space itself."""
+    scale are the point), with the prior's 95% circle: N(0, I) projected on any two orthonormal
+    directions is the plane's own N(0, I)."""
     points, x_label, y_label = plane(codes)
     # In a fixed shuffled order: drawn digit by digit, the last digit would cover the others.
     order = np.random.default_rng(0).permutation(len(points))
     scatter = axes.scatter(
         points[order, 0], points[order, 1], c=labels[order], cmap=DIGIT_COLOURS, s=4, vmin=-0.5, vmax=9.5
     )
-    if codes.shape[1] == 2:
+    if codes.shape[1] >= 2:
         circle = Circle((0, 0), PRIOR_95_RADIUS, fill=False, linestyle="--", color="black")
         axes.add_patch(circle)
-        axes.plot([], [], linestyle="--", color="black", label="95% of N(0, I)")
+        projected = ", projected" if codes.shape[1] > 2 else ""
+        axes.plot([], [], linestyle="--", color="black", label=f"95% of N(0, I){projected}")
         axes.legend(loc="upper right", fontsize="small")
     axes.set_aspect("equal", adjustable="datalim")
     axes.set_xlabel(x_label)

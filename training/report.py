@@ -42,6 +42,16 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+CONFIDENCE = "mean_confidence"
+NEAREST_IMAGE = "mean_distance_to_nearest_training_image"
+
+
+def _empty_space(run: dict[str, Any], *parts: str, key: str) -> str:
+    """`key` of each named set of decoded points, "a / b"; n/a for a run evaluated before it existed."""
+    judged = run["limitation_1_empty_space"]
+    return " / ".join(_number(judged.get(part, {}).get(key), 3 if key == CONFIDENCE else 2) for part in parts)
+
+
 Row = tuple[str, Callable[[dict[str, Any]], str]]
 
 ROWS: list[Row] = [
@@ -79,8 +89,22 @@ ROWS: list[Row] = [
         ),
     ),
     (
-        "real test images: confidence (the yardstick)",
-        lambda r: _number(r["limitation_1_empty_space"]["real_test_images"]["mean_confidence"], 3),
+        "the box's quarter nearest / farthest from any training code: confidence",
+        lambda r: _empty_space(r, "code_box_nearest_quarter", "code_box_farthest_quarter", key=CONFIDENCE),
+    ),
+    (
+        "distance to the nearest training image: N(0, I) points / the box's nearest / farthest quarter",
+        lambda r: _empty_space(
+            r, "prior_samples", "code_box_nearest_quarter", "code_box_farthest_quarter", key=NEAREST_IMAGE
+        ),
+    ),
+    (
+        "real test images: confidence / distance to the nearest training image (the yardsticks)",
+        lambda r: (
+            _empty_space(r, "real_test_images", key=CONFIDENCE)
+            + " / "
+            + _empty_space(r, "real_test_images", key=NEAREST_IMAGE)
+        ),
     ),
     (
         "**2. centre and range**: mean of the codes",

@@ -29,6 +29,7 @@ from training.evaluate import (
     encode,
     judge,
     main,
+    nearest_distances,
     reconstruction_nll,
     spread_by_digit,
     train_classifier,
@@ -98,6 +99,16 @@ def test_the_knn_accuracy_votes_with_the_training_codes_on_the_test_codes() -> N
     train_codes = np.where(train_labels[:, None] == 0, -10.0, 10.0) + rng.standard_normal((200, 2))
     swapped = 1 - train_labels  # the same places, the other digit
     assert spread_by_digit(train_codes, swapped, train_codes, train_labels)["knn_accuracy"] == 0.0
+
+
+def test_nearest_distances_are_each_querys_distance_to_its_nearest_reference() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.random((700, 1, 4, 4)).astype(np.float32)  # more rows than one batch
+    queries = np.concatenate([reference[[3, 650]], rng.random((1200, 1, 4, 4)).astype(np.float32)])
+    brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(axis=(2, 3, 4))).min(axis=1)
+    found = nearest_distances(queries, reference, torch.device("cpu"))
+    np.testing.assert_allclose(found, brute, atol=1e-3)
+    assert np.isfinite(found).all() and found[:2].max() < 1e-2  # a reference itself: never sqrt(< 0)
 
 
 def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> None:
@@ -225,6 +236,14 @@ def test_evaluation_on_a_folder_with_only_the_two_official_t10k_files(
     assert ae["elbo_nats"] is None and ae["recon_nats"] > 0
     assert 0.0 <= vae["limitation_2_centre_and_range"]["fraction_in_prior_95"] <= 1.0
     assert sum(vae["limitation_1_empty_space"]["prior_samples"]["predicted_digit_counts"]) == 1000
+    for run in (ae, vae):
+        empty_space = run["limitation_1_empty_space"]
+        near, far = empty_space["code_box_nearest_quarter"], empty_space["code_box_farthest_quarter"]
+        assert sum(near["predicted_digit_counts"]) == sum(far["predicted_digit_counts"]) == 250
+        assert near["mean_distance_to_nearest_training_code"] < far["mean_distance_to_nearest_training_code"]
+        for judged in empty_space.values():
+            if isinstance(judged, dict):
+                assert 0 < judged["mean_distance_to_nearest_training_image"] < 28  # at most 1 a pixel
     for run in (ae, vae):
         assert {"latent_scatter", "prior_samples", "reconstructions", "manifold"} <= set(run["figures"])
         assert all(Path(path).stat().st_size > 1000 for path in run["figures"].values())
@@ -538,7 +557,18 @@ def test_codes_of_any_size_are_drawn_in_a_plane_even_a_single_one() -> None:
     codes = np.random.default_rng(0).standard_normal((50, 16))
     assert plane(codes)[0].shape == (50, 2) and plane(codes)[1:] == ("PC1", "PC2")
     assert plane(codes[:, :2])[1:] == ("z1", "z2") and plane(codes[:, :1])[0].shape == (50, 2)
-    np.testing.assert_array_equal(plane(codes[:1])[0], np.zeros((1, 2)))  # one code: one component
+    assert plane(codes[:1])[0].shape == (1, 2)  # one code: one component, the plane's second axis 0
+    assert plane(codes[:1])[0][0, 1] == 0
+
+
+def test_codes_off_centre_are_drawn_off_centre_in_their_plane() -> None:
+    """The plane's axes are the codes' principal directions, through the origin of the latent space:
+    a scatter centred on the codes' mean would show every latent space centred (claim 2)."""
+    rng = np.random.default_rng(0)
+    codes = rng.standard_normal((500, 3)) * [3.0, 1.0, 0.1] + [8.0, 0.0, 6.0]
+    points, _, _ = plane(codes)
+    assert np.linalg.norm(points.mean(axis=0)) > 7  # the mean's part along the two main directions
+    assert points[:, 0].std() == pytest.approx(3.0, rel=0.1)  # the spread is kept
 
 
 def test_each_manifold_tile_is_centred_on_the_point_it_was_decoded_from() -> None:
@@ -579,7 +609,7 @@ def test_claim_one_judges_the_decodes_of_normal_points_as_prior_samples_and_of_t
     monkeypatch.setattr(evaluate_module, "decode", decode_spy)
     monkeypatch.setattr(evaluate_module, "class_probabilities", probabilities_spy)
     Evaluator(None, None, 100, 4, 0, torch.device("cpu")).evaluate(runs["ae"])
-    prior, box = judged[-3], judged[-2]  # then the real test images
+    prior, box = [points for points in judged if len(points)]  # the others are no decoder's output
 
     def kurtosis(points: np.ndarray) -> np.ndarray:  # 3 for a normal, 1.8 for a uniform
         centred = points - points.mean(axis=0)

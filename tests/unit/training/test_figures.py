@@ -30,11 +30,19 @@ def test_a_two_dimensional_latent_space_is_drawn_on_equal_axes_with_the_priors_9
     assert math.isclose(PRIOR_95_RADIUS, circle.radius)
 
 
-def test_principal_components_of_a_wider_space_get_no_prior_circle() -> None:
-    """PC1 and PC2 are not coordinates in which N(0, I)'s 95% region is that circle."""
+def test_a_wider_space_projected_on_its_principal_directions_gets_the_projected_priors_circle() -> None:
+    """N(0, I) projected on any two orthonormal directions through the origin is the plane's own
+    N(0, I): the same circle holds 95% of the prior's projection."""
     axes = scatter(5)
-    assert not [patch for patch in axes.patches if isinstance(patch, Circle)]
+    (circle,) = [patch for patch in axes.patches if isinstance(patch, Circle)]
+    assert circle.center == (0, 0) and math.isclose(circle.radius, PRIOR_95_RADIUS)
     assert axes.get_xlabel() == "PC1"
+    legend = axes.get_legend()
+    assert legend is not None and legend.get_texts()[0].get_text() == "95% of N(0, I), projected"
+    prior = np.random.default_rng(1).standard_normal((20_000, 5))
+    _, _, components = np.linalg.svd(np.random.default_rng(0).normal(0, 5, size=(100, 5)))
+    projected = prior @ components[:2].T
+    assert ((projected**2).sum(axis=1) <= PRIOR_95_RADIUS**2).mean() == pytest.approx(0.95, abs=0.005)
 
 
 @pytest.mark.parametrize("digits", [list(range(10)), [3, 7]], ids=["all digits", "two digits"])
