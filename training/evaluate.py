@@ -67,6 +67,7 @@ BATCH_SIZE = 500
 CLASSIFIER_IMAGE_PASSES = 30_000
 CLASSIFIER_MAX_EPOCHS = 10
 KNN_NEIGHBOURS = 5
+NEAREST_IMAGE = "mean_distance_to_nearest_training_image"
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -234,16 +235,26 @@ def judge(probabilities: np.ndarray) -> dict[str, Any]:
 
 @torch.no_grad()
 def nearest_distances(queries: np.ndarray, reference: np.ndarray, device: torch.device) -> np.ndarray:
-    """Each query's Euclidean distance to its nearest reference row (images or codes, flattened)."""
-    flat_reference = torch.from_numpy(reference.reshape(len(reference), -1)).to(device, torch.float32)
+    """Each query's Euclidean distance to its nearest reference row (images or codes, flattened), in
+    the reference's precision: float64 codes far from the origin would lose their small distances to
+    float32's rounding of |q|^2 + |r|^2 - 2 q.r."""
+    flat_reference = torch.from_numpy(reference.reshape(len(reference), -1)).to(device)
     reference_norms = (flat_reference**2).sum(dim=1)
     out = []
     for start in range(0, len(queries), BATCH_SIZE):
         chunk = queries[start : start + BATCH_SIZE]
-        flat = torch.from_numpy(chunk.reshape(len(chunk), -1)).to(device, torch.float32)
-        squared = (flat**2).sum(dim=1, keepdim=True) + reference_norms - 2.0 * flat @ flat_reference.T
+        flat = torch.from_numpy(chunk.reshape(len(chunk), -1)).to(device, flat_reference.dtype)
+        squared = torch.addmm(reference_norms, flat, flat_reference.T, alpha=-2.0)  # one [B, R] block
+        squared += (flat**2).sum(dim=1, keepdim=True)
         out.append(squared.min(dim=1).values.clamp_min(0.0).sqrt().cpu())
     return torch.cat(out).double().numpy()
+
+
+def nearest_and_farthest_quarters(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indexes of the quarter of the points with the smallest `distances`, and of the largest."""
+    order = np.argsort(distances, kind="stable")
+    quarter = len(order) // 4
+    return order[:quarter], order[len(order) - quarter :]
 
 
 # ---------------------------------------------------------------- the latent statistics
@@ -452,28 +463,36 @@ class Evaluator:
             "epochs": classifier.epochs,
         }
         # The classifier is as sure of many images that are no digit (fragments of strokes) as of
-        # real ones, so each set is also scored by how far its images are from the training images,
-        # beside real unseen digits' distance. And the box's points are split by how far each lies
-        # from every training code: its farthest quarter is the latent space's empty part.
+        # real ones, so each set of decoded points is also scored by how far its images are from
+        # the nearest training image, against the test images' reconstructions: decoded too, so as
+        # blurred (a blurred or blank image is nearer to the training images than a sharp digit).
+        # And the box's points are split by how far each lies from every training code: its
+        # farthest quarter is the latent space's empty part.
         box_room = nearest_distances(box_points, train_codes, self.device)
-        by_room = np.argsort(box_room, kind="stable")
-        nearest, farthest = by_room[: len(by_room) // 4], by_room[-(len(by_room) // 4) :]
+        box_probabilities = class_probabilities(classifier.model, box_images, self.device)
+        box_distances = nearest_distances(box_images, train.images, self.device)
+        nearest, farthest = nearest_and_farthest_quarters(box_room)
+        shown = np.linspace(0, len(test) - 1, min(RANDOM_POINTS, len(test))).astype(int)
 
         def judged(images: np.ndarray) -> dict[str, Any]:
-            distances = nearest_distances(images, train.images, self.device)
             return judge(class_probabilities(classifier.model, images, self.device)) | {
-                "mean_distance_to_nearest_training_image": float(distances.mean())
+                NEAREST_IMAGE: float(nearest_distances(images, train.images, self.device).mean())
+            }
+
+        def box_part(part: np.ndarray) -> dict[str, Any]:
+            return judge(box_probabilities[part]) | {
+                NEAREST_IMAGE: float(box_distances[part].mean()),
+                "mean_distance_to_nearest_training_code": float(box_room[part].mean()),
             }
 
         result["limitation_1_empty_space"] = {
             "random_points": RANDOM_POINTS,
             "prior_samples": judged(prior_images),
-            "code_box_samples": judged(box_images),
-            "code_box_nearest_quarter": judged(box_images[nearest])
-            | {"mean_distance_to_nearest_training_code": float(box_room[nearest].mean())},
-            "code_box_farthest_quarter": judged(box_images[farthest])
-            | {"mean_distance_to_nearest_training_code": float(box_room[farthest].mean())},
-            "real_test_images": judged(test.images),
+            "code_box_samples": box_part(np.arange(len(box_points))),
+            "code_box_nearest_quarter": box_part(nearest),
+            "code_box_farthest_quarter": box_part(farthest),
+            "test_reconstructions": judged(reconstructed[shown]),
+            "real_test_images": judge(class_probabilities(classifier.model, test.images, self.device)),
         }
         result["limitation_2_centre_and_range"] = centre_and_range(codes)
         result["limitation_3_uneven_spread"] = spread_by_digit(codes, test.labels, train_codes, train.labels)

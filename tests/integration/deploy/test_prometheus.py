@@ -333,7 +333,7 @@ def test_request_counter_reads_back_through_the_http_api(scraped: Scraped) -> No
     assert requests == expected_requests(3, scraped.instance)
     items = scraped.prometheus.values('vae_items_total{job="vae"}')
     by_rpc = {dict(labels)["rpc"]: value for labels, value in items.items()}
-    assert by_rpc == {"Sample": 3 * 4, "Encode": 3 * 3}
+    assert by_rpc == {"Sample": 3 * 4, "Encode": 3 * 3, "Decode": 0, "EncodeStream": 0, "SampleStream": 0}
 
 
 def test_model_info_names_the_bundle_and_the_cpu_provider(scraped: Scraped) -> None:

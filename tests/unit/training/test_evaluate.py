@@ -29,6 +29,7 @@ from training.evaluate import (
     encode,
     judge,
     main,
+    nearest_and_farthest_quarters,
     nearest_distances,
     reconstruction_nll,
     spread_by_digit,
@@ -109,6 +110,15 @@ def test_nearest_distances_are_each_querys_distance_to_its_nearest_reference() -
     found = nearest_distances(queries, reference, torch.device("cpu"))
     np.testing.assert_allclose(found, brute, atol=1e-3)
     assert np.isfinite(found).all() and found[:2].max() < 1e-2  # a reference itself: never sqrt(< 0)
+
+
+def test_the_quarters_are_the_points_nearest_and_farthest_from_the_training_codes() -> None:
+    distances = np.random.default_rng(0).permutation(1000).astype(float)
+    nearest, farthest = nearest_and_farthest_quarters(distances)
+    assert sorted(distances[nearest]) == list(range(250))
+    assert sorted(distances[farthest]) == list(range(750, 1000))
+    few_nearest, few_farthest = nearest_and_farthest_quarters(np.array([2.0, 0.0, 1.0]))
+    assert len(few_nearest) == len(few_farthest) == 0  # fewer than four points: no quarter, not all
 
 
 def test_judge_reads_confidence_and_the_evenness_of_the_predicted_digits() -> None:
@@ -241,9 +251,9 @@ def test_evaluation_on_a_folder_with_only_the_two_official_t10k_files(
         near, far = empty_space["code_box_nearest_quarter"], empty_space["code_box_farthest_quarter"]
         assert sum(near["predicted_digit_counts"]) == sum(far["predicted_digit_counts"]) == 250
         assert near["mean_distance_to_nearest_training_code"] < far["mean_distance_to_nearest_training_code"]
-        for judged in empty_space.values():
-            if isinstance(judged, dict):
-                assert 0 < judged["mean_distance_to_nearest_training_image"] < 28  # at most 1 a pixel
+        decoded = ("prior_samples", "code_box_samples", "test_reconstructions", "code_box_nearest_quarter")
+        for part in (*decoded, "code_box_farthest_quarter"):
+            assert 0 < empty_space[part]["mean_distance_to_nearest_training_image"] < 28  # at most 1 a pixel
     for run in (ae, vae):
         assert {"latent_scatter", "prior_samples", "reconstructions", "manifold"} <= set(run["figures"])
         assert all(Path(path).stat().st_size > 1000 for path in run["figures"].values())
@@ -609,7 +619,7 @@ def test_claim_one_judges_the_decodes_of_normal_points_as_prior_samples_and_of_t
     monkeypatch.setattr(evaluate_module, "decode", decode_spy)
     monkeypatch.setattr(evaluate_module, "class_probabilities", probabilities_spy)
     Evaluator(None, None, 100, 4, 0, torch.device("cpu")).evaluate(runs["ae"])
-    prior, box = [points for points in judged if len(points)]  # the others are no decoder's output
+    box, prior = [points for points in judged if len(points)]  # the others are no decoder's output
 
     def kurtosis(points: np.ndarray) -> np.ndarray:  # 3 for a normal, 1.8 for a uniform
         centred = points - points.mean(axis=0)
