@@ -572,14 +572,16 @@ def _fail(
     collections free those, so refused requests of 4,096 images held 12.8 MB each: 200 of them in a
     row took the server from 135 MB to 1 GB.
     """
+    # Its client sees the deadline (see _raise_if_past_deadline); and what fails once gRPC has ended
+    # the call (a stream's initial metadata, say) is no fault of the service's, to log as one.
+    if _past_deadline(context):
+        _count_request(servicer, rpc, grpc.StatusCode.DEADLINE_EXCEEDED, started)
+        raise asyncio.CancelledError
     if isinstance(error, ServiceError):
         code, message = status_code_of(error), str(error)
     else:
         log.exception("%s failed", rpc, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-    if _past_deadline(context):  # its client sees the deadline; see _raise_if_past_deadline
-        _count_request(servicer, rpc, grpc.StatusCode.DEADLINE_EXCEEDED, started)
-        raise asyncio.CancelledError
     _count_request(servicer, rpc, code, started)
     context.set_code(code)
     context.set_details(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -258,6 +259,26 @@ def test_a_failure_that_finds_its_call_past_its_deadline_is_counted_and_ends_as_
     requests = servicer.metrics.registry.get_sample_value
     assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 2
     assert requests("vae_requests_total", {"rpc": "Decode", "code": "INVALID_ARGUMENT"}) == 0
+
+
+def test_a_fault_that_finds_its_call_past_its_deadline_is_not_logged_as_the_services(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream's initial metadata, sent after its client's deadline, fails inside gRPC: that is the
+    deadline, not a fault to log with its traceback (log-based alerts would fire on client timeouts)."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+
+    async def metadata_after_the_deadline() -> vae_pb2.DecodeResponse:
+        raise RuntimeError("Failed 'execute_batch': SendInitialMetadataOperation")
+
+    with caplog.at_level(logging.ERROR), pytest.raises(asyncio.CancelledError):
+        asyncio.run(
+            _observe(servicer, "Decode", _Context(0.0), metadata_after_the_deadline(), vae_pb2.DecodeResponse)
+        )
+    assert caplog.text == ""
+    requests = servicer.metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "DEADLINE_EXCEEDED"}) == 1
+    assert requests("vae_requests_total", {"rpc": "Decode", "code": "INTERNAL"}) == 0
 
 
 def test_an_answer_ready_only_after_the_deadline_counts_as_the_deadline_the_client_sees() -> None:
