@@ -563,6 +563,31 @@ def test_a_broken_checkpoint_is_a_clear_error_naming_it(
     assert "weights_only" not in error  # torch's advice to load the file as a pickle, running its code
 
 
+def test_the_manifold_is_decoded_row_by_row_from_the_top_left_corner_z2_falling_as_z1_rises(
+    runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The picture's axes say z2 grows upwards: its first tile must come from (-3, 3)."""
+    config, model = load_run(runs["vae"])
+    assert config.model.latent_dim == 2
+    grids: list[np.ndarray] = []
+    real_decode = evaluate_module.decode
+
+    def decode_spy(model: Any, points: np.ndarray, device: torch.device) -> np.ndarray:
+        grids.append(points)
+        return real_decode(model, points, device)
+
+    monkeypatch.setattr(evaluate_module, "decode", decode_spy)
+    test = load_test_set("mnist-5k", limit=12)
+    codes, _ = encode(model, test.images, torch.device("cpu"))
+    evaluator = Evaluator(None, None, 4, 4, 0, torch.device("cpu"))
+    evaluator.draw(tmp_path, config, model, codes, test, test.images, test.images)
+    (grid,) = grids
+    side = 15
+    np.testing.assert_array_equal(grid[0], [-3.0, 3.0])
+    np.testing.assert_array_equal(grid[side - 1], [3.0, 3.0])
+    np.testing.assert_array_equal(grid[-1], [3.0, -3.0])
+
+
 def test_codes_of_any_size_are_drawn_in_a_plane_even_a_single_one() -> None:
     codes = np.random.default_rng(0).standard_normal((50, 16))
     assert plane(codes)[0].shape == (50, 2) and plane(codes)[1:] == ("PC1", "PC2")

@@ -126,3 +126,51 @@ def test_the_empty_space_rows_name_each_set_of_points_in_the_order_of_their_labe
         == "5.00 |"
     )
     assert rows["| real test images: confidence (the yardstick)"] == "0.600 |"
+
+
+def test_each_row_of_the_table_shows_the_measure_its_label_names() -> None:
+    judged = {"mean_confidence": 0.5, "predicted_digit_entropy_nats": 2.0}
+    run = {
+        "kind": "vae",
+        "latent_dim": 2,
+        "test_set": {"images": 500, "dataset": "mnist-5k", "part": "held-out split"},
+        "elbo_nats": 101.0,
+        "iw_nll_nats": 99.0,
+        "recon_nats": 80.0,
+        "kl_nats": 21.0,
+        "recon_mse": 0.0123,
+        "classifier": {"test_accuracy": 0.987},
+        "limitation_1_empty_space": {
+            "prior_samples": judged,
+            "code_box_samples": judged,
+            "real_test_images": judged,
+        },
+        "limitation_2_centre_and_range": {
+            "mean": [0.25, -0.5],
+            "std": [1.5, 2.5],
+            "fraction_in_prior_95": 0.9,
+        },
+        "limitation_3_uneven_spread": {
+            "trace_ratio": 6.0,
+            "largest_digit": 1,
+            "smallest_digit": 0,
+            "knn_accuracy": 0.8,
+        },
+    }
+    rows = dict(line.removeprefix("| ").rsplit(" | ", 1) for line in table([run]).splitlines()[2:])
+    expected = {
+        "negative ELBO, nats (lower is better)": "101.00",
+        "importance-weighted -log p(x), nats": "99.00",
+        "reconstruction NLL, nats (VAE: mean over z ~ q(z\\|x); AE: at its code)": "80.00",
+        "KL to N(0, I), nats": "21.00",
+        "reconstruction MSE per pixel": "0.0123",
+        "**1. empty space**: classifier's own test accuracy": "98.7%",
+        "**2. centre and range**: mean of the codes": "(0.25, -0.50)",
+        "standard deviation of the codes": "(1.50, 2.50)",
+        "codes inside the central 95% of N(0, I)": "90.0%",
+        "**3. uneven spread**: largest / smallest digit spread (trace of covariance)": (
+            "6.00 (digit 1 / digit 0)"
+        ),
+        "5-NN digit accuracy from the codes": "80.0%",
+    }
+    assert {label: rows[label].removesuffix(" |") for label in expected} == expected

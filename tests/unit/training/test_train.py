@@ -381,6 +381,11 @@ def test_bad_flags_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFix
     assert exit_info.value.code == 2
     assert "seed must be between 0 and 2**63 - 1, got 18446744073709551616" in capsys.readouterr().err
     assert not (tmp_path / "seeded").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--seed", "-1", "--out", str(tmp_path / "seeded")])
+    assert exit_info.value.code == 2
+    assert "seed must be between 0 and 2**63 - 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "seeded").exists()
 
 
 def test_a_data_dir_for_mnist_5k_which_reads_none_is_refused_before_training(
