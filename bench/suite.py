@@ -45,9 +45,9 @@ TARGET_STREAM_CHUNK = 256
 # The rows of the service's own calls (its default --max-batch-size): the ceiling measures them too,
 # so that no call size the service uses is missing from "the best at any rows a call".
 SERVICE_CALL_ROWS: int = Settings.max_batch_size
-# Call sizes between those, so that "the decoder's best at any rows a call" misses no size it peaks at
-# (4 rows a call measured faster than 16 in the batch-size lever).
-DECODER_EXTRA_ROWS = (4, 32)
+# Call sizes between those, so that "the best at any rows a call" misses no size a graph peaks at
+# (4 rows a call measured faster than 16 in the batch-size lever, 32 fastest for the decoder).
+EXTRA_CALL_ROWS = (4, 32)
 TRITON_ENV = {"PYTHONPATH": str(ROOT)}
 TRITON_MISSING = f"{BENCH_PYTHON} not found: `make bench-setup` installs PyTriton there"
 # PyTriton sometimes loses a race with its own handshake socket while Triton loads a model (the proxy's
@@ -178,17 +178,18 @@ def machine_record(bundle: Path, manifest: dict[str, Any]) -> Row:
 
 
 def ceilings(bundle: Path, manifest: dict[str, Any], plan: Plan) -> list[Row]:
-    """Every layout for the decoder at each Sample size and the encoder at each stream chunk."""
+    """Every layout for the decoder at each Sample size and the encoder at each stream chunk, and both
+    at the service's own call size and the sizes between."""
     latent_dim = int(manifest["latent_dim"])
     decoder = bundle / manifest["graphs"]["decoder"]["file"]
     encoder = bundle / manifest["graphs"]["encoder"]["file"]
     rows: list[Row] = []
-    for size in sorted({*plan.sample_sizes, *TARGET_SAMPLE_SIZES, SERVICE_CALL_ROWS, *DECODER_EXTRA_ROWS}):
+    for size in sorted({*plan.sample_sizes, *TARGET_SAMPLE_SIZES, SERVICE_CALL_ROWS, *EXTRA_CALL_ROWS}):
         for measured in ceiling.layouts(
             decoder, ceiling.decoder_feed(size, latent_dim), plan.ceiling_window_s, 0.2
         ):
             rows.append({"graph": "decoder", "rows": size, **measured.summary()})
-    for size in sorted({*plan.stream_chunks, SERVICE_CALL_ROWS}):
+    for size in sorted({*plan.stream_chunks, SERVICE_CALL_ROWS, *EXTRA_CALL_ROWS}):
         for measured in ceiling.layouts(encoder, ceiling.encoder_feed(size), plan.ceiling_window_s, 0.2):
             rows.append({"graph": "encoder", "rows": size, **measured.summary()})
     return rows
@@ -255,10 +256,10 @@ async def _sweep(server: servers.Server, sweep: Sweep, latent_dim: int, plan: Pl
             runs = []
             for _ in range(plan.stream_repeats):
                 cpu_before = process_tree_cpu_s(server.pid)
-                seconds, answered = await encode_stream(stub, images, chunk)
-                cpu = process_tree_cpu_s(server.pid) - cpu_before
-                runs.append((seconds, answered, cpu))
-            seconds, answered, cpu = sorted(runs)[len(runs) // 2]
+                seconds = await encode_stream(stub, images, chunk)
+                runs.append((seconds, process_tree_cpu_s(server.pid) - cpu_before))
+            seconds, cpu = sorted(runs)[len(runs) // 2]
+            answered = len(images)
             result["stream"].append(
                 {
                     "dtype": dtype,
@@ -401,14 +402,22 @@ def _paired_triton(bundle: Path, log_dir: Path, plan: Plan) -> servers.Server | 
 
 
 def triton_windows(
-    server: servers.Server, shape: Shape, concurrencies: Sequence[int], latent_dim: int, plan: Plan
+    server: servers.Server,
+    shape: Shape,
+    concurrencies: Sequence[int],
+    latent_dim: int,
+    plan: Plan,
+    server_cpu: bool = True,
 ) -> list[Row]:
-    """Closed-loop windows on Triton, driven by tritonclient from bench/.venv."""
+    """Closed-loop windows on Triton, driven by tritonclient from bench/.venv; with `server_cpu`, its
+    server's CPU time from /proc too (a walk of its processes at each window's edges, which the
+    paired targets' windows on the other servers do not make either)."""
     command = [
         str(BENCH_PYTHON), "-m", "bench.peers.triton_load", "--target", server.target,
         "--rpc", shape.rpc, "--per-request", str(shape.per_request), "--latent-dim", str(latent_dim),
         "--concurrency", *map(str, concurrencies), "--duration", str(plan.window_s),
-        "--warmup", str(plan.warmup_s), "--server-pid", str(server.pid), "--uvloop",
+        "--warmup", str(plan.warmup_s), "--uvloop",
+        *(["--server-pid", str(server.pid)] if server_cpu else []),
     ]  # fmt: skip
     done = subprocess.run(
         command, env={**os.environ, **TRITON_ENV}, capture_output=True, text=True, check=False
@@ -442,7 +451,7 @@ def triton_window(
     """One Triton window as a side of a target: its images a second, or WindowErrors."""
 
     def measure() -> float:
-        (window,) = triton_windows(server, shape, [concurrency], latent_dim, plan)
+        (window,) = triton_windows(server, shape, [concurrency], latent_dim, plan, server_cpu=False)
         return targets.clean_rate(float(window["items_per_s"]), window["errors"])
 
     return measure

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.loadgen import RequestFn
+from bench.servers import ServerFailed
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 DTYPES = {"FLOAT32": vae_pb2.DATA_TYPE_FLOAT32, "UINT8": vae_pb2.DATA_TYPE_UINT8}
@@ -114,8 +115,9 @@ def request_factory(
 
 async def encode_stream(
     stub: vae_pb2_grpc.VaeServiceStub, images: npt.NDArray[np.generic], chunk: int
-) -> tuple[float, int]:
-    """Stream `images` in requests of `chunk` images; (seconds to the last answer, images answered)."""
+) -> float:
+    """Stream `images` in requests of `chunk` images: the seconds to the last answer. ServerFailed if
+    the stream ends without an answer for each image, which would be timed as a fast one."""
     requests = [
         vae_pb2.EncodeRequest(images=tensor(images[i : i + chunk])) for i in range(0, len(images), chunk)
     ]
@@ -136,4 +138,6 @@ async def encode_stream(
 
     # A server that stops answering would otherwise hold the benchmark for good.
     answered = await asyncio.wait_for(answers(), STREAM_LIMIT_S)
-    return last_answer - started, answered
+    if answered != len(images):
+        raise ServerFailed(f"the EncodeStream answered {answered:,} of {len(images):,} images")
+    return last_answer - started

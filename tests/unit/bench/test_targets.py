@@ -12,7 +12,7 @@ from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 
 from bench import ceiling, loadgen, report, servers, suite, targets
 from bench.workloads import Shape, encode_stream
+from service import settings
 from vae.v1 import vae_pb2, vae_pb2_grpc
 
 
@@ -375,6 +376,27 @@ def test_triton_loads_windows_are_its_prefixed_lines_and_a_stray_line_is_not_one
     assert suite.triton_window(_server(), Shape("Sample", 1), 32, 2, suite.Plan())() == 1600.0
 
 
+def test_only_the_sweeps_triton_windows_walk_its_processes_for_cpu_as_the_paired_windows_on_the_others_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The walk costs the load generator some milliseconds of the shared cores at each window's edges:
+    a paired target's two sides are measured alike, without it."""
+    commands: list[list[str]] = []
+    window = {"concurrency": 32, "items_per_s": 1600.0, "errors": {}}
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, loadgen.RESULT_PREFIX + json.dumps(window) + "\n", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    suite.triton_windows(_server(pid=4242), Shape("Sample", 1), [32], 2, suite.Plan())
+    suite.triton_window(_server(pid=4242), Shape("Sample", 1), 32, 2, suite.Plan())()
+
+    swept, paired = commands
+    assert swept[swept.index("--server-pid") + 1] == "4242"
+    assert "--server-pid" not in paired
+
+
 @pytest.mark.parametrize(
     ("stdout", "recorded"),
     [
@@ -502,12 +524,49 @@ def test_a_stream_that_ends_before_its_last_image_is_a_failure_not_a_fast_stream
 
 
 def test_a_stream_is_timed_to_its_last_answer_not_to_the_status_after_it() -> None:
-    async def timed(target: str) -> tuple[float, int]:
+    async def timed(target: str) -> float:
         async with grpc.aio.insecure_channel(target) as channel:
             images = np.zeros((256, 28, 28), np.uint8)
             return await encode_stream(vae_pb2_grpc.VaeServiceStub(channel), images, 64)
 
     with fake_encode_stream(answer_every_message_then_pause) as target:
-        seconds, answered = asyncio.run(timed(target))
-    assert answered == 256
+        seconds = asyncio.run(timed(target))
     assert 0 < seconds < 0.9
+
+
+def test_a_sweeps_stream_that_ends_before_its_last_image_fails_its_stage_rather_than_divide_by_it() -> None:
+    async def timed(target: str) -> float:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await encode_stream(
+                vae_pb2_grpc.VaeServiceStub(channel), np.zeros((256, 28, 28), np.uint8), 64
+            )
+
+    with (
+        fake_encode_stream(answer_one_message) as target,
+        pytest.raises(servers.ServerFailed, match="the EncodeStream answered 64 of 256 images"),
+    ):
+        asyncio.run(timed(target))
+
+
+def test_the_ceiling_measures_both_graphs_at_every_call_size_the_service_uses_and_those_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "The best at any rows a call" is a maximum over the sizes measured: a size left out could only
+    flatter the service."""
+    measured: list[tuple[str, int]] = []
+
+    def layouts(path: Path, feed: dict[str, np.ndarray], duration_s: float, warmup_s: float) -> list[Any]:
+        (rows,) = {len(value) for value in feed.values()}
+        measured.append((path.stem, rows))
+        return []
+
+    monkeypatch.setattr(ceiling, "layouts", layouts)
+    manifest = {
+        "latent_dim": 2,
+        "graphs": {"decoder": {"file": "decoder.onnx"}, "encoder": {"file": "encoder.onnx"}},
+    }
+    suite.ceilings(Path("bundle"), manifest, suite.Plan())
+
+    service_rows = settings.Settings.max_batch_size
+    assert {rows for graph, rows in measured if graph == "decoder"} == {1, 4, 8, service_rows, 32, 64, 256}
+    assert {rows for graph, rows in measured if graph == "encoder"} == {4, service_rows, 32, 64, 256}
