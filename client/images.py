@@ -300,7 +300,7 @@ def as_uint8_images(images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     images = np.asarray(images).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
     if images.dtype == np.uint8:
         return images
-    return codec.unit_to_bytes(np.clip(images, 0.0, 1.0))
+    return codec.unit_to_bytes(images)
 
 
 def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: int = 2) -> Image.Image:

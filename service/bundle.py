@@ -82,8 +82,8 @@ class GraphSpec:
                 file=_field(data, "file", str, f"{where}."),
                 sha256=_field(data, "sha256", str, f"{where}."),
                 opset=_field(data, "opset", int, f"{where}."),
-                inputs=_signature(data["inputs"], f"{where}.inputs"),
-                outputs=_signature(data["outputs"], f"{where}.outputs"),
+                inputs=_signature(data.get("inputs"), f"{where}.inputs"),
+                outputs=_signature(data.get("outputs"), f"{where}.outputs"),
                 precision=precision,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:  # e.g. a list for a dict
@@ -91,23 +91,30 @@ class GraphSpec:
 
 
 def _field(data: Mapping[str, Any], name: str, kind: type[Any], prefix: str) -> Any:
-    """data[name], a `kind` as JSON writes it: an int no bool nor float, a str not empty. `prefix`
-    names where data is in the error ("model.json: ", or "model.json: graphs.encoder.")."""
+    """data[name], a `kind` as JSON writes it: an int no bool nor float, a str not empty and printable
+    (names and versions end up in logs and metric labels). `prefix` names where data is in the error
+    ("model.json: ", or "model.json: graphs.encoder.")."""
     if name not in data:
         raise BundleError(f"{prefix}{name}: missing")
     value = data[name]
-    if type(value) is not kind or value == "":
-        expected = "a non-empty string" if kind is str else "an integer"
+    if type(value) is not kind or value == "" or (kind is str and not value.isprintable()):
+        expected = "a non-empty string of printable characters" if kind is str else "an integer"
         raise BundleError(f"{prefix}{name}: {value!r}, expected {expected}")
     return value
 
 
-def _signature(data: Mapping[str, Any], where: str) -> dict[str, Shape]:
+def _signature(data: Any, where: str) -> dict[str, Shape]:
+    if not isinstance(data, dict):
+        raise BundleError(
+            f"{where}: {data!r}, expected an object of tensors by name, each with dtype and shape"
+        )
     signature: dict[str, Shape] = {}
     for name, tensor in data.items():
+        if not isinstance(tensor, dict):
+            raise BundleError(f"{where}.{name}: {tensor!r}, expected an object with dtype and shape")
         if tensor.get("dtype") != "float32":
             raise BundleError(f"{where}.{name}: dtype {tensor.get('dtype')!r}, expected 'float32'")
-        shape = tensor["shape"]
+        shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(type(d) in (int, str) for d in shape):
             raise BundleError(f"{where}.{name}.shape: {shape!r}, expected a list of sizes and {BATCH_AXIS!r}")
         signature[name] = tuple(shape)
@@ -290,10 +297,12 @@ class ModelBundle:
                     f"{model_json}: not found; {path} is a training run: export it first "
                     f"(vae-export {path} --out BUNDLE) and serve BUNDLE"
                 )
-            raise BundleError(f"{model_json}: not found; expected a model bundle written by vae-export")
+            raise BundleError(
+                f"{model_json}: {_not_a_file(model_json)}; expected a model bundle written by vae-export"
+            )
         try:
             data = json.loads(model_json.read_text())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # the last: nesting deeper than Python
             raise BundleError(f"{model_json}: not readable JSON ({error})") from error
         if not isinstance(data, dict):
             raise BundleError(f"{model_json}: expected a JSON object")
@@ -303,9 +312,16 @@ class ModelBundle:
             graph_spec = spec.graph(graph)
             file = path / graph_spec.file
             if not file.is_file():
-                raise BundleError(f"{file}: not found; model.json names it as the {graph} graph")
+                raise BundleError(f"{file}: {_not_a_file(file)}; model.json names it as the {graph} graph")
             graphs[graph] = file.read_bytes()
             actual = hashlib.sha256(graphs[graph]).hexdigest()
             if actual != graph_spec.sha256:
                 raise BundleError(f"{file}: sha256 {actual} does not match model.json's {graph_spec.sha256}")
         return cls(path=path, spec=spec, graphs=graphs)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path that should be a file's is not one."""
+    if path.exists():
+        return "not a regular file"
+    return "a symbolic link to nothing" if path.is_symlink() else "not found"

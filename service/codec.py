@@ -112,9 +112,11 @@ def images_as(images: npt.NDArray[np.float32], output_dtype: int) -> npt.NDArray
 
 def unit_to_bytes(images: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.uint8]:
     """Values in [0,1] as round(255 p), ties to even. In float64, where 255 p is exact for every
-    float32 p: float32's own product rounds onto or across k + 0.5 for some p, a level off."""
+    float32 p: float32's own product rounds onto or across k + 0.5 for some p, a level off. Clipped
+    first, so that a value an ulp outside (an int8 decoder's) is 0 or 255, never wrapped around."""
     scaled = images.astype(np.float64)
     scaled *= 255.0
+    np.clip(scaled, 0.0, 255.0, out=scaled)
     return np.rint(scaled, out=scaled).astype(np.uint8)
 
 

@@ -7,9 +7,11 @@ use is read back from `session.get_providers()`: `--device cuda` without it fail
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -22,6 +24,11 @@ from service.errors import BundleError, DeviceError
 Device = Literal["auto", "cpu", "cuda"]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Where onnxruntime reads the external data of a graph loaded from bytes (the working directory if unset).
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+# How far outside [0,1] a decoder's pixels may fall: an int8 decoder's dequantized top level may land an
+# ulp above 1 (UINT8 answers clip them).
+PIXEL_TOLERANCE = 1e-6
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +73,19 @@ class GraphSession:
         options.log_severity_level = 3
         try:
             # onnxruntime warns when a provider asked for is missing; the check below says it better.
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), tempfile.TemporaryDirectory() as nowhere:
                 warnings.simplefilter("ignore", UserWarning)
+                # A graph whose weights lie in a file beside it (ONNX external data) would have them
+                # read from the working directory, unhashed: from an empty folder, they fail to load.
+                options.add_session_config_entry(EXTERNAL_DATA_FOLDER, nowhere)
                 self.session = ort.InferenceSession(
                     bundle.graphs[graph], options, providers=providers_for(device)
                 )
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise DeviceError(f"{path}: onnxruntime cannot load the graph ({error})") from error
+            raise BundleError(
+                f"{path}: onnxruntime cannot load the graph ({error}); a bundle's graphs are single "
+                "files that hold their weights, as vae-export writes them"
+            ) from error
         self.provider: str = self.session.get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise DeviceError(
@@ -116,20 +129,44 @@ class Runtime:
 
     def warm_up(self) -> None:
         """Calls of 1 row and of 2 to each graph, so that the first request does not pay for
-        onnxruntime's lazy set-up, and a graph that does not answer a row per row (its N declared,
-        not honoured) is refused before SERVING rather than failing every request."""
+        onnxruntime's lazy set-up. A graph that fails on them, that does not answer a row per row
+        (its N declared, not honoured), that answers NaN or Inf, or a decoder whose pixels are not
+        in [0,1] (a graph without its sigmoid) is refused before SERVING rather than failing, or
+        answering garbage to, every request."""
         spec = self.bundle.spec
-        graphs: tuple[tuple[GraphName, GraphSession, tuple[int, ...]], ...] = (
-            ("decoder", self.decoder, (spec.latent_dim,)),
-            ("encoder", self.encoder, spec.image_shape),
+        rng = np.random.default_rng(0)
+        graphs: tuple[tuple[GraphName, GraphSession, Callable[[int], npt.NDArray[np.float32]]], ...] = (
+            (
+                "decoder",
+                self.decoder,
+                lambda rows: rng.standard_normal((rows, spec.latent_dim), dtype=np.float32),
+            ),
+            ("encoder", self.encoder, lambda rows: rng.random((rows, *spec.image_shape), dtype=np.float32)),
         )
-        for graph, session, row_shape in graphs:
+        for graph, session, feed in graphs:
+            path = self.bundle.graph_path(graph)
             for rows in (1, 2):
-                outputs = session.run(np.zeros((rows, *row_shape), dtype=np.float32))
+                try:
+                    outputs = session.run(feed(rows))
+                except Exception as error:  # onnxruntime raises its own types
+                    raise BundleError(f"{path}: fails on {rows} input rows ({error})") from error
                 for name, output in zip(session.output_names, outputs, strict=True):
                     expected = (rows, *spec.graph(graph).outputs[name][1:])
                     if output.shape != expected:
                         raise BundleError(
-                            f"{self.bundle.graph_path(graph)}: output {name!r} has shape "
-                            f"{list(output.shape)} for {rows} input rows, expected {list(expected)}"
+                            f"{path}: output {name!r} has shape {list(output.shape)} for {rows} input rows, "
+                            f"expected {list(expected)}"
                         )
+                    if not np.isfinite(output).all():
+                        raise BundleError(f"{path}: output {name!r} holds NaN or Inf for {rows} input rows")
+                if graph == "decoder":
+                    _check_pixels(path, outputs[0])
+
+
+def _check_pixels(path: Path, images: npt.NDArray[np.float32]) -> None:
+    low, high = float(images.min()), float(images.max())
+    if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+        raise BundleError(
+            f"{path}: images from {low:g} to {high:g}, expected pixels in [0,1] "
+            "(the decoder's probabilities or means, as its final sigmoid makes them)"
+        )

@@ -80,8 +80,23 @@ def test_a_training_run_given_as_the_bundle_is_refused_saying_to_export_it(vae_r
         (lambda s: s.update(format_version=2), "format_version 2, expected 1"),
         (lambda s: s.update(kind="gan"), "kind 'gan', expected 'vae' or 'ae'"),
         (lambda s: s.pop("latent_dim"), "latent_dim"),
-        (lambda s: s["graphs"]["decoder"].update(inputs=[]), "graphs.decoder: malformed graph entry"),
-        (lambda s: s["graphs"]["decoder"]["inputs"].update(z=[]), "graphs.decoder: malformed graph entry"),
+        (
+            lambda s: s["graphs"]["decoder"].update(inputs=[]),
+            "graphs.decoder.inputs: [], expected an object of tensors by name, each with dtype and shape",
+        ),
+        (
+            lambda s: s["graphs"]["decoder"]["inputs"].update(z=[]),
+            "graphs.decoder.inputs.z: [], expected an object with dtype and shape",
+        ),
+        (
+            lambda s: s["graphs"]["decoder"]["inputs"]["z"].pop("shape"),
+            "graphs.decoder.inputs.z.shape: None, expected a list of sizes and 'N'",
+        ),
+        # Names and versions end up in logs and metric labels, where a line break would forge a line.
+        (
+            lambda s: s.update(name="vae\nERROR forged"),
+            "model.json: name: 'vae\\nERROR forged', expected a non-empty string of printable characters",
+        ),
         (
             lambda s: s["graphs"]["decoder"]["inputs"]["z"].update(shape=["N", 3]),
             "graphs.decoder.inputs.z: shape ['N', 3], expected ['N', 2]",
@@ -143,7 +158,14 @@ def test_a_model_json_off_the_contract_is_refused(
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize(("text", "message"), [("{", "not readable JSON"), ("[]", "expected a JSON object")])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not readable JSON"),
+        ("[]", "expected a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "not readable JSON"),
+    ],
+)
 def test_a_model_json_that_is_not_a_json_object_is_refused_by_name(
     bundle_copy: Path, text: str, message: str
 ) -> None:
@@ -152,6 +174,17 @@ def test_a_model_json_that_is_not_a_json_object_is_refused_by_name(
         ModelBundle.load(bundle_copy)
     assert "model.json" in str(error.value)
     assert message in str(error.value)
+
+
+def test_a_model_json_or_graph_that_is_not_a_regular_file_is_refused_saying_so(bundle_copy: Path) -> None:
+    (bundle_copy / "decoder.onnx").unlink()
+    (bundle_copy / "decoder.onnx").symlink_to(bundle_copy / "gone.onnx")
+    with pytest.raises(BundleError, match=r"decoder\.onnx: a symbolic link to nothing; model\.json names it"):
+        ModelBundle.load(bundle_copy)
+    (bundle_copy / "model.json").unlink()
+    (bundle_copy / "model.json").mkdir()
+    with pytest.raises(BundleError, match=r"model\.json: not a regular file; expected a model bundle"):
+        ModelBundle.load(bundle_copy)
 
 
 def test_a_graph_without_a_precision_is_float32_as_bundles_were_before_it(bundle_copy: Path) -> None:
@@ -227,31 +260,103 @@ def test_the_graphs_served_are_the_bytes_that_were_hashed_not_a_file_replaced_si
     np.testing.assert_array_equal(served, verified)
 
 
-def test_a_graph_that_does_not_answer_a_row_per_row_is_refused_at_warm_up(bundle_copy: Path) -> None:
-    """Its N is declared, so the signature passes; every request would fail with INTERNAL."""
+def serve_as_decoder(bundle: Path, nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray]) -> None:
+    """A decoder of the contract's signature (z [N,2] -> images [N,1,28,28]) made of `nodes`, written
+    into the bundle with model.json's hash to match: only its behaviour can give it away."""
     graph = onnx.helper.make_graph(
-        [
-            onnx.helper.make_node("Concat", ["z", "z"], ["twice"], axis=0),
-            onnx.helper.make_node("MatMul", ["twice", "weights"], ["flat"]),
-            onnx.helper.make_node("Reshape", ["flat", "shape"], ["images"]),
-        ],
-        "doubling-decoder",
+        nodes,
+        "decoder",
         [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2])],
         [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["N", 1, 28, 28])],
-        [
-            onnx.numpy_helper.from_array(np.zeros((2, 784), np.float32), "weights"),
-            onnx.numpy_helper.from_array(np.array([-1, 1, 28, 28]), "shape"),
-        ],
+        [onnx.numpy_helper.from_array(value, name) for name, value in weights.items()],
     )
-    onnx.save(onnx.helper.make_model(graph), bundle_copy / "decoder.onnx")
-    digest = sha256_of(bundle_copy / "decoder.onnx")
-    edit_model_json(bundle_copy, lambda s: s["graphs"]["decoder"].update(sha256=digest))
+    onnx.save(onnx.helper.make_model(graph), bundle / "decoder.onnx")
+    digest = sha256_of(bundle / "decoder.onnx")
+    edit_model_json(bundle, lambda s: s["graphs"]["decoder"].update(sha256=digest))
+
+
+def linear_decoder(weight: float) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """z @ W reshaped to images, W filled with `weight`: the nodes and weights of serve_as_decoder."""
+    nodes = [
+        onnx.helper.make_node("MatMul", ["z", "weights"], ["flat"]),
+        onnx.helper.make_node("Reshape", ["flat", "shape"], ["images"]),
+    ]
+    return nodes, {"weights": np.full((2, 784), weight, np.float32), "shape": np.array([-1, 1, 28, 28])}
+
+
+def test_a_graph_that_does_not_answer_a_row_per_row_is_refused_at_warm_up(bundle_copy: Path) -> None:
+    """Its N is declared, so the signature passes; every request would fail with INTERNAL."""
+    nodes, weights = linear_decoder(0.0)
+    nodes[0].input[0] = "twice"  # the MatMul of z stacked twice
+    serve_as_decoder(
+        bundle_copy, [onnx.helper.make_node("Concat", ["z", "z"], ["twice"], axis=0), *nodes], weights
+    )
     runtime = Runtime(ModelBundle.load(bundle_copy), "cpu")
     with pytest.raises(
         BundleError,
         match=r"decoder\.onnx: output 'images' has shape \[2, 1, 28, 28\] for 1 input rows, expected \[1, 1,",
     ):
         runtime.warm_up()
+
+
+def test_a_graph_that_fails_on_two_rows_is_refused_at_warm_up_naming_it(bundle_copy: Path) -> None:
+    """Its Reshape fixes the batch at one image, by a shape computed from z that onnxruntime cannot
+    see when it loads the graph: onnxruntime's error on two rows, said as the bundle's."""
+    nodes, weights = linear_decoder(0.0)
+    nodes[1].input[1] = "one_image"
+    nodes += [
+        onnx.helper.make_node("ReduceSum", ["z"], ["total"], keepdims=0),
+        onnx.helper.make_node("Mul", ["total", "zero"], ["nought"]),
+        onnx.helper.make_node("Add", ["one_image_float", "nought"], ["one_image_as_float"]),
+        onnx.helper.make_node("Cast", ["one_image_as_float"], ["one_image"], to=onnx.TensorProto.INT64),
+    ]
+    weights |= {"zero": np.array(0, np.float32), "one_image_float": np.array([1, 1, 28, 28], np.float32)}
+    serve_as_decoder(bundle_copy, nodes, weights)
+    runtime = Runtime(ModelBundle.load(bundle_copy), "cpu")
+    with pytest.raises(BundleError, match=r"decoder\.onnx: fails on 2 input rows \(.*Reshape"):
+        runtime.warm_up()
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        # A decoder without its sigmoid: its UINT8 pixels would be garbage.
+        (-1.0, r"decoder\.onnx: images from -\d.* to \d.*, expected pixels in \[0,1\]"),
+        (float("nan"), r"decoder\.onnx: output 'images' holds NaN or Inf for 1 input rows"),
+    ],
+)
+def test_a_decoder_whose_pixels_are_not_in_0_1_is_refused_at_warm_up(
+    bundle_copy: Path, weight: float, message: str
+) -> None:
+    serve_as_decoder(bundle_copy, *linear_decoder(weight))
+    runtime = Runtime(ModelBundle.load(bundle_copy), "cpu")
+    with pytest.raises(BundleError, match=message):
+        runtime.warm_up()
+
+
+def test_a_graph_whose_weights_lie_in_a_file_beside_it_is_refused_not_read_from_the_working_directory(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX external data: the hash covers the graph file, not the weights, which onnxruntime would
+    read from the working directory when the graph is loaded from its hashed bytes."""
+    decoder = onnx.load(bundle_copy / "decoder.onnx")
+    onnx.save_model(
+        decoder,
+        bundle_copy / "decoder.onnx",
+        save_as_external_data=True,
+        location="weights.data",
+        size_threshold=0,
+    )
+    digest = sha256_of(bundle_copy / "decoder.onnx")
+    edit_model_json(bundle_copy, lambda s: s["graphs"]["decoder"].update(sha256=digest))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(bundle_copy / "weights.data", elsewhere / "weights.data")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(
+        BundleError, match=r"decoder\.onnx: onnxruntime cannot load the graph .*single files that hold"
+    ):
+        Runtime(ModelBundle.load(bundle_copy), "cpu")
 
 
 def test_cuda_is_refused_when_onnxruntime_would_fall_back_to_the_cpu(vae_bundle: Path) -> None:

@@ -34,6 +34,13 @@ def test_uint8_output_is_255_p_rounded_half_to_even_exactly() -> None:
     assert images_as(pixels, UINT8).tolist() == expected
 
 
+def test_uint8_output_of_a_value_outside_0_1_is_the_nearest_end_never_wrapped_around() -> None:
+    """An int8 decoder's top level may land an ulp above 1; 256 would wrap to 0, -1 to 255."""
+    above_one = np.nextafter(np.float32(1), np.float32(2))
+    pixels = np.array([-0.5, -np.float32(1e-7), above_one, 1.5], np.float32)
+    assert images_as(pixels, UINT8).tolist() == [0, 0, 255, 255]
+
+
 def test_bytes_become_the_float32_nearest_to_k_over_255() -> None:
     for k, value in enumerate(bytes_to_unit(np.arange(256, dtype=np.uint8))):
         error = abs(Fraction(float(value)) - Fraction(k, 255))
