@@ -69,15 +69,19 @@ def manifest_for(job: JobSettings, input_: ImageInput, model: dict[str, Any] = M
     return new_manifest(job, input_, rows, model)
 
 
-def finished_output(job: JobSettings, input_: ImageInput) -> dict[str, Any]:
-    """An output whose first shard (rows 0-4) is committed, as a killed job leaves it."""
+def finished_output(job: JobSettings, input_: ImageInput, shards: int = 1) -> dict[str, Any]:
+    """An output whose first `shards` shards of 5 rows (rows 0-4, 5-9...) are committed, as a killed job
+    leaves it."""
     manifest = manifest_for(job, input_)
     prepare_output(job.output, job, input_, manifest)
-    data = shard_bytes(np.arange(5), np.zeros((5, 2), np.float32), np.zeros((5, 2), np.float32))
-    (job.output / "shard-00000.npz").write_bytes(data)
-    manifest["shards"].append(
-        {"file": "shard-00000.npz", "start": 0, "stop": 5, "sha256": sha256_bytes(data)}
-    )
+    for number in range(shards):
+        start, zeros = 5 * number, np.zeros((5, 2), np.float32)
+        data = shard_bytes(np.arange(start, start + 5), zeros, zeros)
+        name = f"shard-{number:05d}.npz"
+        (job.output / name).write_bytes(data)
+        manifest["shards"].append(
+            {"file": name, "start": start, "stop": start + 5, "sha256": sha256_bytes(data)}
+        )
     write_manifest(job.output, manifest)
     return manifest
 
@@ -225,19 +229,21 @@ def test_a_split_job_refuses_an_output_that_holds_the_parts_of_another_split(
     assert [p.name for p in output.iterdir()] == ["part-00000-of-00003"]
 
 
+@pytest.mark.parametrize("corrupt", [0, 1], ids=["the first", "the last"])
 def test_a_resume_refuses_a_committed_shard_that_is_corrupt_saying_what_to_do_and_writes_nothing(
-    tmp_path: Path,
+    tmp_path: Path, corrupt: int
 ) -> None:
+    """Whichever of the committed shards it is: every one of them is checked, not only the first."""
     job = settings(tmp_path, rows_per_shard=5, resume=True)
-    finished_output(job, source())
-    (job.output / "shard-00000.npz").write_bytes(b"garbage")
+    finished_output(job, source(rows=15), shards=2)
+    (job.output / f"shard-{corrupt:05d}.npz").write_bytes(b"garbage")
     before = {path.name: path.read_bytes() for path in job.output.iterdir()}
     with pytest.raises(
         JobError,
-        match=r"shard-00000.npz: sha256 differs from the manifest's: the file is corrupt; --resume cannot "
-        r"continue this output: run the job again with a new --output$",
+        match=rf"shard-{corrupt:05d}.npz: sha256 differs from the manifest's: the file is corrupt; --resume "
+        r"cannot continue this output: run the job again with a new --output$",
     ):
-        prepare_output(job.output, job, source(), manifest_for(job, source()))
+        prepare_output(job.output, job, source(rows=15), manifest_for(job, source(rows=15)))
     assert {path.name: path.read_bytes() for path in job.output.iterdir()} == before
 
 
@@ -271,7 +277,7 @@ def test_the_shard_index_defaults_to_the_kubernetes_completion_index(monkeypatch
     assert completion_index(num_shards=4) == 0
 
 
-@pytest.mark.parametrize("value", ["3", "x"])
+@pytest.mark.parametrize("value", ["1", "3", "x"])  # 1: the first index past --num-shards 1
 def test_a_completion_index_that_is_no_shard_index_is_refused_by_its_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
 ) -> None:
@@ -363,15 +369,60 @@ class WrongWidth:
             yield EncodeResult(np.zeros((len(images), 1), np.float32), None, str(MODEL["encoder_sha256"]))
 
 
+class ShortMeans(WrongWidth):
+    """A client whose service answers means one row short, and log-variances of every row."""
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            log_var = np.zeros((len(images), 2), np.float32)
+            yield EncodeResult(log_var[1:], log_var, str(MODEL["encoder_sha256"]))
+
+
+@pytest.mark.parametrize(
+    ("client", "shape"),
+    [(WrongWidth, r"\[4, 1\]"), (ShortMeans, r"\[3, 2\]")],
+    ids=["a column short", "a row short"],
+)
 def test_answers_of_the_wrong_shape_stop_the_job_before_a_shard_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: type, shape: str
 ) -> None:
+    """A row short, no answer could be told to be its row's, and the shard would leave a row out."""
     np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
-    monkeypatch.setattr(encode_job, "VaeClient", WrongWidth)
+    monkeypatch.setattr(encode_job, "VaeClient", client)
     settings = JobSettings(target="t", input=tmp_path / "x.npy", output=tmp_path / "out", progress_bar=False)
-    with pytest.raises(JobError, match=r"means of shape \[4, 1\], expected \[4, 2\]"):
+    with pytest.raises(
+        JobError, match=rf"rows \[0, 4\): the service answered means of shape {shape}, expected "
+    ):
         EncodeJob(settings, log=io.StringIO()).run()
     assert not list((tmp_path / "out").glob("shard-*"))
+    assert read_manifest(tmp_path / "out")["shards"] == []
+
+
+class OtherEncoder(WrongWidth):
+    """A client reaching a replica that serves another encoder: answers of the right shape, from it."""
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            zeros = np.zeros((len(images), 2), np.float32)
+            yield EncodeResult(zeros, zeros, "ef" * 32)
+
+
+def test_answers_from_another_encoder_stop_the_job_before_a_shard_is_written_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that reconnects mid-job, during a rolling update, may reach the new encoder: its rows
+    would lie in another latent space than the output's."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", OtherEncoder)
+    settings = JobSettings(target="t", input=tmp_path / "x.npy", output=tmp_path / "out", progress_bar=False)
+    with pytest.raises(JobError) as refused:
+        EncodeJob(settings, log=io.StringIO()).run()
+    assert str(refused.value).startswith(
+        "row 0 was encoded by encoder efefefefefef behind t, not by vae version 1 (encoder abababababab) "
+        "that this output holds; the shards committed before it are kept."
+    )
+    assert not list((tmp_path / "out").glob("shard-*"))
+    assert read_manifest(tmp_path / "out")["shards"] == []
 
 
 class ShortLogVar(WrongWidth):
@@ -491,6 +542,20 @@ def test_settings_refuse_an_answer_timeout_that_is_not_more_than_0(tmp_path: Pat
         settings(tmp_path, answer_timeout_s=seconds)
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("flag", ["--rows-per-shard", "--max-in-flight"])
+def test_a_count_flag_of_less_than_1_exits_2_naming_it_before_the_output_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """Shards of no rows would never end the job, and no request in flight would never start it."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)  # a service that would answer
+    argv = ["--target", "vae.example:50051", "--input", str(tmp_path / "x.npy")]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress", flag, value]) == 2
+    assert capsys.readouterr().err == f"vae-encode-job: {flag[2:]} must be at least 1, got {value}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_part_with_no_rows_ends_complete_and_the_parts_merge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -556,6 +621,60 @@ def test_a_job_stopped_before_a_shard_takes_its_name_leaves_no_shard_under_that_
         EncodeJob(job, log=io.StringIO()).run()
     assert sorted(p.name for p in job.output.iterdir()) == [".lock", MANIFEST, "shard-00000.npz.tmp"]
     assert read_manifest(job.output)["shards"] == []
+
+
+def numbered(rows: int) -> np.ndarray:
+    """`rows` images, each told apart by its first two pixels: its row number, and 200 less it."""
+    images = np.zeros((rows, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(rows)
+    images[:, 0, 1] = 200 - np.arange(rows)
+    return images
+
+
+class Echo(WrongWidth):
+    """A client whose service answers each row with its own first two pixels as the mean, and with
+    -mean - 1 as the log-variance: a row stored with another row's answer, or a mean stored as a
+    log-variance, shows."""
+
+    def encode_stream(self, requests: Any, **options: Any) -> Any:
+        for images in requests:
+            mean = images.reshape(len(images), -1)[:, :2].astype(np.float32)
+            yield EncodeResult(mean, -mean - 1, str(MODEL["encoder_sha256"]))
+
+
+def test_each_row_keeps_its_own_mean_and_log_var_across_requests_shards_and_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """23 rows in shards of 5 sent 3 rows a request (a full shard in two requests, of 3 and 2 rows), the
+    job killed once shard 1 is committed and then resumed: every row's answers lie in its own place."""
+    np.save(tmp_path / "x.npy", numbered(23))
+    monkeypatch.setattr(encode_job, "VaeClient", Echo)
+    job = JobSettings(
+        target="t",
+        input=tmp_path / "x.npy",
+        output=tmp_path / "out",
+        batch_size=3,
+        rows_per_shard=5,
+        progress_bar=False,
+    )
+
+    def killed(self: EncodeJob, point: str, shard: int) -> None:
+        if (point, shard) == ("after-manifest", 1):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EncodeJob, "pause", killed)
+        with pytest.raises(KeyboardInterrupt):
+            EncodeJob(job, log=io.StringIO()).run()
+    assert [entry["stop"] for entry in read_manifest(job.output)["shards"]] == [5, 10]
+    summary = EncodeJob(replace(job, resume=True), log=io.StringIO()).run()
+    assert (summary.rows, summary.rows_resumed) == (13, 10)
+    index, mean, log_var = read_encodings(job.output)
+    expected = np.stack([np.arange(23), 200 - np.arange(23)], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(index, np.arange(23))
+    np.testing.assert_array_equal(mean, expected)
+    assert log_var is not None
+    np.testing.assert_array_equal(log_var, -expected - 1)
 
 
 def test_a_disk_full_as_the_job_starts_exits_1_for_a_retry_as_it_does_mid_job(

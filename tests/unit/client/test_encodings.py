@@ -123,6 +123,17 @@ def test_a_crash_before_the_rename_leaves_the_old_file_whole(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+def test_a_write_over_a_longer_temporary_file_left_by_a_killed_run_leaves_exactly_the_new_bytes(
+    tmp_path: Path,
+) -> None:
+    """The temporary name is the same on every run: the tail of an older, longer file must not follow."""
+    path = tmp_path / "manifest.json"
+    (tmp_path / "manifest.json.tmp").write_bytes(b"x" * 1000)
+    write_atomic(path, b"{}\n")
+    assert path.read_bytes() == b"{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def test_a_write_that_fails_leaves_the_old_file_whole_and_no_half_file_beside_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,6 +267,52 @@ def test_a_manifest_whose_shards_do_not_cover_its_rows_once_each_in_order_is_ref
     write_manifest(tmp_path, {**manifest, "shards": edit(manifest["shards"])})
     with pytest.raises(EncodingsError, match=message):
         read_encodings(tmp_path)
+
+
+def test_a_manifest_of_shards_longer_than_its_rows_per_shard_is_refused_though_they_read_whole(
+    tmp_path: Path,
+) -> None:
+    """A resume after shard 0 of rows 0-7 would go on with shard 1 at row 4, and hold rows 4-7 twice."""
+    manifest = write_output(tmp_path, 0, 10, 8, 10)  # shards [0, 8) and [8, 10), checksums right
+    write_manifest(tmp_path, {**manifest, "rows_per_shard": 4})
+    with pytest.raises(
+        EncodingsError,
+        match=r"shard 0 is shard-00000.npz with rows \[0, 8\), expected shard-00000.npz with rows \[0, 4\)",
+    ):
+        read_encodings(tmp_path)
+
+
+def test_a_manifest_listing_shards_under_each_others_file_names_is_refused_though_they_read_whole(
+    tmp_path: Path,
+) -> None:
+    """Each shard checks out, but a resume writes shard N to shard-0000N.npz: over another shard's file."""
+    manifest = write_output(tmp_path, 0, 10, 4, 10)
+    (tmp_path / "shard-00001.npz").rename(tmp_path / "swapped")
+    (tmp_path / "shard-00002.npz").rename(tmp_path / "shard-00001.npz")
+    (tmp_path / "swapped").rename(tmp_path / "shard-00002.npz")
+    first, second, third = manifest["shards"]
+    shards = [first, {**second, "file": third["file"]}, {**third, "file": second["file"]}]
+    write_manifest(tmp_path, {**manifest, "shards": shards})
+    with pytest.raises(
+        EncodingsError,
+        match=r"shard 1 is shard-00002.npz with rows \[4, 8\), expected shard-00001.npz with rows \[4, 8\)",
+    ):
+        read_encodings(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_an_output_of_no_rows_reads_as_zero_rows_of_its_models_width(tmp_path: Path, kind: str) -> None:
+    """An input of no rows: arrays that stack with those of any output of the model, and an AE's None."""
+    manifest = write_output(tmp_path, 0, 0, 4, 0)
+    write_manifest(tmp_path, {**manifest, "model": {**MODEL, "kind": kind, "latent_dim": 3}})
+    index, mean, log_var = read_encodings(tmp_path)
+    assert (index.shape, index.dtype.str) == ((0,), "<i8")
+    assert (mean.shape, mean.dtype.str) == ((0, 3), "<f4")
+    if kind == "vae":
+        assert log_var is not None
+        assert (log_var.shape, log_var.dtype.str) == ((0, 3), "<f4")
+    else:
+        assert log_var is None
 
 
 def test_a_manifest_missing_a_field_of_its_shard_list_is_refused_as_malformed(tmp_path: Path) -> None:
