@@ -718,9 +718,10 @@ def merge_main(argv: Sequence[str]) -> int:
     except (JobError, EncodingsError, OSError) as error:
         print(f"vae-encode-job merge: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the merged manifest is written atomically: all of it, or none
-        print("vae-encode-job merge: interrupted; run it again", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # the merged manifest is written atomically: all of it, or none
+        how, code = _stopped_by(stop)
+        print(f"vae-encode-job merge: {how}; run it again", file=sys.stderr)
+        return code
     parts = len(manifest["merged_from"])
     print(f"vae-encode-job merge: {args.output}/{MANIFEST} lists {manifest['rows']} rows from {parts} parts")
     return 0
@@ -732,6 +733,11 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def _stopped_by(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """How a run was stopped, and its exit status: the shell's 128 + the signal's number."""
+    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -791,7 +797,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as stop:
         # Whatever the moment, the shards committed so far are whole and listed, and --resume goes on
         # from them (or starts over on what a run stopped before its first manifest left).
-        how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        how, code = _stopped_by(stop)
         print(
             f"vae-encode-job: {how}; the shards committed so far are kept: run again with --resume "
             "to continue",

@@ -38,6 +38,7 @@ from client.encode_job import (
     prepare_output,
 )
 from client.encodings import (
+    LOCK,
     MANIFEST,
     read_encodings,
     read_manifest,
@@ -576,6 +577,38 @@ def test_a_part_with_no_rows_ends_complete_and_the_parts_merge(
     assert (empty["rows"], empty["shards"], empty["complete"]) == (0, [], True)
     assert merge_main(["--output", str(tmp_path / "out")]) == 0
     np.testing.assert_array_equal(read_encodings(tmp_path / "out").input_rows, [0, 1])
+
+
+@pytest.mark.parametrize(
+    ("stop", "status", "said"),
+    [(KeyboardInterrupt, 130, "interrupted"), (encode_job.Terminated, 143, "terminated (SIGTERM)")],
+)
+def test_a_merge_stopped_by_ctrl_c_or_sigterm_exits_as_the_job_does_and_leaves_the_parts_as_they_were(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop: type[KeyboardInterrupt],
+    status: int,
+    said: str,
+) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    monkeypatch.setattr(encode_job, "VaeClient", Recorder)
+    for index in range(2):
+        job = settings(tmp_path, shard_index=index, num_shards=2, progress_bar=False)
+        EncodeJob(job, log=io.StringIO()).run()
+
+    def parts() -> list[Path]:  # the merge's lock file aside, which every run of it leaves
+        return sorted(path for path in (tmp_path / "out").rglob("*") if path.name != LOCK)
+
+    before = parts()
+
+    def stopped(output: Path) -> dict[str, Any]:
+        raise stop
+
+    monkeypatch.setattr(encode_job, "merged_manifest", stopped)
+    assert merge_main(["--output", str(tmp_path / "out")]) == status
+    assert capsys.readouterr().err == f"vae-encode-job merge: {said}; run it again\n"
+    assert parts() == before
 
 
 def test_a_resumed_run_counts_and_rates_only_the_rows_it_encoded_itself(
