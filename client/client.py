@@ -20,7 +20,6 @@ import queue
 import random
 import re
 import threading
-import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -49,8 +48,8 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 # CANCELLED too: gRPC answers it to calls that reach a server as it shuts down (a rolling update's
 # drain). This client's own cancellations are not retried: a closed channel ends its calls with
-# CANCELLED (see _Retrier), an answer watchdog reports DEADLINE_EXCEEDED, and a closed generator or an
-# asyncio cancellation raises no RpcError.
+# CANCELLED (see _Retrier), a wait for an answer past its limit reports DEADLINE_EXCEEDED, and a
+# closed generator or an asyncio cancellation raises no RpcError.
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -502,44 +501,47 @@ class _NoAnswer(Exception):
         return f"no answer within {self.seconds:g} s, so the stream was abandoned"
 
 
-class _AnswerWatchdog:
-    """Cancels a call that has waited `seconds` for its next answer (no watch for None).
+class _AnswerReader:
+    """Reads a stream's answers on a thread of its own, so that the caller waits on a queue rather
+    than inside gRPC. An exception that a signal's handler raises (Ctrl-C, vae-encode-job's SIGTERM)
+    then lands in that wait and leaves gRPC's locks alone; raised inside them, it hung about one
+    stopped job in twenty, for good.
 
-    A replica whose server hangs while its connection lives (gRPC's core still answers keepalive
-    pings) would otherwise hold a stream, and a batch job, forever. Only the waits count: time the
-    caller spends between answers, writing them, say, does not.
+    A wait for the next answer longer than `seconds` (no limit for None) cancels the call: a replica
+    whose server hangs while its connection lives (gRPC's core still answers keepalive pings) would
+    otherwise hold a stream, and a batch job, forever. Only the waits count: time the caller spends
+    between answers, writing them, say, does not. The answers read ahead are those of the requests
+    in flight, which the caller bounds.
     """
 
-    def __init__(self, cancel: Callable[[], Any], seconds: float | None) -> None:
-        self.fired: _NoAnswer | None = None
-        self._cancel = cancel
-        self._waiting_since: float | None = None
-        self._stopped = threading.Event()
-        if seconds is not None:
-            threading.Thread(target=self._watch, args=(seconds,), name="answer-watchdog", daemon=True).start()
+    def __init__(self, call: Any, seconds: float | None) -> None:
+        self._call = call
+        self._seconds = seconds
+        self._answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="answer-reader", daemon=True).start()
 
-    def next_answer(self, responses: Iterator[Any]) -> Any | None:
-        """The next answer, or None at the stream's end."""
-        self._waiting_since = time.monotonic()
+    def _read(self) -> None:
         try:
-            return next(responses, None)
-        except grpc.RpcError:
-            if self.fired is not None:  # the CANCELLED of the watchdog's own cancel: say why instead
-                raise self.fired from None
-            raise
-        finally:
-            self._waiting_since = None
+            for answer in self._call:
+                self._answers.put(answer)
+            self._answers.put(_END)
+        except BaseException as error:  # the call's status, handed to the caller to raise
+            self._answers.put(error)
 
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _watch(self, seconds: float) -> None:
-        while not self._stopped.wait(min(1.0, seconds / 4)):
-            since = self._waiting_since
-            if since is not None and time.monotonic() - since > seconds:
-                self.fired = _NoAnswer(seconds)
-                self._cancel()
-                return
+    def next_answer(self) -> Any | None:
+        """The next answer, or None at the stream's end."""
+        seconds = self._seconds
+        try:
+            answer = self._answers.get(timeout=seconds)
+        except queue.Empty:
+            assert seconds is not None  # a wait without a limit never ends empty
+            self._call.cancel()
+            raise _NoAnswer(seconds) from None
+        if answer is _END:
+            return None
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
 
 # What gRPC takes as a metadata key.
@@ -884,10 +886,10 @@ class VaeClient:
                     call = self._stub.EncodeStream(
                         iter(requests.get, None), timeout=timeout_s, metadata=self._state.metadata
                     )
-                    watchdog = _AnswerWatchdog(call.cancel, answer_timeout_s)
+                    answers = _AnswerReader(call, answer_timeout_s)
                     try:
                         refill(requests)
-                        while (response := watchdog.next_answer(call)) is not None:
+                        while (response := answers.next_answer()) is not None:
                             if not pending:
                                 raise VaeClientError("EncodeStream", None, "more answers than requests")
                             pending.popleft()
@@ -906,7 +908,6 @@ class VaeClient:
                             )
                         return
                     finally:
-                        watchdog.stop()
                         requests.put(None)  # lets grpc's request thread finish
                         call.cancel()
                 self._pause(retrier.pause_s)

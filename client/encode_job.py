@@ -107,6 +107,8 @@ from client.images import ImageInput, InputError, read_images
 PAUSE_POINTS = ("mid-shard", "before-rename", "before-manifest", "after-manifest")
 PAUSE_ENV = "VAE_ENCODE_JOB_PAUSE_AT"
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+# Parts a job may be split into: Kubernetes' own bound on an Indexed Job's completions is 100,000.
+MAX_SHARDS = 100_000
 # A job outlasts a replica's restart: ten tries, between them pauses of up to 10 s, 16 to 33 s in all.
 JOB_RETRY = RetryPolicy(max_attempts=10, max_backoff_s=10.0)
 # Statuses that the same requests get however often the job runs again: exit 2, which the Kubernetes
@@ -184,6 +186,11 @@ class JobSettings:
         for name in ("batch_size", "rows_per_shard", "max_in_flight", "num_shards"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_shards > MAX_SHARDS:
+            raise ValueError(
+                f"num-shards must be at most {MAX_SHARDS:,} (each part is a folder that merge reads), "
+                f"got {self.num_shards:,}"
+            )
         if not self.answer_timeout_s > 0:  # NaN fails too
             raise ValueError(f"answer-timeout must be more than 0 seconds, got {self.answer_timeout_s}")
         split_rows(0, self.num_shards, self.shard_index)  # checks the index

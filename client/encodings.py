@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -40,6 +41,8 @@ LOCK = ".lock"  # held by the one job (or merge) writing the directory
 INPUTS_LIST = "inputs.txt"
 REJECTED_LIST = "rejected.txt"
 _PART_NAME = re.compile(r"^part-(\d{5,})-of-(\d{5,})$")  # 100000 parts: six digits
+# The missing parts an error names before it counts the rest.
+MISSING_PARTS_NAMED = 5
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -312,9 +315,13 @@ def part_directories(directory: Path) -> list[Path]:
     if len(counts) != 1:
         raise EncodingsError(f"{directory}: parts of jobs split in different ways: {sorted(counts)} shards")
     parts = counts.pop()
-    missing = [part_directory_name(i, parts) for i in range(parts) if (i, parts) not in found]
-    if missing:
-        raise EncodingsError(f"{directory}: parts missing: {', '.join(missing)}")
+    if len(found) < parts:
+        # Named, not listed: a folder's name may claim more parts than a list of names could hold.
+        missing = (part_directory_name(i, parts) for i in range(parts) if (i, parts) not in found)
+        first = list(itertools.islice(missing, MISSING_PARTS_NAMED))
+        absent = parts - len(found)
+        more = f" and {absent - len(first)} more" if absent > len(first) else ""
+        raise EncodingsError(f"{directory}: {absent} of {parts} parts missing: {', '.join(first)}{more}")
     return [found[i, parts] for i in range(parts)]
 
 

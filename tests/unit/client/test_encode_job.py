@@ -543,6 +543,26 @@ def test_settings_refuse_an_answer_timeout_that_is_not_more_than_0(tmp_path: Pat
         settings(tmp_path, answer_timeout_s=seconds)
 
 
+def test_a_split_into_more_parts_than_a_kubernetes_indexed_job_may_have_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each part is a folder, which merge and read_encodings look for one by one."""
+    argv = [
+        "--target",
+        "vae.example:50051",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main([*argv, "--num-shards", "100001", "--shard-index", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "vae-encode-job: num-shards must be at most 100,000 (each part is a folder that merge reads), "
+        "got 100,001\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 @pytest.mark.parametrize("flag", ["--rows-per-shard", "--max-in-flight"])
 def test_a_count_flag_of_less_than_1_exits_2_naming_it_before_the_output_is_made(

@@ -387,7 +387,23 @@ def test_a_missing_part_is_named(tmp_path: Path) -> None:
     for file in (tmp_path / "part-00001-of-00003").iterdir():
         file.unlink()
     (tmp_path / "part-00001-of-00003").rmdir()
-    with pytest.raises(EncodingsError, match="parts missing: part-00001-of-00003"):
+    with pytest.raises(EncodingsError, match=r"1 of 3 parts missing: part-00001-of-00003$"):
+        read_encodings(tmp_path)
+
+
+def test_a_part_whose_name_claims_a_billion_parts_is_answered_by_a_count_not_a_list_of_them(
+    tmp_path: Path,
+) -> None:
+    """A list of a billion names would take gigabytes before the error could say anything."""
+    write_parts(tmp_path, 10, 3)
+    (tmp_path / "part-00001-of-00003").rename(tmp_path / "part-00001-of-1000000000")
+    for part in (0, 2):
+        (tmp_path / f"part-0000{part}-of-00003").rename(tmp_path / f"part-0000{part}-of-1000000000")
+    with pytest.raises(
+        EncodingsError,
+        match=r"999999997 of 1000000000 parts missing: part-00003-of-1000000000, .*, "
+        r"part-00007-of-1000000000 and 999999992 more$",
+    ):
         read_encodings(tmp_path)
 
 
