@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from client.images import InputError, load_npy, npy_bytes, read_images, save_ima
 DEFAULT_TARGET = "localhost:50051"
 COMMANDS = ("sample", "encode", "decode", "info")
 SEED_MAX = 2**64 - 1  # SampleRequest.seed is a uint64
+# The status of a process that SIGPIPE ended, as a shell reports it: 128 + 13.
+BROKEN_PIPE = 141
 
 
 class MixedModels(Exception):
@@ -439,11 +442,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _client(args) as client:
             args.run(client, args)
+        sys.stdout.flush()  # here, where a reader gone away (`| head`) is caught, not at exit
     except (VaeClientError, MixedModels) as error:
         print(f"vae-client: {error}", file=sys.stderr)
         # The server refused the input as sent: bad input, as the command's own checks report it.
         refused = isinstance(error, VaeClientError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
         return 2 if refused else 1
+    except BrokenPipeError:  # `vae-client info | head -1`: the reader had what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return BROKEN_PIPE
     except (InputError, ValueError, TypeError, OSError) as error:
         print(f"vae-client: {error}", file=sys.stderr)
         return 2

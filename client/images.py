@@ -304,14 +304,16 @@ def as_uint8_images(images: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
 
 
 def image_grid(images: npt.NDArray[Any], columns: int | None = None, padding: int = 2) -> Image.Image:
-    """A grey grid of images, `columns` wide (default: as square as possible), black padding between."""
+    """A grey grid of images, `columns` wide (default: as square as possible; never wider than the
+    images, so that a huge --columns draws one row, not a canvas of empty columns), black padding
+    between."""
     tiles = as_uint8_images(images)
     count = len(tiles)
     if count == 0:
         raise ValueError("no images to draw")
     if columns is not None and columns < 1:
         raise ValueError(f"columns must be at least 1, got {columns}")
-    columns = columns or math.ceil(math.sqrt(count))
+    columns = min(columns or math.ceil(math.sqrt(count)), count)
     rows = math.ceil(count / columns)
     step = IMAGE_SIDE + padding
     canvas = np.zeros((rows * step + padding, columns * step + padding), dtype=np.uint8)

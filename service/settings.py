@@ -29,6 +29,8 @@ MAX_QUEUE_SIZE = 684_000
 MAX_THREADS = 1024
 # gRPC counts a connection's age in milliseconds, in 32 bits: at most about 24.8 days.
 MAX_CONNECTION_AGE_S = (2**31 - 1) // 1000
+# Hosts that listen on every address: a port bound on one of them is bound on the others too.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 TlsMode = Literal["plaintext", "TLS", "mutual TLS"]
 
 
@@ -147,6 +149,13 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{_setting(name)} {getattr(self, name)}: expected 0 to 65535")
+        metrics_host = self.metrics_host or self.host
+        same_address = metrics_host == self.host or bool({metrics_host, self.host} & WILDCARD_HOSTS)
+        if self.port and self.port == self.metrics_port and same_address:  # else "address already in use"
+            problems.append(
+                f"{_setting('metrics_port')} {self.metrics_port}: the gRPC port too ({_setting('port')}); "
+                "expected another port, or 0 to pick a free one"
+            )
         for name in ("max_batch_size", "max_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{_setting(name)} {getattr(self, name)}: expected at least 1")
@@ -235,7 +244,9 @@ class Settings:
             hidden = default in (None, "", dataclasses.MISSING) or isinstance(default, _BadVariable)
             shown = "" if hidden else f"; default {default}"
             options: dict[str, Any] = {
-                "type": kind,
+                # An empty optional path turns its setting off as a variable, which a manifest may have
+                # to write; as a flag it is a `--tls-cert "$CERT"` whose CERT is unset: refused.
+                "type": path if kind is _optional_path else kind,
                 "default": default,
                 "help": f"{f.metadata['help']} [{env}{shown}]".replace("%", "%%"),
             }

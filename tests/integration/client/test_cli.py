@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +45,23 @@ def test_info_prints_model_info_as_json(vae_server: ServerThread, capsys: pytest
     assert cli.main(["info", "--target", vae_server.target]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["name"] == "tiny-vae" and info["latent_dim"] == 2 and info["image_shape"] == [1, 28, 28]
+
+
+def test_info_into_a_pipe_whose_reader_is_gone_exits_quietly_as_sigpipe_would(
+    vae_server: ServerThread,
+) -> None:
+    """`vae-client info | head -c 10`: the reader had what it wanted; no error, no exit 2 (bad input)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "wb") as gone:
+        done = subprocess.run(
+            [sys.executable, "-m", "client.cli", "info", "--target", vae_server.target],
+            stdout=gone,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert (done.returncode, done.stderr) == (cli.BROKEN_PIPE, "")
 
 
 def test_encode_then_decode_round_trips_through_files_as_the_python_client_answers(

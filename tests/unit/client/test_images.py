@@ -376,6 +376,7 @@ def test_a_grid_lays_images_out_in_rows_with_padding(tmp_path: Path) -> None:
     assert pixels[2, 2] == 255 and pixels[0, 0] == 0
     with pytest.raises(ValueError, match="columns must be at least 1, got 0"):
         image_grid(images, columns=0)
+    assert image_grid(images, columns=10**9).size == (10 * 30 + 2, 30 + 2)  # one row, as wide as the images
     save_images(images, tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size == (4 * 30 + 2, 3 * 30 + 2)  # ceil(sqrt(10)) wide
     with pytest.raises(ValueError, match=r"\.png"):

@@ -133,6 +133,15 @@ def test_an_empty_model_dir_is_refused_not_read_as_the_current_folder(
         (["--port", "70000"], {}, "expected 0 to 65535"),
         (["--metrics-port", "65536"], {}, "--metrics-port 65536: expected 0 to 65535"),
         (["--metrics-port", "-1"], {}, "--metrics-port -1: expected 0 to 65535"),
+        (["--port", "8080", "--metrics-port", "8080"], {}, "--metrics-port 8080: the gRPC port too (--port)"),
+        (
+            ["--port", "8080", "--metrics-port", "8080", "--host", "127.0.0.1", "--metrics-host", "::"],
+            {},
+            "--metrics-port 8080: the gRPC port too (--port); expected another port, or 0 to pick a free one",
+        ),
+        # A `--tls-cert "$CERT"` whose CERT is unset would otherwise serve plaintext without a word.
+        (["--tls-cert", "", "--tls-key", ""], {}, "argument --tls-cert: invalid path value: ''"),
+        (["--tls-client-ca", ""], {}, "argument --tls-client-ca: invalid path value: ''"),
         (["--max-samples", "0"], {}, "--max-samples 0: expected at least 1"),
         (["--max-queue-size", "700000"], {}, "expected at most 684000, as a request of that many FLOAT32"),
         (["--inference-nice", "20"], {}, "--inference-nice 20: expected 0 to 19"),
@@ -262,6 +271,14 @@ def test_inference_threads_are_pinned_only_where_the_process_has_one_cpu_per_thr
 
 FAKE_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
 FAKE_KEY = "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"
+
+
+def test_one_port_on_two_distinct_addresses_is_two_listeners_and_allowed() -> None:
+    settings = Settings.from_args(
+        ["--model-dir", "bundle", "--host", "10.0.0.1", "--metrics-host", "127.0.0.1"],
+        {"VAE_SERVE_PORT": "8080", "VAE_SERVE_METRICS_PORT": "8080"},
+    )
+    assert (settings.port, settings.metrics_port) == (8080, 8080)
 
 
 def test_tls_is_off_by_default_and_an_empty_variable_leaves_it_off() -> None:
