@@ -602,6 +602,15 @@ def _holds_training_files(dataset: str, data_dir: Path) -> bool:
     return True
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why a report could not be written at `path`, said before the minutes of evaluation; None where
+    it may be (the folders it needs are made then)."""
+    if path.is_dir():
+        return "a folder; expected the name of the file to write"
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    return None if existing.is_dir() else f"{existing} is a file, not a folder to write it in"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -614,6 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--json {args.json}: a file of the run {run_dir}, which it would replace; "
             "write the report elsewhere"
         )
+    if args.json is not None and (problem := _unwritable(args.json)):
+        parser.error(f"--json {args.json}: {problem}")
     command = "vae-evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         evaluator = Evaluator(

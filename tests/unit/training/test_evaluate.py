@@ -505,16 +505,17 @@ def test_one_runs_figures_are_also_at_the_top_level_by_the_contracts_names(
         assert report[name] == run[name] and isinstance(report[name], float)
 
 
-def test_a_json_path_that_cannot_be_written_is_an_error_after_the_report_is_printed(
-    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_json_file_that_fails_to_be_written_is_an_error_after_the_report_is_printed(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [str(runs["ae"]), "--limit", "20", "--device", "cpu", "--no-figures", "--json", str(tmp_path)]
+    """A full disk (/dev/full) shows only when the report is written: it is on stdout all the same."""
+    argv = [str(runs["ae"]), "--limit", "20", "--device", "cpu", "--no-figures", "--json", "/dev/full"]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert json.loads(captured.out)["runs"][0]["test_set"]["images"] == 20
-    assert f"--json {tmp_path}" in captured.err
+    assert "--json /dev/full: [Errno 28] No space left on device" in captured.err
 
 
 @pytest.mark.parametrize(
@@ -534,6 +535,30 @@ def test_a_json_path_that_is_a_file_of_a_run_being_evaluated_is_refused_before_a
         f"a file of the run {run}, which it would replace; write the report elsewhere"
         in capsys.readouterr().err
     )
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("json_path", "message"),
+    [
+        ("report", "a folder; expected the name of the file to write"),
+        ("a-file/report.json", "{tmp_path}/a-file is a file, not a folder to write it in"),
+        ("a-file/deeper/report.json", "{tmp_path}/a-file is a file, not a folder to write it in"),
+    ],
+)
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_evaluation_not_after_it(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], json_path: str, message: str
+) -> None:
+    """The evaluation takes minutes, and rewrites the run's metrics.json and figures."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["ae"], run)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "a-file").write_text("")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), "--device", "cpu", "--json", str(tmp_path / json_path)])
+    assert exit_.value.code == 2
+    assert f"--json {tmp_path / json_path}: {message.format(tmp_path=tmp_path)}" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
