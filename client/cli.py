@@ -6,7 +6,8 @@
     vae-client info --target localhost:50051
 
 Exit status: 0 on success, 1 when the call failed (the server's message is printed), 2 for bad
-arguments or input files, or input the server refuses (INVALID_ARGUMENT), 130 when interrupted.
+arguments or input files, or input the server refuses (INVALID_ARGUMENT), 130 when interrupted, 141
+(quietly) when what reads its output is gone (`vae-client info | head -c 10`).
 """
 
 from __future__ import annotations
