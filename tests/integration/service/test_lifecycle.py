@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from client.client import encode_request
+from service.codec import to_tensor
 from service.server import SERVICE_NAME
 from service.settings import usable_cpus
 from tests.conftest import ServerThread
@@ -170,6 +171,35 @@ def test_calls_still_running_when_the_grace_period_ends_are_cut_unavailable_and_
         "vae_requests_total", {"rpc": "Sample", "code": "UNAVAILABLE"}
     )
     assert cut_calls == 2
+
+
+def test_a_sample_stream_still_running_when_the_grace_period_ends_is_cut_unavailable_and_counted_so(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """As a unary call: /metrics must say what its client saw, not that its client went away."""
+    server = start_busy_server(vae_bundle, start_server_thread)
+    metrics = server.server.metrics
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 0.5})
+        with held_decoder(server):
+            running = occupy_decoder(server, stub)
+            chunks = stub.SampleStream(vae_pb2.SampleRequest(num_samples=3, seed=1, chunk_size=2), timeout=30)
+            wait_for_queue_depth(server, 3)  # both its chunks wait behind the held call
+            stopper.start()
+            deadline = time.monotonic() + 30
+            while not server.server.servicer.grace_over:
+                assert time.monotonic() < deadline, "the grace period never ended"
+                time.sleep(0.001)
+        stopper.join(timeout=60)
+        with pytest.raises(grpc.RpcError) as cut:
+            next(chunks)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError):
+            running.result(timeout=30)
+    requests = metrics.registry.get_sample_value
+    assert requests("vae_requests_total", {"rpc": "SampleStream", "code": "UNAVAILABLE"}) == 1
+    assert requests("vae_requests_total", {"rpc": "SampleStream", "code": "CANCELLED"}) == 0
 
 
 def test_a_call_outlives_its_connections_maximum_age_whatever_the_grace_period(
@@ -521,29 +551,46 @@ def test_the_served_model_pins_each_inference_thread_where_it_has_one_cpu_per_th
             assert os.sched_getaffinity(workers[f"{graph}-0"]) == set(cpus)
 
 
+@pytest.mark.parametrize(
+    ("rpc", "graph"),
+    [
+        ("Sample", "decoder"),
+        ("Encode", "encoder"),
+        ("Decode", "decoder"),
+        ("EncodeStream", "encoder"),
+        ("SampleStream", "decoder"),
+    ],
+)
 def test_the_calls_deadline_reaches_the_batchers_themselves(
-    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+    rpc: str, graph: str, vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
 ) -> None:
-    """Each RPC's deadline goes with its rows into the graph's batcher, which drops them once it passed."""
+    """Each RPC's deadline goes with its rows into the graph's batcher, which drops them once it passed;
+    a stream's, with the rows of each of its requests or chunks."""
     server = start_server_thread(vae_bundle)
-    model = server.server.model
-    seen: dict[str, list[float | None]] = {"encoder": [], "decoder": []}
-    for name in seen:
-        batcher = getattr(model, name)
-        submit = batcher.submit
+    batcher = getattr(server.server.model, graph)
+    submit = batcher.submit
+    deadlines: list[float | None] = []
 
-        async def recording(
-            rows: Any, deadline: float | None = None, _submit: Any = submit, _name: str = name
-        ) -> Any:
-            seen[_name].append(deadline)
-            return await _submit(rows, deadline)
+    async def recording(rows: Any, deadline: float | None = None) -> Any:
+        deadlines.append(deadline)
+        return await submit(rows, deadline)
 
-        batcher.submit = recording
+    batcher.submit = recording
+    images = encode_request(np.zeros((2, 28, 28), np.uint8))
+    sample = vae_pb2.SampleRequest(num_samples=4, seed=1, chunk_size=2)  # a stream of two chunks
+    request = {
+        "Sample": sample,
+        "Encode": images,
+        "Decode": vae_pb2.DecodeRequest(latents=to_tensor(np.zeros((2, 2), np.float32))),
+        "EncodeStream": iter([images] * 2),
+        "SampleStream": sample,
+    }[rpc]
     with grpc.insecure_channel(server.target) as channel:
-        stub = vae_pb2_grpc.VaeServiceStub(channel)
         sent = time.monotonic()
-        stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1), timeout=20)
-        stub.Encode(encode_request(np.zeros((2, 28, 28), np.uint8)), timeout=20)
-    for name, deadlines in seen.items():
-        (deadline,) = deadlines
-        assert deadline is not None and sent + 15 < deadline < sent + 25, name
+        answer = getattr(vae_pb2_grpc.VaeServiceStub(channel), rpc)(request, timeout=20)
+        if rpc.endswith("Stream"):
+            assert len(list(answer)) == 2
+    assert len(deadlines) == (2 if rpc.endswith("Stream") else 1)
+    for deadline in deadlines:
+        # About 20 s from when it was sent: gRPC carries the deadline on its own clock.
+        assert deadline is not None and sent + 15 < deadline < sent + 25, deadlines

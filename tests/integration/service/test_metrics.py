@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.client import encode_request
 from service import metrics as metrics_module
 from service.metrics import MetricsHttpServer, ServiceMetrics
 from tests.conftest import ServerThread
@@ -78,6 +80,22 @@ def test_metrics_appear_with_their_labels_after_calls(
         assert value(samples, "vae_queue_wait_seconds_count", graph=graph) >= 1
         assert value(samples, "vae_queue_depth", graph=graph) == 0
     assert value(samples, "process_cpu_seconds_total") > 0
+
+
+def test_an_encode_stream_counts_every_image_of_every_request_as_items(
+    vae_bundle: Path, start_server_thread: Callable[..., ServerThread]
+) -> None:
+    """A batch job encodes through EncodeStream: its images must show on the Images/s panel
+    (rate(vae_items_total)) as those of unary Encodes do."""
+    server = start_server_thread(vae_bundle)
+    images = np.zeros((3, 28, 28), np.uint8)
+    requests = [encode_request(images), encode_request(images[:2])]
+    with grpc.insecure_channel(server.target) as channel:
+        answers = list(vae_pb2_grpc.VaeServiceStub(channel).EncodeStream(iter(requests), timeout=30))
+    assert [list(answer.mean.shape) for answer in answers] == [[3, 2], [2, 2]]
+    samples = scrape(server)
+    assert value(samples, "vae_items_total", rpc="EncodeStream") == 5
+    assert value(samples, "vae_items_total", rpc="Encode") == 0
 
 
 def _get(url: str) -> str:

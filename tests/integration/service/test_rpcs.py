@@ -22,6 +22,7 @@ from tests.integration.service.conftest import (
     StartServer,
     decoder_batches,
     held_decoder,
+    held_inference,
     occupy_decoder,
     start_busy_server,
     wait_for_queue_depth,
@@ -36,6 +37,11 @@ def array(tensor: vae_pb2.Tensor) -> np.ndarray:
 def digits(stub: vae_pb2_grpc.VaeServiceStub, count: int) -> np.ndarray:
     """Some images the model can encode: its own samples."""
     return array(stub.Sample(vae_pb2.SampleRequest(num_samples=count, seed=99)).images)
+
+
+def queue_depth(server: ServerThread, graph: str) -> float:
+    """Rows waiting in the graph's queue, as the server's gauge reads."""
+    return server.metrics.registry.get_sample_value("vae_queue_depth", {"graph": graph}) or 0.0
 
 
 def test_model_info_describes_the_bundle(stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path) -> None:
@@ -175,6 +181,30 @@ def test_sample_stream_picks_a_seed_and_defaults_to_batch_sized_chunks(
     assert chunks[0].seed != 0 and chunks[0].seed == chunks[1].seed == chunks[2].seed
 
 
+def test_a_sample_stream_decodes_at_most_two_chunks_ahead_of_the_one_it_sends(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """A Sample of 64 images in chunks of 4 gives the decoder two chunks at a time, not sixteen: a
+    client that reads slowly holds no more of the server's work than that, and other calls get the
+    decoder between its chunks."""
+    server = start_server_thread(vae_bundle, max_concurrent_batches=1)
+    request = vae_pb2.SampleRequest(num_samples=64, seed=3, chunk_size=4, output_dtype=codec.UINT8)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        with held_decoder(server):
+            chunks = stub.SampleStream(request, timeout=60)
+            deadline = time.monotonic() + 30
+            while decoder_batches(server)[0] < 1:
+                assert time.monotonic() < deadline, "the decoder never took the stream's first chunks"
+                time.sleep(0.005)
+            looked_until = time.monotonic() + 0.3  # all sixteen chunks would be in the decoder by now
+            while time.monotonic() < looked_until:
+                rows_taken = decoder_batches(server)[1] + queue_depth(server, "decoder")
+                assert rows_taken <= 2 * 4, f"{rows_taken} rows of the stream in the decoder"
+                time.sleep(0.01)
+        assert [chunk.offset for chunk in chunks] == list(range(0, 64, 4))
+
+
 def test_encode_gives_the_posterior_of_each_image(
     stub: vae_pb2_grpc.VaeServiceStub, vae_bundle: Path
 ) -> None:
@@ -200,6 +230,20 @@ def test_decode_returns_one_image_per_code_in_either_dtype(stub: vae_pb2_grpc.Va
     assert decoded.images.data == sample.images.data
     as_bytes = stub.Decode(vae_pb2.DecodeRequest(latents=sample.latents, output_dtype=codec.UINT8))
     assert list(as_bytes.images.shape) == [3, 1, 28, 28] and as_bytes.images.dtype == codec.UINT8
+
+
+def test_encode_and_decode_name_the_graph_that_answered_in_their_trailing_metadata(
+    stub: vae_pb2_grpc.VaeServiceStub,
+) -> None:
+    """A client that stores codes checks which encoder made them, and which decoder drew its images:
+    each RPC names its own graph's sha256, as GetModelInfo does."""
+    info = stub.GetModelInfo(vae_pb2.GetModelInfoRequest())
+    assert info.encoder_sha256 != info.decoder_sha256
+    sample = stub.Sample(vae_pb2.SampleRequest(num_samples=2, seed=1))
+    _, encoded = stub.Encode.with_call(vae_pb2.EncodeRequest(images=sample.images), timeout=30)
+    _, decoded = stub.Decode.with_call(vae_pb2.DecodeRequest(latents=sample.latents), timeout=30)
+    assert dict(encoded.trailing_metadata()).get(codec.ENCODER_SHA256_METADATA) == info.encoder_sha256
+    assert dict(decoded.trailing_metadata()).get(codec.DECODER_SHA256_METADATA) == info.decoder_sha256
 
 
 def test_encode_stream_answers_every_request_in_order(stub: vae_pb2_grpc.VaeServiceStub) -> None:
@@ -258,6 +302,30 @@ def test_an_encode_stream_is_read_at_most_four_requests_ahead_of_its_answers(
             assert len(list(answers)) == 10
     finally:
         release.set()
+
+
+def test_an_encode_stream_holds_at_most_a_quarter_of_the_encoders_queue_in_rows(
+    vae_bundle: Path, start_server_thread: StartServer
+) -> None:
+    """Its four requests of lookahead would be 400 rows: the stream takes 256 (a quarter of 1,024), so
+    that a job's big requests leave room for everyone else's and are never refused for a queue that
+    they alone filled."""
+    server = start_server_thread(
+        vae_bundle, max_queue_size=1024, max_batch_size=100, max_concurrent_batches=1
+    )
+    request = vae_pb2.EncodeRequest(images=codec.to_tensor(np.zeros((100, 28, 28), np.uint8)))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        with held_inference(server, "encoder"):
+            answers = stub.EncodeStream(iter([request] * 4), timeout=60)
+            # The first request runs (held); the second waits in the queue; the third would make 300.
+            deadline = time.monotonic() + 30
+            while queue_depth(server, "encoder") < 100:
+                assert time.monotonic() < deadline, "the second request never reached the queue"
+                time.sleep(0.005)
+            time.sleep(0.5)  # the other two have arrived by now, and wait unread
+            assert queue_depth(server, "encoder") == 100
+        assert [list(answer.mean.shape) for answer in answers] == [[100, 2]] * 4
 
 
 def test_a_request_of_max_request_rows_float32_images_is_received_whatever_the_queue_size(

@@ -867,6 +867,39 @@ def test_partial_rows_behind_a_long_batch_run_once_the_delay_has_passed() -> Non
     assert infer.calls == [1, 3]
 
 
+def test_the_queue_delay_runs_from_the_oldest_rows_so_a_steady_trickle_cannot_hold_them_back() -> None:
+    """Behind a long batch, a row arrives every 0.1 s, each before the 0.4 s delay is up: were the delay
+    counted from the newest rows, the oldest would wait for as long as the trickle lasts."""
+    infer = FirstCallHeld()
+    delay = 0.4
+
+    async def scenario() -> float:
+        batcher = make_batcher(
+            infer, max_batch_size=64, max_queue_size=128, max_queue_delay_s=delay, max_concurrent_batches=2
+        )
+        batcher.start()
+        held = asyncio.ensure_future(batcher.submit(rows(1)))
+        await until(lambda: infer.calls, "the first call")
+        queued_at = time.monotonic()
+        oldest = asyncio.ensure_future(batcher.submit(rows(1)))
+        answered_at: list[float] = []
+        oldest.add_done_callback(lambda _: answered_at.append(time.monotonic()))
+        trickle: list[asyncio.Future[list[Array]]] = []
+        while time.monotonic() < queued_at + 3:  # many delays long, unless the oldest row runs first
+            await asyncio.wait([oldest], timeout=0.1)
+            if oldest.done():
+                break
+            trickle.append(asyncio.ensure_future(batcher.submit(rows(1))))
+        await asyncio.wait_for(oldest, 10)
+        infer.release.set()
+        await asyncio.wait_for(asyncio.gather(held, *trickle), 10)
+        await batcher.stop()
+        return answered_at[0] - queued_at
+
+    waited = asyncio.run(scenario())
+    assert delay * 0.9 <= waited < delay + 1.0, f"the oldest row waited {waited:.2f} s"
+
+
 @pytest.mark.parametrize(
     "answers_first", [False, True], ids=["loop-sees-cancel-first", "worker-answers-first"]
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -191,6 +192,22 @@ def test_a_stream_dropped_while_it_answers_is_counted_as_cancelled_not_ok() -> N
     requests = servicer.metrics.registry.get_sample_value
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "CANCELLED"}) == 1
     assert requests("vae_requests_total", {"rpc": "EncodeStream", "code": "OK"}) == 0
+
+
+def test_once_draining_a_streams_next_request_is_refused_even_when_it_has_already_arrived() -> None:
+    """The drain answers what is in flight and sends the rest of a job's stream elsewhere: a request
+    that has already arrived is not started either, however fast its client sent it."""
+    servicer = VaeServicer(ServiceMetrics.create(process=False))
+    servicer.start_draining()
+
+    async def requests() -> AsyncIterator[vae_pb2.EncodeRequest]:
+        yield vae_pb2.EncodeRequest()
+
+    async def scenario() -> None:
+        with pytest.raises(ModelNotReady, match=re.escape(SHUTTING_DOWN)):
+            await servicer._next_unless_draining(aiter(requests()))
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
 class _Context(_Remaining):
