@@ -51,6 +51,14 @@ def health_of(channel: grpc.Channel, service: str) -> int:
     return int(response.status)
 
 
+def wait_until(condition: Callable[[], bool], failure: str) -> None:
+    """Poll `condition` until it holds; fail saying `failure` if it does not within 30 s."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.001)
+
+
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as raised:
         call()
@@ -130,10 +138,7 @@ def test_a_drain_answers_the_calls_in_flight_before_it_closes_the_connections(
                 server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1)
             )
             stopper.start()
-            deadline = time.monotonic() + 30
-            while not server.server.servicer.draining:
-                assert time.monotonic() < deadline, "the drain never began"
-                time.sleep(0.001)
+            wait_until(lambda: server.server.servicer.draining, "the drain never began")
             # The connection is still open: a new call is refused by the servicer, not by a closed socket.
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Sample(vae_pb2.SampleRequest(num_samples=1), timeout=10)
@@ -158,10 +163,7 @@ def test_calls_still_running_when_the_grace_period_ends_are_cut_unavailable_and_
                 server, stub, vae_pb2.SampleRequest(num_samples=1, seed=1), timeout=30
             )
             stopper.start()
-            deadline = time.monotonic() + 30
-            while not server.server.servicer.grace_over:
-                assert time.monotonic() < deadline, "the grace period never ended"
-                time.sleep(0.001)
+            wait_until(lambda: server.server.servicer.grace_over, "the grace period never ended")
         stopper.join(timeout=60)
         for call in (running, queued):
             with pytest.raises(grpc.RpcError) as cut:
@@ -187,10 +189,7 @@ def test_a_sample_stream_still_running_when_the_grace_period_ends_is_cut_unavail
             chunks = stub.SampleStream(vae_pb2.SampleRequest(num_samples=3, seed=1, chunk_size=2), timeout=30)
             wait_for_queue_depth(server, 3)  # both its chunks wait behind the held call
             stopper.start()
-            deadline = time.monotonic() + 30
-            while not server.server.servicer.grace_over:
-                assert time.monotonic() < deadline, "the grace period never ended"
-                time.sleep(0.001)
+            wait_until(lambda: server.server.servicer.grace_over, "the grace period never ended")
         stopper.join(timeout=60)
         with pytest.raises(grpc.RpcError) as cut:
             next(chunks)
