@@ -102,10 +102,11 @@ class TrainConfig:
             raise ValueError(
                 f"epochs and batch_size must be at least 1, got {self.epochs}, {self.batch_size}"
             )
-        if self.learning_rate <= 0 or min(self.beta, self.kl_warmup_epochs, self.weight_decay) < 0:
-            raise ValueError(
-                "learning_rate must be positive; beta, kl_warmup_epochs, weight_decay not negative"
-            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("beta", "kl_warmup_epochs", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_decay > 0 and self.model.batch_norm:

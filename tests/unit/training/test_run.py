@@ -57,6 +57,22 @@ def test_metrics_that_are_not_finite_are_written_as_null_and_the_rest_as_they_ar
     assert load_metrics(tmp_path) == expected
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"learning_rate": 0.0}, "learning_rate must be positive, got 0.0"),
+        ({"beta": -1.0}, "beta must not be negative, got -1.0"),
+        ({"kl_warmup_epochs": -1}, "kl_warmup_epochs must not be negative, got -1"),
+        ({"weight_decay": -0.1}, "weight_decay must not be negative, got -0.1"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_naming_it_and_its_value(
+    setting: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        TrainConfig(**setting)  # type: ignore[arg-type]
+
+
 def test_a_validation_fraction_that_is_not_a_number_is_refused_as_config_json_could_not_hold_it() -> None:
     with pytest.raises(ValueError, match="expected finite numbers, got validation_fraction nan"):
         TrainConfig(validation_fraction=math.nan)
