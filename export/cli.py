@@ -15,9 +15,12 @@ from training.run import json_text
 
 
 def non_empty(text: str) -> str:
-    """An argparse type for --name and --version, which the service refuses empty in model.json."""
+    """An argparse type for --name and --version, which the service refuses in model.json empty or
+    with characters that are not printable (a line break would forge a log line)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a non-empty value")
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected printable characters only")
     return text
 
 

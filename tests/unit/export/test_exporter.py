@@ -289,6 +289,9 @@ def test_the_cli_prints_a_summary_and_fails_clearly(
         with pytest.raises(SystemExit):
             export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), flag, " "])
         assert f"argument {flag}: expected a non-empty value" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            export_main([str(vae_run_dir), "--out", str(tmp_path / "other"), flag, "v1\nERROR"])
+        assert f"argument {flag}: 'v1\\nERROR': expected printable characters only" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 
